@@ -1,0 +1,363 @@
+"""The one typed config object (timeouts, limits, defaults) and the inventory format.
+
+Two kinds of input live here:
+
+* :class:`Config` -- how migrator behaves: every timeout and limit, each field named with its
+  unit and documented with why its default is what it is. Code takes timeouts from here and
+  nowhere else.
+* :class:`Inventory` -- where things are: hosts, their addresses, SSH settings, the shared
+  storage path, the guest image. ``migrate-lab up`` writes one for its lab; for real hosts users
+  write one by hand (see ``configs/inventory.example.yaml``).
+
+Both are YAML, validated strictly: an unknown key is an error naming the key, never ignored.
+
+Every part of migrator finds the inventory the same way (:func:`find_inventory`): an explicit
+argument, else ``$MIGRATOR_INVENTORY``, else the default lab's inventory file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, InventoryError
+
+#: Where labs live unless ``--dir`` says otherwise: ``/srv/migrator/<lab name>``. Not under /tmp:
+#: sshd's StrictModes refuses an AuthorizedKeysFile below a world-writable directory.
+LAB_BASE_DIR = Path(os.environ.get("MIGRATOR_LAB_BASE", "/srv/migrator"))
+DEFAULT_LAB_NAME = "mlab"
+INVENTORY_FILE = "inventory.yaml"
+ENV_INVENTORY = "MIGRATOR_INVENTORY"
+
+_HOST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Config: timeouts and limits
+# --------------------------------------------------------------------------------------------
+
+class Timeouts(_Strict):
+    """Every timeout migrator applies, in seconds. 0 is not allowed: a wait must end."""
+
+    ssh_connect_s: float = Field(15.0, gt=0)
+    """TCP connect + key exchange + auth. A lab sshd answers in ~20 ms; real hosts over a WAN
+    and a busy 2-core controller with 16 parallel handshakes need a few seconds."""
+
+    guest_boot_s: float = Field(90.0, gt=0)
+    """QEMU start until the guest's shell prompt. Measured 2 s under TCG for the lab guest
+    (recipe 6.1); the margin covers a 2-core machine that also runs other guests."""
+
+    guest_cmd_s: float = Field(30.0, gt=0)
+    """One command on a guest's serial console. Lab commands take milliseconds."""
+
+    kvm_probe_s: float = Field(20.0, gt=0)
+    """How long ``--accel auto`` lets a KVM guest try to print its ready marker. A working KVM
+    boots the lab guest in well under a second; the PVM /dev/kvm here hangs forever."""
+
+    sshd_ready_s: float = Field(20.0, gt=0)
+    """A lab host's sshd accepting connections after it was started (measured: ~10 ms)."""
+
+    libvirtd_ready_s: float = Field(30.0, gt=0)
+    """A lab host's libvirtd socket appearing after it was started (measured: 0.08 s)."""
+
+    process_exit_s: float = Field(10.0, gt=0)
+    """A process to exit after SIGTERM before it gets SIGKILL (sshd/qemu exit in ms)."""
+
+    qemu_stop_s: float = Field(15.0, gt=0)
+    """A guest's QEMU to exit after ``quit``/SIGTERM."""
+
+
+class LabDefaults(_Strict):
+    """Defaults for ``migrate-lab up`` when the command line does not say."""
+
+    name: str = DEFAULT_LAB_NAME
+    hosts: int = Field(2, ge=1)
+    subnet: str = "10.77.0.0/24"
+    first_host_offset: int = Field(11, ge=2)
+    """hostA gets network+11 (10.77.0.11), as in the recipe; the bridge gets network+1."""
+    run_tmpfs_mib: int = Field(64, ge=8)
+    """Size of each host's private /run (sockets, pidfiles, VM run dirs)."""
+    guest_mem_mib: int = Field(128, ge=32)
+
+
+class Config(_Strict):
+    """The one config object. ``Config()`` gives the defaults; :meth:`load` reads YAML."""
+
+    timeouts: Timeouts = Timeouts()
+    lab: LabDefaults = LabDefaults()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None,
+             overrides: dict[str, Any] | None = None) -> "Config":
+        """Read a YAML config file (optional) and apply dotted ``key=value`` overrides.
+
+        :raise ConfigError: when the file is unreadable, a key is unknown or a value invalid;
+            the message names the key.
+        """
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = _read_yaml(Path(path), ConfigError, "config")
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key {dotted!r}: {part!r} is not a section")
+            node[leaf] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"config: {_first_error(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Inventory: where hosts and shared things are
+# --------------------------------------------------------------------------------------------
+
+class SSHSettings(_Strict):
+    """How to reach a host over SSH. Host keys are always verified against ``known_hosts``."""
+
+    user: str = "root"
+    port: int = Field(22, ge=1, le=65535)
+    identity_file: Path | None = None
+    known_hosts: Path | None = None
+    """None means the user's ~/.ssh/known_hosts (verification stays on)."""
+    config_file: Path | None = None
+    """An OpenSSH client config for tools that run plain ``ssh`` (``migrate-lab ssh``)."""
+
+
+class HostEntry(_Strict):
+    """One host of the inventory."""
+
+    address: str
+    """IP address or DNS name that SSH and migration traffic use."""
+    migration_address: str | None = None
+    """Where the destination QEMU listens for migrations, if not ``address``."""
+    ssh: SSHSettings | None = None
+    """Per-host SSH settings; fields not given here come from the inventory's ``ssh``."""
+
+
+class GuestImage(_Strict):
+    """The kernel + initramfs guest that lab scenarios boot by default."""
+
+    kernel: Path
+    initrd: Path
+    append: str = "console=ttyS0 quiet panic=-1"
+
+
+class LabInfo(_Strict):
+    """Present only in inventories that ``migrate-lab`` wrote."""
+
+    name: str
+    dir: Path
+    subnet: str
+    bridge: str
+
+
+class Inventory(_Strict):
+    """Hosts and shared resources; the format users write by hand for real hosts.
+
+    Relative paths are resolved against the inventory file's directory.
+    """
+
+    version: int = 1
+    hosts: dict[str, HostEntry]
+    ssh: SSHSettings = SSHSettings()
+    shared_dir: Path | None = None
+    """Shared storage: the same path on every host, holding VM disks and run data."""
+    run_dir: Path = Path("/run/migrator")
+    """Per-host private directory where VMs keep sockets and pidfiles (reached over SSH)."""
+    guest: GuestImage | None = None
+    accel: str = "tcg"
+    drivers: list[str] = ["qemu"]
+    lab: LabInfo | None = None
+    source: Path | None = Field(None, exclude=True)
+    """The file this inventory was read from (not part of the format)."""
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"unsupported inventory version {v} (this migrator reads version 1)")
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _valid_hosts(cls, hosts: dict[str, HostEntry]) -> dict[str, HostEntry]:
+        if not hosts:
+            raise ValueError("no hosts")
+        for name in hosts:
+            if not _HOST_NAME.match(name):
+                raise ValueError(f"bad host name {name!r} (letters, digits and '-', "
+                                 "starting with a letter)")
+        return hosts
+
+    @field_validator("accel")
+    @classmethod
+    def _valid_accel(cls, v: str) -> str:
+        if v not in ("tcg", "kvm"):
+            raise ValueError(f"accel must be 'tcg' or 'kvm', not {v!r}")
+        return v
+
+    @field_validator("drivers")
+    @classmethod
+    def _valid_drivers(cls, v: list[str]) -> list[str]:
+        bad = [d for d in v if d not in ("qemu", "libvirt")]
+        if bad:
+            raise ValueError(f"unknown driver(s) {bad} (known: qemu, libvirt)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_addresses(self) -> "Inventory":
+        seen: dict[str, str] = {}
+        for name, entry in self.hosts.items():
+            key = f"{entry.address}:{(entry.ssh or self.ssh).port}"
+            if key in seen:
+                raise ValueError(f"hosts {seen[key]!r} and {name!r} have the same address {key}")
+            seen[key] = name
+        return self
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def host(self, name: str) -> HostEntry:
+        """The entry for ``name``. :raise ConfigError: naming the known hosts if unknown."""
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise ConfigError(f"unknown host {name!r} (inventory {self.source or '<memory>'} "
+                              f"has: {', '.join(self.hosts)})") from None
+
+    def ssh_for(self, name: str) -> SSHSettings:
+        """SSH settings for one host: its own fields over the inventory-wide ones."""
+        entry = self.host(name)
+        if entry.ssh is None:
+            return self.ssh
+        merged = self.ssh.model_dump() | entry.ssh.model_dump(exclude_unset=True)
+        return SSHSettings.model_validate(merged)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Inventory":
+        """Read and validate an inventory file.
+
+        :raise InventoryError: when the file is missing, not YAML, or invalid; the message names
+            the file and the offending key.
+        """
+        path = Path(path)
+        data = _read_yaml(path, InventoryError, "inventory")
+        _resolve_paths(data, path.parent)
+        try:
+            inv = cls.model_validate(data)
+        except ValidationError as exc:
+            raise InventoryError(f"inventory {path}: {_first_error(exc)}") from exc
+        return inv.model_copy(update={"source": path})
+
+    def dump(self, path: str | os.PathLike, header: str = "") -> None:
+        """Write the inventory as YAML (atomically: a reader never sees half a file)."""
+        path = Path(path)
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"source"})
+        text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def default_inventory_path(lab_name: str = DEFAULT_LAB_NAME) -> Path:
+    return LAB_BASE_DIR / lab_name / INVENTORY_FILE
+
+
+def find_inventory(explicit: str | os.PathLike | None = None) -> Path:
+    """Where the inventory is: ``explicit``, else ``$MIGRATOR_INVENTORY``, else the default lab's.
+
+    :raise InventoryError: when the chosen file does not exist; the message says how it was
+        chosen and how to make one.
+    """
+    if explicit:
+        path, how = Path(explicit), "given explicitly"
+    elif os.environ.get(ENV_INVENTORY):
+        path, how = Path(os.environ[ENV_INVENTORY]), f"from ${ENV_INVENTORY}"
+    else:
+        path, how = default_inventory_path(), "the default lab's"
+    if not path.is_file():
+        hint = ("run 'migrate-lab up' to make the default lab"
+                if how == "the default lab's" else "check the path")
+        raise InventoryError(f"inventory {path} ({how}) does not exist: {hint}")
+    return path
+
+
+def load_inventory(explicit: str | os.PathLike | None = None) -> Inventory:
+    """:func:`find_inventory` then :meth:`Inventory.load`."""
+    return Inventory.load(find_inventory(explicit))
+
+
+def validate_subnet(text: str) -> ipaddress.IPv4Network:
+    """A lab subnet: IPv4, private, at most /29. :raise ConfigError: saying what is wrong."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"bad subnet {text!r}: {exc}") from None
+    if net.version != 4:
+        raise ConfigError(f"subnet {text}: the lab uses IPv4 only")
+    if not net.is_private or net.is_loopback or net.is_link_local:
+        raise ConfigError(f"subnet {text} is not a private range (use e.g. 10.77.0.0/24)")
+    if net.prefixlen > 29:
+        raise ConfigError(f"subnet {text} is too small (at most /29)")
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path, error: type[ConfigError], what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise error(f"{what} file {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise error(f"{what} file {path}: top level must be a mapping")
+    return data
+
+
+_PATH_KEYS = {"identity_file", "known_hosts", "config_file", "shared_dir", "kernel", "initrd"}
+
+
+def _resolve_paths(node: Any, base: Path) -> None:
+    """Make relative paths in inventory data relative to the inventory file's directory."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _PATH_KEYS and isinstance(value, str) and not os.path.isabs(value):
+                node[key] = str(base / os.path.expanduser(value))
+            else:
+                _resolve_paths(value, base)
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    # a misspelt key also makes the real key "missing": name the misspelling first
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    where = ".".join(str(p) for p in err["loc"]) or "top level"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if err["type"] == "missing":
+        return f"missing key {where!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}"

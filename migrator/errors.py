@@ -1,0 +1,63 @@
+"""The root of every error migrator raises, and the tree below it.
+
+::
+
+    MigratorError                 root; str() is one line meant for a user
+     +-- ConfigError              bad input, found before anything starts (exit status 2)
+     |    +-- InventoryError      inventory file missing, unreadable or invalid
+     +-- HostError(host)          something failed on one named host
+     |    +-- CommandError        a command failed; carries the whole CmdResult
+     +-- LabError                 the one-machine lab could not be built, checked or removed
+     +-- GuestError(host, vm)     a guest did not boot or did not answer on its console
+
+``asyncio.CancelledError`` is never wrapped. Errors that wrap a library error keep it as
+``__cause__`` (raised ``from``), so the original is never lost.
+"""
+
+from __future__ import annotations
+
+
+class MigratorError(Exception):
+    """Root of migrator's errors. ``str()`` is a single line that says what to do."""
+
+
+class ConfigError(MigratorError):
+    """Bad input from the user, detected before anything is started or changed."""
+
+
+class InventoryError(ConfigError):
+    """The inventory is missing, unreadable, or does not validate."""
+
+
+class HostError(MigratorError):
+    """Something failed on a host. ``host`` is the host's name as the user typed it."""
+
+    def __init__(self, host: str, message: str):
+        super().__init__(f"{host}: {message}")
+        self.host = host
+        self.message = message
+
+
+class CommandError(HostError):
+    """A command failed on a host (non-zero exit, signal, or timeout); ``result`` holds it all."""
+
+    def __init__(self, host: str, result):  # result: migrator.hosts.result.CmdResult
+        why = (f"killed by {result.aborted}" if result.aborted
+               else f"exit status {result.exit_status}")
+        tail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or [""]
+        super().__init__(host, f"command failed ({why}): {result.command!r} {tail[0]}".rstrip())
+        self.result = result
+
+
+class LabError(MigratorError):
+    """The lab could not be built, checked or torn down."""
+
+
+class GuestError(MigratorError):
+    """A guest did not boot, or did not answer on its serial console."""
+
+    def __init__(self, host: str, vm: str, message: str):
+        super().__init__(f"{vm} on {host}: {message}")
+        self.host = host
+        self.vm = vm
+        self.message = message

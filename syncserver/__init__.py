@@ -1,0 +1,1 @@
+"""syncserver: barrier and data-exchange server (a later issue)."""
