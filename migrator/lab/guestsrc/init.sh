@@ -1,0 +1,34 @@
+#!/bin/sh
+# /init of migrator's lab guest (busybox initramfs).
+# Kernel command line options it reads:
+#   lab.tick=0|1          print "TICK n" every second (default 1): the "guest still runs" oracle
+#   lab.dirty=MIB         start the checking dirtier on MIB of memory (default 0: off)
+#   lab.rate=MIB_S        limit the dirtier to MIB_S MiB/s (default 0: no limit)
+#   lab.out=DEV           where TICK/DIRTY lines go (default: the console), e.g. ttyS1
+#   lab.hostname=NAME     the guest's hostname (default: lab-guest)
+# It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then execs a shell on the console.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+TICK=1 DIRTY=0 RATE=0 OUT=/dev/console NAME=lab-guest
+for arg in $(cat /proc/cmdline); do
+  case $arg in
+    lab.tick=*) TICK=${arg#lab.tick=} ;;
+    lab.dirty=*) DIRTY=${arg#lab.dirty=} ;;
+    lab.rate=*) RATE=${arg#lab.rate=} ;;
+    lab.out=*) OUT=/dev/${arg#lab.out=} ;;
+    lab.hostname=*) NAME=${arg#lab.hostname=} ;;
+  esac
+done
+hostname "$NAME"
+[ -e "$OUT" ] || OUT=/dev/console
+if [ "$TICK" = 1 ]; then
+  (i=0; while :; do echo "TICK $i"; i=$((i+1)); sleep 1; done) > "$OUT" 2>&1 &
+fi
+if [ "$DIRTY" != 0 ]; then
+  dirtier "$DIRTY" "$RATE" > "$OUT" 2>&1 &
+fi
+echo "LAB-READY uptime=$(cut -d' ' -f1 /proc/uptime) mem=$(awk '/MemTotal/{print $2}' /proc/meminfo)kB"
+exec setsid cttyhack sh
