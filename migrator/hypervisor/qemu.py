@@ -1,0 +1,165 @@
+"""Starting and stopping a QEMU guest on a host over SSH, and talking QMP to it.
+
+Each VM gets a run directory on its host, ``<run_dir>/<vm>/``, holding ``qmp.sock``,
+``serial.sock``, ``serial.log`` and ``qemu.pid``. The controller never reads those files
+directly: sockets are reached through SSH forwarding, files through commands on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from qemu.qmp import QMPClient
+
+from ..errors import GuestError, HostError
+from ..hosts.ssh import SSHHost, join, quote
+
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """A VM, described once: what to boot and how big it is."""
+
+    name: str
+    mem_mib: int = 128
+    vcpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = "console=ttyS0 quiet panic=-1"
+    accel: str = "tcg"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not _VM_NAME.match(self.name):
+            raise ValueError(f"bad VM name {self.name!r}")
+        if self.mem_mib < 32 or self.vcpus < 1:
+            raise ValueError(f"{self.name}: at least 32 MiB and 1 vCPU")
+        if self.accel not in ("tcg", "kvm"):
+            raise ValueError(f"{self.name}: accel must be tcg or kvm")
+        if not self.kernel:
+            raise ValueError(f"{self.name}: a kernel is required")
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    dir: PurePosixPath
+
+    @property
+    def qmp(self) -> str:
+        return str(self.dir / "qmp.sock")
+
+    @property
+    def serial(self) -> str:
+        return str(self.dir / "serial.sock")
+
+    @property
+    def serial_log(self) -> str:
+        return str(self.dir / "serial.log")
+
+    @property
+    def pidfile(self) -> str:
+        return str(self.dir / "qemu.pid")
+
+
+def vm_paths(run_dir: str | os.PathLike, vm: str) -> VMPaths:
+    return VMPaths(PurePosixPath(run_dir) / vm)
+
+
+def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
+              paused: bool = False) -> list[str]:
+    """The QEMU command line for ``spec`` (TCG: ``-cpu qemu64``; KVM: ``-cpu host``)."""
+    accel = (["-accel", "tcg", "-cpu", "qemu64"] if spec.accel == "tcg"
+             else ["-accel", "kvm", "-cpu", "host"])
+    argv = ["qemu-system-x86_64", "-name", spec.name, "-msg", "timestamp=on", *accel,
+            "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", "pc",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", spec.kernel]
+    if spec.initrd:
+        argv += ["-initrd", spec.initrd]
+    argv += ["-append", spec.append,
+             "-chardev", f"socket,id=ser0,path={paths.serial},server=on,wait=off,"
+                         f"logfile={paths.serial_log}",
+             "-serial", "chardev:ser0",
+             "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+             "-pidfile", paths.pidfile, "-daemonize", *spec.extra_args]
+    if paused:
+        argv.append("-S")
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = False,
+                   incoming: bool = False) -> int:
+    """Start ``spec`` on ``host`` (daemonized) and return QEMU's PID.
+
+    When this returns, QEMU's QMP and serial sockets are listening.
+
+    :raise GuestError: when QEMU refuses to start (its error output is in the message).
+    """
+    paths = vm_paths(run_dir, spec.name)
+    cmd = (f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
+           f"{quote(paths.pidfile)} && {join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
+           f" && cat {quote(paths.pidfile)}")
+    result = await host.run(cmd)
+    if not result.ok:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["?"]
+        raise GuestError(host.name, spec.name, f"QEMU did not start: {detail[0]}")
+    return int(result.stdout.split()[-1])
+
+
+async def stop_vm(host: SSHHost, vm: str, run_dir: str, timeout_s: float) -> None:
+    """Stop QEMU of ``vm`` on ``host`` by its pidfile and remove its run directory.
+
+    SIGTERM, then SIGKILL after ``timeout_s``; waits until the process is gone. Idempotent.
+
+    :raise HostError: when the host cannot be reached or the process survives SIGKILL.
+    """
+    paths = vm_paths(run_dir, vm)
+    script = f"""
+d={quote(paths.dir)}; pidfile={quote(paths.pidfile)}
+if [ -s "$pidfile" ]; then
+  pid=$(cat "$pidfile")
+  if [ "$(cat /proc/$pid/comm 2>/dev/null)" = qemu-system-x86 ]; then
+    kill -TERM "$pid" 2>/dev/null
+    i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {int(timeout_s * 20)} ]; do
+      grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null && break; sleep 0.05; i=$((i+1)); done
+    if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null; then
+      kill -KILL "$pid"; sleep 0.2
+      if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/$pid/status; then
+        echo "qemu $pid survived SIGKILL" >&2; exit 1
+      fi
+    fi
+  fi
+fi
+rm -rf "$d"
+"""
+    result = await host.run(script)
+    if not result.ok:
+        raise HostError(host.name, f"could not stop {vm}: {result.stderr.strip()}")
+
+
+@contextlib.asynccontextmanager
+async def qmp_session(host: SSHHost, socket_path: str, name: str):
+    """A connected ``qemu.qmp.QMPClient`` for a QMP socket on ``host``.
+
+    The remote socket is forwarded to a private local socket over the host's SSH connection,
+    so this works the same for lab hosts and real hosts.
+    """
+    with tempfile.TemporaryDirectory(prefix="migrator-qmp-") as tmp:
+        local = os.path.join(tmp, "qmp.sock")
+        listener = await host.forward_unix_socket(local, socket_path)
+        client = QMPClient(name)
+        try:
+            await client.connect(local)
+            yield client
+        finally:
+            await client.disconnect()
+            listener.close()
+            await listener.wait_closed()
