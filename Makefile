@@ -1,0 +1,31 @@
+# migrator: `make demo` and `make test` work on a fresh machine of this kind, as root.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+LAB     := $(VENV)/bin/migrate-lab
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lab-up lab-down clean
+
+setup:                       ## packages (QEMU 10, libvirt 11.3 from bookworm-backports), venv, guest image
+	bash scripts/setup.sh
+
+demo: setup                  ## lab up, boot a guest on hostA, show it answering on its serial console
+	$(LAB) up
+	$(LAB) status
+	$(LAB) boot hostA
+	@echo "The lab stays up: 'migrate-lab ssh hostB', 'migrate-lab status'; remove it with 'make lab-down'."
+
+test: setup                  ## the whole suite, against its own lab (never the demo's)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup                 ## benchmarks (tables on stdout)
+	$(PY) bench/lab_updown.py
+
+lab-up: setup
+	$(LAB) up
+
+lab-down:
+	$(LAB) down
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,91 @@
+"""Shared fixtures: the test session's own lab and helpers to run the CLI.
+
+The session lab is named ``mtest`` on 10.77.240.0/24 under /srv/migrator-test, so it never
+collides with a lab a user (or an earlier run) left up: not the default ``mlab`` name,
+bridge, subnet or directory. Labs made by single tests use other names and subnets of
+10.77.24x.0/24 and remove themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from migrator.config import Config, Inventory
+from migrator.lab import Lab
+from migrator.lab import network
+from migrator.lab.system import is_alive
+
+TEST_BASE = Path("/srv/migrator-test")
+SESSION_LAB = "mtest"
+SESSION_SUBNET = "10.77.240.0/24"
+BIN = Path(sys.executable).parent
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        pytest.exit("the test suite needs root (it builds network-namespace labs)", returncode=2)
+
+
+@dataclass
+class CLIResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def cli(*args: str, env: dict | None = None, timeout: float = 300) -> CLIResult:
+    """Run ``migrate-lab ARGS`` as a real process and capture its output."""
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-lab"), *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return CLIResult(proc.returncode, out.decode(), err.decode())
+
+
+def lab_dir(name: str) -> Path:
+    return TEST_BASE / name
+
+
+def assert_lab_gone(lab: Lab, state) -> None:
+    """Nothing the lab made remains: namespaces, links, processes (zombies count as gone)."""
+    assert not lab.dir.exists(), f"{lab.dir} left behind"
+    for h in state.hosts:
+        assert not network.netns_exists(h.netns), f"namespace {h.netns} left"
+        assert not network.link_exists(h.veth), f"link {h.veth} left"
+        for ref in (h.init, h.sshd, h.libvirtd):
+            if ref is not None:
+                assert not is_alive(ref.proc()), f"{h.name}: pid {ref.pid} still running"
+    assert not network.link_exists(state.bridge), f"bridge {state.bridge} left"
+
+
+@pytest.fixture(scope="session")
+def config() -> Config:
+    return Config()
+
+
+@pytest.fixture(scope="session")
+def ip_forward_before() -> str:
+    return Path("/proc/sys/net/ipv4/ip_forward").read_text()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def lab(config, ip_forward_before):
+    """The session's lab: 3 hosts (hostA, hostB, hostC), up for the whole session."""
+    the_lab = Lab(SESSION_LAB, lab_dir(SESSION_LAB), config)
+    await the_lab.up(["hostA", "hostB", "hostC"], SESSION_SUBNET, accel="auto")
+    yield the_lab
+    state = the_lab.state()
+    await the_lab.down()
+    assert_lab_gone(the_lab, state)
+
+
+@pytest.fixture(scope="session")
+def inventory(lab) -> Inventory:
+    return Inventory.load(lab.inventory_path)

@@ -1,0 +1,107 @@
+"""Config and inventory: strict validation, clear errors, and how the inventory is found."""
+
+from pathlib import Path
+
+import pytest
+
+from migrator.config import Config, Inventory, find_inventory, load_inventory, validate_subnet
+from migrator.errors import ConfigError, InventoryError
+
+GOOD = """
+version: 1
+ssh: {user: root, known_hosts: keys/known_hosts, identity_file: keys/id}
+shared_dir: /srv/shared
+hosts:
+  node1: {address: 192.0.2.10}
+  node2: {address: 192.0.2.11, ssh: {port: 2222}}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "inv.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_inventory_loads_keeps_order_and_resolves_relative_paths(tmp_path):
+    inv = Inventory.load(write(tmp_path, GOOD))
+    assert list(inv.hosts) == ["node1", "node2"]
+    assert inv.ssh.known_hosts == tmp_path / "keys/known_hosts"
+    assert inv.ssh_for("node2").port == 2222
+    assert inv.ssh_for("node2").user == "root"          # inherited
+    assert inv.ssh_for("node1").port == 22
+
+
+def test_inventory_unknown_key_is_named(tmp_path):
+    with pytest.raises(InventoryError, match=r"unknown key 'hosts.node1.adress'"):
+        Inventory.load(write(tmp_path, "hosts:\n  node1: {adress: 1.2.3.4}\n"))
+
+
+def test_inventory_bad_version_and_empty_hosts(tmp_path):
+    with pytest.raises(InventoryError, match="unsupported inventory version 2"):
+        Inventory.load(write(tmp_path, "version: 2\nhosts: {a: {address: x}}\n"))
+    with pytest.raises(InventoryError, match="no hosts"):
+        Inventory.load(write(tmp_path, "hosts: {}\n"))
+
+
+def test_inventory_duplicate_address_refused(tmp_path):
+    text = "hosts:\n  a: {address: 10.0.0.1}\n  b: {address: 10.0.0.1}\n"
+    with pytest.raises(InventoryError, match="same address 10.0.0.1:22"):
+        Inventory.load(write(tmp_path, text))
+
+
+def test_inventory_not_yaml_and_missing(tmp_path):
+    with pytest.raises(InventoryError, match="not valid YAML"):
+        Inventory.load(write(tmp_path, "hosts: [unclosed\n"))
+    with pytest.raises(InventoryError, match="does not exist"):
+        Inventory.load(tmp_path / "nope.yaml")
+
+
+def test_unknown_host_lists_known_ones(tmp_path):
+    inv = Inventory.load(write(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match=r"unknown host 'node3'.*has: node1, node2"):
+        inv.host("node3")
+
+
+def test_find_inventory_order(tmp_path, monkeypatch):
+    explicit = write(tmp_path, GOOD, "explicit.yaml")
+    from_env = write(tmp_path, GOOD, "env.yaml")
+    monkeypatch.setenv("MIGRATOR_INVENTORY", str(from_env))
+    assert find_inventory(explicit) == explicit
+    assert find_inventory() == from_env
+    monkeypatch.setenv("MIGRATOR_INVENTORY", str(tmp_path / "gone.yaml"))
+    with pytest.raises(InventoryError, match=r"from \$MIGRATOR_INVENTORY\) does not exist"):
+        load_inventory()
+    monkeypatch.delenv("MIGRATOR_INVENTORY")
+    monkeypatch.setattr("migrator.config.LAB_BASE_DIR", tmp_path / "nolab")
+    with pytest.raises(InventoryError, match="migrate-lab up"):
+        find_inventory()
+
+
+def test_config_defaults_overrides_and_unknown_keys(tmp_path):
+    cfg = Config.load(overrides={"timeouts.guest_boot_s": 5})
+    assert cfg.timeouts.guest_boot_s == 5
+    assert Config().timeouts.guest_boot_s > 5
+    with pytest.raises(ConfigError, match="unknown key 'timeouts.guest_boot'"):
+        Config.load(overrides={"timeouts.guest_boot": 5})
+    with pytest.raises(ConfigError, match="timeouts.ssh_connect_s"):
+        Config.load(write(tmp_path, "timeouts: {ssh_connect_s: 0}\n", "c.yaml"))
+
+
+@pytest.mark.parametrize("subnet, message", [
+    ("10.77.0.0/30", "too small"),
+    ("8.8.8.0/24", "not a private range"),
+    ("10.77.0.1/24", "host bits set"),
+    ("fd00::/64", "IPv4 only"),
+    ("banana", "bad subnet"),
+])
+def test_subnet_validation(subnet, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_subnet(subnet)
+
+
+def test_example_inventory_in_configs_is_valid():
+    inv = Inventory.load(Path(__file__).parent.parent / "configs" / "inventory.example.yaml")
+    assert list(inv.hosts) == ["compute-01", "compute-02"]
+    assert inv.ssh_for("compute-02").port == 2222
+    assert inv.ssh.known_hosts.is_absolute()

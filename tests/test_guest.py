@@ -1,0 +1,97 @@
+"""The lab guest: boots to its shell on a lab host and answers; its oracles work; the image
+is reproducible; the accelerator is chosen by a real probe."""
+
+import re
+
+import pytest
+
+from migrator.hosts.ssh import SSHHost
+from migrator.lab.accel import choose_accel
+from migrator.lab.boot import boot_and_run
+from migrator.lab.image import _initramfs, _source, ensure_image
+
+from .conftest import SESSION_LAB, cli
+
+
+async def _no_guest_left(inventory, host: str) -> None:
+    async with SSHHost.from_inventory(host, inventory) as h:
+        r = await h.run("ls -A /run/migrator; pgrep -x qemu-system-x86 || true", check=True)
+        # pgrep lists zombies too: keep only live ones
+        live = []
+        for pid in r.stdout.split():
+            if pid.isdigit():
+                st = await h.run(f"grep '^State:' /proc/{pid}/status", check=False)
+                if st.ok and "Z" not in st.stdout.split()[1]:
+                    live.append(pid)
+        assert live == [], f"qemu still running on {host}: {live}"
+        assert [x for x in r.stdout.split() if not x.isdigit()] == []
+
+
+async def test_guest_boots_and_answers_on_serial_console(lab, inventory, config):
+    result = await boot_and_run(lab, "hostB", "echo answer-$((6*7)); hostname", 128, config)
+    assert result.exit_status == 0
+    assert result.output.split() == ["answer-42", "lab-guest"]
+    assert 0 < result.ready_uptime_s < result.boot_to_shell_s + 1
+    await _no_guest_left(inventory, "hostB")
+
+
+async def test_guest_oracles_memsum_and_dirtier(lab, inventory, config):
+    command = ("memsum verify; echo no-holder=$?; memsum write 16 7 && memsum verify && "
+               "dirtier 8 & sleep 3; kill %1; memsum stop")
+    result = await boot_and_run(lab, "hostC", command, 128, config)
+    assert result.exit_status == 0, result.output
+    out = result.output
+    assert "no-holder=2" in out
+    written = re.search(r"MEMSUM wrote mib=16 seed=7 sum=([0-9a-f]{16})", out)
+    verified = re.search(r"MEMSUM verify sum=([0-9a-f]{16}) expected=([0-9a-f]{16}) "
+                         r"bad_pages=(\d+) ok=(\d)", out)
+    assert written and verified, out
+    assert verified.group(1) == verified.group(2) == written.group(1)
+    assert verified.group(3) == "0" and verified.group(4) == "1"
+    dirty = re.findall(r"DIRTY t=\d+ pass=(\d+) rate=\d+MB/s bad=(\d+)", out)
+    assert len(dirty) >= 1, out
+    assert all(bad == "0" for _, bad in dirty)
+    assert int(dirty[-1][0]) > 0
+    await _no_guest_left(inventory, "hostC")
+
+
+async def test_failing_console_command_reports_status(lab, config):
+    result = await boot_and_run(lab, "hostA", "ls /nonexistent", 128, config)
+    assert result.exit_status != 0
+    assert "No such file" in result.output
+
+
+async def test_migrate_lab_boot_cli(lab):
+    result = await cli("boot", "--name", SESSION_LAB, "--dir", str(lab.dir), "hostA",
+                       "-c", "echo cli-$((40+2))")
+    assert result.returncode == 0, result.stderr
+    assert "cli-42" in result.stdout
+    assert "shell prompt after" in result.stdout
+
+
+async def test_boot_on_unknown_host_is_a_clear_error(lab):
+    result = await cli("boot", "--name", SESSION_LAB, "--dir", str(lab.dir), "hostZ")
+    assert result.returncode == 2
+    assert "unknown host 'hostZ'" in result.stderr and "hostA, hostB, hostC" in result.stderr
+
+
+async def test_initramfs_is_reproducible():
+    image = await ensure_image()
+    tools = b"\x7fELF fake tools"
+    first = await _initramfs(tools, _source("init.sh"))
+    second = await _initramfs(tools, _source("init.sh"))
+    assert first == second
+    assert image.initrd.stat().st_size > 100_000
+    assert image.kernel.read_bytes()[:4] == b"\x7fELF"       # PVH-bootable ELF, not bzImage
+
+
+async def test_accel_auto_really_probes(config, lab):
+    image = await ensure_image()
+    choice = await choose_accel("auto", image, config.timeouts.kvm_probe_s)
+    assert choice.accel in ("tcg", "kvm")
+    assert choice.reason
+    assert lab.state().accel == choice.accel
+    if choice.accel == "tcg":
+        # explicitly asking for KVM where it does not work is refused before anything starts
+        with pytest.raises(ValueError, match="KVM cannot run the lab guest here"):
+            await choose_accel("kvm", image, config.timeouts.kvm_probe_s)
