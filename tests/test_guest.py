@@ -37,7 +37,7 @@ async def test_guest_boots_and_answers_on_serial_console(lab, inventory, config)
 
 async def test_guest_oracles_memsum_and_dirtier(lab, inventory, config):
     command = ("memsum verify; echo no-holder=$?; memsum write 16 7 && memsum verify && "
-               "dirtier 8 & sleep 3; kill %1; memsum stop")
+               "dirtier 8 & sleep 3; kill %1; wait; memsum stop")
     result = await boot_and_run(lab, "hostC", command, 128, config)
     assert result.exit_status == 0, result.output
     out = result.output

@@ -170,3 +170,19 @@ async def test_status_of_absent_lab(lab):
     result = await cli("status", "--name", "mtnone", "--dir", str(lab_dir("mtnone")))
     assert result.returncode == 1
     assert "absent" in result.stdout
+
+
+async def test_missing_packages_named_before_anything_starts(lab, tmp_path):
+    # a PATH with every tool the lab needs except QEMU
+    import shutil
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("ip", "unshare", "nsenter", "ssh-keygen", "ssh", "sh"):
+        (bindir / tool).symlink_to(shutil.which(tool))
+    result = await cli("up", "--name", "mtpkg", "--dir", str(lab_dir("mtpkg")),
+                       "--subnet", "10.77.247.0/24", env={"PATH": str(bindir)})
+    assert result.returncode == 2, result
+    assert result.stderr.strip() == ("migrate-lab: error: missing packages: qemu-system-x86_64 "
+                                     "(qemu-system-x86 (from bookworm-backports)): run "
+                                     "'make setup'")
+    assert not network.link_exists("mtpkgbr0") and not lab_dir("mtpkg").exists()

@@ -15,7 +15,9 @@ import re
 from ..errors import GuestError
 
 _CSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
-DEFAULT_PROMPT = re.compile(r"(^|\n)[^\n]*[#$] $")
+#: a shell prompt at the start of a line ("/ # "); not anchored at the end of what was read,
+#: since asynchronous output (job notices, TICK lines) may follow it at once
+DEFAULT_PROMPT = re.compile(r"(^|\n)[^\n]*[#$] ")
 _counter = itertools.count(1)
 
 
@@ -93,7 +95,9 @@ class SerialConsole:
         await self.read_until(rf"__MB{n + 1}__\n", timeout)
         match = await self.read_until(rf"(?s)(.*?)__ME{n + 2}_(\d+)__\n", timeout)
         output, status = match.group(1), int(match.group(2))
-        await self.read_until(self.prompt, timeout)
+        # The end marker proves the command is done; the prompt that follows is not waited
+        # for (it is consumed by the next command's begin marker). The next line sent is
+        # typed at a finished shell, so the tty cannot echo it into this command's output.
         if check and status != 0:
             raise ConsoleCommandError(self.host, self.vm, command, status, output)
         return status, output

@@ -6,7 +6,7 @@
 #   lab.rate=MIB_S        limit the dirtier to MIB_S MiB/s (default 0: no limit)
 #   lab.out=DEV           where TICK/DIRTY lines go (default: the console), e.g. ttyS1
 #   lab.hostname=NAME     the guest's hostname (default: lab-guest)
-# It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then execs a shell on the console.
+# It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then runs a shell on the console.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -31,4 +31,9 @@ if [ "$DIRTY" != 0 ]; then
   dirtier "$DIRTY" "$RATE" > "$OUT" 2>&1 &
 fi
 echo "LAB-READY uptime=$(cut -d' ' -f1 /proc/uptime) mem=$(awk '/MemTotal/{print $2}' /proc/meminfo)kB"
-exec setsid cttyhack sh
+# PID 1 stays this minimal init: it reaps orphans (daemons such as the memsum holder are
+# reparented to it) and respawns the console shell if it exits. The shell must not be PID 1:
+# orphans would become its children and its 'wait' would block on them forever.
+while :; do
+  setsid cttyhack sh
+done
