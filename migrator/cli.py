@@ -62,6 +62,12 @@ def _lab_parser() -> argparse.ArgumentParser:
     ssh.add_argument("host")
     ssh.add_argument("command", nargs=argparse.REMAINDER)
 
+    host = sub.add_parser("host", help="a lab host's power and sshd, as a BMC or service "
+                                       "manager would (reboot, sshd-stop, sshd-start, status)")
+    _lab_options(host)
+    host.add_argument("host")
+    host.add_argument("action", choices=("reboot", "sshd-stop", "sshd-start", "status"))
+
     image = sub.add_parser("image", help="build (or show) the cached guest image")
     image.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     image.add_argument("--clean", action="store_true", help="remove the image cache")
@@ -174,6 +180,11 @@ async def _lab_command(args: argparse.Namespace) -> int:
         argv = lab.ssh_argv(args.host, args.command)
         sys.stdout.flush()
         os.execvp(argv[0], argv)
+    if args.cmd == "host":
+        request = {"reboot": "reboot", "sshd-stop": "sshd stop", "sshd-start": "sshd start",
+                   "status": "status"}[args.action]
+        print(lab.control(args.host, request))
+        return 0
     if args.cmd == "boot":
         from .lab.boot import boot_and_run
         mem = args.mem or config.lab.guest_mem_mib

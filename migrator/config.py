@@ -76,6 +76,25 @@ class Timeouts(_Strict):
     qemu_stop_s: float = Field(15.0, gt=0)
     """A guest's QEMU to exit after ``quit``/SIGTERM."""
 
+    host_wait_s: float = Field(300.0, gt=0)
+    """Default for ``wait_up``/``wait_down``: a real server may take minutes to POST."""
+
+    host_reboot_s: float = Field(600.0, gt=0)
+    """Default for ``reboot``: going down, firmware, boot, sshd. A lab host takes ~0.2 s."""
+
+    host_cleanup_s: float = Field(30.0, gt=0)
+    """Cleanup commands on close (removing tmp dirs, killing a timed-out command's group)."""
+
+
+class Limits(_Strict):
+    """Bounds on concurrency."""
+
+    ssh_channels_per_host: int = Field(8, ge=1)
+    """Concurrent command/SFTP channels on one host's connection. OpenSSH's sshd allows 10
+    sessions per connection by default (MaxSessions); 8 leaves room for interactive use."""
+    parallel_hosts: int | None = Field(None, ge=1)
+    """Hosts worked on at once by fan-out helpers; None means all at once."""
+
 
 class LabDefaults(_Strict):
     """Defaults for ``migrate-lab up`` when the command line does not say."""
@@ -87,6 +106,8 @@ class LabDefaults(_Strict):
     """hostA gets network+11 (10.77.0.11), as in the recipe; the bridge gets network+1."""
     run_tmpfs_mib: int = Field(64, ge=8)
     """Size of each host's private /run (sockets, pidfiles, VM run dirs)."""
+    tmp_tmpfs_mib: int = Field(1024, ge=16)
+    """Size limit of each host's private /tmp (memory is used only as files are written)."""
     guest_mem_mib: int = Field(128, ge=32)
 
 
@@ -94,6 +115,7 @@ class Config(_Strict):
     """The one config object. ``Config()`` gives the defaults; :meth:`load` reads YAML."""
 
     timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
     lab: LabDefaults = LabDefaults()
 
     @classmethod

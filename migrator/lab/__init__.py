@@ -1,7 +1,19 @@
-"""migrate-lab: a multi-host lab on one machine (namespace hosts, sshd, shared storage, guest)."""
+"""migrate-lab: a multi-host lab on one machine (namespace hosts, sshd, shared storage, guest).
 
-from .lab import DownReport, HostHealth, Lab, UpReport, default_host_names
-from .state import LabPhase, LabState
+Names are imported lazily: ``python -m migrator.lab.hostinit`` (each lab host's init) must
+start fast and must not be imported before runpy executes it.
+"""
 
-__all__ = ["Lab", "LabPhase", "LabState", "UpReport", "DownReport", "HostHealth",
-           "default_host_names"]
+import importlib
+
+_EXPORTS = {
+    "Lab": "lab", "UpReport": "lab", "DownReport": "lab", "HostHealth": "lab",
+    "default_host_names": "lab", "LabPhase": "state", "LabState": "state",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

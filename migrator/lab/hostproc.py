@@ -1,70 +1,56 @@
-"""The processes that make a network namespace a "host": host init, sshd, libvirtd.
+"""Starting a lab host's init, and the files it needs (sshd and libvirt configs).
 
-A lab host is a network namespace plus a long-lived *host init* process that holds the host's
-own mount and UTS namespaces. Inside it:
-
-* the hostname is the host's name;
-* ``/run`` is a private tmpfs: the host's sockets, pidfiles and ``/run/migrator`` (where VMs
-  keep their QMP and serial sockets) are invisible to the controller and to other hosts, so
-  migrator must reach them over SSH, exactly as on real hosts;
-* ``/etc/hosts`` and libvirt's ``/etc``, ``/var/lib``, ``/var/log`` and ``/var/cache``
-  directories are bind mounts of the host's own copies under the lab directory.
-
-Every other process of the host (sshd, libvirtd, and whatever sshd sessions start) enters that
-init with ``nsenter -t <init> -n -m -u``, so it sees the same view.
+A lab host is a network namespace plus a long-lived *host init* (:mod:`.hostinit`) holding
+the host's own mount and UTS namespaces: its hostname, ``/etc/hosts``, libvirt directories,
+``/usr/local/sbin`` (lab ``reboot``), boot id, and private ``/run`` and ``/tmp``. The init
+starts sshd (and libvirtd) as its children, so every ssh session sees the host's view.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from ..errors import LabError
-from .system import Proc, is_alive, spawn_daemon
+from . import hostinit
+from .system import Proc
 
 #: libvirt directories that get a per-host bind mount (only those present on this machine)
 LIBVIRT_DIRS = {"etc": "/etc/libvirt", "lib": "/var/lib/libvirt", "log": "/var/log/libvirt",
                 "cache": "/var/cache/libvirt"}
 
-_INIT_SCRIPT = r'''
-set -eu
-host=$1 hostdir=$2 run_mib=$3
-hostname "$host"
-mount -t tmpfs -o mode=0755,size=${run_mib}m "lab-$host-run" /run
-mkdir -p /run/sshd /run/migrator /run/libvirt /run/lock
-chmod 0700 /run/migrator
-mount --bind "$hostdir/hosts" /etc/hosts
-for pair in etc:/etc/libvirt lib:/var/lib/libvirt log:/var/log/libvirt cache:/var/cache/libvirt; do
-  target=${pair#*:}
-  if [ -d "$target" ]; then mount --bind "$hostdir/libvirt-${pair%%:*}" "$target"; fi
-done
-echo ready
-exec sleep infinity </dev/null >/dev/null 2>&1
-'''
 
+async def start_host_init(host: str, netns: str, hostdir: Path, address: str, *,
+                          run_mib: int, tmp_mib: int, libvirt: bool, ready_timeout_s: float,
+                          exit_timeout_s: float) -> Proc:
+    """Start ``host``'s init (:mod:`.hostinit`) in ``netns``; wait until its sshd listens.
 
-async def start_host_init(host: str, netns: str, hostdir: Path, run_mib: int,
-                          timeout_s: float) -> Proc:
-    """Start ``host``'s init in ``netns`` and wait until its mounts are in place.
-
-    :raise LabError: when it exits or does not report ready within ``timeout_s``.
+    :raise LabError: when it fails (the message quotes its log) or is not ready in time.
     """
     for sub in LIBVIRT_DIRS:
         (hostdir / f"libvirt-{sub}").mkdir(exist_ok=True)
+    hostinit.write_sbin(hostdir, host)
     log = hostdir / "init.log"
     args = ["ip", "netns", "exec", netns, "unshare", "--mount", "--uts", "--propagation",
-            "private", "--", "sh", "-c", _INIT_SCRIPT, "host-init", host, str(hostdir),
-            str(run_mib)]
+            "private", "--", sys.executable, "-m", "migrator.lab.hostinit", "serve",
+            "--host", host, "--hostdir", str(hostdir), "--address", address,
+            "--run-mib", str(run_mib), "--tmp-mib", str(tmp_mib),
+            "--ready-timeout-s", str(ready_timeout_s), "--exit-timeout-s", str(exit_timeout_s)]
+    if libvirt:
+        args.append("--libvirt")
     with open(log, "ab") as err:
         child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=err, start_new_session=True, close_fds=True)
+    budget = ready_timeout_s * (2 if libvirt else 1) + exit_timeout_s
     try:
-        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout_s)
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), budget)
     except TimeoutError:
         child.kill()
-        raise LabError(f"{host}: host init did not get ready in {timeout_s} s; see {log}") from None
+        raise LabError(f"{host}: host init not ready within {budget:g} s; see {log}") from None
     finally:
         child.stdout.close()
     if line.strip() != b"ready":
@@ -77,9 +63,25 @@ async def start_host_init(host: str, netns: str, hostdir: Path, run_mib: int,
     return proc
 
 
-def enter_args(init: Proc) -> list[str]:
-    """The command prefix that runs a program inside the host of ``init``."""
-    return ["nsenter", "-t", str(init.pid), "-n", "-m", "-u", "--"]
+def daemon_proc(hostdir: Path, name: str) -> Proc | None:
+    """The running ``name`` (sshd, libvirtd) of a host, as its init recorded it."""
+    try:
+        data = json.loads((hostdir / f"{name}.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return Proc(int(data["pid"]), int(data["start"]))
+
+
+def control(hostdir: Path, line: str) -> str:
+    """Send a control request (``reboot``, ``sshd stop``, ``sshd start``, ``status``) to a
+    host's init. :raise LabError: when the init cannot be reached or refuses."""
+    try:
+        answer = hostinit.request(str(hostdir / hostinit.CONTROL_SOCKET), line)
+    except OSError as exc:
+        raise LabError(f"{hostdir.name}: host init not reachable: {exc}") from exc
+    if not answer.startswith(("ok", "{")):
+        raise LabError(f"{hostdir.name}: {line!r} failed: {answer}")
+    return answer
 
 
 def sshd_config(address: str, hostdir: Path, authorized_keys: Path) -> str:
@@ -106,43 +108,6 @@ LogLevel INFO
 """
 
 
-async def start_sshd(host: str, init: Proc, hostdir: Path, address: str,
-                     timeout_s: float) -> Proc:
-    """Start ``host``'s sshd (foreground mode, our own PID) and wait until it accepts TCP.
-
-    :raise LabError: when it exits (the message quotes its log) or never listens.
-    """
-    log = hostdir / "sshd.log"
-    proc = spawn_daemon(enter_args(init) + ["/usr/sbin/sshd", "-D", "-e", "-f",
-                                            str(hostdir / "sshd_config")], log)
-    await _wait_listening(host, proc, address, 22, log, timeout_s)
-    return proc
-
-
-async def _wait_listening(host: str, proc: Proc, address: str, port: int, log: Path,
-                          timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    delay = 0.005
-    last_error: BaseException | None = None
-    while True:
-        if not is_alive(proc):
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise LabError(f"{host}: sshd exited: {tail[0]} (log: {log})")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 1.0)
-            writer.close()
-            await writer.wait_closed()
-            return
-        except (OSError, TimeoutError) as exc:
-            last_error = exc
-        if loop.time() >= deadline:
-            raise LabError(f"{host}: sshd did not listen on {address}:{port} within "
-                           f"{timeout_s} s ({last_error!r}; log: {log})")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
 def libvirt_configs(hostdir: Path, address: str, host_uuid: str) -> None:
     """Write the host's libvirtd.conf and qemu.conf (recipe 5.6 and pitfall 4)."""
     etc = hostdir / "libvirt-etc"
@@ -167,30 +132,6 @@ cgroup_controllers = [ ]
 migration_address = "{address}"
 migration_host = "{address}"
 """)
-
-
-async def start_libvirtd(host: str, init: Proc, hostdir: Path, timeout_s: float) -> Proc:
-    """Start ``host``'s libvirtd in the foreground and wait for its socket.
-
-    The socket lives in the host's private /run; it is found through ``/proc/<init>/root``.
-
-    :raise LabError: when libvirtd exits or its socket does not appear in time.
-    """
-    log = hostdir / "libvirtd.log"
-    proc = spawn_daemon(enter_args(init) + ["libvirtd", "-f", "/etc/libvirt/libvirtd.conf"], log)
-    sock = Path(f"/proc/{init.pid}/root/run/libvirt/libvirt-sock")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    delay = 0.005
-    while not sock.exists():
-        if not is_alive(proc):
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise LabError(f"{host}: libvirtd exited: {tail[0]} (log: {log})")
-        if loop.time() >= deadline:
-            raise LabError(f"{host}: libvirtd socket did not appear within {timeout_s} s")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    return proc
 
 
 def tcp_port_open(address: str, port: int, timeout_s: float = 1.0) -> bool:

@@ -372,24 +372,22 @@ class Lab:
         net = ipaddress.ip_network(plan.subnet)
         await network.create_host_netns(h.netns, h.veth, plan.bridge,
                                         ipaddress.ip_interface(f"{h.address}/{net.prefixlen}"))
-        timeouts = self.config.timeouts
-        init = await hostproc.start_host_init(h.name, h.netns, hdir,
-                                              self.config.lab.run_tmpfs_mib,
-                                              timeouts.sshd_ready_s)
-        h.init = ProcRef.of(init)
-        plan.save(self.state_file)
-        sshd = await hostproc.start_sshd(h.name, init, hdir, h.address, timeouts.sshd_ready_s)
-        h.sshd = ProcRef.of(sshd)
-        plan.save(self.state_file)
         if plan.libvirt:
             uuid_file = hdir / "host_uuid"
             if not uuid_file.exists():
                 uuid_file.write_text(str(uuid.uuid4()) + "\n")
             hostproc.libvirt_configs(hdir, h.address, uuid_file.read_text().strip())
-            libvirtd = await hostproc.start_libvirtd(h.name, init, hdir,
-                                                     timeouts.libvirtd_ready_s)
-            h.libvirtd = ProcRef.of(libvirtd)
-            plan.save(self.state_file)
+        timeouts, limits = self.config.timeouts, self.config.lab
+        init = await hostproc.start_host_init(
+            h.name, h.netns, hdir, h.address, run_mib=limits.run_tmpfs_mib,
+            tmp_mib=limits.tmp_tmpfs_mib, libvirt=plan.libvirt,
+            ready_timeout_s=max(timeouts.sshd_ready_s, timeouts.libvirtd_ready_s),
+            exit_timeout_s=timeouts.process_exit_s)
+        h.init = ProcRef.of(init)
+        for name in ("sshd", "libvirtd"):
+            proc = hostproc.daemon_proc(hdir, name)
+            setattr(h, name, ProcRef.of(proc) if proc else None)
+        plan.save(self.state_file)
 
     def _write_ssh_files(self, plan: LabState) -> None:
         known, config = [], [f"# ssh config of lab {self.name}: ssh -F {self.ssh_config} HOST\n"]
@@ -433,11 +431,12 @@ class Lab:
 
         async def one(h: HostState) -> HostHealth:
             port = await asyncio.to_thread(hostproc.tcp_port_open, h.address, 22)
+            hdir = self.host_dir(h.name)
             return HostHealth(
                 name=h.name, address=h.address, netns=network.netns_exists(h.netns),
                 init=bool(h.init and is_alive(h.init.proc())),
-                sshd=bool(h.sshd and is_alive(h.sshd.proc())), ssh_port=port,
-                libvirtd=(bool(h.libvirtd and is_alive(h.libvirtd.proc()))
+                sshd=is_alive(hostproc.daemon_proc(hdir, "sshd")), ssh_port=port,
+                libvirtd=(is_alive(hostproc.daemon_proc(hdir, "libvirtd"))
                           if state.libvirt else None))
 
         return list(await asyncio.gather(*(one(h) for h in state.hosts)))
@@ -474,9 +473,12 @@ class Lab:
 
         async def host_down(h: HostState) -> None:
             procs = processes_in_netns(network.netns_path(h.netns))
-            for ref in (h.libvirtd, h.sshd, h.init):
-                if ref is not None and is_alive(ref.proc()) and ref.proc() not in procs:
-                    procs.append(ref.proc())
+            hdir = self.host_dir(h.name)
+            recorded = [hostproc.daemon_proc(hdir, "sshd"), hostproc.daemon_proc(hdir, "libvirtd")]
+            recorded += [ref.proc() for ref in (h.libvirtd, h.sshd, h.init) if ref is not None]
+            for proc in recorded:
+                if proc is not None and is_alive(proc) and proc not in procs:
+                    procs.append(proc)
             left = await stop_processes(procs, timeout_s)
             report.processes_stopped += len(procs) - len(left)
             if left:
@@ -512,6 +514,24 @@ class Lab:
         return report
 
     # -- helpers for users ----------------------------------------------------------------------
+
+    def control(self, host: str, request: str) -> str:
+        """Ask ``host``'s init for ``reboot``, ``sshd stop``, ``sshd start`` or ``status``.
+
+        This is the lab's power switch and service manager, as a BMC or systemd would be for
+        a real host. :raise ConfigError: unknown host; :raise LabError: the request failed.
+        """
+        state = self._up_state()
+        if host not in [h.name for h in state.hosts]:
+            raise ConfigError(f"unknown host {host!r}: lab {self.name} has "
+                              f"{', '.join(h.name for h in state.hosts)}")
+        return hostproc.control(self.host_dir(host), request)
+
+    def _up_state(self) -> LabState:
+        state = self.state()
+        if state is None or state.phase != LabPhase.UP:
+            raise ConfigError(f"lab {self.name} is not up (migrate-lab up --name {self.name})")
+        return state
 
     def ssh_argv(self, host: str, command: list[str]) -> list[str]:
         """The OpenSSH command line that runs ``command`` on ``host`` (interactive if empty).

@@ -160,17 +160,3 @@ async def run(*args: str, check: bool = True, input: bytes | None = None,
         raise LabError(f"{what or ' '.join(args)} failed (exit {done.returncode}): "
                        f"{msg[-1] if msg else 'no output'}")
     return done
-
-
-def spawn_daemon(args: list[str], log_path: Path) -> Proc:
-    """Start a long-lived process in its own session, output appended to ``log_path``.
-
-    It is not waited for here: the lab stops it by its identity (:class:`Proc`) later.
-    """
-    with open(log_path, "ab") as log:
-        child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 start_new_session=True, close_fds=True)
-    proc = Proc.of(child.pid)
-    if proc is None:
-        raise LabError(f"{args[0]} exited at once; see {log_path}")
-    return proc
