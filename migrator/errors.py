@@ -6,6 +6,9 @@
      +-- ConfigError              bad input, found before anything starts (exit status 2)
      |    +-- InventoryError      inventory file missing, unreadable or invalid
      +-- HostError(host)          something failed on one named host
+     |    +-- HostConnectError    no SSH connection: refused, unreachable, DNS, timeout
+     |    |    +-- HostAuthError  the host refused our credentials
+     |    |    +-- HostKeyError   the host's key is not the one in known_hosts (refused)
      |    +-- CommandError        a command failed; carries the whole CmdResult
      +-- LabError                 the one-machine lab could not be built, checked or removed
      +-- GuestError(host, vm)     a guest did not boot or did not answer on its console
@@ -38,13 +41,32 @@ class HostError(MigratorError):
         self.message = message
 
 
+class HostConnectError(HostError):
+    """No SSH connection could be made (refused, unreachable, name unknown, timeout)."""
+
+
+class HostAuthError(HostConnectError):
+    """The host refused the credentials (public key not accepted)."""
+
+
+class HostKeyError(HostConnectError):
+    """The host presented a key that known_hosts does not vouch for; nothing was sent."""
+
+
 class CommandError(HostError):
     """A command failed on a host (non-zero exit, signal, or timeout); ``result`` holds it all."""
 
     def __init__(self, host: str, result):  # result: migrator.hosts.result.CmdResult
-        why = (f"killed by {result.aborted}" if result.aborted
-               else f"exit status {result.exit_status}")
-        tail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or [""]
+        if result.timed_out:
+            why = f"timed out after {result.duration:.1f} s, killed by signal {result.aborted}"
+        elif result.aborted:
+            why = f"killed by signal {result.aborted}"
+        else:
+            why = f"exit status {result.exit_status}"
+        out = result.stderr or result.stdout or ""
+        if isinstance(out, bytes):
+            out = out.decode("utf-8", errors="replace")
+        tail = out.strip().splitlines()[-1:] or [""]
         super().__init__(host, f"command failed ({why}): {result.command!r} {tail[0]}".rstrip())
         self.result = result
 

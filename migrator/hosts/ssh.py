@@ -5,9 +5,17 @@
     async with SSHHost.from_inventory("hostA") as host:
         result = await host.run("uname -r", check=True)
 
-One connection per host, opened on first use and reused by every command; ``close()`` (or
-leaving the ``async with``) closes it. Library errors are translated into :class:`HostError`
-naming the host, chained to the original.
+* One connection per host, opened on first use, reused by every command, and reopened
+  transparently when it was dropped (sshd restarted, host rebooted). At most
+  ``config.limits.ssh_channels_per_host`` commands/SFTP sessions run on it at once.
+* Commands run through the login shell with ``eval``; each reports its process group first
+  (on stderr, stripped from the result) so a timeout can kill the whole group on the host,
+  not just close the channel.
+* Errors name the host and, for commands, the command: :class:`HostConnectError`
+  (refused, unreachable, unknown name, timeout), :class:`HostAuthError`,
+  :class:`HostKeyError`, :class:`CommandError` (with the whole :class:`CmdResult`).
+* Secrets never reach logs or results: keys are passed by path to asyncssh, and commands and
+  their output are logged only at DEBUG.
 """
 
 from __future__ import annotations
@@ -15,18 +23,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
+import signal
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import asyncssh
 
 from ..config import Config, Inventory, load_inventory
-from ..errors import CommandError, HostError
+from ..errors import (CommandError, HostAuthError, HostConnectError, HostError, HostKeyError)
 from .result import CmdResult
 
 log = logging.getLogger(__name__)
+
+_PGID_MARK = re.compile(rb"^MIGRATOR-PGID=(\d+)\n")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 def quote(arg: object) -> str:
@@ -39,39 +53,57 @@ def join(args: Iterable[object]) -> str:
     return " ".join(quote(a) for a in args)
 
 
+def _signal_number(name: str) -> int:
+    try:
+        return int(signal.Signals[f"SIG{name}"])
+    except KeyError:
+        return -1
+
+
 class SSHHost:
     """A host reached over SSH. Cheap to build; connects on first use.
 
-    :param name: the host's name, as the user typed it (used in every message).
-    :param address: where to connect (default: ``name``).
-    :param known_hosts: known_hosts file to verify the host key against; required unless
-        ``insecure_no_host_key_check`` is set (which logs a warning on every connect).
+    :param hostname: the host's name, as the user typed it (used in every message); also the
+        address to connect to unless ``address`` is given.
+    :param known_hosts: known_hosts file the host key is verified against (default
+        ``~/.ssh/known_hosts``). Verification is off only with
+        ``insecure_no_host_key_check=True``, which logs a warning on every connection.
+    :param client_keys: private key files to authenticate with (default: asyncssh's
+        ``~/.ssh/id_*``). No agent is used unless ``use_agent=True``.
+    :param reboot_command: what :meth:`reboot` runs (default ``reboot``).
     """
 
-    def __init__(self, name: str, address: str | None = None, *, user: str = "root",
+    def __init__(self, hostname: str, address: str | None = None, *, user: str = "root",
                  port: int = 22, known_hosts: str | os.PathLike | None = None,
                  client_keys: list[str | os.PathLike] | None = None,
-                 config: Config | None = None, insecure_no_host_key_check: bool = False):
-        if known_hosts is None and not insecure_no_host_key_check:
-            known_hosts = Path("~/.ssh/known_hosts").expanduser()
-        self.name = name
-        self.address = address or name
+                 config: Config | None = None, insecure_no_host_key_check: bool = False,
+                 use_agent: bool = False, reboot_command: str = "reboot"):
+        self.name = hostname
+        self.address = address or hostname
         self.user = user
         self.port = port
-        self.known_hosts = None if insecure_no_host_key_check else str(known_hosts)
-        self.client_keys = [str(k) for k in client_keys] if client_keys else None
+        if insecure_no_host_key_check:
+            self.known_hosts = None
+        else:
+            self.known_hosts = str(known_hosts or Path("~/.ssh/known_hosts").expanduser())
+        self.client_keys = [str(k) for k in client_keys] if client_keys else ()
         self.config = config or Config()
+        self.reboot_command = reboot_command
         self._insecure = insecure_no_host_key_check
+        self._use_agent = use_agent
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connecting = asyncio.Lock()
+        self._channels = asyncio.Semaphore(self.config.limits.ssh_channels_per_host)
+        self._tmp_dirs: list[str] = []
 
     @classmethod
     def from_inventory(cls, name: str, inventory: Inventory | str | os.PathLike | None = None,
                        config: Config | None = None) -> "SSHHost":
-        """The host ``name`` of ``inventory`` (default: the running lab's).
+        """The host ``name`` of ``inventory`` (a loaded one, a path, or None for the usual
+        lookup: ``$MIGRATOR_INVENTORY``, else the running lab's).
 
         :raise ConfigError: unknown host (the message lists the known ones).
-        :raise InventoryError: no inventory found.
+        :raise InventoryError: no inventory found, or it is invalid.
         """
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
         entry = inv.host(name)
@@ -82,8 +114,12 @@ class SSHHost:
                    config=config)
 
     def __repr__(self) -> str:
-        state = "connected" if self._conn is not None else "idle"
+        state = "connected" if self.connected else "idle"
         return f"<SSHHost {self.name} {self.user}@{self.address}:{self.port} {state}>"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
 
     async def __aenter__(self) -> "SSHHost":
         await self.connect()
@@ -92,77 +128,285 @@ class SSHHost:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def connect(self) -> asyncssh.SSHClientConnection:
-        """Open the connection if it is not open (and not closed by the peer).
+    # -- connection ----------------------------------------------------------------------------
 
-        :raise HostError: naming the host and the reason: refused, unreachable, timeout,
-            authentication failed, host key not verifiable.
+    async def _open_connection(self, timeout: float) -> asyncssh.SSHClientConnection:
+        if self._insecure:
+            log.warning("[host=%s] host key verification is OFF for %s:%s", self.name,
+                        self.address, self.port)
+        try:
+            return await asyncssh.connect(
+                self.address, port=self.port, username=self.user,
+                known_hosts=self.known_hosts, client_keys=self.client_keys or None,
+                agent_path=() if self._use_agent else None, config=None,
+                connect_timeout=timeout, keepalive_interval=max(1.0, timeout / 3),
+                keepalive_count_max=3)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostKeyError(self.name, f"host key not verifiable against "
+                               f"{self.known_hosts}: refusing to connect") from exc
+        except asyncssh.PermissionDenied as exc:
+            raise HostAuthError(self.name, f"authentication failed for {self.user}@"
+                                f"{self.address}:{self.port}") from exc
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise HostConnectError(self.name, f"no SSH connection to {self.address}:"
+                                   f"{self.port} within {timeout:g} s") from exc
+        except ConnectionRefusedError as exc:
+            raise HostConnectError(self.name, f"connection refused by {self.address}:"
+                                   f"{self.port} (sshd not running?)") from exc
+        except OSError as exc:
+            raise HostConnectError(self.name, f"cannot connect to {self.address}:{self.port}:"
+                                   f" {exc.strerror or exc}") from exc
+        except asyncssh.Error as exc:
+            raise HostConnectError(self.name, f"SSH to {self.address}:{self.port} failed: "
+                                   f"{exc.reason}") from exc
+
+    async def connect(self) -> asyncssh.SSHClientConnection:
+        """Open the connection unless one is open and alive; return it.
+
+        :raise HostConnectError: (or its subclasses) naming the host and the reason.
         """
         async with self._connecting:
-            if self._conn is not None and not self._conn.is_closed():
-                return self._conn
-            if self._insecure:
-                log.warning("[host=%s] host key verification is OFF", self.name)
-            timeout = self.config.timeouts.ssh_connect_s
-            try:
-                self._conn = await asyncssh.connect(
-                    self.address, port=self.port, username=self.user,
-                    known_hosts=self.known_hosts, client_keys=self.client_keys,
-                    agent_path=None, config=None, connect_timeout=timeout,
-                    keepalive_interval=max(1.0, timeout / 3), keepalive_count_max=3)
-            except asyncssh.HostKeyNotVerifiable as exc:
-                raise HostError(self.name, f"host key not verifiable against "
-                                f"{self.known_hosts}: refusing to connect ({exc.reason})") from exc
-            except asyncssh.PermissionDenied as exc:
-                raise HostError(self.name, f"authentication failed for {self.user}@"
-                                f"{self.address}: {exc.reason}") from exc
-            except (asyncio.TimeoutError, TimeoutError) as exc:
-                raise HostError(self.name, f"no SSH connection to {self.address}:{self.port} "
-                                f"within {timeout:g} s") from exc
-            except ConnectionRefusedError as exc:
-                raise HostError(self.name, f"connection refused by {self.address}:{self.port} "
-                                "(sshd down?)") from exc
-            except (OSError, asyncssh.Error) as exc:
-                raise HostError(self.name, f"cannot connect to {self.address}:{self.port}: "
-                                f"{exc}") from exc
-            log.debug("[host=%s] connected to %s:%s", self.name, self.address, self.port)
+            if not self.connected:
+                self._conn = await self._open_connection(self.config.timeouts.ssh_connect_s)
+                log.debug("[host=%s] connected to %s:%s", self.name, self.address, self.port)
             return self._conn
 
     async def close(self) -> None:
-        """Close the connection; safe to call in any state, more than once."""
+        """Remove this host's tmp dirs (best effort) and close the connection.
+
+        Safe in any state and more than once.
+        """
+        if self._tmp_dirs and self.connected:
+            dirs, self._tmp_dirs = self._tmp_dirs, []
+            try:
+                await self.run(f"rm -rf -- {join(dirs)}",
+                               timeout=self.config.timeouts.host_cleanup_s)
+            except HostError as exc:
+                log.warning("[host=%s] could not remove tmp dirs %s: %s", self.name, dirs, exc)
+        self._tmp_dirs = []
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
             await conn.wait_closed()
 
-    async def run(self, command: str, *, check: bool = False, timeout: float | None = None,
-                  stdin: str | bytes | None = None) -> CmdResult:
-        """Run ``command`` in the remote shell and wait for it.
+    # -- commands ------------------------------------------------------------------------------
 
-        Arguments built from variables must be quoted (:func:`quote`, :func:`join`).
+    async def _start(self, wrapped: str, stdin: bytes) -> asyncssh.SSHClientProcess:
+        """Open a session channel running ``wrapped``; reconnect once if the connection died."""
+        for attempt in (1, 2):
+            conn = await self.connect()
+            try:
+                proc = await conn.create_process(wrapped, input=stdin or None, encoding=None)
+                if not stdin:  # asyncssh sends EOF only after non-empty input
+                    proc.stdin.write_eof()
+                return proc
+            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
+                    BrokenPipeError, ConnectionResetError) as exc:
+                if attempt == 2:
+                    raise HostConnectError(self.name, f"cannot open a channel: {exc}") from exc
+                log.info("[host=%s] connection lost (%s); reconnecting", self.name, exc)
+                self._conn = None
+        raise AssertionError("unreachable")
 
-        :param timeout: seconds before the command is abandoned: the channel is closed and the
-            result comes back with ``aborted="TIMEOUT"``.
-        :raise CommandError: with ``check=True`` when it fails in any way (carries the result).
-        :raise HostError: when the host cannot be reached.
+    async def run(self, command: str, timeout: float | None = None, check: bool = False,
+                  stdin: str | bytes | None = None, env: Mapping[str, str] | None = None,
+                  encoding: str | None = "utf-8") -> CmdResult:
+        """Run ``command`` on the host and wait for it.
+
+        The command is one string for the remote login shell; quote values built from
+        variables with :func:`quote` / :func:`join`. ``env`` values are quoted for you.
+
+        :param timeout: seconds before the command's whole process group on the host is
+            killed (SIGKILL); the result then has ``timed_out=True`` and ``aborted=9`` and
+            holds the output received until then.
+        :param stdin: sent to the command's standard input, which is then closed (without
+            it the command sees an empty stdin).
+        :param encoding: decode output with this encoding; ``None`` returns bytes.
+        :raise CommandError: with ``check=True``, on a non-zero exit, a signal or a timeout.
+        :raise HostError: when the host cannot be reached or the connection drops mid-way.
         """
-        conn = await self.connect()
+        exports = ""
+        for key, value in (env or {}).items():
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"bad environment variable name {key!r}")
+            exports += f"export {key}={quote(value)}; "
+        wrapped = f"printf 'MIGRATOR-PGID=%s\\n' \"$$\" >&2; {exports}eval {quote(command)}"
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        log.debug("[host=%s] run: %s", self.name, command)
         t0 = time.monotonic()
-        try:
-            done = await conn.run(command, input=stdin, timeout=timeout, check=False,
-                                  encoding=None)
-            stdout, stderr = done.stdout or b"", done.stderr or b""
-            status = done.exit_status if done.exit_status is not None else -1
-            aborted = done.exit_signal[0] if done.exit_signal else ""
-        except asyncssh.TimeoutError as exc:
-            stdout, stderr, status, aborted = exc.stdout or b"", exc.stderr or b"", -1, "TIMEOUT"
-        except (asyncssh.Error, OSError) as exc:
-            raise HostError(self.name, f"lost the connection running {command!r}: {exc}") from exc
-        result = CmdResult(command, status, _text(stdout), _text(stderr),
-                           time.monotonic() - t0, aborted, self.name)
+        timed_out = False
+        async with self._channels:
+            proc = await self._start(wrapped, data)
+            try:
+                done = await proc.wait(check=False, timeout=timeout)
+                out, err = done.stdout or b"", done.stderr or b""
+                status = done.exit_status if done.exit_status is not None else -1
+                aborted = _signal_number(done.exit_signal[0]) if done.exit_signal else 0
+            except asyncssh.TimeoutError as exc:
+                out, err = exc.stdout or b"", exc.stderr or b""
+                status, aborted, timed_out = -1, int(signal.SIGKILL), True
+            except (asyncssh.Error, OSError) as exc:
+                raise HostError(self.name, f"connection lost while running {command!r}: "
+                                f"{exc}") from exc
+            finally:
+                proc.close()
+        match = _PGID_MARK.match(err)
+        if match:
+            err = err[match.end():]
+        if timed_out:
+            await self._kill_group(int(match.group(1)) if match else None, command)
+        result = CmdResult(command, status, _decode(out, encoding), _decode(err, encoding),
+                           time.monotonic() - t0, aborted, timed_out, self.name)
+        log.debug("[host=%s] done in %.3f s: status %s", self.name, result.duration, status)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
+
+    async def _kill_group(self, pgid: int | None, command: str) -> None:
+        if pgid is None:
+            log.warning("[host=%s] timed-out command %r never reported its process group; it "
+                        "may still run", self.name, command)
+            return
+        try:
+            await self.run(f"kill -KILL -- -{pgid} 2>/dev/null; true",
+                           timeout=self.config.timeouts.host_cleanup_s)
+        except HostError as exc:
+            log.warning("[host=%s] could not kill process group %d: %s", self.name, pgid, exc)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    async def send_file(self, src: str | os.PathLike, dest: str) -> None:
+        """Copy a local file or directory (recursively) to ``dest`` on the host, keeping modes
+        and times. :raise HostError: naming the path when it cannot be read or written."""
+        await self._sftp("put", str(src), dest)
+
+    async def get_file(self, src: str, dest: str | os.PathLike) -> None:
+        """Copy a file or directory (recursively) from the host to local ``dest``, keeping
+        modes and times. :raise HostError: naming the path."""
+        await self._sftp("get", src, str(dest))
+
+    async def _sftp(self, op: str, src: str, dest: str) -> None:
+        async with self._channels:
+            conn = await self.connect()
+            try:
+                async with conn.start_sftp_client() as sftp:
+                    await getattr(sftp, op)(src, dest, preserve=True, recurse=True)
+            except (asyncssh.SFTPError, OSError) as exc:
+                what = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+                raise HostError(self.name, f"sftp {op} {src} -> {dest} failed: {what}") from exc
+            except asyncssh.Error as exc:
+                raise HostError(self.name, f"sftp {op} failed: {exc.reason}") from exc
+
+    async def write_file(self, dest: str, data: bytes, mode: int = 0o644) -> None:
+        """Write ``data`` to the file ``dest`` on the host (SFTP), with ``mode``."""
+        async with self._channels:
+            conn = await self.connect()
+            try:
+                async with conn.start_sftp_client() as sftp:
+                    async with sftp.open(dest, "wb") as f:
+                        await f.write(data)
+                    await sftp.chmod(dest, mode)
+            except (asyncssh.SFTPError, OSError) as exc:
+                raise HostError(self.name, f"cannot write {dest}: "
+                                f"{getattr(exc, 'reason', exc)}") from exc
+
+    async def get_tmp_dir(self) -> str:
+        """Make a new private directory on the host; it is removed when the host is closed."""
+        result = await self.run("mktemp -d /tmp/migrator.XXXXXXXX", check=True)
+        path = result.stdout.strip()
+        self._tmp_dirs.append(path)
+        return path
+
+    def owns_tmp_dir(self, path: str) -> bool:
+        return path in self._tmp_dirs
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    async def is_up(self) -> bool:
+        """True if a *new* SSH connection to the host works now (an old one may outlive sshd).
+
+        Never raises for an unreachable host.
+        """
+        try:
+            conn = await self._open_connection(self.config.timeouts.ssh_connect_s)
+        except HostError:
+            return False
+        try:
+            done = await conn.run("true", timeout=self.config.timeouts.ssh_connect_s)
+            return done.exit_status == 0
+        except (asyncssh.Error, OSError, asyncio.TimeoutError):
+            return False
+        finally:
+            conn.close()
+            await conn.wait_closed()
+
+    async def wait_up(self, timeout: float | None = None) -> None:
+        """Wait until :meth:`is_up`. :raise HostConnectError: naming the host on timeout."""
+        await self._wait_for(True, timeout)
+
+    async def wait_down(self, timeout: float | None = None) -> None:
+        """Wait until the host no longer accepts SSH connections.
+
+        :raise HostError: naming the host on timeout.
+        """
+        await self._wait_for(False, timeout)
+
+    async def _wait_for(self, up: bool, timeout: float | None) -> None:
+        timeout = timeout if timeout is not None else self.config.timeouts.host_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while await self.is_up() != up:
+            if loop.time() >= deadline:
+                state = "up" if up else "down"
+                raise HostConnectError(self.name, f"not {state} within {timeout:g} s "
+                                       f"({self.address}:{self.port})")
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 2.0)
+
+    async def boot_id(self) -> str:
+        """The host's boot id (changes at every boot)."""
+        return (await self.run(f"cat {BOOT_ID}", check=True)).stdout.strip()
+
+    async def reboot(self, timeout: float | None = None) -> None:
+        """Reboot the host and wait until it is back with a new boot id.
+
+        Steps: read the boot id; run the reboot command; see the host go down (this
+        connection is closed by the host); wait until SSH works again; check the boot id
+        changed. On a lab host ``reboot`` restarts all of the host's processes with a fresh
+        /run and /tmp and a new boot id (see :mod:`migrator.lab.hostinit`).
+
+        :raise HostError: when a step does not happen within ``timeout`` (default
+            ``config.timeouts.host_reboot_s``), naming the step.
+        """
+        timeout = timeout if timeout is not None else self.config.timeouts.host_reboot_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        old = await self.boot_id()
+        conn = await self.connect()
+        try:
+            await self.run(self.reboot_command, timeout=self.config.timeouts.host_cleanup_s)
+        except HostError:
+            pass  # the host may cut the connection before the command's status arrives
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await conn.wait_closed()
+        except TimeoutError:
+            raise HostError(self.name, f"did not go down within {timeout:g} s after "
+                            f"{self.reboot_command!r}") from None
+        self._conn = None
+        self._tmp_dirs = []  # a reboot wipes /tmp
+        await self.wait_up(max(0.0, deadline - loop.time()))
+        new = await self.boot_id()
+        if new == old:
+            raise HostError(self.name, f"came back with the same boot id {old}: not rebooted")
+        log.info("[host=%s] rebooted (boot id %s -> %s)", self.name, old, new)
+
+    async def get_num_cpu(self) -> int:
+        """Number of online CPUs on the host."""
+        return int((await self.run("getconf _NPROCESSORS_ONLN", check=True)).stdout)
+
+    # -- sockets -------------------------------------------------------------------------------
 
     async def open_unix_connection(self, path: str):
         """A (reader, writer) byte stream pair to the UNIX socket ``path`` on the host.
@@ -187,5 +431,5 @@ class SSHHost:
             raise HostError(self.name, f"cannot forward to {remote_path}: {exc}") from exc
 
 
-def _text(data: str | bytes) -> str:
-    return data if isinstance(data, str) else data.decode("utf-8", errors="replace")
+def _decode(data: bytes, encoding: str | None) -> str | bytes:
+    return data if encoding is None else data.decode(encoding, errors="replace")
