@@ -1,0 +1,305 @@
+"""The aiohttp sync server: ``make_app()`` and the embeddable ``SyncServer``.
+
+::
+
+    async with SyncServer(host="127.0.0.1", port=0, token=TOKEN) as server:
+        print(server.url)          # http://127.0.0.1:<bound port>
+
+Endpoints: ``GET /v1/ws`` (the protocol, see :mod:`.protocol`; token required),
+``GET /metrics`` (Prometheus text; token required), ``GET /healthz`` (no token, says "ok").
+
+The token is compared in constant time; a request without it gets 401 before any handler
+runs. The token never appears in logs (aiohttp's access log shows the request line only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from dataclasses import dataclass
+
+from aiohttp import WSMsgType, web
+
+from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH, ProtocolError, SyncError, check_name, encode,
+                       parse_request)
+from .registry import Connection, Instance, Registry
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Server knobs, each with its reason."""
+
+    heartbeat_s: float = 5.0
+    """WebSocket ping interval; a member that does not answer within half of it is lost.
+    Lab round trips are sub-millisecond; real fleets over a WAN need a few seconds."""
+    run_idle_s: float = 3600.0
+    """A run with no connections and no open rounds is forgotten after this long."""
+    collect_every_s: float = 60.0
+    """How often idle runs are looked for."""
+    max_connections: int = 20_000
+    """Connections beyond this are refused with 503 (each costs a file descriptor)."""
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.release_hist = [0] * (len(BUCKETS) + 1)
+        self.release_sum = 0.0
+        self.release_count = 0
+        self.protocol_errors = 0
+        self.auth_failures = 0
+        self.connections = 0
+
+    def observe_release(self, seconds: float) -> None:
+        for i, b in enumerate(BUCKETS):
+            if seconds <= b:
+                self.release_hist[i] += 1
+                break
+        else:
+            self.release_hist[-1] += 1
+        self.release_sum += seconds
+        self.release_count += 1
+
+
+REGISTRY = web.AppKey("registry", Registry)
+METRICS = web.AppKey("metrics", Metrics)
+TOKEN = web.AppKey("token", str)
+OPTIONS = web.AppKey("options", ServerOptions)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    return header[7:] if header.startswith("Bearer ") else ""
+
+
+@web.middleware
+async def _auth(request: web.Request, handler):
+    if request.path == "/healthz":
+        return await handler(request)
+    expected = request.app[TOKEN]
+    if not hmac.compare_digest(_bearer(request).encode(), expected.encode()):
+        request.app[METRICS].auth_failures += 1
+        raise web.HTTPUnauthorized(
+            text='{"type": "AuthError", "message": "missing or wrong token"}',
+            content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    reg, m = request.app[REGISTRY], request.app[METRICS]
+    c = reg.counters
+    lines = [
+        "# HELP syncserver_barriers_open Barrier and exchange rounds waiting for members.",
+        "# TYPE syncserver_barriers_open gauge", f"syncserver_barriers_open {reg.open_count()}",
+        "# HELP syncserver_waiters Members waiting in open rounds.",
+        "# TYPE syncserver_waiters gauge", f"syncserver_waiters {reg.waiter_count()}",
+        "# TYPE syncserver_runs gauge", f"syncserver_runs {len(reg.runs)}",
+        "# TYPE syncserver_connections gauge", f"syncserver_connections {m.connections}",
+        "# HELP syncserver_releases_total Rounds released (every member arrived).",
+        "# TYPE syncserver_releases_total counter", f"syncserver_releases_total {c.releases}",
+        "# TYPE syncserver_timeouts_total counter", f"syncserver_timeouts_total {c.timeouts}",
+        "# TYPE syncserver_aborts_total counter", f"syncserver_aborts_total {c.aborts}",
+        "# TYPE syncserver_members_lost_total counter",
+        f"syncserver_members_lost_total {c.members_lost}",
+        "# TYPE syncserver_membership_errors_total counter",
+        f"syncserver_membership_errors_total {c.membership_errors}",
+        "# TYPE syncserver_protocol_errors_total counter",
+        f"syncserver_protocol_errors_total {m.protocol_errors}",
+        "# TYPE syncserver_auth_failures_total counter",
+        f"syncserver_auth_failures_total {m.auth_failures}",
+        "# HELP syncserver_release_latency_seconds From the last arrival to a member's "
+        "release message being written.",
+        "# TYPE syncserver_release_latency_seconds histogram",
+    ]
+    total = 0
+    for b, n in zip(BUCKETS, m.release_hist):
+        total += n
+        lines.append(f'syncserver_release_latency_seconds_bucket{{le="{b}"}} {total}')
+    lines.append(f'syncserver_release_latency_seconds_bucket{{le="+Inf"}} {m.release_count}')
+    lines.append(f"syncserver_release_latency_seconds_sum {m.release_sum:.6f}")
+    lines.append(f"syncserver_release_latency_seconds_count {m.release_count}")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    reg, metrics, opts = app[REGISTRY], app[METRICS], app[OPTIONS]
+    try:
+        run_id = check_name(request.query.get("run"), "run id")
+        member = check_name(request.query.get("member"), "member name")
+    except ProtocolError as exc:
+        raise web.HTTPBadRequest(text=encode({"error": exc.to_json()}),
+                                 content_type="application/json") from None
+    if metrics.connections >= opts.max_connections:
+        raise web.HTTPServiceUnavailable(text="too many connections")
+    ws = web.WebSocketResponse(heartbeat=opts.heartbeat_s, max_msg_size=2 * MAX_MESSAGE_BYTES)
+    await ws.prepare(request)
+    conn = Connection(run_id, member, request.query.get("persistent") == "1",
+                      request.remote or "")
+    reg.connected(conn)
+    metrics.connections += 1
+    log.info("[run=%s member=%s] connected from %s%s", run_id, member, conn.peer,
+             " (persistent)" if conn.persistent else "")
+
+    async def answer(payload: dict) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str(encode(payload))
+
+    async def serve(req: dict) -> None:
+        try:
+            result = await reg.join(conn, req["op"], req["name"], req["members"],
+                                    req["timeout"], req["generation"], req.get("data"))
+        except SyncError as exc:
+            await answer({"id": req["id"], "ok": False, "error": exc.to_json()})
+            return
+        # the result's JSON is shared by every waiter of the round: encoded once
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str('{"v":%d,"id":%d,"ok":true,"result":%s}'
+                              % (PROTOCOL_VERSION, req["id"], result.json))
+
+    why = "connection closed"
+    try:
+        async with asyncio.TaskGroup() as tg:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    try:
+                        req = parse_request(msg.data)
+                    except ProtocolError as exc:
+                        metrics.protocol_errors += 1
+                        await answer({"id": exc.fields.get("id"), "ok": False,
+                                      "error": exc.to_json()})
+                        continue
+                    if req["op"] == "abort":
+                        result = reg.abort(conn, req["kind"], req["name"], req["reason"])
+                        await answer({"id": req["id"], "ok": True, "result": result})
+                    else:
+                        tg.create_task(serve(req))
+                elif msg.type is WSMsgType.BINARY:
+                    metrics.protocol_errors += 1
+                    await answer({"id": None, "ok": False, "error": ProtocolError(
+                        "binary frames are not part of the protocol", status=400).to_json()})
+                elif msg.type is WSMsgType.ERROR:
+                    why = f"error: {ws.exception()}"
+                    break
+            if ws.close_code == 1006 or (ws.close_code is None and not ws.closed):
+                why = "heartbeat missed or connection dropped"
+            # leaving: the member's open waits are aborted below; their tasks then answer
+            # into a closed socket (suppressed) and end
+            reg.disconnected(conn, why)
+            conn = None
+    finally:
+        if conn is not None:      # cancelled (server shutting down) before the normal path
+            reg.disconnected(conn, why)
+        metrics.connections -= 1
+        await ws.close()
+    log.info("[run=%s member=%s] disconnected (%s)", run_id, member, why)
+    return ws
+
+
+def make_app(token: str, options: ServerOptions | None = None) -> web.Application:
+    """The sync server application. ``token`` is required (no anonymous mode)."""
+    if not token or len(token) < 16:
+        raise ValueError("the sync server needs a token of at least 16 characters")
+    opts = options or ServerOptions()
+    metrics = Metrics()
+
+    def released(inst: Instance) -> None:
+        # latency to *release* (futures resolved); the send itself is measured by the client
+        metrics.observe_release(inst.released_at - inst.last_arrival)
+
+    app = web.Application(middlewares=[_auth], client_max_size=MAX_MESSAGE_BYTES)
+    app[TOKEN] = token
+    app[OPTIONS] = opts
+    app[METRICS] = metrics
+    app[REGISTRY] = Registry(on_release=released)
+
+    async def collector(app: web.Application):
+        async def loop():
+            while True:
+                await asyncio.sleep(opts.collect_every_s)
+                app[REGISTRY].collect(opts.run_idle_s)
+        task = asyncio.get_running_loop().create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(collector)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get(WS_PATH, _websocket)
+    return app
+
+
+class SyncServer:
+    """The sync server embedded in a process: an async context manager.
+
+    :param host: address to bind; required in spirit (default loopback only).
+    :param port: port to bind; 0 picks a free one (see :attr:`url`).
+    :param token: shared secret every client must present.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str,
+                 options: ServerOptions | None = None):
+        self.host, self.port = host, port
+        self.app = make_app(token, options)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        if self._runner is None:
+            raise RuntimeError("the sync server is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def registry(self) -> Registry:
+        return self.app[REGISTRY]
+
+    async def start(self) -> None:
+        """Bind and serve. :raise OSError: when the address cannot be bound."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, backlog=4096)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.port = runner.addresses[0][1]
+        self._runner = runner
+        log.info("sync server listening on %s", self.url)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> "SyncServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+async def serve_forever(host: str, port: int, token: str,
+                        options: ServerOptions | None = None,
+                        stop: asyncio.Event | None = None) -> None:
+    """Run a server until ``stop`` is set (the ``migrate-syncserver`` command)."""
+    async with SyncServer(host, port, token=token, options=options) as server:
+        print(f"migrate-syncserver: listening on {server.url}", flush=True)
+        await (stop or asyncio.Event()).wait()
+
+
+__all__ = ["SyncServer", "ServerOptions", "make_app", "serve_forever"]

@@ -1,0 +1,559 @@
+"""The sync server and its clients: real aiohttp server, real WebSockets, real processes.
+
+Each anchor weakness of autotest's syncdata/barrier (shared/notes/anchors-multihost.md (b))
+has a test here; the closing note maps them.
+"""
+
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from syncserver import (AuthError, BarrierAborted, BarrierTimeout, MembershipError,
+                        ProtocolError, ServerOptions, SyncClient, SyncServer)
+from syncserver.hostclient import WebSocket
+from syncserver.protocol import MAX_MESSAGE_BYTES, WS_PATH, SyncConnectionError
+from syncserver.zipapp import build, build_bytes
+
+TOKEN = secrets.token_hex(16)
+FAST = ServerOptions(heartbeat_s=0.5)
+
+
+@pytest.fixture
+async def server():
+    async with SyncServer(token=TOKEN, options=FAST) as s:
+        yield s
+
+
+async def clients(server, names, run="run1", **kw):
+    cs = [SyncClient(server.url, token=TOKEN, member=n, run_id=run, **kw) for n in names]
+    await asyncio.gather(*(c.connect() for c in cs))
+    return cs
+
+
+async def close_all(cs):
+    await asyncio.gather(*(c.close() for c in cs))
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("zipapp") / "migrate-sync.pyz")
+
+
+def cli_env(server, member, run="run1", token_file=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATE_SYNC")}
+    env.update(MIGRATE_SYNC_URL=server.url, MIGRATE_SYNC_RUN=run, MIGRATE_SYNC_MEMBER=member,
+               MIGRATE_SYNC_TOKEN=TOKEN)
+    return env
+
+
+# -- barriers ----------------------------------------------------------------------------------
+
+async def _waiting(server, run, name, n, kind="barrier"):
+    """Wait (on the server's own state, not a sleep) until ``n`` members wait at ``name``."""
+    async with asyncio.timeout(30):
+        while True:
+            r = server.registry.runs.get(run)
+            inst = r.latest.get((kind, name)) if r else None
+            if inst is not None and len(inst.waiters) >= n:
+                return
+            await asyncio.sleep(0.005)
+
+
+
+async def test_random_arrival_orders_release_everyone_once(server):
+    names = [f"m{i}" for i in range(12)]
+    cs = await clients(server, names)
+    try:
+        for _ in range(5):
+            async def arrive(c):
+                await asyncio.sleep(random.random() * 0.05)
+                return await c.barrier("b", names, timeout=30)
+            results = await asyncio.gather(*(arrive(c) for c in random.sample(cs, len(cs))))
+            assert len({json.dumps(r, sort_keys=True) for r in results}) == 1
+        assert results[0] == {"generation": 5}
+    finally:
+        await close_all(cs)
+
+
+async def test_two_hundred_members(server):
+    names = [f"member-{i:03d}" for i in range(200)]
+    cs = await clients(server, names)
+    try:
+        results = await asyncio.gather(*(c.barrier("big", names, timeout=60) for c in cs))
+        assert all(r["generation"] == 1 for r in results)
+        data = await asyncio.gather(*(c.exchange("ids", names, {"i": i}, timeout=60)
+                                      for i, c in enumerate(cs)))
+        assert data[0] == {n: {"i": i} for i, n in enumerate(names)} == data[-1]
+    finally:
+        await close_all(cs)
+
+
+async def test_timeout_names_exactly_the_missing_members(server):
+    names = [f"h{i}" for i in range(6)]
+    cs = await clients(server, names)
+    try:
+        arriving = random.sample(cs, 4)
+        missing = sorted(set(names) - {c.member for c in arriving})
+        errors = await asyncio.gather(*(c.barrier("t", names, timeout=0.3) for c in arriving),
+                                      return_exceptions=True)
+        assert all(isinstance(e, BarrierTimeout) for e in errors)
+        assert {json.dumps(e.to_json(), sort_keys=True) for e in errors} == \
+            {json.dumps(errors[0].to_json(), sort_keys=True)}       # the same error for all
+        assert errors[0].missing == missing
+        assert errors[0].arrived == sorted(c.member for c in arriving)
+        assert f"missing {', '.join(missing)}" in str(errors[0])
+        # a late member learns the outcome of the round it missed instead of hanging
+        late = next(c for c in cs if c.member == missing[0])
+        with pytest.raises(BarrierTimeout) as info:
+            await late.barrier("t", names, timeout=30)
+        assert info.value.missing == missing
+    finally:
+        await close_all(cs)
+
+
+async def test_shortest_waiter_timeout_ends_the_round_for_all(server):
+    cs = await clients(server, ["a", "b", "c"])
+    try:
+        patient = asyncio.ensure_future(cs[0].barrier("s", ["a", "b", "c"], timeout=60))
+        await _waiting(server, "run1", "s", 1)
+        with pytest.raises(BarrierTimeout) as mine:
+            await cs[1].barrier("s", ["a", "b", "c"], timeout=0.2)
+        with pytest.raises(BarrierTimeout) as theirs:
+            await patient
+        assert mine.value.to_json() == theirs.value.to_json()
+        assert theirs.value.missing == ["c"] and theirs.value.timeout == 0.2
+    finally:
+        await close_all(cs)
+
+
+async def test_abort_propagates_to_every_waiter_and_later_arrivals(server):
+    names = ["a", "b", "c"]
+    cs = await clients(server, names)
+    try:
+        waiting = [asyncio.ensure_future(c.barrier("x", names, timeout=60)) for c in cs[:2]]
+        await _waiting(server, "run1", "x", 2)
+        result = await cs[2].abort("x", "disk full on c")
+        assert result == {"generation": 1, "waiters": 2}
+        errors = await asyncio.gather(*waiting, return_exceptions=True)
+        for e in errors:
+            assert isinstance(e, BarrierAborted)
+            assert (e.by, e.reason, e.lost, e.generation) == ("c", "disk full on c", False, 1)
+        with pytest.raises(BarrierAborted, match="aborted by c: disk full on c"):
+            await cs[2].barrier("x", names, timeout=60)
+        # an abort before anyone arrives fails the round for those who come later
+        await cs[0].abort("y", "scenario failed early")
+        with pytest.raises(BarrierAborted, match="aborted by a: scenario failed early"):
+            await cs[1].barrier("y", names, timeout=60)
+    finally:
+        await close_all(cs)
+
+
+async def test_name_reuse_across_rounds_with_a_member_running_ahead(server):
+    names = ["fast", "mid", "slow"]
+    cs = await clients(server, names)
+    arrived = {}
+
+    async def loop(c, delay):
+        for rnd in range(1, 31):
+            arrived[(c.member, rnd)] = True
+            result = await c.barrier("step", names, timeout=30)
+            # released from round rnd only once every member arrived at round rnd
+            assert all(arrived.get((n, rnd)) for n in names), (c.member, rnd)
+            assert result["generation"] == rnd
+            await asyncio.sleep(random.random() * delay)
+
+    try:
+        await asyncio.gather(loop(cs[0], 0), loop(cs[1], 0.005), loop(cs[2], 0.01))
+    finally:
+        await close_all(cs)
+
+
+async def test_two_runs_are_isolated(server):
+    r1 = await clients(server, ["a", "b"], run="run-one")
+    r2 = await clients(server, ["a", "b", "c"], run="run-two")
+    try:
+        done1 = await asyncio.gather(*(c.barrier("same-name", ["a", "b"], 30) for c in r1))
+        with pytest.raises(BarrierTimeout) as info:
+            await r2[0].barrier("same-name", ["a", "b", "c"], 0.2)
+        assert info.value.missing == ["b", "c"]      # run-one's arrivals did not count here
+        assert done1[0]["generation"] == 1
+        assert len(server.registry.runs) == 2
+    finally:
+        await close_all(r1 + r2)
+
+
+async def test_membership_errors_are_clear_and_do_not_hang(server):
+    cs = await clients(server, ["a", "b", "c"])
+    try:
+        with pytest.raises(MembershipError, match=r"duplicate members \['b'\]"):
+            await cs[0].barrier("m1", ["a", "b", "b"], 30)
+        with pytest.raises(MembershipError, match="member 'a' is not in its own member list"):
+            await cs[0].barrier("m2", ["b", "c"], 30)
+        first = asyncio.ensure_future(cs[0].barrier("m3", ["a", "b"], 30))
+        await _waiting(server, "run1", "m3", 1)
+        with pytest.raises(MembershipError, match="member lists disagree") as info:
+            await cs[1].barrier("m3", ["a", "b", "c"], 30)
+        assert info.value.expected == ["a", "b"] and info.value.got == ["a", "b", "c"]
+        with pytest.raises(MembershipError, match="member lists disagree"):
+            await first                                  # the other waiter is told too
+        # a second arrival under the same member name is refused; the first still works
+        twin = (await clients(server, ["a"]))[0]
+        try:
+            one = asyncio.ensure_future(cs[0].barrier("m4", ["a", "b"], 30))
+            await _waiting(server, "run1", "m4", 1)
+            with pytest.raises(MembershipError, match="'a' is already waiting"):
+                await twin.barrier("m4", ["a", "b"], 30)
+            await cs[1].barrier("m4", ["a", "b"], 30)
+            assert (await one)["generation"] == 1
+        finally:
+            await twin.close()
+    finally:
+        await close_all(cs)
+
+
+# -- lost members: real processes ----------------------------------------------------------------
+
+async def _spawn_cli(pyz, server, member, *args):
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-I", str(pyz), *args, env=cli_env(server, member),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    return proc
+
+
+async def test_killed_member_process_aborts_the_barrier_naming_it(server, pyz):
+    names = ["ctl", "victim", "absent"]            # 'absent' keeps the round open
+    (ctl,) = await clients(server, ["ctl"])
+    proc = await _spawn_cli(pyz, server, "victim", "barrier", "k", "--members", ",".join(names),
+                            "--timeout", "600")
+    try:
+        mine = asyncio.ensure_future(ctl.barrier("k", names, timeout=600))
+        await _waiting(server, "run1", "k", 2)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        with pytest.raises(BarrierAborted) as info:
+            await mine
+        assert info.value.by == "victim" and info.value.lost is True
+        assert "victim lost its connection" in str(info.value)
+        # it was not a persistent member: the name is not marked gone for later rounds
+        later = asyncio.ensure_future(ctl.barrier("k-later", ["ctl", "victim"], timeout=600))
+        await _waiting(server, "run1", "k-later", 1)
+        await ctl.abort("k-later", "test over")
+        with pytest.raises(BarrierAborted, match="aborted by ctl: test over"):
+            await later
+    finally:
+        await ctl.close()
+
+
+async def test_killed_persistent_member_aborts_barriers_it_never_reached(server, pyz):
+    member = await _spawn_cli(pyz, server, "hostB", "member")
+    line = await asyncio.wait_for(member.stdout.readline(), 30)
+    assert b"hostB is a member of run run1" in line
+    (ctl,) = await clients(server, ["hostA"])
+    try:
+        waiting = asyncio.ensure_future(ctl.barrier("migrated", ["hostA", "hostB"], 600))
+        await _waiting(server, "run1", "migrated", 1)
+        member.send_signal(signal.SIGKILL)
+        await member.wait()
+        with pytest.raises(BarrierAborted) as info:
+            await waiting
+        assert info.value.by == "hostB" and info.value.lost
+        with pytest.raises(BarrierAborted, match="member hostB is gone"):
+            await ctl.barrier("next-phase", ["hostA", "hostB"], 600)
+    finally:
+        await ctl.close()
+
+
+async def test_frozen_persistent_member_is_lost_by_heartbeat(server, pyz):
+    member = await _spawn_cli(pyz, server, "frozen", "member")
+    await asyncio.wait_for(member.stdout.readline(), 30)
+    (ctl,) = await clients(server, ["ctl"])
+    try:
+        waiting = asyncio.ensure_future(ctl.barrier("f", ["ctl", "frozen"], 600))
+        await _waiting(server, "run1", "f", 1)
+        member.send_signal(signal.SIGSTOP)          # alive, socket open, but silent
+        with pytest.raises(BarrierAborted) as info:
+            await asyncio.wait_for(waiting, 30)     # heartbeat 0.5 s: lost within ~1 s
+        assert info.value.by == "frozen" and info.value.lost
+    finally:
+        member.send_signal(signal.SIGKILL)
+        await member.wait()
+        await ctl.close()
+
+
+async def test_client_sees_a_dead_server(pyz):
+    s = SyncServer(token=TOKEN, options=FAST)
+    await s.start()
+    (c,) = await clients(s, ["a"])
+    waiting = asyncio.ensure_future(c.barrier("never", ["a", "b"], 600))
+    await _waiting(s, "run1", "never", 1)
+    await s.stop()
+    with pytest.raises(SyncConnectionError):
+        await asyncio.wait_for(waiting, 30)
+    await c.close()
+
+
+# -- security and bad input ----------------------------------------------------------------------
+
+async def test_auth_is_required(server):
+    for token in ("", "x" * 32, TOKEN[:-1] + "0"):
+        with pytest.raises(AuthError, match="refused the token"):
+            async with SyncClient(server.url, token=token, member="a", run_id="r"):
+                pass
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/metrics") as r:
+            assert r.status == 401
+        async with http.get(server.url + "/metrics",
+                            headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 200 and "syncserver_releases_total" in await r.text()
+        async with http.get(server.url + "/healthz") as r:
+            assert r.status == 200 and await r.text() == "ok\n"
+        async with http.get(server.url + WS_PATH + "?run=bad%20run&member=a",
+                            headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 400
+    with pytest.raises(ValueError, match="token of at least 16"):
+        SyncServer(token="short")
+
+
+async def test_malformed_oversized_and_wrong_version_get_4xx_and_server_keeps_serving(server):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(server.url + WS_PATH, params={"run": "r", "member": "a"},
+                                   headers=headers, max_msg_size=0) as ws:
+            cases = [
+                ("{not json", 400, "not JSON"),
+                ("[1, 2]", 400, "JSON object"),
+                ('{"v": 2, "id": 1, "op": "barrier"}', 400, "unsupported protocol version 2"),
+                ('{"v": 1, "id": 1, "op": "dance", "name": "x"}', 400, "unknown op"),
+                ('{"v": 1, "id": 1, "op": "barrier", "name": "x", "members": 5,'
+                 ' "timeout": 1}', 400, "non-empty list"),
+                ('{"v": 1, "id": 1, "op": "barrier", "name": "x", "members": "a,,b",'
+                 ' "timeout": 1}', 400, "bad member name ''"),
+                ('{"v": 1, "id": 1, "op": "barrier", "name": "x", "members": ["a"],'
+                 ' "timeout": -1}', 400, "'timeout'"),
+                ('{"v": 1, "id": 1, "op": "barrier", "name": "bad name", "members": ["a"],'
+                 ' "timeout": 1}', 400, "bad barrier name"),
+                ('{"v": 1, "id": 1, "op": "barrier", "name": "x", "members": ["a"], "timeout"'
+                 ': 1, "pad": "' + "x" * (MAX_MESSAGE_BYTES + 10) + '"}', 413, "exceeds"),
+            ]
+            for text, status, message in cases:
+                await ws.send_str(text)
+                answer = json.loads((await ws.receive()).data)
+                assert answer["ok"] is False
+                assert answer["error"]["type"] == "ProtocolError"
+                assert answer["error"]["status"] == status, text[:80]
+                assert message in answer["error"]["message"]
+            await ws.send_bytes(b"\x00\x01")
+            assert json.loads((await ws.receive()).data)["error"]["status"] == 400
+            # the same connection still works
+            await ws.send_str(json.dumps({"v": 1, "id": 9, "op": "barrier", "name": "ok",
+                                          "members": ["a"], "timeout": 5}))
+            answer = json.loads((await ws.receive()).data)
+            assert answer == {"v": 1, "id": 9, "ok": True, "result": {"generation": 1}}
+        # far too large: the connection is closed (1009), and the server still serves others
+        async with http.ws_connect(server.url + WS_PATH, params={"run": "r", "member": "b"},
+                                   headers=headers, max_msg_size=0) as ws:
+            await ws.send_str("x" * (3 * MAX_MESSAGE_BYTES))
+            msg = await ws.receive()
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                aiohttp.WSMsgType.CLOSING)
+    (c,) = await clients(server, ["c"], run="r")
+    assert (await c.barrier("still-serving", ["c"], 5))["generation"] == 1
+    await c.close()
+    metrics = await _metrics(server)
+    assert "syncserver_protocol_errors_total 10" in metrics
+
+
+async def _metrics(server):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/metrics",
+                            headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            return await r.text()
+
+
+def _thread_server():
+    """A server on its own loop in a thread, for the synchronous fuzzing test.
+
+    Its heartbeat is long: the fuzzing client answers pings only while it reads, and
+    hypothesis pauses between examples (a 0.5 s heartbeat rightly declares it dead)."""
+    ready, box = threading.Event(), {}
+
+    def main():
+        async def run():
+            async with SyncServer(token=TOKEN, options=ServerOptions(heartbeat_s=60)) as s:
+                box["server"], box["loop"], box["stop"] = s, asyncio.get_running_loop(), \
+                    asyncio.Event()
+                ready.set()
+                await box["stop"].wait()
+        asyncio.run(run())
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    ready.wait(30)
+    return box, thread
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10),
+                                                                      children, max_size=5),
+    max_leaves=20)
+messages = st.one_of(
+    json_values.map(json.dumps),
+    st.text(max_size=200),
+    st.fixed_dictionaries({"v": st.sampled_from([1, 1, 0, "1"]), "id": st.integers(-5, 5),
+                           "op": st.sampled_from(["barrier", "exchange", "abort", "x"]),
+                           "name": st.text(max_size=12), "members": json_values,
+                           "timeout": json_values, "generation": json_values,
+                           "data": json_values, "reason": json_values})
+    # a valid round may wait for its timeout: keep numeric timeouts short
+    .map(lambda m: {**m, "timeout": min(m["timeout"], 2)}
+         if isinstance(m["timeout"], (int, float)) and not isinstance(m["timeout"], bool)
+         else m)
+    .map(json.dumps))
+
+
+def test_fuzzed_messages_never_break_the_server():
+    box, thread = _thread_server()
+    ws = WebSocket(box["server"].url, WS_PATH, {"run": "fuzz", "member": "a"}, TOKEN, 10)
+    try:
+        @settings(max_examples=300, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(messages)
+        def one(text):
+            ws.send_text(text)
+            answer = json.loads(ws.recv_text(10))
+            assert answer["v"] == 1 and isinstance(answer["ok"], bool)
+            if not answer["ok"]:
+                assert answer["error"]["type"] in ("ProtocolError", "MembershipError",
+                                                   "BarrierTimeout", "BarrierAborted")
+        one()
+        # still serving, on this connection and on a new one
+        ws.send_text(json.dumps({"v": 1, "id": 1, "op": "barrier", "name": "after-fuzz",
+                                 "members": ["a"], "timeout": 5}))
+        assert json.loads(ws.recv_text(10))["ok"] is True
+    finally:
+        ws.close()
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
+
+
+# -- host-side client, server command, zipapp ----------------------------------------------------
+
+def test_zipapp_is_stdlib_only_and_reproducible(pyz):
+    assert build_bytes() == build_bytes() == pyz.read_bytes()
+    out = subprocess.run(["/usr/bin/python3", "-I", "-S", str(pyz), "--help"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "barrier" in out.stdout
+    # no token on the command line, ever: there is no such option
+    assert "--token " not in out.stdout
+
+
+async def test_cli_exit_codes_and_messages(server, pyz):
+    ok = await _spawn_cli(pyz, server, "solo", "barrier", "one", "--members", "solo",
+                          "--timeout", "5")
+    out, _ = await ok.communicate()
+    assert ok.returncode == 0 and json.loads(out)["generation"] == 1
+    t = await _spawn_cli(pyz, server, "solo", "barrier", "two", "--members", "solo,ghost",
+                         "--timeout", "0.2")
+    _, err = await t.communicate()
+    assert t.returncode == 1 and b"missing ghost" in err
+    bad = await _spawn_cli(pyz, server, "solo", "barrier", "three", "--members", "a,b",
+                           "--timeout", "5")
+    _, err = await bad.communicate()
+    assert bad.returncode == 2 and b"not in its own member list" in err
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-I", str(pyz), "barrier", "x", "--members", "a", "--timeout", "1",
+        env={**cli_env(server, "a"), "MIGRATE_SYNC_TOKEN": "w" * 32},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2 and b"refused the token" in err
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-I", str(pyz), "barrier", "x", "--members", "a", "--timeout", "1",
+        env={**cli_env(server, "a"), "MIGRATE_SYNC_URL": "http://127.0.0.1:9"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 3 and b"cannot reach sync server" in err
+
+
+async def test_migrate_syncserver_command(tmp_path):
+    token_file = tmp_path / "token"
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "migrate-syncserver"), "--bind", "127.0.0.1",
+        "--port", "0", "--token-file", str(token_file), "--create-token",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "listening on http://127.0.0.1:" in line
+        url = line.split()[-1]
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        token = token_file.read_text().strip()
+        async with SyncClient(url, token=token, member="a", run_id="r") as c:
+            assert (await c.barrier("b", ["a"], 5))["generation"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    bad = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "migrate-syncserver"), "--token-file",
+        str(tmp_path / "missing"), stderr=asyncio.subprocess.PIPE)
+    _, err = await bad.communicate()
+    assert bad.returncode == 2 and len(err.decode().strip().splitlines()) == 1
+    assert "cannot read token file" in err.decode()
+
+
+async def test_lab_hosts_join_barriers_over_the_lab_network(lab, inventory):
+    """Host-side members on real lab hosts (over SSH) and the controller, one barrier."""
+    from migrator.hosts import Installable, SSHHost
+    bridge = lab.state().bridge_address.split("/")[0]
+    async with SyncServer(host=bridge, port=0, token=TOKEN, options=FAST) as s:
+        hosts = [SSHHost.from_inventory(n, inventory) for n in ("hostA", "hostB")]
+        try:
+            tool = Installable.get(build_bytes(), name="migrate-sync.pyz", mode=0o755)
+            paths = await tool.install_on(hosts)
+            env = {"MIGRATE_SYNC_URL": s.url, "MIGRATE_SYNC_RUN": "lab-run",
+                   "MIGRATE_SYNC_TOKEN": TOKEN}
+            names = ["ctl", "hostA", "hostB"]
+            async with SyncClient(s.url, token=TOKEN, member="ctl", run_id="lab-run") as ctl:
+                remote = [h.run(f"python3 {p} --member {h.name} exchange ports --members "
+                                f"ctl,hostA,hostB --data '{{\"port\": 4444}}' --timeout 30",
+                                env=env, check=True) for h, p in zip(hosts, paths)]
+                results = await asyncio.gather(
+                    ctl.exchange("ports", names, {"port": 0}, timeout=30), *remote)
+                assert results[0] == {"ctl": {"port": 0}, "hostA": {"port": 4444},
+                                      "hostB": {"port": 4444}}
+                assert all(json.loads(r.stdout) == results[0] for r in results[1:])
+                # a host-side member killed on its host aborts the barrier for the controller
+                # (hostA never comes, so the round stays open until hostB's death aborts it)
+                waiting = asyncio.ensure_future(hosts[1].run(
+                    f"python3 {paths[1]} --member hostB barrier end --members ctl,hostA,hostB "
+                    "--timeout 600", env=env, timeout=600))
+                mine = asyncio.ensure_future(ctl.barrier("end", names, 600))
+                await _waiting(s, "lab-run", "end", 2)
+                kill = await hosts[1].run("pkill -KILL -f 'migrate-sync[.]pyz --member hostB "
+                                          "barrier end'")
+                assert kill.ok
+                assert (await waiting).aborted == 9
+                with pytest.raises(BarrierAborted) as info:
+                    await mine
+                assert info.value.by == "hostB" and info.value.lost
+            # a server bound to loopback is not reachable from the hosts: it binds where told
+        finally:
+            for h in hosts:
+                await h.close()
+    async with SyncServer(host="127.0.0.1", port=0, token=TOKEN) as local:
+        async with SSHHost.from_inventory("hostA", inventory) as h:
+            p = await Installable.get(build_bytes(), name="migrate-sync.pyz").install(h)
+            r = await h.run(f"python3 {p} --url {local.url} --run r --member hostA barrier b "
+                            "--members hostA --timeout 5", env={"MIGRATE_SYNC_TOKEN": TOKEN})
+            assert r.exit_status == 3 and "cannot reach sync server" in r.stderr
