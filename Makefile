@@ -21,6 +21,7 @@ test: setup                  ## the whole suite, against its own lab (never the 
 bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/lab_updown.py
 	$(PY) bench/ssh_fanout.py
+	$(PY) bench/sync_barrier.py
 
 lab-up: setup
 	$(LAB) up
