@@ -82,6 +82,20 @@ class Timeouts(_Strict):
     host_reboot_s: float = Field(600.0, gt=0)
     """Default for ``reboot``: going down, firmware, boot, sshd. A lab host takes ~0.2 s."""
 
+    migration_s: float = Field(600.0, gt=0)
+    """One migration from 'migrate' to completion. A lab guest takes under a second; a
+    busy 16 GiB guest over 10 Gbit/s takes tens of seconds; auto-converge can take minutes."""
+
+    migration_setup_s: float = Field(60.0, gt=0)
+    """Starting the destination QEMU and getting it listening."""
+
+    migration_cancel_s: float = Field(30.0, gt=0)
+    """QEMU to acknowledge migrate_cancel (it answers in milliseconds; the guard is for a
+    wedged QEMU, as KubeVirt guards libvirt's abortJob)."""
+
+    progress_interval_s: float = Field(0.05, gt=0)
+    """How often a running migration is polled (query-migrate) for progress records."""
+
     host_cleanup_s: float = Field(30.0, gt=0)
     """Cleanup commands on close (removing tmp dirs, killing a timed-out command's group)."""
 

@@ -12,6 +12,7 @@
      |    +-- CommandError        a command failed; carries the whole CmdResult
      +-- LabError                 the one-machine lab could not be built, checked or removed
      +-- GuestError(host, vm)     a guest did not boot or did not answer on its console
+     +-- MigrationError           one migration failed: src, dst, vm, phase, and the cause
 
 ``asyncio.CancelledError`` is never wrapped. Errors that wrap a library error keep it as
 ``__cause__`` (raised ``from``), so the original is never lost.
@@ -83,3 +84,19 @@ class GuestError(MigratorError):
         self.host = host
         self.vm = vm
         self.message = message
+
+
+class MigrationError(MigratorError):
+    """A migration failed, timed out or was cancelled.
+
+    ``src``/``dst`` (host names), ``vm``, ``phase`` (where it was), ``outcome`` (what was
+    done about it, e.g. "VM running on hostA, destination removed") and the original error as
+    ``__cause__``.
+    """
+
+    def __init__(self, src: str, dst: str, vm: str, phase: str, message: str,
+                 outcome: str = ""):
+        text = f"{vm} {src}->{dst} [{phase}]: {message}"
+        super().__init__(text + (f"; {outcome}" if outcome else ""))
+        self.src, self.dst, self.vm, self.phase = src, dst, vm, phase
+        self.message, self.outcome = message, outcome

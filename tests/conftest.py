@@ -89,3 +89,10 @@ async def lab(config, ip_forward_before):
 @pytest.fixture(scope="session")
 def inventory(lab) -> Inventory:
     return Inventory.load(lab.inventory_path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can see whether it passed."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())

@@ -66,6 +66,11 @@ class VMPaths:
     def pidfile(self) -> str:
         return str(self.dir / "qemu.pid")
 
+    @property
+    def status_log(self) -> str:
+        """The guest's second serial port (ttyS1): TICK and dirtier lines (``lab.out``)."""
+        return str(self.dir / "status.log")
+
 
 def vm_paths(run_dir: str | os.PathLike, vm: str) -> VMPaths:
     return VMPaths(PurePosixPath(run_dir) / vm)
@@ -86,6 +91,7 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
              "-chardev", f"socket,id=ser0,path={paths.serial},server=on,wait=off,"
                          f"logfile={paths.serial_log}",
              "-serial", "chardev:ser0",
+             "-chardev", f"file,id=ser1,path={paths.status_log}", "-serial", "chardev:ser1",
              "-qmp", f"unix:{paths.qmp},server=on,wait=off",
              "-pidfile", paths.pidfile, "-daemonize", *spec.extra_args]
     if paused:
@@ -105,7 +111,8 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
     """
     paths = vm_paths(run_dir, spec.name)
     cmd = (f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
-           f"{quote(paths.pidfile)} && {join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
+           f"{quote(paths.pidfile)} {quote(paths.status_log)} && "
+           f"{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
            f" && cat {quote(paths.pidfile)}")
     result = await host.run(cmd)
     if not result.ok:
@@ -163,3 +170,114 @@ async def qmp_session(host: SSHHost, socket_path: str, name: str):
             await client.disconnect()
             listener.close()
             await listener.wait_closed()
+
+
+class QemuVM:
+    """One QEMU process of a VM on one host, driven over SSH and QMP.
+
+    ::
+
+        vm = QemuVM(spec, host, run_dir, config)
+        await vm.start()                     # or start(incoming=True) for a destination
+        qmp = await vm.qmp()                 # a connected qemu.qmp.QMPClient, owned by vm
+        session = await vm.wait_for_login(timeout)
+        await vm.stop()                      # idempotent; closes QMP and the console
+
+    :param config: timeouts (``qemu_stop_s``) come from here.
+    """
+
+    def __init__(self, spec: VMSpec, host: SSHHost, run_dir: str, config=None):
+        from ..config import Config
+        self.spec = spec
+        self.host = host
+        self.run_dir = str(run_dir)
+        self.config = config or Config()
+        self.paths = vm_paths(run_dir, spec.name)
+        self.pid: int | None = None
+        self._qmp_cm = None
+        self._qmp: QMPClient | None = None
+        self._session = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"<QemuVM {self.name} on {self.host.name} pid={self.pid}>"
+
+    async def start(self, *, incoming: bool = False, paused: bool = False) -> None:
+        """Start QEMU on the host (see :func:`start_vm`). :raise GuestError: QEMU refused."""
+        self.pid = await start_vm(self.host, self.spec, self.run_dir, paused=paused,
+                                  incoming=incoming)
+
+    async def qmp(self) -> QMPClient:
+        """The VM's QMP client, connected on first use through SSH socket forwarding."""
+        if self._qmp is None:
+            cm = qmp_session(self.host, self.paths.qmp, f"{self.name}@{self.host.name}")
+            self._qmp = await cm.__aenter__()
+            self._qmp_cm = cm
+        return self._qmp
+
+    async def close_qmp(self) -> None:
+        cm, self._qmp_cm, self._qmp = self._qmp_cm, None, None
+        if cm is not None:
+            try:
+                await cm.__aexit__(None, None, None)
+            except Exception:  # noqa: BLE001 - QEMU may be gone already: nothing to close
+                pass
+
+    async def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``inmigrate``, ``postmigrate`` ...)."""
+        return (await (await self.qmp()).execute("query-status"))["status"]
+
+    async def is_alive(self) -> bool:
+        """Whether the QEMU process still runs on the host (zombies count as gone)."""
+        if self.pid is None:
+            return False
+        r = await self.host.run(f"test -e /proc/{self.pid} && ! grep -q '^State:.*Z' "
+                                f"/proc/{self.pid}/status")
+        return r.ok
+
+    async def stop(self) -> None:
+        """Stop QEMU and remove its run directory. Idempotent; safe in any state."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        await self.close_qmp()
+        await stop_vm(self.host, self.name, self.run_dir, self.config.timeouts.qemu_stop_s)
+        self.pid = None
+
+    async def hardreset(self) -> None:
+        """Reset the VM like a power button (QMP ``system_reset``)."""
+        await (await self.qmp()).execute("system_reset")
+
+    async def console(self):
+        """A new :class:`~migrator.guest.session.GuestSession` on the serial console."""
+        from ..guest.session import GuestSession
+        reader, writer = await self.host.open_unix_connection(self.paths.serial)
+        return GuestSession(reader, writer, host=self.host.name, vm=self.name,
+                            config=self.config)
+
+    async def wait_for_login(self, timeout: float | None = None):
+        """The VM's guest session, once the guest's shell answers on the serial console.
+
+        QEMU's serial socket serves one client at a time, so the VM keeps one session and
+        returns it again (reopened if it was closed).
+
+        :raise GuestError: no shell prompt within ``timeout`` (default
+            ``config.timeouts.guest_boot_s``).
+        """
+        if self._session is None or self._session.writer.is_closing():
+            self._session = await self.console()
+        await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s)
+        return self._session
+
+    async def status_lines(self) -> list[str]:
+        """The guest's ttyS1 output so far (TICK n / DIRTY ... lines), read on the host."""
+        r = await self.host.run(f"cat {quote(self.paths.status_log)} 2>/dev/null")
+        return [ln.strip() for ln in r.stdout.replace("\r", "").splitlines() if ln.strip()]
+
+    async def last_tick(self) -> int | None:
+        ticks = [int(ln.split()[1]) for ln in await self.status_lines()
+                 if ln.startswith("TICK ") and ln.split()[1].isdigit()]
+        return ticks[-1] if ticks else None

@@ -1,0 +1,401 @@
+"""One live migration of one VM, as an explicit state machine.
+
+::
+
+    mig = Migration(src_vm, dst_host, dst_address, MigrationParams(), config)
+    result = await mig.run()          # MigrationResult; mig.dst_vm is where the VM lives now
+    async for record in mig.progress(): ...   # from another task, while it runs
+
+Phases (every transition is checked against :data:`EDGES` and recorded with monotonic and
+wall-clock times in ``mig.history``)::
+
+    PENDING -> PREPARING_DEST -> CONFIGURED -> LISTENING -> MIGRATING [-> POSTCOPY]
+            -> COMPLETED -> VERIFIED -> CLEANED                         (success)
+    any phase before COMPLETED -> ROLLING_BACK -> ROLLED_BACK           (failure/cancel)
+    POSTCOPY -> SPLIT                                                   (see below)
+
+The promise, kept by :meth:`Migration._rollback` on every failure, timeout, ``cancel()`` and
+cancellation of the caller's task: the VM keeps running on its source with its memory intact,
+the destination QEMU and its run directory are gone, and the error (:class:`MigrationError`)
+names the VM, both hosts and the phase, with the original error chained.
+
+After a postcopy switchover the guest's memory is split between the hosts and the source can
+no longer resume it; such a failure ends in SPLIT and is reported as exactly that (the
+destination is *not* killed, since it holds the newest pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator
+
+from ..config import Config
+from ..errors import MigrationError
+from ..hosts.ssh import SSHHost
+from ..hypervisor.qemu import QemuVM
+from .params import MigrationParams
+
+log = logging.getLogger(__name__)
+
+
+class Phase(str, enum.Enum):
+    PENDING = "PENDING"
+    PREPARING_DEST = "PREPARING_DEST"   #: starting the destination QEMU (-incoming defer)
+    CONFIGURED = "CONFIGURED"           #: capabilities and parameters set on both ends
+    LISTENING = "LISTENING"             #: destination bound its port (QEMU chose it)
+    MIGRATING = "MIGRATING"             #: 'migrate' issued, precopy running
+    POSTCOPY = "POSTCOPY"               #: switched to postcopy
+    COMPLETED = "COMPLETED"             #: QEMU says completed
+    VERIFIED = "VERIFIED"               #: destination running, source postmigrate
+    CLEANED = "CLEANED"                 #: source QEMU stopped; the VM lives on the destination
+    ROLLING_BACK = "ROLLING_BACK"
+    ROLLED_BACK = "ROLLED_BACK"         #: VM running on the source, destination gone
+    SPLIT = "SPLIT"                     #: failed after postcopy switchover: state split
+
+    @property
+    def is_final(self) -> bool:
+        return self in (Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT)
+
+
+_BEFORE_COMPLETION = (Phase.PENDING, Phase.PREPARING_DEST, Phase.CONFIGURED, Phase.LISTENING,
+                      Phase.MIGRATING)
+EDGES: dict[Phase, set[Phase]] = {
+    Phase.PENDING: {Phase.PREPARING_DEST, Phase.ROLLING_BACK},
+    Phase.PREPARING_DEST: {Phase.CONFIGURED, Phase.ROLLING_BACK},
+    Phase.CONFIGURED: {Phase.LISTENING, Phase.ROLLING_BACK},
+    Phase.LISTENING: {Phase.MIGRATING, Phase.ROLLING_BACK},
+    Phase.MIGRATING: {Phase.POSTCOPY, Phase.COMPLETED, Phase.ROLLING_BACK},
+    Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT},
+    Phase.COMPLETED: {Phase.VERIFIED, Phase.SPLIT},
+    Phase.VERIFIED: {Phase.CLEANED},
+    Phase.ROLLING_BACK: {Phase.ROLLED_BACK},
+    Phase.CLEANED: set(), Phase.ROLLED_BACK: set(), Phase.SPLIT: set(),
+}
+
+ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling",
+          "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup"}
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    """One poll of a running migration (QEMU's query-migrate)."""
+
+    t: float                 #: seconds since 'migrate' was issued
+    status: str
+    transferred: int         #: bytes
+    remaining: int           #: bytes of RAM still to send
+    total: int               #: bytes of guest RAM
+    dirty_pages_rate: int    #: pages/s
+    mbps: float              #: QEMU's throughput estimate, Mbit/s
+    iteration: int           #: dirty-bitmap syncs so far
+    expected_downtime_ms: int
+    cpu_throttle: int        #: auto-converge throttle, percent
+
+
+@dataclass
+class MigrationResult:
+    """The record of one migration (all times in ms unless named ``_s``)."""
+
+    vm: str
+    src: str
+    dst: str
+    status: str                          #: completed | failed | cancelled
+    phase: str                           #: final phase
+    total_time_ms: int | None = None     #: QEMU's total-time
+    downtime_ms: int | None = None       #: QEMU's downtime
+    downtime_events_ms: float | None = None  #: source STOP -> destination RESUME events
+    setup_time_ms: int | None = None
+    transferred_bytes: int | None = None
+    throughput_mbps: float | None = None
+    iterations: int | None = None
+    postcopy_requests: int | None = None
+    max_cpu_throttle: int = 0
+    wall_s: float | None = None          #: 'migrate' issued -> completed seen
+    run_s: float | None = None           #: the whole run(): destination start to cleanup
+    overhead_s: float | None = None      #: run_s minus QEMU's total time
+    port: int | None = None
+    params: dict = field(default_factory=dict)
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Migration:
+    """Migrate ``src_vm`` (running) to ``dst_host``; see the module docstring.
+
+    :param dst_address: where the destination listens (its migration address).
+    """
+
+    def __init__(self, src_vm: QemuVM, dst_host: SSHHost, dst_address: str,
+                 params: MigrationParams | None = None, config: Config | None = None):
+        self.src_vm = src_vm
+        self.dst_host = dst_host
+        self.dst_address = dst_address
+        self.params = params or MigrationParams()
+        self.config = config or src_vm.config
+        self.dst_vm = QemuVM(src_vm.spec, dst_host, src_vm.run_dir, self.config)
+        self.phase = Phase.PENDING
+        self.history: list[tuple[Phase, float, float]] = [(Phase.PENDING, time.monotonic(),
+                                                           time.time())]
+        self.records: list[ProgressRecord] = []
+        self._changed = asyncio.Event()
+        self._cancel_requested: str | None = None
+        self._t_migrate: float | None = None
+        self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
+                                      "pending", Phase.PENDING.value,
+                                      params=asdict(self.params))
+
+    def __repr__(self) -> str:
+        return (f"<Migration {self.src_vm.name} {self.src_vm.host.name}->{self.dst_host.name} "
+                f"{self.phase.value}>")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _set_phase(self, phase: Phase) -> None:
+        if phase not in EDGES[self.phase]:
+            raise AssertionError(f"{self}: illegal transition {self.phase.value} -> {phase.value}")
+        log.info("[vm=%s %s->%s] %s -> %s", self.src_vm.name, self.src_vm.host.name,
+                 self.dst_host.name, self.phase.value, phase.value)
+        self.phase = phase
+        self.history.append((phase, time.monotonic(), time.time()))
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _error(self, message: str, outcome: str = "") -> MigrationError:
+        return MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
+                              self.phase.value, message, outcome)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the migration to stop; ``run()`` then rolls back and raises MigrationError."""
+        self._cancel_requested = reason
+        self._changed.set()
+
+    async def progress(self) -> AsyncIterator[ProgressRecord]:
+        """Every progress record, from the first, until the migration ends."""
+        i = 0
+        while True:
+            while i < len(self.records):
+                yield self.records[i]
+                i += 1
+            if self.phase.is_final or self.phase in (Phase.COMPLETED, Phase.VERIFIED,
+                                                     Phase.ROLLING_BACK):
+                return
+            await self._changed.wait()
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    async def run(self) -> MigrationResult:
+        """Run the migration to its end.
+
+        :return: the result record (``status == "completed"``, phase CLEANED).
+        :raise MigrationError: on any failure, timeout or ``cancel()``; the VM then runs on
+            its source and the destination is gone (phase ROLLED_BACK), or, after a postcopy
+            switchover, the outcome says the state is split (phase SPLIT).
+        :raise asyncio.CancelledError: when the caller's task is cancelled, after the same
+            rollback.
+        """
+        t0 = time.monotonic()
+        timeouts = self.config.timeouts
+        try:
+            async with asyncio.timeout(timeouts.migration_setup_s):
+                self._set_phase(Phase.PREPARING_DEST)
+                await self.dst_vm.start(incoming=True)
+                src, dst = await self.src_vm.qmp(), await self.dst_vm.qmp()
+                await self._configure(src, dst)
+                self._set_phase(Phase.CONFIGURED)
+                port = await self._listen(dst)
+                self._set_phase(Phase.LISTENING)
+            await self._migrate(src, dst, port)
+            await self._verify(src, dst)
+            await self.src_vm.stop()
+            self._set_phase(Phase.CLEANED)
+        except asyncio.CancelledError:
+            await self._rollback("the controller's task was cancelled")
+            raise
+        except TimeoutError as exc:
+            limit = (timeouts.migration_s if self.phase in (Phase.MIGRATING, Phase.POSTCOPY)
+                     else timeouts.migration_setup_s)
+            raise await self._fail(f"timed out after {limit:g} s", exc) from exc
+        except MigrationError as exc:
+            raise await self._fail(exc.message, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - every failure is rolled back, then named
+            raise await self._fail(f"{type(exc).__name__}: {exc}", exc) from exc
+        finally:
+            self.result.run_s = time.monotonic() - t0
+            self.result.phase = self.phase.value
+            self.result.phases = [(p.value, round(m - self.history[0][1], 4), w)
+                                  for p, m, w in self.history]
+        if self.result.total_time_ms:
+            self.result.overhead_s = self.result.run_s - self.result.total_time_ms / 1000
+        return self.result
+
+    async def _configure(self, src, dst) -> None:
+        caps = [{"capability": k, "state": v} for k, v in self.params.capabilities().items()]
+        for side in (src, dst):
+            await side.execute("migrate-set-capabilities", {"capabilities": caps})
+        await src.execute("migrate-set-parameters", self.params.source_parameters())
+        if self.params.destination_parameters():
+            await dst.execute("migrate-set-parameters", self.params.destination_parameters())
+        log.info("[vm=%s] capabilities %s, source parameters %s", self.src_vm.name,
+                 self.params.capabilities(), self.params.source_parameters())
+
+    async def _listen(self, dst) -> int:
+        """The destination binds port 0 itself and reports the port: no probe-then-bind race."""
+        await dst.execute("migrate-incoming", {"uri": f"tcp:{self.dst_address}:0"})
+        info = await dst.execute("query-migrate")
+        addresses = info.get("socket-address") or []
+        if not addresses:
+            raise self._error(f"destination did not report its listening port: {info}")
+        port = int(addresses[0]["port"])
+        self.result.port = port
+        return port
+
+    async def _migrate(self, src, dst, port: int) -> None:
+        timeouts = self.config.timeouts
+        src.events.clear()
+        dst.events.clear()
+        self._t_migrate = time.monotonic()
+        await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{port}"})
+        self._set_phase(Phase.MIGRATING)
+        info: dict = {}
+        async with asyncio.timeout(timeouts.migration_s):
+            while True:
+                if self._cancel_requested:
+                    raise self._error(f"cancelled: {self._cancel_requested}")
+                info = await src.execute("query-migrate")
+                status = info.get("status", "?")
+                self._record(info)
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise self._error(f"QEMU reports {status}: "
+                                      f"{info.get('error-desc', 'no reason given')}")
+                if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
+                        and time.monotonic() - self._t_migrate >= self.params.postcopy_after_s):
+                    await src.execute("migrate-start-postcopy")
+                    self._set_phase(Phase.POSTCOPY)
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeouts.progress_interval_s)
+                except TimeoutError:
+                    pass
+        self.result.wall_s = time.monotonic() - self._t_migrate
+        # QEMU 7.2 flipped to 'completed' before filling in the figures: re-read until set
+        for _ in range(40):
+            if info.get("total-time"):
+                break
+            await asyncio.sleep(timeouts.progress_interval_s)
+            info = await src.execute("query-migrate")
+        self._set_phase(Phase.COMPLETED)
+        self._final_figures(info)
+
+    def _record(self, info: dict) -> None:
+        ram = info.get("ram", {})
+        record = ProgressRecord(
+            t=time.monotonic() - self._t_migrate, status=info.get("status", "?"),
+            transferred=ram.get("transferred", 0), remaining=ram.get("remaining", 0),
+            total=ram.get("total", 0), dirty_pages_rate=ram.get("dirty-pages-rate", 0),
+            mbps=ram.get("mbps", 0.0), iteration=ram.get("dirty-sync-count", 0),
+            expected_downtime_ms=info.get("expected-downtime", 0),
+            cpu_throttle=info.get("cpu-throttle-percentage", 0))
+        self.records.append(record)
+        self.result.max_cpu_throttle = max(self.result.max_cpu_throttle, record.cpu_throttle)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _final_figures(self, info: dict) -> None:
+        ram = info.get("ram", {})
+        r = self.result
+        r.status = "completed"
+        r.total_time_ms = info.get("total-time")
+        r.downtime_ms = info.get("downtime")
+        r.setup_time_ms = info.get("setup-time")
+        r.transferred_bytes = ram.get("transferred")
+        r.throughput_mbps = ram.get("mbps")
+        r.iterations = ram.get("dirty-sync-count")
+        r.postcopy_requests = ram.get("postcopy-requests")
+
+    async def _verify(self, src, dst) -> None:
+        """Destination running (waited for), source postmigrate; downtime from the events."""
+        timeouts = self.config.timeouts
+        async with asyncio.timeout(timeouts.migration_setup_s):
+            while (status := (await dst.execute("query-status"))["status"]) != "running":
+                if status not in ("inmigrate", "paused", "postmigrate", "finish-migrate"):
+                    raise self._error(f"destination ended in state {status!r}")
+                await asyncio.sleep(timeouts.progress_interval_s)
+        src_status = (await src.execute("query-status"))["status"]
+        if src_status != "postmigrate":
+            raise self._error(f"source is {src_status!r} after completion, not 'postmigrate'")
+
+        def ts(ev):
+            return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+        stops = [ts(e) for e in src.events.clear() if e["event"] == "STOP"]
+        resumes = [ts(e) for e in dst.events.clear() if e["event"] == "RESUME"]
+        if stops and resumes:
+            self.result.downtime_events_ms = round((resumes[0] - stops[-1]) * 1000, 1)
+        self._set_phase(Phase.VERIFIED)
+
+    # -- failure ------------------------------------------------------------------------------------
+
+    async def _fail(self, message: str, cause: BaseException) -> MigrationError:
+        failed_in = self.phase
+        outcome = await self._rollback(message)
+        err = MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
+                             failed_in.value, message, outcome)
+        self.result.error = str(err)
+        log.error("%s", err)
+        return err
+
+    async def _rollback(self, why: str) -> str:
+        """Keep the VM on the source, remove the destination; return what was done.
+
+        Every step is bounded by ``migration_cancel_s`` / ``qemu_stop_s``; a step that fails
+        is reported in the outcome, and the remaining steps still run.
+        """
+        if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
+                                            and self.params.postcopy_after_s is not None):
+            self._set_phase(Phase.SPLIT)
+            self.result.status = "failed"
+            return ("failed after the postcopy switchover: the guest's memory is split between "
+                    f"{self.src_vm.host.name} and {self.dst_host.name}; the destination was "
+                    "kept (it holds the newest pages); recovery needs migrate-recover")
+        if self.phase in (Phase.COMPLETED, Phase.VERIFIED):
+            self.result.status = "failed"
+            return (f"the migration completed but its verification failed: the VM is on "
+                    f"{self.dst_host.name}; nothing was rolled back")
+        self._set_phase(Phase.ROLLING_BACK)
+        self.result.status = "cancelled" if self._cancel_requested else "failed"
+        notes = []
+        timeouts = self.config.timeouts
+        try:
+            async with asyncio.timeout(timeouts.migration_cancel_s):
+                src = await self.src_vm.qmp()
+                info = await src.execute("query-migrate")
+                if info.get("status") in ACTIVE:
+                    await src.execute("migrate_cancel")
+                    while (await src.execute("query-migrate")).get("status") in ACTIVE:
+                        await asyncio.sleep(timeouts.progress_interval_s)
+                    notes.append("migration cancelled")
+                status = (await src.execute("query-status"))["status"]
+                if status != "running":
+                    await src.execute("cont")
+                    notes.append(f"source resumed from {status!r}")
+                status = (await src.execute("query-status"))["status"]
+                if status != "running":
+                    notes.append(f"SOURCE NOT RUNNING ({status!r})")
+        except (Exception, TimeoutError) as exc:  # noqa: BLE001 - reported, rollback goes on
+            notes.append(f"could not check the source ({type(exc).__name__}: {exc})")
+        try:
+            await self.dst_vm.stop()
+            notes.append(f"destination removed from {self.dst_host.name}")
+        except Exception as exc:  # noqa: BLE001 - reported
+            notes.append(f"DESTINATION NOT REMOVED ({exc})")
+        self._set_phase(Phase.ROLLED_BACK)
+        outcome = f"VM running on {self.src_vm.host.name}; " + ", ".join(notes)
+        log.warning("[vm=%s] rolled back (%s): %s", self.src_vm.name, why, outcome)
+        return outcome

@@ -1,0 +1,43 @@
+"""Oracles: what proves a migration kept the guest alive and intact.
+
+* the destination QEMU is ``running`` and the source ``postmigrate`` (checked by the engine);
+* the guest's TICK counter (ttyS1) advances on the destination beyond the source's last tick;
+* the in-guest dirtier reports zero stale pages (``bad=0``);
+* a memory checksum written before the migration verifies after it (``memsum verify``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from ..errors import GuestError
+from ..hypervisor.qemu import QemuVM
+
+_DIRTY = re.compile(r"DIRTY t=\d+ pass=(\d+) rate=\d+MB/s bad=(\d+)")
+
+
+async def wait_tick_after(vm: QemuVM, after: int | None, timeout: float) -> int:
+    """Wait until ``vm``'s guest prints a TICK greater than ``after``; return it.
+
+    :raise GuestError: when none comes within ``timeout`` (the guest is not running there).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        tick = await vm.last_tick()
+        if tick is not None and (after is None or tick > after):
+            return tick
+        if loop.time() >= deadline:
+            raise GuestError(vm.host.name, vm.name, f"no TICK after {after} within {timeout:g} s"
+                             f" (last seen: {tick})")
+        await asyncio.sleep(0.2)
+
+
+async def dirtier_report(vm: QemuVM) -> tuple[int, int] | None:
+    """(passes, stale pages) from the last DIRTY line on ``vm``'s ttyS1, or None."""
+    for line in reversed(await vm.status_lines()):
+        m = _DIRTY.search(line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None

@@ -1,0 +1,244 @@
+"""The migration engine against real QEMU in the lab (TCG, small guests, one at a time)."""
+
+import asyncio
+
+import pytest
+
+from migrator.errors import ConfigError, MigrationError
+from migrator.hosts import SSHHost
+from migrator.hypervisor.qemu import QemuVM, VMSpec
+from migrator.migration import EDGES, Migration, MigrationParams, Phase
+from migrator.migration.oracles import dirtier_report, wait_tick_after
+
+
+@pytest.fixture
+async def hosts(inventory):
+    hs = {n: SSHHost.from_inventory(n, inventory) for n in ("hostA", "hostB")}
+    yield hs
+    for h in hs.values():
+        await h.close()
+
+
+async def _leftovers(hosts, inventory, lab) -> list[str]:
+    from migrator.lab import network
+    from migrator.lab.system import processes_in_netns
+    found = []
+    for h in hosts.values():
+        r = await h.run(f"ls -A {inventory.run_dir}")
+        if r.stdout.strip():
+            found.append(f"{h.name}: run dir holds {r.stdout.split()}")
+    for hs in lab.state().hosts:
+        qemus = [p.pid for p in processes_in_netns(network.netns_path(hs.netns))
+                 if open(f"/proc/{p.pid}/comm").read().strip() == "qemu-system-x86"]
+        if qemus:
+            found.append(f"{hs.name}: qemu pids {qemus}")
+    return found
+
+
+@pytest.fixture
+async def make_vm(request, inventory, hosts, config, lab):
+    """Boot lab guests on hostA. Afterwards every VM of these names is stopped on every
+    host; a test that passed must not have left any QEMU or run dir behind (leak check)."""
+    made = []
+
+    async def make(name="vm1", extra="", mem=128):
+        spec = VMSpec(name, mem_mib=mem, kernel=str(inventory.guest.kernel),
+                      initrd=str(inventory.guest.initrd),
+                      append=f"{inventory.guest.append} lab.out=ttyS1 {extra}".strip())
+        vm = QemuVM(spec, hosts["hostA"], str(inventory.run_dir), config)
+        made.append(vm)
+        await vm.start()
+        return vm
+
+    yield make
+    leaked = await _leftovers(hosts, inventory, lab)
+    for vm in made:
+        for h in hosts.values():
+            await QemuVM(vm.spec, h, vm.run_dir, config).stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        assert leaked == [], f"the test left {leaked}"
+
+
+def migration(vm, hosts, inventory, dst="hostB", **params):
+    return Migration(vm, hosts[dst], inventory.hosts[dst].address, MigrationParams(**params))
+
+
+async def test_there_and_back_keeps_memory_and_keeps_ticking(make_vm, hosts, inventory):
+    vm = await make_vm()
+    session = await vm.wait_for_login()
+    out = await session.cmd("memsum write 16 11")
+    session.close()
+    written = out.split("sum=")[1].split()[0]
+    src_tick = await wait_tick_after(vm, None, 30)
+    m1 = migration(vm, hosts, inventory, "hostB")
+    r1 = await m1.run()
+    assert r1.status == "completed" and r1.phase == "CLEANED"
+    assert [p for p, _, _ in r1.phases] == ["PENDING", "PREPARING_DEST", "CONFIGURED",
+                                            "LISTENING", "MIGRATING", "COMPLETED", "VERIFIED",
+                                            "CLEANED"]
+    assert r1.total_time_ms > 0 and r1.transferred_bytes > 0 and r1.iterations >= 1
+    assert r1.downtime_ms is not None and r1.downtime_events_ms is not None
+    assert r1.port and r1.overhead_s is not None and r1.overhead_s >= 0
+    assert not await vm.is_alive()                           # source QEMU is gone
+    on_b = m1.dst_vm
+    assert await on_b.status() == "running"
+    await wait_tick_after(on_b, src_tick, 30)                # the guest goes on over there
+    session = await on_b.wait_for_login()
+    assert f"sum={written}" in await session.cmd("memsum verify")
+    session.close()
+    m2 = Migration(on_b, hosts["hostA"], inventory.hosts["hostA"].address)
+    r2 = await m2.run()
+    assert r2.status == "completed" and (r2.src, r2.dst) == ("hostB", "hostA")
+    session = await m2.dst_vm.wait_for_login()
+    assert "ok=1" in await session.cmd("memsum verify")
+    session.close()
+    await m2.dst_vm.stop()
+
+
+async def test_dirtier_running_no_stale_pages(make_vm, hosts, inventory):
+    vm = await make_vm(extra="lab.dirty=32")
+    await wait_tick_after(vm, 1, 60)
+    before = await dirtier_report(vm)
+    assert before is not None
+    m = migration(vm, hosts, inventory)
+    r = await m.run()
+    assert r.status == "completed"
+    dst = m.dst_vm
+    await wait_tick_after(dst, None, 30)
+    async with asyncio.timeout(30):
+        while (after := await dirtier_report(dst)) is None:
+            await asyncio.sleep(0.2)
+    assert after[1] == 0, f"{after[1]} stale pages on the destination"
+    assert after[0] > before[0]                              # it kept dirtying there
+    await dst.stop()
+
+
+async def test_bandwidth_cap_is_honoured(make_vm, hosts, inventory):
+    vm = await make_vm()
+    await vm.wait_for_login()
+    m = migration(vm, hosts, inventory, bandwidth_mibs=32)
+    src_qmp = await vm.qmp()
+    run = asyncio.ensure_future(m.run())
+    async for rec in m.progress():
+        if rec.status == "active":
+            params = await src_qmp.execute("query-migrate-parameters")
+            assert params["max-bandwidth"] == 32 * 2**20
+            break
+    r = await run
+    assert r.status == "completed"
+    peak = max(rec.mbps for rec in m.records)
+    assert r.throughput_mbps <= 32 * 8 * 1.048576 * 1.25, r.throughput_mbps
+    assert peak <= 32 * 8 * 1.048576 * 1.25, peak
+    await m.dst_vm.stop()
+
+
+async def _active(m: Migration):
+    async for rec in m.progress():
+        if rec.status == "active" and rec.transferred > 0:
+            return rec
+    raise AssertionError(f"never active: {m.phase}")
+
+
+async def _alive_on_source(vm: QemuVM):
+    assert await vm.status() == "running"
+    session = await vm.wait_for_login()
+    assert (await session.cmd("echo still-$((20+22))")).strip() == "still-42"
+    session.close()
+
+
+async def test_cancel_midway_leaves_vm_on_source(make_vm, hosts, inventory):
+    vm = await make_vm()
+    await vm.wait_for_login()
+    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
+    run = asyncio.ensure_future(m.run())
+    await _active(m)
+    m.cancel("test wants it stopped")
+    with pytest.raises(MigrationError) as info:
+        await run
+    err = info.value
+    assert (err.src, err.dst, err.vm, err.phase) == ("hostA", "hostB", "vm1", "MIGRATING")
+    assert "test wants it stopped" in str(err) and "VM running on hostA" in str(err)
+    assert m.phase is Phase.ROLLED_BACK and m.result.status == "cancelled"
+    assert not await m.dst_vm.is_alive()
+    await _alive_on_source(vm)
+    await vm.stop()
+
+
+async def test_destination_killed_midway(make_vm, hosts, inventory):
+    vm = await make_vm()
+    await vm.wait_for_login()
+    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
+    run = asyncio.ensure_future(m.run())
+    await _active(m)
+    await hosts["hostB"].run(f"kill -KILL {m.dst_vm.pid}", check=True)
+    with pytest.raises(MigrationError) as info:
+        await run
+    assert info.value.phase == "MIGRATING" and "QEMU reports failed" in str(info.value)
+    assert isinstance(info.value.__cause__, MigrationError) or info.value.__cause__ is not None
+    await _alive_on_source(vm)
+    await vm.stop()
+
+
+async def test_controller_task_cancelled_midway(make_vm, hosts, inventory):
+    vm = await make_vm()
+    await vm.wait_for_login()
+    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
+    run = asyncio.ensure_future(m.run())
+    await _active(m)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert m.phase is Phase.ROLLED_BACK
+    assert not await m.dst_vm.is_alive()
+    await _alive_on_source(vm)
+    await vm.stop()
+
+
+async def test_timeout_rolls_back(make_vm, hosts, inventory, config):
+    vm = await make_vm()
+    await vm.wait_for_login()
+    short = config.model_copy(update={"timeouts": config.timeouts.model_copy(
+        update={"migration_s": 1.0})})
+    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                  MigrationParams(bandwidth_mibs=4), short)
+    with pytest.raises(MigrationError, match=r"\[MIGRATING\]: timed out after 1 s"):
+        await m.run()
+    await _alive_on_source(vm)
+    await vm.stop()
+
+
+async def test_two_vms_migrate_at_once_between_the_same_pair(make_vm, hosts, inventory):
+    vms = [await make_vm("vm1"), await make_vm("vm2")]
+    for vm in vms:
+        await vm.wait_for_login()
+    ms = [migration(vm, hosts, inventory) for vm in vms]
+    results = await asyncio.gather(*(m.run() for m in ms))
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert results[0].port != results[1].port
+    for m in ms:
+        assert await m.dst_vm.status() == "running"
+        await m.dst_vm.stop()
+
+
+def test_parameters_are_validated_before_anything_starts():
+    with pytest.raises(ConfigError, match="downtime_limit_ms 5000"):
+        MigrationParams(downtime_limit_ms=5000)
+    with pytest.raises(ConfigError, match="bandwidth_mibs -1"):
+        MigrationParams(bandwidth_mibs=-1)
+    with pytest.raises(ConfigError, match="multifd and postcopy"):
+        MigrationParams(multifd_channels=2, postcopy_after_s=1)
+    p = MigrationParams()
+    assert p.source_parameters()["max-bandwidth"] == 1 << 40       # no cap by default
+    assert MigrationParams(bandwidth_mibs=8).source_parameters()["max-bandwidth"] == 8 << 20
+    assert MigrationParams(postcopy_after_s=2).capabilities()["postcopy-ram"] is True
+
+
+def test_phase_edges_are_a_closed_table():
+    for phase in Phase:
+        assert phase in EDGES
+        for nxt in EDGES[phase]:
+            assert nxt in EDGES
+    finals = [p for p in Phase if p.is_final]
+    assert sorted(p.value for p in finals) == ["CLEANED", "ROLLED_BACK", "SPLIT"]
+    assert all(EDGES[p] == set() for p in finals)
