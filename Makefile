@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 setup:                       ## packages (QEMU 10, libvirt 11.3 from bookworm-backports), venv, guest image
 	bash scripts/setup.sh
 
-demo: setup                  ## lab up, boot a guest on hostA, show it answering on its serial console
+demo: setup                  ## lab up, a guest answering on hostA, a live migration hostA -> hostB
 	$(LAB) up
 	$(LAB) status
 	$(LAB) boot hostA
+	$(LAB) migrate hostA hostB --dirty 16
 	@echo "The lab stays up: 'migrate-lab ssh hostB', 'migrate-lab status'; remove it with 'make lab-down'."
 
 test: setup                  ## the whole suite, against its own lab (never the demo's)

@@ -68,6 +68,21 @@ def _lab_parser() -> argparse.ArgumentParser:
     host.add_argument("host")
     host.add_argument("action", choices=("reboot", "sshd-stop", "sshd-start", "status"))
 
+    mig = sub.add_parser("migrate", help="boot a guest on SRC, live-migrate it to DST, check "
+                                         "it there (checksum, ticks), print the result record")
+    _lab_options(mig)
+    mig.add_argument("src")
+    mig.add_argument("dst")
+    mig.add_argument("--mem", type=int, default=None, help="guest memory in MiB (default 128)")
+    mig.add_argument("--dirty", type=int, default=0, metavar="MIB",
+                     help="run the checking dirtier on this many MiB during the migration")
+    mig.add_argument("--bandwidth", type=float, default=None, metavar="MIB_S",
+                     help="bandwidth cap in MiB/s (default: no cap)")
+    mig.add_argument("--downtime", type=int, default=None, metavar="MS",
+                     help="downtime limit in ms (default: QEMU's 300)")
+    mig.add_argument("--auto-converge", action="store_true")
+    mig.add_argument("--postcopy-after", type=float, default=None, metavar="S")
+
     image = sub.add_parser("image", help="build (or show) the cached guest image")
     image.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     image.add_argument("--clean", action="store_true", help="remove the image cache")
@@ -184,6 +199,17 @@ async def _lab_command(args: argparse.Namespace) -> int:
         request = {"reboot": "reboot", "sshd-stop": "sshd stop", "sshd-start": "sshd start",
                    "status": "status"}[args.action]
         print(lab.control(args.host, request))
+        return 0
+    if args.cmd == "migrate":
+        from .lab.demo import migrate_demo, summary
+        from .migration import MigrationParams
+        params = MigrationParams(bandwidth_mibs=args.bandwidth, downtime_limit_ms=args.downtime,
+                                 auto_converge=args.auto_converge,
+                                 postcopy_after_s=args.postcopy_after)
+        result = await migrate_demo(lab, args.src, args.dst,
+                                    mem_mib=args.mem or config.lab.guest_mem_mib,
+                                    dirty_mib=args.dirty, params=params, config=config, say=say)
+        print(summary(result))
         return 0
     if args.cmd == "boot":
         from .lab.boot import boot_and_run
