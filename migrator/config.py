@@ -89,6 +89,10 @@ class Timeouts(_Strict):
     migration_setup_s: float = Field(60.0, gt=0)
     """Starting the destination QEMU and getting it listening."""
 
+    migration_stall_s: float = Field(60.0, gt=0)
+    """A running migration that moves no bytes for this long is stalled (a blocked link or a
+    hung destination: TCP alone would retry for ~15 minutes) and is cancelled."""
+
     migration_cancel_s: float = Field(30.0, gt=0)
     """QEMU to acknowledge migrate_cancel (it answers in milliseconds; the guard is for a
     wedged QEMU, as KubeVirt guards libvirt's abortJob)."""

@@ -83,7 +83,8 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
              else ["-accel", "kvm", "-cpu", "host"])
     argv = ["qemu-system-x86_64", "-name", spec.name, "-msg", "timestamp=on", *accel,
             "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", "pc",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            # no -no-reboot: it turns every reset, QMP system_reset included, into an exit
+            "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", spec.kernel]
     if spec.initrd:
         argv += ["-initrd", spec.initrd]

@@ -264,6 +264,7 @@ class Migration:
         await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{port}"})
         self._set_phase(Phase.MIGRATING)
         info: dict = {}
+        moved, moved_at = -1, time.monotonic()
         async with asyncio.timeout(timeouts.migration_s):
             while True:
                 if self._cancel_requested:
@@ -273,6 +274,13 @@ class Migration:
                 self._record(info)
                 if status == "completed":
                     break
+                now = time.monotonic()
+                if self.records[-1].transferred != moved:
+                    moved, moved_at = self.records[-1].transferred, now
+                elif now - moved_at >= timeouts.migration_stall_s:
+                    raise self._error(f"stalled: no bytes moved for "
+                                      f"{timeouts.migration_stall_s:g} s at {moved} bytes "
+                                      "(link blocked or destination hung?)")
                 if status in ("failed", "cancelled"):
                     raise self._error(f"QEMU reports {status}: "
                                       f"{info.get('error-desc', 'no reason given')}")
