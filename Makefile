@@ -23,6 +23,8 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/lab_updown.py
 	$(PY) bench/ssh_fanout.py
 	$(PY) bench/sync_barrier.py
+	$(PY) bench/migration_vs_raw.py
+	$(PY) bench/discriminating_case.py
 
 lab-up: setup
 	$(LAB) up

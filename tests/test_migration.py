@@ -325,3 +325,22 @@ async def test_vm_as_host_run_and_hardreset(make_vm):
     status, out = await session.run("memsum verify")
     assert status == 2 and "no holder running" in out      # its memory did not survive
     await vm.stop()
+
+
+async def test_regression_dirty_bitmap_discriminating_case(make_vm, hosts, inventory):
+    """shared/lab-recipe.md 10.2/10.5: 8 MiB dirtied at 64 MiB/s, downtime-limit 50 ms, at
+    QEMU's 128 MiB/s cap: >= 4 dirty-bitmap syncs, where QEMU 7.2's TCG dirty tracking loses
+    pages (bench/discriminating_case.py --qemu shows it on 7.2). QEMU 10 must lose none."""
+    vm = await make_vm(extra="lab.dirty=8 lab.rate=64")
+    await wait_tick_after(vm, 2, 60)
+    m = migration(vm, hosts, inventory, bandwidth_mibs=128, downtime_limit_ms=50)
+    r = await m.run()
+    assert r.status == "completed"
+    assert r.iterations >= 4, f"only {r.iterations} syncs: the case does not discriminate"
+    dst = m.dst_vm
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(dst)) is None:
+            await asyncio.sleep(0.2)
+    stale = [ln for ln in await dst.status_lines() if ln.startswith("STALE")]
+    assert report[1] == 0 and stale == [], stale[:5]
+    await dst.stop()

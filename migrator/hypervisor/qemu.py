@@ -34,6 +34,8 @@ class VMSpec:
     append: str = "console=ttyS0 quiet panic=-1"
     accel: str = "tcg"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    qemu: str = "qemu-system-x86_64"
+    """The QEMU binary on the host (e.g. /usr/libexec/qemu-kvm on RHEL-like hosts)."""
 
     def __post_init__(self) -> None:
         if not _VM_NAME.match(self.name):
@@ -81,7 +83,7 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
     """The QEMU command line for ``spec`` (TCG: ``-cpu qemu64``; KVM: ``-cpu host``)."""
     accel = (["-accel", "tcg", "-cpu", "qemu64"] if spec.accel == "tcg"
              else ["-accel", "kvm", "-cpu", "host"])
-    argv = ["qemu-system-x86_64", "-name", spec.name, "-msg", "timestamp=on", *accel,
+    argv = [spec.qemu, "-name", spec.name, "-msg", "timestamp=on", *accel,
             "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", "pc",
             # no -no-reboot: it turns every reset, QMP system_reset included, into an exit
             "-nodefaults", "-no-user-config", "-display", "none",
