@@ -344,3 +344,30 @@ async def test_regression_dirty_bitmap_discriminating_case(make_vm, hosts, inven
     stale = [ln for ln in await dst.status_lines() if ln.startswith("STALE")]
     assert report[1] == 0 and stale == [], stale[:5]
     await dst.stop()
+
+
+@pytest.mark.parametrize("params, cap", [({"multifd_channels": 4}, "multifd"),
+                                         ({"xbzrle_cache_mib": 16}, "xbzrle")])
+async def test_multifd_and_xbzrle(make_vm, hosts, inventory, params, cap):
+    # capped so it runs for seconds (the capabilities are read mid-flight); 2 MiB of dirty
+    # pages stay under 16 MiB/s x 300 ms, so it still converges
+    vm = await make_vm(extra="lab.dirty=2")
+    await wait_tick_after(vm, 1, 60)
+    m = migration(vm, hosts, inventory, bandwidth_mibs=16, **params)
+    run = asyncio.ensure_future(m.run())
+    await _active(m)
+    for side in (await vm.qmp(), await m.dst_vm.qmp()):
+        caps = {c["capability"]: c["state"]
+                for c in await side.execute("query-migrate-capabilities")}
+        assert caps[cap] is True                     # set on both ends
+    if cap == "multifd":
+        dst_params = await (await m.dst_vm.qmp()).execute("query-migrate-parameters")
+        assert dst_params["multifd-channels"] == 4
+    r = await run
+    assert r.status == "completed"
+    dst = m.dst_vm
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(dst)) is None:
+            await asyncio.sleep(0.2)
+    assert report[1] == 0
+    await dst.stop()
