@@ -133,6 +133,16 @@ async def test_bandwidth_cap_is_honoured(make_vm, hosts, inventory):
     await m.dst_vm.stop()
 
 
+async def _midway(make_vm, hosts, inventory):
+    """A booted VM and a slow (4 MiB/s) migration of it, returned once it is moving bytes."""
+    vm = await make_vm()
+    await vm.wait_for_login()
+    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
+    run = asyncio.ensure_future(m.run())
+    await _active(m)
+    return vm, m, run
+
+
 async def _active(m: Migration):
     async for rec in m.progress():
         if rec.status == "active" and rec.transferred > 0:
@@ -148,11 +158,7 @@ async def _alive_on_source(vm: QemuVM):
 
 
 async def test_cancel_midway_leaves_vm_on_source(make_vm, hosts, inventory):
-    vm = await make_vm()
-    await vm.wait_for_login()
-    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
-    run = asyncio.ensure_future(m.run())
-    await _active(m)
+    vm, m, run = await _midway(make_vm, hosts, inventory)
     m.cancel("test wants it stopped")
     with pytest.raises(MigrationError) as info:
         await run
@@ -166,26 +172,19 @@ async def test_cancel_midway_leaves_vm_on_source(make_vm, hosts, inventory):
 
 
 async def test_destination_killed_midway(make_vm, hosts, inventory):
-    vm = await make_vm()
-    await vm.wait_for_login()
-    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
-    run = asyncio.ensure_future(m.run())
-    await _active(m)
+    vm, m, run = await _midway(make_vm, hosts, inventory)
     await hosts["hostB"].run(f"kill -KILL {m.dst_vm.pid}", check=True)
     with pytest.raises(MigrationError) as info:
         await run
     assert info.value.phase == "MIGRATING" and "QEMU reports failed" in str(info.value)
-    assert isinstance(info.value.__cause__, MigrationError) or info.value.__cause__ is not None
+    assert isinstance(info.value.__cause__, MigrationError)      # the original, chained
+    assert "QEMU reports failed" in info.value.__cause__.message
     await _alive_on_source(vm)
     await vm.stop()
 
 
 async def test_controller_task_cancelled_midway(make_vm, hosts, inventory):
-    vm = await make_vm()
-    await vm.wait_for_login()
-    m = migration(vm, hosts, inventory, bandwidth_mibs=4)
-    run = asyncio.ensure_future(m.run())
-    await _active(m)
+    vm, m, run = await _midway(make_vm, hosts, inventory)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run

@@ -37,6 +37,7 @@ from typing import Callable
 from ..config import (DEFAULT_LAB_NAME, INVENTORY_FILE, LAB_BASE_DIR, Config, GuestImage as
                       InvGuestImage, HostEntry, Inventory, LabInfo, SSHSettings, validate_subnet)
 from ..errors import ConfigError, LabError
+from ..hosts.parallel import parallel
 from . import hostproc, network
 from .accel import choose_accel
 from .image import KERNEL_APPEND, ensure_image
@@ -100,14 +101,6 @@ class DownReport:
     namespaces_removed: int = 0
     links_removed: int = 0
     seconds: float = 0.0
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first leaf of an exception group (the others stay reachable as its cause)."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 class Lab:
@@ -343,12 +336,7 @@ class Lab:
                 await self._make_host(plan, h, etc_hosts)
                 say(f"  {h.name} up at {h.address}")
 
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for h in plan.hosts:
-                    tg.create_task(make_host(h))
-        except ExceptionGroup as group:
-            raise first_error(group) from group
+        await parallel((make_host(h) for h in plan.hosts), fail_fast=True)
         t = step(f"{len(plan.hosts)} hosts up (namespaces, host inits, sshd"
                  f"{', libvirtd' if plan.libvirt else ''})", t)
 
@@ -490,12 +478,7 @@ class Lab:
                 await network.delete_netns(h.netns)
                 report.namespaces_removed += 1
 
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for h in state.hosts:
-                    tg.create_task(host_down(h))
-        except ExceptionGroup as group:
-            raise first_error(group) from group
+        await parallel((host_down(h) for h in state.hosts), fail_fast=True)
         if network.link_exists(state.bridge):
             await network.delete_link(state.bridge)
             report.links_removed += 1
