@@ -6,7 +6,7 @@ import pytest
 
 from migrator.errors import ConfigError, MigrationError
 from migrator.hosts import SSHHost
-from migrator.hypervisor.qemu import QemuVM, VMSpec
+from migrator.hypervisor.qemu import QemuVM, VMSpec, qemu_argv, vm_paths
 from migrator.migration import EDGES, Migration, MigrationParams, Phase
 from migrator.migration.oracles import dirtier_report, wait_tick_after
 
@@ -370,3 +370,40 @@ async def test_multifd_and_xbzrle(make_vm, hosts, inventory, params, cap):
             await asyncio.sleep(0.2)
     assert report[1] == 0
     await dst.stop()
+
+
+async def test_disk_on_shared_storage_follows_the_vm(hosts, inventory, config, make_vm):
+    """A qcow2 overlay on shared storage: blocks written on the source are read on the
+    destination (virtio-blk, cache=none; QEMU hands the image over at switchover)."""
+    shared = inventory.shared_dir
+    a = hosts["hostA"]
+    await a.run(f"qemu-img create -q -f qcow2 {shared}/test-base.qcow2 64M && "
+                f"qemu-img create -q -f qcow2 -b {shared}/test-base.qcow2 -F qcow2 "
+                f"{shared}/test-vm.qcow2", check=True)
+    try:
+        spec = VMSpec("diskvm", kernel=str(inventory.guest.kernel),
+                      initrd=str(inventory.guest.initrd),
+                      append=f"{inventory.guest.append} lab.out=ttyS1",
+                      disk=f"{shared}/test-vm.qcow2")
+        vm = QemuVM(spec, a, str(inventory.run_dir), config)
+        await vm.start()
+        session = await vm.wait_for_login()
+        written = await session.cmd("dd if=/dev/urandom of=/tmp/blob bs=1M count=8 2>/dev/null"
+                                    " && dd if=/tmp/blob of=/dev/vda bs=1M 2>/dev/null && sync"
+                                    " && sha256sum < /tmp/blob")
+        m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address)
+        assert (await m.run()).status == "completed"
+        session = await m.dst_vm.wait_for_login()
+        read = await session.cmd("dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum")
+        assert read.split()[0] == written.split()[0]
+        await m.dst_vm.stop()
+    finally:
+        await a.run(f"rm -f {shared}/test-base.qcow2 {shared}/test-vm.qcow2", check=True)
+
+
+def test_vm_spec_needs_a_kernel_or_a_disk():
+    with pytest.raises(ValueError, match="a kernel or a disk image is required"):
+        VMSpec("nothing")
+    assert "-kernel" not in qemu_argv(VMSpec("d", disk="/s/a,b.qcow2"), vm_paths("/run", "d"))
+    assert "file=/s/a,,b.qcow2,if=none" in " ".join(
+        qemu_argv(VMSpec("d", disk="/s/a,b.qcow2"), vm_paths("/run", "d")))

@@ -36,6 +36,10 @@ class VMSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     qemu: str = "qemu-system-x86_64"
     """The QEMU binary on the host (e.g. /usr/libexec/qemu-kvm on RHEL-like hosts)."""
+    disk: str | None = None
+    """A qcow2 image on shared storage (the same path on every host), as a virtio-blk disk
+    with cache=none, so the destination reads what the source wrote. Booted from when no
+    kernel is given."""
 
     def __post_init__(self) -> None:
         if not _VM_NAME.match(self.name):
@@ -44,8 +48,8 @@ class VMSpec:
             raise ValueError(f"{self.name}: at least 32 MiB and 1 vCPU")
         if self.accel not in ("tcg", "kvm"):
             raise ValueError(f"{self.name}: accel must be tcg or kvm")
-        if not self.kernel:
-            raise ValueError(f"{self.name}: a kernel is required")
+        if not self.kernel and not self.disk:
+            raise ValueError(f"{self.name}: a kernel or a disk image is required")
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,16 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
     argv = [spec.qemu, "-name", spec.name, "-msg", "timestamp=on", *accel,
             "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", "pc",
             # no -no-reboot: it turns every reset, QMP system_reset included, into an exit
-            "-nodefaults", "-no-user-config", "-display", "none",
-            "-kernel", spec.kernel]
-    if spec.initrd:
-        argv += ["-initrd", spec.initrd]
-    argv += ["-append", spec.append,
-             "-chardev", f"socket,id=ser0,path={paths.serial},server=on,wait=off,"
+            "-nodefaults", "-no-user-config", "-display", "none"]
+    if spec.kernel:
+        argv += ["-kernel", spec.kernel, "-append", spec.append]
+        if spec.initrd:
+            argv += ["-initrd", spec.initrd]
+    if spec.disk:
+        drive = spec.disk.replace(",", ",,")          # QEMU option syntax escapes commas
+        argv += ["-drive", f"file={drive},if=none,id=disk0,format=qcow2,cache=none",
+                 "-device", "virtio-blk-pci,drive=disk0" + ("" if spec.kernel else ",bootindex=0")]
+    argv += ["-chardev", f"socket,id=ser0,path={paths.serial},server=on,wait=off,"
                          f"logfile={paths.serial_log}",
              "-serial", "chardev:ser0",
              "-chardev", f"file,id=ser1,path={paths.status_log}", "-serial", "chardev:ser1",

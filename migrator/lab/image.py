@@ -40,8 +40,11 @@ from .system import run
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", "/var/cache/migrator"))
 BUSYBOX = Path("/bin/busybox")
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 KERNEL_APPEND = "console=ttyS0 quiet panic=-1"
+#: kernel modules the guest loads at boot (with their dependencies): Debian builds virtio as
+#: modules, and a disk on shared storage is a virtio-blk device
+GUEST_MODULES = ("virtio_pci", "virtio_blk")
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,12 @@ async def _kernel_package() -> tuple[str, str]:
 
 
 async def _kernel(pkg: str, version: str) -> tuple[Path, Path]:
-    """Download and unpack the kernel once; returns (vmlinuz, vmlinux) in the kernel cache."""
+    """Download and unpack the kernel once; returns (vmlinuz, vmlinux) in the kernel cache.
+
+    The package's virtio modules are unpacked next to them (``modules/``)."""
     kdir = CACHE_DIR / "kernels" / f"{pkg}_{version}"
     vmlinuz, vmlinux = kdir / "vmlinuz", kdir / "vmlinux"
-    if vmlinuz.is_file() and vmlinux.is_file():
+    if vmlinuz.is_file() and vmlinux.is_file() and (kdir / "modules").is_dir():
         return vmlinuz, vmlinux
     kdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kdir) as tmp:
@@ -103,6 +108,13 @@ async def _kernel(pkg: str, version: str) -> tuple[Path, Path]:
             if member is None:
                 raise LabError(f"{deb.name} has no /boot/vmlinuz-*")
             data = tar.extractfile(member).read()
+            mods = kdir / "modules"
+            mods.mkdir(exist_ok=True)
+            for m in tar.getmembers():
+                name = m.name.rsplit("/", 1)[-1]
+                if m.isfile() and name.endswith(".ko") and ("/drivers/virtio/" in m.name
+                                                            or "/drivers/block/" in m.name):
+                    (mods / name).write_bytes(tar.extractfile(m).read())
     elf = _pvh_vmlinux(data)
     _atomic_write(vmlinux, elf)
     _atomic_write(vmlinuz, data)
@@ -166,7 +178,36 @@ class _Cpio:
         return self.buf.getvalue()
 
 
-async def _initramfs(tools: bytes, init: bytes) -> bytes:
+def _module_closure(mods: Path, wanted: tuple[str, ...]) -> list[Path]:
+    """``wanted`` modules and their dependencies, dependencies first.
+
+    Dependencies come from each .ko's ``depends=`` modinfo field (a .deb ships no
+    modules.dep: depmod makes it at install time).
+
+    :raise LabError: when a module or a dependency is not in the package.
+    """
+    order: list[Path] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        path = mods / f"{name.replace('-', '_')}.ko"
+        if path in order:
+            return
+        if not path.is_file():
+            raise LabError(f"kernel module {name} (needed by {' <- '.join(chain) or 'the guest'})"
+                           " is not in the kernel package")
+        data = path.read_bytes()
+        i = data.find(b"\0depends=")
+        deps = data[i + 9:data.index(b"\0", i + 9)].decode().split(",") if i >= 0 else []
+        for dep in filter(None, deps):
+            visit(dep, chain + (name,))
+        order.append(path)
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+async def _initramfs(tools: bytes, init: bytes, modules: list[Path] | None = None) -> bytes:
     applets = (await run(str(BUSYBOX), "--list-full", what="busybox --list-full")).stdout.split()
     archive = _Cpio()
     dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "root", "etc"}
@@ -176,6 +217,12 @@ async def _initramfs(tools: bytes, init: bytes) -> bytes:
     for path in sorted(set(applets)):
         if path != "bin/busybox" and path.split("/")[0] in ("bin", "sbin", "usr"):
             archive.symlink(path, "/bin/busybox")
+    archive.dir("lib")
+    archive.dir("lib/modules")
+    for path in modules or []:
+        archive.file(f"lib/modules/{path.name}", path.read_bytes(), 0o644)
+    archive.file("lib/modules/load.order",
+                 "".join(f"{p.name}\n" for p in modules or []).encode(), 0o644)
     archive.file("bin/labtools", tools)
     archive.symlink("bin/dirtier", "labtools")
     archive.symlink("bin/memsum", "labtools")
@@ -229,7 +276,8 @@ async def ensure_image(refresh: bool = False, rebuild: bool = False) -> GuestIma
         binary = Path(tmp, "labtools")
         await run("gcc", "-O2", "-static", "-Wall", "-o", str(binary), str(src),
                   what="gcc labtools.c (static; needs libc6-dev)")
-        initrd = await _initramfs(binary.read_bytes(), init)
+        initrd = await _initramfs(binary.read_bytes(), init,
+                                  _module_closure(vmlinuz.parent / "modules", GUEST_MODULES))
     _atomic_write(out / "initrd.img", initrd)
     for name, src_path in (("vmlinux", vmlinux), ("vmlinuz", vmlinuz)):
         tmp_link = out / f".{name}.tmp"

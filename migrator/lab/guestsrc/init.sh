@@ -23,6 +23,8 @@ for arg in $(cat /proc/cmdline); do
   esac
 done
 hostname "$NAME"
+# the kernel's virtio drivers are modules: load them (dependencies first) for disks
+while read -r mod; do insmod "/lib/modules/$mod" 2>/dev/null; done < /lib/modules/load.order
 [ -e "$OUT" ] || OUT=/dev/console
 if [ "$TICK" = 1 ]; then
   (i=0; while :; do echo "TICK $i"; i=$((i+1)); sleep 1; done) > "$OUT" 2>&1 &
