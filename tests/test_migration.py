@@ -80,7 +80,9 @@ async def test_there_and_back_keeps_memory_and_keeps_ticking(make_vm, hosts, inv
     assert r1.total_time_ms > 0 and r1.transferred_bytes > 0 and r1.iterations >= 1
     assert r1.downtime_ms is not None and r1.downtime_events_ms is not None
     assert r1.port and r1.overhead_s is not None and r1.overhead_s >= 0
-    assert not await vm.is_alive()                           # source QEMU is gone
+    assert vm.host.name == "hostB" and m1.dst_vm is vm        # the object follows the VM
+    gone = await hosts["hostA"].run(f"test -e {inventory.run_dir}/vm1")
+    assert gone.exit_status == 1                             # source QEMU and run dir gone
     on_b = m1.dst_vm
     assert await on_b.status() == "running"
     await wait_tick_after(on_b, src_tick, 30)                # the guest goes on over there
@@ -407,3 +409,15 @@ def test_vm_spec_needs_a_kernel_or_a_disk():
     assert "-kernel" not in qemu_argv(VMSpec("d", disk="/s/a,b.qcow2"), vm_paths("/run", "d"))
     assert "file=/s/a,,b.qcow2,if=none" in " ".join(
         qemu_argv(VMSpec("d", disk="/s/a,b.qcow2"), vm_paths("/run", "d")))
+
+
+async def test_session_reattaches_to_the_destination(make_vm, hosts, inventory):
+    vm = await make_vm()
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 8 4")
+    await migration(vm, hosts, inventory).run()
+    assert vm.host.name == "hostB" and await vm.status() == "running"
+    assert session.host == "hostB"
+    assert "ok=1" in await session.cmd("memsum verify")     # the same session object
+    assert await vm.wait_for_login() is session
+    await vm.stop()

@@ -39,5 +39,11 @@ class GuestSession(SerialConsole):
     def close(self) -> None:
         self.writer.close()
 
+    def reattach(self, reader, writer, *, host: str) -> None:
+        """Continue on another console of the same guest (after a migration)."""
+        self.writer.close()
+        self.reader, self.writer, self.host = reader, writer, host
+        self.buffer = ""
+
 
 __all__ = ["GuestSession", "ConsoleCommandError"]

@@ -250,13 +250,33 @@ class QemuVM:
         return r.ok
 
     async def stop(self) -> None:
-        """Stop QEMU and remove its run directory. Idempotent; safe in any state."""
+        """Stop QEMU and remove its run directory. Idempotent; safe in any state.
+
+        The console session is closed but kept, so a migration's :meth:`adopt` can
+        re-attach it to the destination."""
         if self._session is not None:
             self._session.close()
-            self._session = None
         await self.close_qmp()
         await stop_vm(self.host, self.name, self.run_dir, self.config.timeouts.qemu_stop_s)
         self.pid = None
+
+    async def adopt(self, other: "QemuVM") -> None:
+        """Become ``other`` (the same VM, now running elsewhere): take its host, QEMU process,
+        QMP client and console. An open session of this object re-attaches to the new
+        console, so callers keep using the objects they hold. ``other`` is left empty.
+        """
+        old_session = self._session
+        self.host, self.pid, self.paths = other.host, other.pid, other.paths
+        self._qmp, self._qmp_cm = other._qmp, other._qmp_cm
+        self._session = other._session
+        other._qmp = other._qmp_cm = other._session = None
+        other.pid = None
+        if old_session is not None:
+            if self._session is not None:
+                self._session.close()
+            reader, writer = await self.host.open_unix_connection(self.paths.serial)
+            old_session.reattach(reader, writer, host=self.host.name)
+            self._session = old_session
 
     async def hardreset(self) -> None:
         """Reset the VM like a power button (QMP ``system_reset``)."""

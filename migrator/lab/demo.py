@@ -43,8 +43,7 @@ async def migrate_demo(lab: Lab, src: str, dst: str, *, mem_mib: int, dirty_mib:
     async with SSHHost.from_inventory(src, inv, config) as a, \
             SSHHost.from_inventory(dst, inv, config) as b:
         vm = QemuVM(spec, a, str(inv.run_dir), config)
-        mig = Migration(vm, b, inv.hosts[dst].migration_address or inv.hosts[dst].address,
-                        params, config)
+        mig = None
         try:
             await vm.start()
             session = await vm.wait_for_login()
@@ -60,10 +59,12 @@ async def migrate_demo(lab: Lab, src: str, dst: str, *, mem_mib: int, dirty_mib:
                             f"{r.remaining / 2**20:6.1f} MiB  {r.mbps:7.0f} Mbit/s")
 
             src_tick = await vm.last_tick()
+            mig = Migration(vm, b, inv.hosts[dst].migration_address or inv.hosts[dst].address,
+                            params, config)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(show_progress())
                 result = await mig.run()
-            there = mig.dst_vm
+            there = vm                     # the VM object followed the VM to the destination
             tick = await wait_tick_after(there, src_tick, config.timeouts.guest_boot_s)
             session = await there.wait_for_login()
             verified = (await session.cmd("memsum verify")).strip()
@@ -76,8 +77,10 @@ async def migrate_demo(lab: Lab, src: str, dst: str, *, mem_mib: int, dirty_mib:
                 say(f"on {dst}: dirtier pass {report[0]}, stale pages {report[1]}")
             return result
         finally:
-            # through the objects that own QMP connections (closed before QEMU goes away)
-            await mig.dst_vm.stop()
+            # through the objects that own QMP connections (closed before QEMU goes away);
+            # after a successful migration both are the same object, on the destination
+            if mig is not None:
+                await mig.dst_vm.stop()
             await vm.stop()
 
 

@@ -3,7 +3,8 @@
 ::
 
     mig = Migration(src_vm, dst_host, dst_address, MigrationParams(), config)
-    result = await mig.run()          # MigrationResult; mig.dst_vm is where the VM lives now
+    result = await mig.run()          # MigrationResult; src_vm (and its open session) now
+                                      # refer to the VM on the destination
     async for record in mig.progress(): ...   # from another task, while it runs
 
 Phases (every transition is checked against :data:`EDGES` and recorded with monotonic and
@@ -214,6 +215,9 @@ class Migration:
             await self._migrate(src, dst, port)
             await self._verify(src, dst)
             await self.src_vm.stop()
+            # the caller's VM object (and its session) now refer to the destination
+            await self.src_vm.adopt(self.dst_vm)
+            self.dst_vm = self.src_vm
             self._set_phase(Phase.CLEANED)
         except asyncio.CancelledError:
             await self._rollback("the controller's task was cancelled")
