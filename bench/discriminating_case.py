@@ -7,6 +7,18 @@ stale pages the in-guest dirtier found on the destination. QEMU 7.2 (Debian 12) 
 here; QEMU >= 9.0 must not (QEMU commit 03bfc2188f06).
 
 usage: bench/discriminating_case.py [--qemu /path/to/qemu-system-x86_64] [--runs 5]
+
+QEMU 7.2 next to the installed QEMU 10, for the comparison (shared/lab-recipe.md 10.4):
+
+    mkdir -p /srv/q72/root /srv/q72/bin && cd /srv/q72
+    apt-get download qemu-system-x86=1:7.2+dfsg-7+deb12u18+b3 \
+        qemu-system-common=1:7.2+dfsg-7+deb12u18+b3 qemu-system-data=1:7.2+dfsg-7+deb12u18 \
+        seabios=1.16.2-1
+    for d in *.deb; do dpkg-deb -x "$d" root; done
+    printf '#!/bin/sh\nR=/srv/q72/root\nexport QEMU_MODULE_DIR=$R/usr/lib/x86_64-linux-gnu/qemu\n'\
+'exec $R/usr/bin/qemu-system-x86_64 -L $R/usr/share/qemu -L $R/usr/share/seabios "$@"\n' \
+        > bin/qemu-system-x86_64 && chmod +x bin/qemu-system-x86_64
+    bench/discriminating_case.py --qemu /srv/q72/bin/qemu-system-x86_64
 """
 
 import argparse
