@@ -2,7 +2,7 @@
 """Benchmark: migrator's engine vs a minimal raw QMP script, same lab, same run.
 
 Cases: a 512 MiB idle guest, and a 128 MiB guest keeping 32 MiB dirty. For each, --runs
-migrations by each side, alternating. Both sides start the destination QEMU the same way
+migrations by each side, alternating which side goes first. Both sides start the destination QEMU the same way
 (over SSH, -incoming defer) and reach QMP through the same SSH socket forwarding; the raw
 side then does only: events capability, lift the bandwidth cap, migrate-incoming on a fixed
 port, migrate, poll query-migrate until completed, quit the source.
@@ -118,9 +118,10 @@ def main() -> int:
             results = {}
             for label, mem, extra in CASES:
                 rows = {"migrator": [], "raw QMP": []}
-                for i in range(a.runs):
-                    rows["migrator"].append(await ours(inv, ha, hb, config, mem, extra, f"o{i}"))
-                    rows["raw QMP"].append(await raw(inv, ha, hb, config, mem, extra, f"r{i}"))
+                for i in range(a.runs):        # alternate who goes first: no order bias
+                    sides = [("migrator", ours, f"o{i}"), ("raw QMP", raw, f"r{i}")]
+                    for side, fn, name in (sides if i % 2 == 0 else sides[::-1]):
+                        rows[side].append(await fn(inv, ha, hb, config, mem, extra, name))
                 results[label] = rows
             return link, results
 
@@ -138,6 +139,9 @@ def main() -> int:
                   f"{med(r['whole'] for r in runs):>9.3f}{med(r['total'] for r in runs):>14.0f}"
                   f"{med(r['down'] for r in runs):>12.0f}{med(r['mbps'] for r in runs):>9.0f}")
         o, r = rows["migrator"], rows["raw QMP"]
+        for side, runs in rows.items():
+            print(f"{'':<24}{side:<10} QEMU total ms per run: "
+                  f"{sorted(x['total'] for x in runs)}")
         overhead = med(x["whole"] - x["total"] / 1000 for x in o)
         print(f"{'':<24}ratio: whole {med(x['whole'] for x in o) / med(x['whole'] for x in r):.2f}"
               f", migrate->done {med(x['done'] for x in o) / med(x['done'] for x in r):.2f}; "

@@ -146,8 +146,8 @@ if [ -s "$pidfile" ]; then
   pid=$(cat "$pidfile")
   if [ "$(cat /proc/$pid/comm 2>/dev/null)" = qemu-system-x86 ]; then
     kill -TERM "$pid" 2>/dev/null
-    i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {int(timeout_s * 20)} ]; do
-      grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null && break; sleep 0.05; i=$((i+1)); done
+    i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {int(timeout_s * 100)} ]; do
+      grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null && break; sleep 0.01; i=$((i+1)); done
     if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null; then
       kill -KILL "$pid"; sleep 0.2
       if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/$pid/status; then
