@@ -15,9 +15,8 @@ from typing import Callable
 
 from ..config import Config, Inventory
 from ..errors import ConfigError
-from ..guest.console import SerialConsole
 from ..hosts.ssh import SSHHost
-from ..hypervisor.qemu import VMSpec, qmp_session, start_vm, stop_vm, vm_paths
+from ..hypervisor.qemu import QemuVM, VMSpec
 from .lab import Lab
 
 
@@ -53,28 +52,27 @@ async def boot_and_run(lab: Lab, host: str, command: str, mem_mib: int, config: 
     spec = VMSpec(name=name, mem_mib=mem_mib, kernel=str(inv.guest.kernel),
                   initrd=str(inv.guest.initrd), append=inv.guest.append + " lab.tick=0",
                   accel=inv.accel)
-    paths = vm_paths(inv.run_dir, name)
     async with SSHHost.from_inventory(host, inv, config) as h:
+        vm = QemuVM(spec, h, str(inv.run_dir), config)
         t0 = time.monotonic()
-        pid = await start_vm(h, spec, str(inv.run_dir), paused=True)
+        await vm.start(paused=True)
         start_s = time.monotonic() - t0
-        say(f"QEMU {pid} started on {host} (paused, {inv.accel}, {mem_mib} MiB) in {start_s:.2f} s")
+        say(f"QEMU {vm.pid} started on {host} (paused, {inv.accel}, {mem_mib} MiB) in "
+            f"{start_s:.2f} s")
         try:
-            reader, writer = await h.open_unix_connection(paths.serial)
-            console = SerialConsole(reader, writer, host=host, vm=name)
-            async with qmp_session(h, paths.qmp, name) as qmp:
-                t1 = time.monotonic()
-                await qmp.execute("cont")
-                ready = await console.read_until(r"LAB-READY uptime=([0-9.]+)",
-                                                 timeouts.guest_boot_s)
-                await console.read_until(console.prompt, timeouts.guest_boot_s)
-                boot_s = time.monotonic() - t1
-                say(f"guest answered: LAB-READY at guest uptime {ready.group(1)} s, shell "
-                    f"prompt {boot_s:.2f} s after 'cont'")
-                t2 = time.monotonic()
-                status, output = await console.cmd(command, timeouts.guest_cmd_s, check=False)
-                cmd_s = time.monotonic() - t2
-            writer.close()
+            console = await vm.console()
+            t1 = time.monotonic()
+            await (await vm.qmp()).execute("cont")
+            ready = await console.read_until(r"LAB-READY uptime=([0-9.]+)",
+                                             timeouts.guest_boot_s)
+            await console.read_until(console.prompt, timeouts.guest_boot_s)
+            boot_s = time.monotonic() - t1
+            say(f"guest answered: LAB-READY at guest uptime {ready.group(1)} s, shell "
+                f"prompt {boot_s:.2f} s after 'cont'")
+            t2 = time.monotonic()
+            status, output = await console.cmd(command, timeouts.guest_cmd_s, check=False)
+            cmd_s = time.monotonic() - t2
+            console.close()
         finally:
-            await stop_vm(h, name, str(inv.run_dir), timeouts.qemu_stop_s)
+            await vm.stop()
     return BootResult(host, name, start_s, boot_s, float(ready.group(1)), cmd_s, status, output)
