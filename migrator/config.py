@@ -110,8 +110,6 @@ class Limits(_Strict):
     ssh_channels_per_host: int = Field(8, ge=1)
     """Concurrent command/SFTP channels on one host's connection. OpenSSH's sshd allows 10
     sessions per connection by default (MaxSessions); 8 leaves room for interactive use."""
-    parallel_hosts: int | None = Field(None, ge=1)
-    """Hosts worked on at once by fan-out helpers; None means all at once."""
 
 
 class LabDefaults(_Strict):

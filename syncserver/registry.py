@@ -151,9 +151,7 @@ class Registry:
         for inst in run.open_instances():
             w = inst.waiters.get(conn.member)
             if w is not None and w.conn is conn:
-                self._fail(inst, State.ABORTED, BarrierAborted(
-                    f"{inst.label} aborted: {reason}", barrier=inst.name, kind=inst.kind,
-                    generation=inst.generation, by=conn.member, reason=reason, lost=True))
+                self._lost(inst, conn.member, reason)
         if conn.persistent:
             left = run.persistent.get(conn.member, 1) - 1
             if left > 0:
@@ -165,9 +163,7 @@ class Registry:
             for inst in run.open_instances():
                 if inst.members and conn.member in inst.members \
                         and conn.member not in inst.waiters:
-                    self._fail(inst, State.ABORTED, BarrierAborted(
-                        f"{inst.label} aborted: {reason}", barrier=inst.name, kind=inst.kind,
-                        generation=inst.generation, by=conn.member, reason=reason, lost=True))
+                    self._lost(inst, conn.member, reason)
 
     # -- rounds --------------------------------------------------------------------------------
 
@@ -320,6 +316,12 @@ class Registry:
             self.on_release(inst)
         for w in inst.waiters.values():
             w.data = None
+
+    def _lost(self, inst: Instance, member: str, reason: str) -> None:
+        """Abort ``inst`` because ``member`` was lost (connection closed or heartbeat missed)."""
+        self._fail(inst, State.ABORTED, BarrierAborted(
+            f"{inst.label} aborted: {reason}", barrier=inst.name, kind=inst.kind,
+            generation=inst.generation, by=member, reason=reason, lost=True))
 
     def _fail(self, inst: Instance, state: State, error: SyncError) -> None:
         if inst.state is not State.OPEN:

@@ -40,7 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .system import Proc, is_alive, processes_in_netns, stop_processes
+from .system import Proc, is_alive, processes_in_netns, stop_processes, tcp_port_open
 
 PR_SET_CHILD_SUBREAPER = 36
 CONTROL_SOCKET = "control.sock"
@@ -145,7 +145,7 @@ class HostInit:
             return
         self.sshd = self._spawn(["/usr/sbin/sshd", "-D", "-e", "-f",
                                  str(self.dir / "sshd_config")], "sshd.log")
-        await self._wait(lambda: self._port_open(22), self.sshd, "sshd listening on port 22")
+        await self._wait(lambda: tcp_port_open(self.address, 22), self.sshd, "sshd listening on port 22")
         self._record("sshd", self.sshd)
 
     async def stop_sshd(self) -> None:
@@ -160,13 +160,6 @@ class HostInit:
         await self._wait(lambda: os.path.exists("/run/libvirt/libvirt-sock"), self.libvirtd,
                          "libvirtd socket")
         self._record("libvirtd", self.libvirtd)
-
-    def _port_open(self, port: int) -> bool:
-        try:
-            with socket.create_connection((self.address, port), timeout=1):
-                return True
-        except OSError:
-            return False
 
     async def _wait(self, ready, proc: Proc, what: str) -> None:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,11 +131,3 @@ cgroup_controllers = [ ]
 migration_address = "{address}"
 migration_host = "{address}"
 """)
-
-
-def tcp_port_open(address: str, port: int, timeout_s: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False

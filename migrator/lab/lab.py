@@ -42,7 +42,7 @@ from . import hostproc, network
 from .accel import choose_accel
 from .image import KERNEL_APPEND, ensure_image
 from .state import HostState, LabPhase, LabState, ProcRef
-from .system import is_alive, processes_in_netns, run, stop_processes
+from .system import is_alive, processes_in_netns, run, stop_processes, tcp_port_open
 
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _HOST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,30}$")
@@ -418,7 +418,7 @@ class Lab:
             return []
 
         async def one(h: HostState) -> HostHealth:
-            port = await asyncio.to_thread(hostproc.tcp_port_open, h.address, 22)
+            port = await asyncio.to_thread(tcp_port_open, h.address, 22)
             hdir = self.host_dir(h.name)
             return HostHealth(
                 name=h.name, address=h.address, netns=network.netns_exists(h.netns),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +161,12 @@ async def run(*args: str, check: bool = True, input: bytes | None = None,
         raise LabError(f"{what or ' '.join(args)} failed (exit {done.returncode}): "
                        f"{msg[-1] if msg else 'no output'}")
     return done
+
+
+def tcp_port_open(address: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at ``address:port`` now."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False

@@ -62,8 +62,6 @@ class Phase(str, enum.Enum):
         return self in (Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT)
 
 
-_BEFORE_COMPLETION = (Phase.PENDING, Phase.PREPARING_DEST, Phase.CONFIGURED, Phase.LISTENING,
-                      Phase.MIGRATING)
 EDGES: dict[Phase, set[Phase]] = {
     Phase.PENDING: {Phase.PREPARING_DEST, Phase.ROLLING_BACK},
     Phase.PREPARING_DEST: {Phase.CONFIGURED, Phase.ROLLING_BACK},
