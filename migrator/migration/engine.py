@@ -32,7 +32,7 @@ import enum
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..config import Config
 from ..errors import MigrationError
@@ -144,6 +144,8 @@ class Migration:
                                                            time.time())]
         self.records: list[ProgressRecord] = []
         self._changed = asyncio.Event()
+        #: called with (migration, new phase) on every transition, e.g. to show progress
+        self.observers: list[Callable[["Migration", Phase], None]] = []
         self._cancel_requested: str | None = None
         self._t_migrate: float | None = None
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
@@ -163,8 +165,9 @@ class Migration:
                  self.dst_host.name, self.phase.value, phase.value)
         self.phase = phase
         self.history.append((phase, time.monotonic(), time.time()))
-        self._changed.set()
-        self._changed = asyncio.Event()
+        for observer in self.observers:
+            observer(self, phase)
+        self._pulse()
 
     def _error(self, message: str, outcome: str = "") -> MigrationError:
         return MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
@@ -173,7 +176,17 @@ class Migration:
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the migration to stop; ``run()`` then rolls back and raises MigrationError."""
         self._cancel_requested = reason
+        self._pulse()
+
+    def _pulse(self) -> None:
+        """Wake everyone waiting for a change, with a fresh event for the next one (an event
+        left set would make every later wait return at once: a busy loop)."""
         self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self) -> None:
+        """Return at the next phase change or progress record."""
+        await self._changed.wait()
 
     async def progress(self) -> AsyncIterator[ProgressRecord]:
         """Every progress record, from the first, until the migration ends."""
@@ -218,10 +231,11 @@ class Migration:
             self.dst_vm = self.src_vm
             self._set_phase(Phase.CLEANED)
         except asyncio.CancelledError:
-            await self._rollback("the controller's task was cancelled")
+            await _shielded(self._rollback("the controller's task was cancelled"))
             raise
         except TimeoutError as exc:
-            limit = (timeouts.migration_s if self.phase in (Phase.MIGRATING, Phase.POSTCOPY)
+            limit = (timeouts.migration_for(self.src_vm.spec.mem_mib)
+                     if self.phase in (Phase.MIGRATING, Phase.POSTCOPY)
                      else timeouts.migration_setup_s)
             raise await self._fail(f"timed out after {limit:g} s", exc) from exc
         except MigrationError as exc:
@@ -267,7 +281,7 @@ class Migration:
         self._set_phase(Phase.MIGRATING)
         info: dict = {}
         moved, moved_at = -1, time.monotonic()
-        async with asyncio.timeout(timeouts.migration_s):
+        async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
             while True:
                 if self._cancel_requested:
                     raise self._error(f"cancelled: {self._cancel_requested}")
@@ -315,8 +329,7 @@ class Migration:
             cpu_throttle=info.get("cpu-throttle-percentage", 0))
         self.records.append(record)
         self.result.max_cpu_throttle = max(self.result.max_cpu_throttle, record.cpu_throttle)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._pulse()
 
     def _final_figures(self, info: dict) -> None:
         ram = info.get("ram", {})
@@ -354,7 +367,7 @@ class Migration:
 
     async def _fail(self, message: str, cause: BaseException) -> MigrationError:
         failed_in = self.phase
-        outcome = await self._rollback(message)
+        outcome = await _shielded(self._rollback(message))
         err = MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
                              failed_in.value, message, outcome)
         self.result.error = str(err)
@@ -409,3 +422,22 @@ class Migration:
         outcome = f"VM running on {self.src_vm.host.name}; " + ", ".join(notes)
         log.warning("[vm=%s] rolled back (%s): %s", self.src_vm.name, why, outcome)
         return outcome
+
+
+async def _shielded(coro):
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile (a rollback cut in
+    half would leave the VM paused or the destination behind; every rollback step is bounded
+    by its own timeout), then deliver the cancellation."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError("cancelled during rollback (the rollback completed)")
+    return result
