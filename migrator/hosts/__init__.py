@@ -3,6 +3,6 @@
 from .installable import Installable
 from .parallel import parallel, run_on
 from .result import CmdResult
-from .ssh import SSHHost, join, quote
+from .ssh import RemoteProcess, SSHHost, join, quote
 
-__all__ = ["SSHHost", "CmdResult", "parallel", "run_on", "Installable", "quote", "join"]
+__all__ = ["SSHHost", "CmdResult", "parallel", "run_on", "Installable", "quote", "join", "RemoteProcess"]

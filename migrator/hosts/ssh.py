@@ -191,13 +191,14 @@ class SSHHost:
 
     # -- commands ------------------------------------------------------------------------------
 
-    async def _start(self, wrapped: str, stdin: bytes) -> asyncssh.SSHClientProcess:
+    async def _start(self, wrapped: str, stdin: bytes,
+                     keep_stdin: bool = False) -> asyncssh.SSHClientProcess:
         """Open a session channel running ``wrapped``; reconnect once if the connection died."""
         for attempt in (1, 2):
             conn = await self.connect()
             try:
                 proc = await conn.create_process(wrapped, input=stdin or None, encoding=None)
-                if not stdin:  # asyncssh sends EOF only after non-empty input
+                if not stdin and not keep_stdin:  # asyncssh sends EOF only after non-empty input
                     proc.stdin.write_eof()
                 return proc
             except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
@@ -225,12 +226,7 @@ class SSHHost:
         :raise CommandError: with ``check=True``, on a non-zero exit, a signal or a timeout.
         :raise HostError: when the host cannot be reached or the connection drops mid-way.
         """
-        exports = ""
-        for key, value in (env or {}).items():
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"bad environment variable name {key!r}")
-            exports += f"export {key}={quote(value)}; "
-        wrapped = f"printf 'MIGRATOR-PGID=%s\\n' \"$$\" >&2; {exports}eval {quote(command)}"
+        wrapped = _wrap(command, env)
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         log.debug("[host=%s] run: %s", self.name, command)
         t0 = time.monotonic()
@@ -261,6 +257,30 @@ class SSHHost:
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
+
+    async def spawn(self, command: str, env: Mapping[str, str] | None = None) -> "RemoteProcess":
+        """Start a long-running ``command`` whose standard input stays open.
+
+        The process lives until it exits, :meth:`RemoteProcess.stop` closes its stdin (a
+        well-behaved process leaves then) and, after ``host_cleanup_s``, kills its group, or
+        the connection dies. Its channel does not count against ``ssh_channels_per_host``:
+        keep such processes few (OpenSSH allows 10 sessions per connection).
+
+        :raise HostError: when the host cannot be reached.
+        """
+        log.debug("[host=%s] spawn: %s", self.name, command)
+        proc = await self._start(_wrap(command, env), b"", keep_stdin=True)
+        try:
+            async with asyncio.timeout(self.config.timeouts.ssh_connect_s):
+                mark = await proc.stderr.readline()
+        except (TimeoutError, asyncssh.Error, OSError) as exc:
+            proc.close()
+            raise HostError(self.name, f"{command!r} did not start: {exc}") from exc
+        match = _PGID_MARK.match(mark)
+        if not match:
+            proc.close()
+            raise HostError(self.name, f"{command!r} did not start (said {mark!r})")
+        return RemoteProcess(self, command, proc, int(match.group(1)))
 
     async def _kill_group(self, pgid: int | None, command: str) -> None:
         if pgid is None:
@@ -429,6 +449,62 @@ class SSHHost:
             return await conn.forward_local_path(local_path, remote_path)
         except (asyncssh.Error, OSError) as exc:
             raise HostError(self.name, f"cannot forward to {remote_path}: {exc}") from exc
+
+
+class RemoteProcess:
+    """A long-running command started by :meth:`SSHHost.spawn`."""
+
+    def __init__(self, host: SSHHost, command: str, proc: asyncssh.SSHClientProcess, pgid: int):
+        self.host, self.command, self.pgid = host, command, pgid
+        self._proc = proc
+
+    def __repr__(self) -> str:
+        return f"<RemoteProcess {self.command!r} on {self.host.name} pgid={self.pgid}>"
+
+    async def readline(self) -> str:
+        """The next line of its standard output ('' at the end)."""
+        return (await self._proc.stdout.readline()).decode(errors="replace")
+
+    async def wait(self) -> str:
+        """Wait until it ends; return why, in words (exit status, signal, or connection lost).
+        Never raises for the process's own failure."""
+        try:
+            done = await self._proc.wait(check=False)
+        except (asyncssh.Error, OSError) as exc:
+            return f"the SSH connection to {self.host.name} was lost ({exc})"
+        err = (done.stderr or b"").decode(errors="replace").strip().splitlines()
+        if done.exit_signal:
+            why = f"killed by {done.exit_signal[0]}"
+        elif done.exit_status is None:
+            why = f"the SSH connection to {self.host.name} was lost"
+        else:
+            why = f"exited with status {done.exit_status}"
+        return why + (f": {err[-1]}" if err else "")
+
+    async def stop(self) -> None:
+        """Close its stdin; if it has not left within ``host_cleanup_s``, kill its process
+        group. Idempotent; never raises (a lost host is logged)."""
+        try:
+            self._proc.stdin.write_eof()
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+        try:
+            await asyncio.wait_for(self._proc.wait(check=False),
+                                   self.host.config.timeouts.host_cleanup_s)
+        except (TimeoutError, asyncssh.Error, OSError):
+            await self.host._kill_group(self.pgid, self.command)
+        finally:
+            self._proc.close()
+
+
+def _wrap(command: str, env: Mapping[str, str] | None) -> str:
+    """``command`` for the login shell: report the process group first, then ``env``."""
+    exports = ""
+    for key, value in (env or {}).items():
+        if not _ENV_NAME.match(key):
+            raise ValueError(f"bad environment variable name {key!r}")
+        exports += f"export {key}={quote(value)}; "
+    return f"printf 'MIGRATOR-PGID=%s\\n' \"$$\" >&2; {exports}eval {quote(command)}"
 
 
 def _decode(data: bytes, encoding: str | None) -> str | bytes:
