@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from urllib.parse import urlencode, urlsplit
 
@@ -201,6 +202,20 @@ class HostSync:
         self.ws.close()
 
 
+def _leave_on_stdin_eof(session: HostSync) -> None:
+    """When stdin ends (the controller closed it, or its SSH session died), close the link
+    to the server cleanly and exit 0, whatever the main thread is doing."""
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        session.close()
+        os._exit(0)
+    threading.Thread(target=watch, name="stdin-eof", daemon=True).start()
+
+
 def _token(args) -> str:
     path = args.token_file or os.environ.get("MIGRATE_SYNC_TOKEN_FILE")
     if path:
@@ -237,7 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--reason", required=True)
     a.add_argument("--kind", choices=("barrier", "exchange"), default="barrier")
-    sub.add_parser("member", help="stay connected as this host's participant until killed")
+    m = sub.add_parser("member", help="stay connected as this host's participant until killed")
+    m.add_argument("--until-stdin-eof", action="store_true",
+                   help="leave (exit 0) when standard input ends: the participant then lives "
+                        "exactly as long as the SSH session that started it")
     return p
 
 
@@ -255,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "member":
                 print(f"migrate-sync: {args.member} is a member of run {args.run} at "
                       f"{args.url}", flush=True)
+                if args.until_stdin_eof:
+                    _leave_on_stdin_eof(session)
                 session.wait_closed()
                 return 3
             if args.cmd == "abort":
