@@ -19,6 +19,10 @@
  *       Ends the holder.
  *   The holder is reached through two FIFOs in /tmp, so a console command gets a real exit
  *   status. Exit status 2 means "usage error or no holder running".
+ *
+ *   nohup COMMAND [ARG...]
+ *       Runs COMMAND immune to SIGHUP, output appended to ./nohup.out when stdout is a
+ *       terminal (Debian's busybox-static has no nohup applet).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -255,6 +259,28 @@ static int memsum(int argc, char **argv) {
     return 2;
 }
 
+static int nohup(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: nohup COMMAND [ARG...]\n");
+        return 127;
+    }
+    signal(SIGHUP, SIG_IGN);
+    if (isatty(1)) {
+        int fd = open("nohup.out", O_WRONLY | O_CREAT | O_APPEND, 0600);
+        if (fd < 0) {
+            perror("nohup: nohup.out");
+            return 127;
+        }
+        dup2(fd, 1);
+        close(fd);
+    }
+    if (isatty(2))
+        dup2(1, 2);
+    execvp(argv[1], argv + 1);
+    fprintf(stderr, "nohup: %s: %s\n", argv[1], strerror(errno));
+    return errno == ENOENT ? 127 : 126;
+}
+
 int main(int argc, char **argv) {
     const char *name = strrchr(argv[0], '/');
     name = name ? name + 1 : argv[0];
@@ -267,6 +293,8 @@ int main(int argc, char **argv) {
         return dirtier(argc, argv);
     if (strcmp(name, "memsum") == 0)
         return memsum(argc, argv);
-    fprintf(stderr, "usage: labtools dirtier|memsum ...\n");
+    if (strcmp(name, "nohup") == 0)
+        return nohup(argc, argv);
+    fprintf(stderr, "usage: labtools dirtier|memsum|nohup ...\n");
     return 2;
 }
