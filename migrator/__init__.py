@@ -13,7 +13,9 @@ _EXPORTS = {
     "Config": "config", "Inventory": "config", "find_inventory": "config",
     "load_inventory": "config", "MigratorError": "errors", "ConfigError": "errors",
     "InventoryError": "errors", "HostError": "errors", "CommandError": "errors",
-    "LabError": "errors", "GuestError": "errors",
+    "LabError": "errors", "GuestError": "errors", "MigrationError": "errors",
+    "BarrierError": "errors", "ScenarioError": "errors",
+    "MultihostMigration": "framework", "MigrationData": "framework",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -258,10 +258,132 @@ async def _status(lab, as_json: bool) -> int:
     return 0 if healthy else 1
 
 
+def _run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="migrate-run", description="Run a migration scenario over hosts: pairs in "
+                "parallel (-m A,B,C,D: (A,B) and (C,D)), or one run over all hosts (--all).")
+    p.add_argument("-m", "--machines", action="append", required=True, metavar="HOSTS",
+                   help="comma-separated host names, in the order meant; repeat to append")
+    p.add_argument("--all", action="store_true", dest="all_hosts",
+                   help="one scenario instance over all hosts instead of pairs")
+    p.add_argument("-i", "--inventory", help="inventory file (default: $MIGRATOR_INVENTORY, "
+                   "else the default lab's); an Ansible inventory works too")
+    p.add_argument("-c", "--config", help="config file (YAML)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one config key, dotted for nested keys "
+                        "(-p migration.downtime_limit_ms=100); overrides the config file")
+    p.add_argument("-o", "--results", help="results directory (default: report.results_dir)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("scenario", help="a scenario file, or the name of a ready one "
+                                    "(ping_pong, concurrent, ring, cancel_then_migrate, "
+                                    "dest_block)")
+    return p
+
+
+def _overrides(params: list[str]) -> dict:
+    """``-p`` values are YAML scalars: ``100`` is a number, ``true`` a boolean."""
+    import yaml
+    out = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-p {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
 def run_main(argv: list[str] | None = None) -> int:
-    print("migrate-run: not yet: the MultihostMigration framework is a later issue",
-          file=sys.stderr)
-    return 2
+    """``migrate-run``: exit 0 when every migration and check passed, 1 when one failed, 2 on
+    bad input (before anything starts), 130 on Ctrl-C (after cleanup)."""
+    args = _run_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        plan = _run_plan(args)
+    except MigratorError as exc:
+        return _fail("migrate-run", exc, args.verbose)
+    try:
+        return asyncio.run(_run(plan, args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("migrate-run: interrupted; every VM was rolled back and stopped, see "
+              f"{plan['out_dir']}", file=sys.stderr)
+        return 130
+    except MigratorError as exc:
+        return _fail("migrate-run", exc, args.verbose)
+
+
+def _run_plan(args) -> dict:
+    """Everything checked before anything starts. :raise ConfigError: with one clear line."""
+    from pathlib import Path
+
+    from .config import load_any_inventory
+    from .framework import RunContext, group_hosts, load_scenario
+    hosts = [h.strip() for group in args.machines for h in group.split(",") if h.strip()]
+    config = Config.load(args.config, _overrides(args.param))
+    inventory = load_any_inventory(args.inventory)
+    for h in hosts:
+        inventory.host(h)
+    groups = group_hosts(hosts, args.all_hosts)
+    cls = load_scenario(args.scenario)
+    ctx = RunContext(config, inventory, say=_stamp(time.monotonic()))
+    instances = [cls(group, context=ctx,
+                     name="all" if args.all_hosts else f"pair{i + 1}")
+                 for i, group in enumerate(groups)]
+    out_dir = Path(args.results or config.report.results_dir) / ctx.run_id
+    return {"ctx": ctx, "instances": instances, "hosts": hosts, "cls": cls,
+            "out_dir": out_dir, "scenario": args.scenario}
+
+
+async def _run(plan: dict, args) -> int:
+    from .framework.context import local_address_towards
+    from .report import summary_table, write_results
+    import signal as _signal
+    ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
+    # SIGTERM (a CI job's timeout, kill) ends the run like Ctrl-C: rolled back, cleaned up
+    main_task = asyncio.current_task()
+    asyncio.get_running_loop().add_signal_handler(_signal.SIGTERM, main_task.cancel)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    if not args.verbose:
+        for h in root.handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)
+    for noisy in ("asyncssh", "qemu.qmp", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    meta = {"scenario": plan["scenario"], "class": plan["cls"].__name__,
+            "hosts": plan["hosts"], "all_hosts": args.all_hosts,
+            "instances_hosts": {i.name: [h.name for h in i.hosts] for i in instances},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    ctx.say(f"run {ctx.run_id}: {plan['cls'].__name__} on "
+            + "; ".join(f"{i.name}=({','.join(h.name for h in i.hosts)})" for i in instances)
+            + f"; results in {out_dir}")
+    try:
+        first = ctx.inventory.host(instances[0].hosts[0].name)
+        bind = ctx.config.sync.bind or local_address_towards(
+            first.address, (first.ssh or ctx.inventory.ssh).port)
+        await ctx.start_server(bind)
+        try:
+            outcomes = await asyncio.gather(*(i.run() for i in instances),
+                                            return_exceptions=True)
+        finally:
+            await ctx.stop_server()
+        for inst, outcome in zip(instances, outcomes):
+            if isinstance(outcome, BaseException) and args.verbose:
+                traceback.print_exception(outcome)
+    finally:
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_results(ctx, out_dir, meta)
+        print(summary_table(ctx), flush=True)
+        print(f"results: {out_dir}", flush=True)
+        root.removeHandler(handler)
+        handler.close()
+    return 0 if ctx.verdict else 1
 
 
 def syncserver_main(argv: list[str] | None = None) -> int:

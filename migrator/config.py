@@ -103,6 +103,27 @@ class Timeouts(_Strict):
     host_cleanup_s: float = Field(30.0, gt=0)
     """Cleanup commands on close (removing tmp dirs, killing a timed-out command's group)."""
 
+    migration_s_per_gib: float = Field(60.0, ge=0)
+    """Added to ``migration_s`` per GiB of guest memory (see :meth:`migration_for`): at the
+    ~1 Gbit/s of a TCG lab a GiB takes ~10 s; a real dirtying guest many times that."""
+
+    barrier_s: float = Field(120.0, gt=0)
+    """A framework barrier (hosts meeting between steps). Hosts arrive within milliseconds
+    of each other unless one is slow or gone; the server names whoever is missing."""
+
+    disk_prepare_s: float = Field(120.0, gt=0)
+    """Preparing the run's disks (qcow2 overlays on shared storage) and the storage check."""
+
+    def migration_for(self, mem_mib: int) -> float:
+        """The migration timeout for a guest of ``mem_mib``: ``migration_s`` plus
+        ``migration_s_per_gib`` per GiB."""
+        return self.migration_s + self.migration_s_per_gib * mem_mib / 1024
+
+    def migration_finished_for(self, mem_mib: int) -> float:
+        """How long a host waits at a pair's "migration finished" barrier: the whole
+        migration (setup, transfer, checks) of the largest VM."""
+        return self.migration_setup_s + self.migration_for(mem_mib) + self.guest_boot_s
+
 
 class Limits(_Strict):
     """Bounds on concurrency."""
@@ -127,12 +148,74 @@ class LabDefaults(_Strict):
     guest_mem_mib: int = Field(128, ge=32)
 
 
+class MigrationSettings(_Strict):
+    """Default parameters of every migration of a run (``migration.*``); see
+    :class:`migrator.migration.params.MigrationParams` for what each one does."""
+
+    bandwidth_mibs: float | None = Field(None, gt=0)
+    downtime_limit_ms: int | None = Field(None, ge=1, le=2000)
+    auto_converge: bool = False
+    postcopy_after_s: float | None = Field(None, ge=0)
+    multifd_channels: int | None = Field(None, ge=1, le=255)
+    xbzrle_cache_mib: int | None = Field(None, ge=1)
+
+
+class VMSettings(_Strict):
+    """A VM of a run (``vms.<name>.*``). Unset boot fields come from the inventory's guest."""
+
+    mem_mib: int = Field(128, ge=32)
+    vcpus: int = Field(1, ge=1)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    """Kernel command line; default: the inventory guest's, plus ``lab.out=ttyS1``."""
+    image: Path | None = None
+    """A base qcow2 image on shared storage: the run gives the VM its own overlay over it."""
+    extra_args: list[str] = []
+
+
+class SyncSettings(_Strict):
+    """The run's embedded sync server."""
+
+    bind: str | None = None
+    """Address to bind; default: the controller's own address on the hosts' network (the
+    local end of its SSH connection to the first host), never every interface."""
+    port: int = Field(0, ge=0, le=65535)
+    """0: the system picks a free port (two runs on one controller never collide)."""
+    heartbeat_s: float = Field(5.0, gt=0)
+
+
+class ReportSettings(_Strict):
+    results_dir: Path = Path("results")
+    """Where ``migrate-run`` writes ``<run-id>/`` (JSON records, JUnit XML, logs)."""
+    keep_disks: bool = False
+    """Keep the run's disk overlays on shared storage after the run (for post-mortems)."""
+    progress_interval_s: float = Field(1.0, gt=0)
+    """How often a running migration's progress line is printed."""
+
+
 class Config(_Strict):
     """The one config object. ``Config()`` gives the defaults; :meth:`load` reads YAML."""
 
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     lab: LabDefaults = LabDefaults()
+    driver: str = "qemu"
+    """How VMs are driven: ``qemu`` (QMP over SSH). ``libvirt`` comes with its driver."""
+    migration: MigrationSettings = MigrationSettings()
+    vms: dict[str, VMSettings] = {}
+    """Declared VMs. Undeclared names ``vm1`` ... ``vmN`` are lab guests of the default size."""
+    sync: SyncSettings = SyncSettings()
+    report: ReportSettings = ReportSettings()
+    scenario: dict[str, Any] = {}
+    """Free-form settings of the scenario being run (``-p scenario.rounds=5``)."""
+
+    @field_validator("driver")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        if v not in ("qemu",):
+            raise ValueError(f"driver must be 'qemu' (libvirt is not implemented yet), not {v!r}")
+        return v
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,
@@ -338,6 +421,102 @@ def find_inventory(explicit: str | os.PathLike | None = None) -> Path:
 def load_inventory(explicit: str | os.PathLike | None = None) -> Inventory:
     """:func:`find_inventory` then :meth:`Inventory.load`."""
     return Inventory.load(find_inventory(explicit))
+
+
+def load_any_inventory(explicit: str | os.PathLike | None = None) -> Inventory:
+    """Like :func:`load_inventory`, also accepting an Ansible inventory (YAML or INI).
+
+    From Ansible, hosts keep their inventory order and take ``ansible_host``,
+    ``ansible_port``, ``ansible_user``, ``ansible_ssh_private_key_file`` and
+    ``migration_address``; ``migrator_shared_dir``, ``migrator_known_hosts`` and
+    ``migrator_accel`` may be set as variables of ``all``. Host keys are still verified.
+
+    :raise InventoryError: as :meth:`Inventory.load`, or an Ansible file migrator cannot read.
+    """
+    path = find_inventory(explicit)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InventoryError(f"cannot read inventory {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if isinstance(data, dict) and "hosts" in data and "all" not in data:
+        return Inventory.load(path)
+    hosts, all_vars = (_ansible_yaml(data) if isinstance(data, dict) and "all" in data
+                       else _ansible_ini(text, path))
+    if not hosts:
+        raise InventoryError(f"inventory {path}: neither a migrator inventory (no 'hosts') nor "
+                             "an Ansible inventory with hosts")
+    ssh = {k: v for k, v in (("known_hosts", all_vars.get("migrator_known_hosts")),
+                             ("identity_file", all_vars.get("ansible_ssh_private_key_file")),
+                             ("user", all_vars.get("ansible_user"))) if v}
+    inv: dict[str, Any] = {"hosts": {}, "ssh": ssh}
+    for name, hv in hosts.items():
+        entry: dict[str, Any] = {"address": str(hv.get("ansible_host", name))}
+        if hv.get("migration_address"):
+            entry["migration_address"] = str(hv["migration_address"])
+        hssh = {k: hv[a] for k, a in (("port", "ansible_port"), ("user", "ansible_user"),
+                                      ("identity_file", "ansible_ssh_private_key_file"))
+                if a in hv and hv[a] != all_vars.get(a)}
+        if hssh:
+            entry["ssh"] = hssh
+        inv["hosts"][name] = entry
+    if all_vars.get("migrator_shared_dir"):
+        inv["shared_dir"] = all_vars["migrator_shared_dir"]
+    if all_vars.get("migrator_accel"):
+        inv["accel"] = all_vars["migrator_accel"]
+    _resolve_paths(inv, path.parent)
+    try:
+        return Inventory.model_validate(inv).model_copy(update={"source": path})
+    except ValidationError as exc:
+        raise InventoryError(f"inventory {path} (Ansible): {_first_error(exc)}") from exc
+
+
+def _ansible_yaml(data: dict) -> tuple[dict[str, dict], dict]:
+    hosts: dict[str, dict] = {}
+
+    def walk(group: dict, inherited: dict) -> None:
+        group = group or {}
+        gvars = {**inherited, **(group.get("vars") or {})}
+        for name, hv in (group.get("hosts") or {}).items():
+            hosts[name] = {**gvars, **hosts.get(name, {}), **(hv or {})}
+        for child in (group.get("children") or {}).values():
+            walk(child, gvars)
+    all_group = data.get("all") or {}
+    walk(all_group, {})
+    return hosts, dict(all_group.get("vars") or {})
+
+
+def _ansible_ini(text: str, path: Path) -> tuple[dict[str, dict], dict]:
+    hosts: dict[str, dict] = {}
+    all_vars: dict[str, Any] = {}
+    section = "ungrouped"
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            continue
+        if section.endswith(":children"):
+            continue
+        if section == "all:vars" or section.endswith(":vars"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise InventoryError(f"inventory {path} line {n}: expected key=value")
+            if section == "all:vars":
+                all_vars[key.strip()] = yaml.safe_load(value.strip())
+            continue
+        name, *pairs = line.split()
+        hv = hosts.setdefault(name, {})
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise InventoryError(f"inventory {path} line {n}: {pair!r} is not key=value")
+            hv[key] = yaml.safe_load(value)
+    return hosts, all_vars
 
 
 def validate_subnet(text: str) -> ipaddress.IPv4Network:

@@ -13,6 +13,8 @@
      +-- LabError                 the one-machine lab could not be built, checked or removed
      +-- GuestError(host, vm)     a guest did not boot or did not answer on its console
      +-- MigrationError           one migration failed: src, dst, vm, phase, and the cause
+     +-- BarrierError             hosts did not meet at a framework barrier (names who)
+     +-- ScenarioError            a scenario run failed as a whole (cancelled, sibling failed)
 
 ``asyncio.CancelledError`` is never wrapped. Errors that wrap a library error keep it as
 ``__cause__`` (raised ``from``), so the original is never lost.
@@ -100,3 +102,17 @@ class MigrationError(MigratorError):
         super().__init__(text + (f"; {outcome}" if outcome else ""))
         self.src, self.dst, self.vm, self.phase = src, dst, vm, phase
         self.message, self.outcome = message, outcome
+
+
+class BarrierError(MigratorError):
+    """Hosts did not meet at a barrier: ``barrier``, and ``hosts`` (the ones to blame: missing,
+    lost or unreachable)."""
+
+    def __init__(self, barrier: str, hosts: list[str], message: str):
+        super().__init__(f"barrier {barrier!r}: {message}")
+        self.barrier, self.hosts, self.message = barrier, hosts, message
+
+
+class ScenarioError(MigratorError):
+    """A scenario step could not run: e.g. a migration cancelled because a sibling failed, or
+    a VM asked for where it is not."""

@@ -135,8 +135,8 @@ async def test_up_with_other_hosts_on_a_running_lab_is_refused(lab):
     result = await cli("up", "--name", SESSION_LAB, "--dir", str(lab.dir), "-n", "5",
                        "--subnet", SESSION_SUBNET)
     assert result.returncode == 2
-    assert "already up with hosts hostA,hostB,hostC" in result.stderr
-    assert len(lab.state().hosts) == 3
+    assert "already up with hosts hostA,hostB,hostC,hostD" in result.stderr
+    assert len(lab.state().hosts) == 4
 
 
 @pytest.mark.parametrize("args, message", [

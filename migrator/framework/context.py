@@ -1,0 +1,115 @@
+"""What the scenario instances of one run share: id, config, inventory, sync server, records."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from syncserver.server import SyncServer
+
+from ..config import Config, Inventory
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxx``: sortable, and unique for runs started in the same second."""
+    now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{now}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class MigrationRecord:
+    """One migration of a run, as reports show it."""
+
+    instance: str
+    mig_id: str
+    vm: str
+    src: str
+    dst: str
+    status: str                      #: completed | failed | cancelled
+    error: str | None
+    result: dict[str, Any]           #: MigrationResult.to_json()
+    handled: bool = False            #: the scenario caught its failure (an expected outcome)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "completed" or self.handled
+
+
+@dataclass
+class InstanceRecord:
+    """One scenario instance (a pair, or all hosts with ``--all``)."""
+
+    instance: str
+    hosts: list[str]
+    status: str = "pending"          #: passed | failed | interrupted
+    error: str | None = None
+    error_type: str | None = None
+    started: float = 0.0
+    duration_s: float = 0.0
+    cleanup_problems: list[str] = field(default_factory=list)
+
+
+class RunContext:
+    """One run: shared by every scenario instance of it.
+
+    :param say: where human-readable progress lines go (the CLI prints them).
+    """
+
+    def __init__(self, config: Config, inventory: Inventory, run_id: str | None = None,
+                 say: Callable[[str], None] | None = None):
+        self.config, self.inventory = config, inventory
+        self.run_id = run_id or new_run_id()
+        self.say = say or (lambda line: log.info("%s", line))
+        self.token = secrets.token_urlsafe(32)
+        self.server: SyncServer | None = None
+        self.migrations: list[MigrationRecord] = []
+        self.instances: list[InstanceRecord] = []
+
+    @property
+    def sync_url(self) -> str:
+        assert self.server is not None, "the sync server is not started"
+        return self.server.url
+
+    async def start_server(self, bind: str) -> None:
+        """Start the run's sync server on ``bind`` (a port the system picks unless
+        ``sync.port`` says). :raise ConfigError: the address cannot be bound."""
+        server = SyncServer(bind, self.config.sync.port, token=self.token)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigError(f"the sync server cannot bind {bind}:{self.config.sync.port}: "
+                              f"{exc.strerror or exc}") from exc
+        self.server = server
+
+    async def stop_server(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    @property
+    def verdict(self) -> bool:
+        """True when every instance passed and every migration completed or was an outcome
+        its scenario expected."""
+        return (bool(self.instances) and all(i.status == "passed" for i in self.instances)
+                and all(m.passed for m in self.migrations))
+
+
+def local_address_towards(address: str, port: int) -> str:
+    """The controller's own address on the route to ``address`` (no packet is sent: a UDP
+    socket's connect only picks the route)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with contextlib.closing(socket.socket(family, socket.SOCK_DGRAM)) as s:
+        try:
+            s.connect((address, port))
+        except OSError as exc:
+            raise ConfigError(f"no route from this controller to {address}: {exc.strerror}") \
+                from None
+        return s.getsockname()[0]

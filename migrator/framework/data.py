@@ -1,0 +1,123 @@
+"""``MigrationData``: what one ``migrate()`` call is about, handed to every hook and callback."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import ScenarioError
+from ..migration import Migration, MigrationParams, MigrationResult, Phase
+
+if TYPE_CHECKING:
+    from ..hosts import SSHHost
+    from ..hypervisor.qemu import QemuVM
+
+
+@dataclass(eq=False)
+class MigrationData:
+    """One ``migrate(vms, src, dst)`` call.
+
+    ``vms`` are the VM objects (they follow their VM to the destination), ``vm_ports`` the
+    destination ports once each destination listens, ``migrations`` the engine objects (for
+    ``cancel()`` or progress), ``results`` the result records once each migration ended.
+    """
+
+    vm_names: list[str]
+    src: "SSHHost"
+    dst: "SSHHost"
+    mig_id: str
+    params: MigrationParams
+    vms: list["QemuVM"] = field(default_factory=list)
+    vm_ports: dict[str, int] = field(default_factory=dict)
+    migrations: dict[str, Migration] = field(default_factory=dict)
+    results: dict[str, MigrationResult] = field(default_factory=dict)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def hosts(self) -> list["SSHHost"]:
+        return [self.src, self.dst]
+
+    def is_src(self, host) -> bool:
+        return getattr(host, "name", host) == self.src.name
+
+    def is_dst(self, host) -> bool:
+        return getattr(host, "name", host) == self.dst.name
+
+    def __str__(self) -> str:
+        return f"{self.mig_id} ({','.join(self.vm_names)} {self.src.name}->{self.dst.name})"
+
+    # -- called by the framework ---------------------------------------------------------------
+
+    def _track(self, mig: Migration) -> None:
+        self.migrations[mig.src_vm.name] = mig
+        mig.observers.append(self._on_phase)
+        self._pulse()
+
+    def _on_phase(self, mig: Migration, phase: Phase) -> None:
+        if phase is Phase.LISTENING and mig.result.port:
+            self.vm_ports[mig.src_vm.name] = mig.result.port
+        self._pulse()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- for hooks -----------------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled by the scenario", vm: str | None = None) -> None:
+        """Cancel the running migration of ``vm`` (default: all of this call's): each one
+        rolls back, keeping its VM on the source."""
+        for name, mig in self.migrations.items():
+            if vm is None or name == vm:
+                mig.cancel(reason)
+
+    async def wait_ended(self, vm: str | None = None) -> None:
+        """Wait until the migration of ``vm`` (default: every VM of this call) has ended,
+        whichever way (completed and cleaned, rolled back, split). Never raises."""
+        names = [vm] if vm else self.vm_names
+        while True:
+            pending = [n for n in names
+                       if n not in self.migrations or not self.migrations[n].phase.is_final]
+            if not pending:
+                return
+            await self._wait_any(pending)
+
+    async def _wait_any(self, pending: list[str]) -> None:
+        waits = [asyncio.ensure_future(self._changed.wait())]
+        waits += [asyncio.ensure_future(self.migrations[n].wait_changed())
+                  for n in pending if n in self.migrations]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def wait_phase(self, phase: Phase, vm: str | None = None,
+                         transferred: int = 0) -> None:
+        """Wait until the migration of ``vm`` (default: every VM of this call) has reached
+        ``phase`` and, if given, moved at least ``transferred`` bytes.
+
+        :raise ScenarioError: when a migration ended without getting there.
+        """
+        names = [vm] if vm else self.vm_names
+        while True:
+            pending = []
+            for name in names:
+                mig = self.migrations.get(name)
+                if mig is None:
+                    pending.append(name)
+                    continue
+                reached = any(p is phase for p, _, _ in mig.history)
+                moved = mig.records[-1].transferred if mig.records else 0
+                if reached and moved >= transferred:
+                    continue
+                if mig.phase.is_final or mig.phase is Phase.ROLLING_BACK:
+                    raise ScenarioError(f"{name}: migration {self.mig_id} ended in "
+                                        f"{mig.phase.value} before reaching {phase.value}"
+                                        + (f" with {transferred} bytes moved" if transferred
+                                           else ""))
+                pending.append(name)
+            if not pending:
+                return
+            await self._wait_any(pending)

@@ -1,0 +1,177 @@
+"""Hosts as real barrier members: one participant process per host, arrivals from the hosts.
+
+::
+
+    async with HostsSync(hosts, url, token, sync_run, config) as sync:
+        await sync.barrier("disks_prepared", hosts)         # every host arrives itself
+
+* :meth:`HostsSync.start` installs the host-side client (``migrate-sync.pyz``, standard
+  library only) and a token file (mode 0600; the token never appears on a command line) on
+  every host, then starts ``migrate-sync member --until-stdin-eof`` on each over SSH. That
+  process is the host's liveness anchor at the sync server: if the host dies or loses its link,
+  the server aborts every open barrier listing it, naming it. It leaves by itself when its SSH
+  session ends, so a lost controller leaves nothing behind on hosts.
+* :meth:`HostsSync.barrier` makes each host arrive by running ``migrate-sync barrier`` on the
+  host. A host that cannot even run the command (SSH gone, sshd stopped) makes the controller
+  abort that barrier for everyone at once, with the host's name and the SSH error; nobody waits
+  for the timeout.
+* Round numbers (generations) are counted here, per barrier name, and pinned on every arrival:
+  a host that is fast never joins a round its peers are still finishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Sequence
+
+from syncserver.client import SyncClient
+from syncserver.protocol import SyncError
+from syncserver.zipapp import build_bytes
+
+from ..config import Config
+from ..errors import BarrierError, HostError
+from ..hosts import Installable, RemoteProcess, SSHHost, join, quote
+
+log = logging.getLogger(__name__)
+
+CONTROLLER = "controller"
+_READY = "is a member of run"
+
+
+class HostsSync:
+    """The sync side of one scenario instance: participants on ``hosts``, barriers among them."""
+
+    def __init__(self, hosts: Sequence[SSHHost], url: str, token: str, sync_run: str,
+                 config: Config):
+        self.hosts = list(hosts)
+        self.url, self.sync_run, self.config = url, sync_run, config
+        self._token = token
+        self._pyz: dict[str, str] = {}
+        self._token_file: dict[str, str] = {}
+        self._participants: dict[str, RemoteProcess] = {}
+        self._watchers: list[asyncio.Task] = []
+        self._generations: dict[str, int] = {}
+        self._controller: SyncClient | None = None
+        self._stopping = False
+        #: hosts whose participant ended before the run did, with why
+        self.lost: dict[str, str] = {}
+
+    async def __aenter__(self) -> "HostsSync":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Install the client, start every host's participant, wait until each is a member.
+
+        :raise HostError: a host could not be reached or its participant did not join
+            (e.g. the host cannot reach the sync server's address).
+        """
+        timeouts = self.config.timeouts
+        self._controller = SyncClient(self.url, token=self._token, member=CONTROLLER,
+                                      run_id=self.sync_run,
+                                      heartbeat_s=self.config.sync.heartbeat_s,
+                                      connect_timeout_s=timeouts.ssh_connect_s)
+        await self._controller.connect()
+        pyz = Installable.get(build_bytes(), name="migrate-sync.pyz")
+        token = Installable.get(self._token.encode(), name="sync-token", mode=0o600)
+        async with asyncio.TaskGroup() as tg:
+            for host in self.hosts:
+                tg.create_task(self._start_participant(host, pyz, token))
+
+    async def _start_participant(self, host: SSHHost, pyz: Installable,
+                                 token: Installable) -> None:
+        self._pyz[host.name] = await pyz.install(host)
+        self._token_file[host.name] = await token.install(host)
+        proc = await host.spawn(f"exec python3 {quote(self._pyz[host.name])} member "
+                                "--until-stdin-eof", env=self._env(host))
+        self._participants[host.name] = proc
+        try:
+            async with asyncio.timeout(self.config.timeouts.ssh_connect_s):
+                line = await proc.readline()
+        except TimeoutError:
+            line = ""
+        if _READY not in line:
+            why = await asyncio.wait_for(proc.wait(), self.config.timeouts.host_cleanup_s) \
+                if not line else line.strip()
+            raise HostError(host.name, f"its sync participant did not join the sync server "
+                                       f"at {self.url}: {why or 'no answer'}")
+        self._watchers.append(asyncio.get_running_loop().create_task(
+            self._watch(host.name, proc), name=f"participant-{host.name}"))
+        log.info("[host=%s] sync participant joined run %s", host.name, self.sync_run)
+
+    async def _watch(self, name: str, proc: RemoteProcess) -> None:
+        why = await proc.wait()
+        if not self._stopping:
+            self.lost[name] = why
+            log.error("[host=%s] sync participant ended: %s", name, why)
+
+    def _env(self, host: SSHHost) -> dict[str, str]:
+        return {"MIGRATE_SYNC_URL": self.url, "MIGRATE_SYNC_RUN": self.sync_run,
+                "MIGRATE_SYNC_MEMBER": host.name,
+                "MIGRATE_SYNC_TOKEN_FILE": self._token_file[host.name]}
+
+    async def barrier(self, name: str, hosts: Sequence[SSHHost],
+                      timeout: float | None = None) -> None:
+        """Every host of ``hosts`` arrives at barrier ``name`` (its next round).
+
+        :raise BarrierError: naming the hosts that were missing, lost, or could not arrive
+            (the error of the first such host is chained).
+        """
+        timeout = timeout or self.config.timeouts.barrier_s
+        gen = self._generations[name] = self._generations.get(name, 0) + 1
+        members = [h.name for h in hosts]
+        args = ["barrier", name, "--members", ",".join(members), "--timeout", f"{timeout:g}",
+                "--generation", str(gen)]
+
+        async def arrive(host: SSHHost) -> tuple[str, Exception | None, str]:
+            cmd = join(["python3", self._pyz[host.name], *args])
+            try:
+                r = await host.run(cmd, env=self._env(host),
+                                   timeout=timeout + self.config.timeouts.host_cleanup_s)
+            except HostError as exc:
+                await self._abort(name, f"{host.name} could not arrive: {exc.message}")
+                return host.name, exc, f"could not arrive ({exc.message})"
+            if r.ok:
+                return host.name, None, ""
+            return host.name, None, r.stderr.strip().removeprefix("migrate-sync: ") or \
+                f"migrate-sync exited {r.exit_status}"
+
+        outcomes = await asyncio.gather(*(arrive(h) for h in hosts))
+        failed = [(n, exc, why) for n, exc, why in outcomes if why]
+        if not failed:
+            return
+        # blame hosts that could not arrive first, then whom the server names
+        blamed = [n for n, exc, _ in failed if exc is not None]
+        cause = next((exc for _, exc, _ in failed if exc is not None), None)
+        text = "; ".join(f"{n}: {why}" for n, _, why in failed)
+        if not blamed:
+            blamed = sorted({m for m in members for _, _, why in failed if m in why})
+        lost = {n: self.lost[n] for n in members if n in self.lost}
+        if lost:
+            text += "; participants lost: " + "; ".join(f"{n}: {w}" for n, w in lost.items())
+        raise BarrierError(name, blamed, text) from cause
+
+    async def _abort(self, name: str, reason: str) -> None:
+        try:
+            await self._controller.abort(name, reason)
+        except SyncError as exc:
+            log.warning("could not abort barrier %s: %s", name, exc)
+
+    async def stop(self) -> None:
+        """End every participant (stdin closed) and the controller's connection. Never
+        raises; idempotent."""
+        self._stopping = True
+        await asyncio.gather(*(p.stop() for p in self._participants.values()),
+                             return_exceptions=True)
+        self._participants.clear()
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers.clear()
+        if self._controller is not None:
+            await self._controller.close()
+            self._controller = None

@@ -1,0 +1,117 @@
+"""``results/<run-id>/``: what a run leaves for people and for CI.
+
+::
+
+    results/<run-id>/run.json                   the run: hosts, scenario, verdict, instances
+    results/<run-id>/migrations/<mig>-<vm>.json one record per migration (every engine metric,
+                                                phase timestamps, error)
+    results/<run-id>/junit.xml                  a testsuite per instance, a testcase per
+                                                migration plus one for the scenario itself
+    results/<run-id>/run.log                    the debug log (written by the CLI)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from ..framework.context import RunContext
+
+
+def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
+    """Write the run's records under ``out_dir`` (created); return it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mig_dir = out_dir / "migrations"
+    mig_dir.mkdir(exist_ok=True)
+    for rec in ctx.migrations:
+        body = {"run_id": ctx.run_id, "instance": rec.instance, "mig_id": rec.mig_id,
+                "vm": rec.vm, "src": rec.src, "dst": rec.dst, "status": rec.status,
+                "passed": rec.passed, "handled_by_scenario": rec.handled, "error": rec.error,
+                **{k: v for k, v in rec.result.items() if k not in ("vm", "src", "dst",
+                                                                     "status", "error")}}
+        _write_json(mig_dir / f"{rec.mig_id}-{rec.vm}.json", body)
+    run = {"run_id": ctx.run_id, "verdict": "passed" if ctx.verdict else "failed", **meta,
+           "instances": [vars(i) for i in ctx.instances],
+           "migrations": [{"mig_id": m.mig_id, "vm": m.vm, "src": m.src, "dst": m.dst,
+                           "status": m.status, "passed": m.passed} for m in ctx.migrations],
+           "config": ctx.config.model_dump(mode="json")}
+    _write_json(out_dir / "run.json", run)
+    (out_dir / "junit.xml").write_text(junit_xml(ctx, meta.get("scenario", "scenario")))
+    return out_dir
+
+
+def junit_xml(ctx: RunContext, scenario: str) -> str:
+    """JUnit XML: one testsuite per instance; a testcase per migration and one for the
+    instance's scenario as a whole (its error, or cleanup problems)."""
+    suites = ET.Element("testsuites", name=f"migrate-run {ctx.run_id}")
+    for inst in ctx.instances:
+        migs = [m for m in ctx.migrations if m.instance == inst.instance]
+        suite = ET.SubElement(suites, "testsuite", name=f"{scenario}.{inst.instance}",
+                              hostname=",".join(inst.hosts),
+                              timestamp=time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                      time.localtime(inst.started)))
+        failures = 0
+        for m in migs:
+            case = ET.SubElement(suite, "testcase", classname=f"{scenario}.{inst.instance}",
+                                 name=f"{m.mig_id} {m.vm} {m.src}->{m.dst}",
+                                 time=f"{m.result.get('run_s') or 0:.3f}")
+            if not m.passed:
+                failures += 1
+                ET.SubElement(case, "failure", message=m.error or m.status).text = m.error
+            elif m.handled:
+                ET.SubElement(case, "system-out").text = (
+                    f"{m.status}, as the scenario expected: {m.error}")
+        case = ET.SubElement(suite, "testcase", classname=f"{scenario}.{inst.instance}",
+                             name="scenario", time=f"{inst.duration_s:.3f}")
+        if inst.status != "passed":
+            failures += 1
+            ET.SubElement(case, "failure", message=f"{inst.status}: {inst.error_type}",
+                          type=inst.error_type or inst.status).text = inst.error
+        if inst.cleanup_problems:
+            ET.SubElement(case, "system-err").text = "\n".join(inst.cleanup_problems)
+        suite.set("tests", str(len(migs) + 1))
+        suite.set("failures", str(failures))
+        suite.set("errors", "0")
+        suite.set("time", f"{inst.duration_s:.3f}")
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, "unicode") + "\n"
+
+
+def summary_table(ctx: RunContext) -> str:
+    """The final table: one row per migration, then one per instance, then the verdict."""
+    rows = [("migration", "vm", "route", "status", "total", "downtime", "MiB", "Mbit/s",
+             "iter", "overhead")]
+    for m in ctx.migrations:
+        r = m.result
+        status = m.status + (" (expected)" if m.handled and m.status != "completed" else "")
+        rows.append((m.mig_id, m.vm, f"{m.src}->{m.dst}", status,
+                     _ms(r.get("total_time_ms")), _ms(r.get("downtime_ms")),
+                     f"{(r.get('transferred_bytes') or 0) / 2**20:.1f}"
+                     if r.get("transferred_bytes") else "-",
+                     f"{r['throughput_mbps']:.0f}" if r.get("throughput_mbps") else "-",
+                     str(r.get("iterations") or "-"),
+                     f"{r['overhead_s']:.3f} s" if r.get("overhead_s") is not None else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for inst in ctx.instances:
+        lines.append(f"{inst.instance} ({','.join(inst.hosts)}): {inst.status} in "
+                     f"{inst.duration_s:.1f} s" + (f": {inst.error}" if inst.error else ""))
+        for p in inst.cleanup_problems:
+            lines.append(f"  cleanup: {p}")
+    lines.append(f"verdict: {'PASSED' if ctx.verdict else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def _ms(v) -> str:
+    return f"{v} ms" if v is not None else "-"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
