@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -352,8 +353,9 @@ class MultihostMigration:
 
         async def tidy(h: SSHHost, first: bool) -> None:
             cmd = f"rm -rf {quote(self.run_dir)}"
-            if first and disk_dir and not keep:
-                cmd += f" {quote(disk_dir)}"
+            if first and disk_dir and not keep:      # and the run's dir once it is empty
+                cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
+                        f"{quote(os.path.dirname(disk_dir))}")
             try:
                 r = await h.run(cmd, timeout=self.config.timeouts.host_cleanup_s)
                 if not r.ok:

@@ -231,7 +231,13 @@ class Migration:
             self.dst_vm = self.src_vm
             self._set_phase(Phase.CLEANED)
         except asyncio.CancelledError:
-            await _shielded(self._rollback("the controller's task was cancelled"))
+            failed_in = self.phase
+            why = "interrupted: the controller's task was cancelled"
+            outcome = await _shielded(self._rollback(why))
+            self.result.status = "cancelled"
+            self.result.error = str(MigrationError(
+                self.src_vm.host.name, self.dst_host.name, self.src_vm.name, failed_in.value,
+                why, outcome))
             raise
         except TimeoutError as exc:
             limit = (timeouts.migration_for(self.src_vm.spec.mem_mib)

@@ -1,0 +1,415 @@
+"""The MultihostMigration framework and migrate-run, against the session lab (real sshd, QEMU,
+sync server, participants on every host). VM-heavy: one test at a time."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from .conftest import BIN, cli
+from migrator import BarrierError, MultihostMigration
+from migrator.config import Config, load_any_inventory
+from migrator.errors import ConfigError
+from migrator.framework import RunContext, group_hosts
+from migrator.lab import network
+from migrator.lab.system import processes_in_netns
+
+HOSTS = ["hostA", "hostB", "hostC", "hostD"]
+
+
+async def migrate_run(inventory, results: Path, *args: str, timeout: float = 300):
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(results), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def the_run(results: Path) -> tuple[dict, list[dict], ET.Element]:
+    """run.json, the migration records (in order), junit.xml of the only run in ``results``."""
+    (run_dir,) = list(results.iterdir())
+    run = json.loads((run_dir / "run.json").read_text())
+    migs = [json.loads((run_dir / "migrations" / f"{m['mig_id']}-{m['vm']}.json").read_text())
+            for m in run["migrations"]]
+    return run, migs, ET.parse(run_dir / "junit.xml").getroot()
+
+
+def lab_processes(lab, comm_prefixes=("qemu-system", "python3")) -> list[str]:
+    """QEMUs and host-side python processes (participants) still running in lab hosts."""
+    found = []
+    for hs in lab.state().hosts:
+        for p in processes_in_netns(network.netns_path(hs.netns)):
+            try:
+                comm = Path(f"/proc/{p.pid}/comm").read_text().strip()
+                cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if comm.startswith("qemu-system") or b"migrate-sync" in cmdline:
+                found.append(f"{hs.name}: {comm} {p.pid}")
+    return found
+
+
+@pytest.fixture
+async def no_leaks(lab, inventory):
+    """After the test: no QEMU or participant in any lab host, and empty run dirs."""
+    yield
+    async with asyncio.timeout(30):       # processes of a just-ended run are being reaped
+        while left := lab_processes(lab):
+            await asyncio.sleep(0.1)
+    assert left == []
+    from migrator.hosts import SSHHost
+    for name in HOSTS:
+        async with SSHHost.from_inventory(name, inventory) as h:
+            r = await h.run(f"ls -A {inventory.run_dir} 2>/dev/null; "
+                            f"ls -A {inventory.shared_dir}/migrator-runs 2>/dev/null; true")
+            assert r.stdout.split() == [], f"{name} kept {r.stdout.split()}"
+
+
+# -- the ready scenarios ---------------------------------------------------------------------
+
+async def test_ping_pong_round_trips_with_a_surviving_workload(inventory, tmp_path, no_leaks):
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "ping_pong",
+                                     "-p", "scenario.rounds=2")
+    assert rc == 0, out + err
+    run, migs, junit = the_run(tmp_path)
+    assert run["verdict"] == "passed" and run["hosts"] == ["hostA", "hostB"]
+    assert [(m["src"], m["dst"], m["status"]) for m in migs] == [
+        ("hostA", "hostB", "completed"), ("hostB", "hostA", "completed")] * 2
+    for m in migs:
+        assert [p for p, _, _ in m["phases"]][-1] == "CLEANED"
+        assert m["total_time_ms"] > 0 and m["transferred_bytes"] > 0 and m["downtime_ms"] >= 0
+    assert junit.find("testsuite").get("tests") == "5"
+    assert junit.find("testsuite").get("failures") == "0"
+    assert "verdict: PASSED" in out and "MIGRATING" in out      # live progress was shown
+
+
+async def test_four_hosts_make_two_concurrent_pairs(inventory, tmp_path, no_leaks):
+    """-m hostA,hostB -m hostC,hostD: (A,B) and (C,D), each running the API example."""
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB",
+                                     "-m", "hostC,hostD", "concurrent")
+    assert rc == 0, out + err
+    run, migs, junit = the_run(tmp_path)
+    assert run["instances_hosts"] == {"pair1": ["hostA", "hostB"], "pair2": ["hostC", "hostD"]}
+    assert len(migs) == 8 and all(m["status"] == "completed" for m in migs)
+    assert {(m["src"], m["dst"]) for m in migs if m["mig_id"].startswith("pair2")} == {
+        ("hostC", "hostD"), ("hostD", "hostC")}
+    p1, p2 = run["instances"]
+    assert p1["started"] < p2["started"] + p2["duration_s"]      # the pairs overlapped
+    assert p2["started"] < p1["started"] + p1["duration_s"]
+    # the two VMs of the first call migrated together
+    first = [m for m in migs if m["mig_id"] == "pair1-1"]
+    spans = [(m["phases"][0][2], m["phases"][-1][2]) for m in first]
+    assert len(first) == 2 and max(s for s, _ in spans) < min(e for _, e in spans)
+    assert len(junit.findall("testsuite")) == 2
+
+
+async def test_ring_over_all_three_hosts(inventory, tmp_path, no_leaks):
+    rc, out, err = await migrate_run(inventory, tmp_path, "--all", "-m", "hostA,hostB,hostC",
+                                     "ring")
+    assert rc == 0, out + err
+    run, migs, _ = the_run(tmp_path)
+    assert [i["instance"] for i in run["instances"]] == ["all"]
+    assert [(m["src"], m["dst"]) for m in migs] == [("hostA", "hostB"), ("hostB", "hostC"),
+                                                    ("hostC", "hostA")]
+
+
+async def test_cancel_then_migrate(inventory, tmp_path, no_leaks):
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostB,hostC",
+                                     "cancel_then_migrate")
+    assert rc == 0, out + err
+    _, migs, junit = the_run(tmp_path)
+    assert [m["status"] for m in migs] == ["cancelled", "completed"]
+    first = migs[0]
+    assert first["handled_by_scenario"] and first["phase"] == "ROLLED_BACK"
+    assert "VM running on hostB" in first["error"] and "destination removed" in first["error"]
+    assert first["params"]["bandwidth_mibs"] == 2
+    assert junit.find("testsuite").get("failures") == "0"
+
+
+async def test_dest_block_long_fails_cleanly_short_completes(inventory, tmp_path, no_leaks):
+    """Long block: the engine's stall detection fails it (5 s); short block (1 s, shorter
+    than TCP's retransmission backoff needs to resume) completes."""
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "dest_block",
+                                     "-p", "timeouts.migration_stall_s=5",
+                                     "-p", "scenario.long_block_s=60")
+    assert rc == 0, out + err
+    _, migs, _ = the_run(tmp_path)
+    assert [m["status"] for m in migs] == ["failed", "completed"]
+    assert "stalled: no bytes moved for 5 s" in migs[0]["error"]
+    assert "VM running on hostA" in migs[0]["error"]
+    assert "unblocked" in out
+
+
+# -- the framework's promises ----------------------------------------------------------------
+
+FAILING_CHECK = '''
+from migrator import MultihostMigration
+
+class FailingCheck(MultihostMigration):
+    async def migration_scenario(self):
+        async def check_worker(mig_data):
+            raise RuntimeError("the workload is gone")
+        await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1], None, check_worker)
+'''
+
+
+async def test_check_worker_error_fails_the_run_and_keeps_its_type(inventory, tmp_path,
+                                                                   no_leaks):
+    scenario = tmp_path / "failing_check.py"
+    scenario.write_text(FAILING_CHECK)
+    rc, out, err = await migrate_run(inventory, tmp_path / "results", "-m", "hostC,hostD",
+                                     str(scenario))
+    assert rc == 1, out + err
+    run, migs, junit = the_run(tmp_path / "results")
+    assert run["verdict"] == "failed"
+    inst = run["instances"][0]
+    assert inst["status"] == "failed" and inst["error_type"] == "RuntimeError"
+    assert "the workload is gone" in inst["error"]
+    assert "in check_worker of migration pair1-1 (vm1 hostC->hostD)" in inst["error"]
+    assert migs[0]["status"] == "completed"                 # the migration itself worked
+    failures = [c for c in junit.iter("testcase") if c.find("failure") is not None]
+    assert [c.get("name") for c in failures] == ["scenario"]
+    assert "verdict: FAILED" in out
+
+
+DISK_SCENARIO = '''
+from migrator import MultihostMigration
+
+class DiskFollows(MultihostMigration):
+    async def migration_scenario(self):
+        async def worker(mig_data):
+            s = await self.env.get_vm("disk1").wait_for_login(timeout=self.login_timeout)
+            base = await s.cmd("dd if=/dev/vda bs=1M count=1 2>/dev/null | md5sum")
+            self.context.say("base block " + base.split()[0])
+            await s.cmd("echo written-on-source | dd of=/dev/vda bs=1M seek=1 conv=fsync "
+                        "2>/dev/null")
+
+        async def check_worker(mig_data):
+            vm = self.env.get_vm("disk1")
+            s = await vm.wait_for_login(timeout=self.login_timeout)
+            got = await s.cmd("dd if=/dev/vda bs=1M skip=1 count=1 2>/dev/null | head -c 17")
+            assert got.strip() == "written-on-source", got
+            self.context.say("read on " + vm.host.name + ": " + got.strip())
+
+        await self.migrate_wait(["disk1"], self.hosts[0], self.hosts[1], worker, check_worker)
+'''
+
+
+async def test_vm_from_a_qcow2_overlay_on_shared_storage(inventory, lab, tmp_path, no_leaks):
+    """The disk-preparation path: a per-run overlay over a base image, migrated with the VM;
+    the base image is never written; the overlay is removed after the run."""
+    base = inventory.shared_dir / "test-framework-base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 1M", str(base)], check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(f"vms:\n  disk1:\n    image: {base}\n")
+        scenario = tmp_path / "disk_follows.py"
+        scenario.write_text(DISK_SCENARIO)
+        rc, out, err = await migrate_run(inventory, tmp_path / "results", "-c", str(cfg),
+                                         "-m", "hostA,hostB", str(scenario))
+        assert rc == 0, out + err
+        expected = subprocess.run("head -c 1048576 /dev/zero | tr '\\0' Z | md5sum", shell=True,
+                                  capture_output=True, text=True).stdout.split()[0]
+        assert f"base block {expected}" in out            # the guest saw the base's data
+        assert "read on hostB: written-on-source" in out
+        untouched = subprocess.run(["qemu-io", "-c", "read -P 0 1M 1M", str(base)],
+                                   capture_output=True, text=True)
+        assert "Pattern verification failed" not in untouched.stdout + untouched.stderr
+        assert untouched.returncode == 0
+    finally:
+        base.unlink()
+
+
+class _MeetWhileHostBDies(MultihostMigration):
+    """hostB hangs (its sshd frozen) while hostA waits at a barrier, then its sshd dies."""
+
+    async def migration_scenario(self):
+        registry = self.context.server.registry
+
+        async def kill_hostB_sshd():
+            netns = network.netns_path("mtest-hostB")
+            sshds = [p.pid for p in processes_in_netns(netns)
+                     if Path(f"/proc/{p.pid}/comm").read_text().strip() == "sshd"]
+            for pid in sshds:
+                os.kill(pid, signal.SIGSTOP)
+            while not any("hostA" in inst.waiters for run in registry.runs.values()
+                          for inst in run.open_instances() if inst.name == "meet"):
+                await asyncio.sleep(0.02)             # hostA is waiting at the barrier
+            for pid in sshds:
+                os.kill(pid, signal.SIGKILL)
+            self.killed = time.monotonic()
+
+        await asyncio.gather(self.barrier("meet", timeout=120), kill_hostB_sshd())
+
+
+async def test_a_host_whose_sshd_dies_during_a_barrier_is_named_at_once(inventory, lab,
+                                                                        config, no_leaks):
+    run = _MeetWhileHostBDies(["hostA", "hostB"], config=config, inventory=inventory)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BarrierError) as info:
+            await run.run()
+        assert time.monotonic() - t0 < 60                    # not the 120 s barrier timeout
+        assert info.value.hosts == ["hostB"]
+        assert info.value.barrier == "meet"
+        # hostA's arrival was aborted, naming hostB; hostB's own arrival says why
+        assert "hostB: could not arrive (connection refused" in str(info.value)
+        assert run.record.status == "failed"
+        assert any("hostB" in p for p in run.record.cleanup_problems)   # hostB unreachable
+    finally:
+
+        assert (await cli("host", "--name", "mtest", "--dir", str(lab.dir), "hostB",
+                          "sshd-start")).returncode == 0
+
+
+async def test_two_runs_at_once_on_one_controller_are_isolated(inventory, tmp_path, no_leaks):
+    one, two = tmp_path / "one", tmp_path / "two"
+    (rc1, out1, err1), (rc2, out2, err2) = await asyncio.gather(
+        migrate_run(inventory, one, "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1"),
+        migrate_run(inventory, two, "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1"))
+    assert (rc1, rc2) == (0, 0), out1 + err1 + out2 + err2
+    r1, m1, _ = the_run(one)
+    r2, m2, _ = the_run(two)
+    assert r1["run_id"] != r2["run_id"]
+    assert len(m1) == len(m2) == 2
+    assert all(m["status"] == "completed" for m in m1 + m2)
+
+
+SLOW_SCENARIO = '''
+from migrator import MultihostMigration
+
+class Slow(MultihostMigration):
+    async def migration_scenario(self):
+        await self.migrate_wait(["vm1", "vm2"], self.hosts[0], self.hosts[1],
+                                params_append={"bandwidth_mibs": 1})
+'''
+
+
+async def test_ctrl_c_mid_migration_rolls_back_and_leaves_nothing(inventory, lab, tmp_path,
+                                                                 no_leaks):
+    scenario = tmp_path / "slow.py"
+    scenario.write_text(SLOW_SCENARIO)
+    results = tmp_path / "results"
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(results),
+        "-m", "hostA,hostB", str(scenario), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    seen = []
+    async with asyncio.timeout(120):
+        while sum("MIGRATING" in line for line in seen) < 2:
+            line = (await proc.stdout.readline()).decode()
+            assert line, f"migrate-run ended early: {''.join(seen)}"
+            seen.append(line)
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 130, "".join(seen) + out.decode() + err.decode()
+    run, migs, _ = the_run(results)
+    assert run["instances"][0]["status"] == "interrupted"
+    assert len(migs) == 2
+    for m in migs:
+        assert m["phase"] == "ROLLED_BACK", m
+        assert "VM running on hostA" in m["error"] and "NOT" not in m["error"]
+
+
+# -- bad input: one line, exit status 2, nothing started ---------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "hostA,hostZ", "ping_pong"], "unknown host 'hostZ'"),
+    (["-m", "hostA,hostB", "no_such_scenario"], "no scenario 'no_such_scenario'"),
+    (["-m", "hostA,hostB,hostC", "ping_pong"], "hostC is left over"),
+    (["-m", "hostA", "ping_pong"], "at least 2 hosts"),
+    (["-m", "hostA,hostA", "ping_pong"], "host hostA given twice"),
+    (["-m", "hostA,hostB", "-p", "frobnicate=1", "ping_pong"], "unknown key 'frobnicate'"),
+    (["-m", "hostA,hostB", "-p", "timeouts.barrier_s=-1", "ping_pong"], "timeouts.barrier_s"),
+    (["-m", "hostA,hostB", "-p", "driver=xen", "ping_pong"], "driver must be"),
+    (["-m", "hostA,hostB", "-p", "vms.vm1.mem_mib=1", "ping_pong"], "vms.vm1.mem_mib"),
+])
+async def test_bad_input_is_one_line_and_exit_2(inventory, tmp_path, args, message):
+    rc, out, err = await migrate_run(inventory, tmp_path, *args, timeout=60)
+    assert rc == 2, out + err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())      # nothing started
+
+
+async def test_scenario_files_without_exactly_one_subclass_are_refused(inventory, tmp_path):
+    none = tmp_path / "none.py"
+    none.write_text("x = 1\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module\n")
+    for path, message in ((none, "exactly one MultihostMigration subclass (found: none)"),
+                          (broken, "does not load: ModuleNotFoundError")):
+        rc, _, err = await migrate_run(inventory, tmp_path / "r", "-m", "hostA,hostB",
+                                       str(path), timeout=60)
+        assert rc == 2 and message in err and "Traceback" not in err
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+def test_hosts_pair_in_the_order_typed():
+    assert group_hosts(["hostD", "hostA", "hostC", "hostB"]) == [["hostD", "hostA"],
+                                                                  ["hostC", "hostB"]]
+    assert group_hosts(["hostB", "hostA", "hostC"], all_hosts=True) == [["hostB", "hostA",
+                                                                         "hostC"]]
+    with pytest.raises(ConfigError, match="hostC is left over"):
+        group_hosts(["hostA", "hostB", "hostC"])
+
+
+def test_ansible_inventories_yaml_and_ini(tmp_path):
+    (tmp_path / "hosts.yml").write_text(textwrap.dedent("""\
+        all:
+          vars:
+            ansible_user: root
+            ansible_ssh_private_key_file: keys/id
+            migrator_shared_dir: /srv/shared
+            migrator_known_hosts: known_hosts
+          children:
+            hypervisors:
+              hosts:
+                node2: {ansible_host: 192.0.2.2, migration_address: 198.51.100.2}
+                node1: {ansible_host: 192.0.2.1, ansible_port: 2222}
+        """))
+    inv = load_any_inventory(tmp_path / "hosts.yml")
+    assert list(inv.hosts) == ["node2", "node1"]            # order kept
+    assert inv.hosts["node2"].migration_address == "198.51.100.2"
+    assert inv.ssh_for("node1").port == 2222 and inv.ssh_for("node2").port == 22
+    assert inv.ssh.identity_file == tmp_path / "keys/id"
+    assert inv.ssh.known_hosts == tmp_path / "known_hosts"
+    assert str(inv.shared_dir) == "/srv/shared"
+    (tmp_path / "hosts.ini").write_text(textwrap.dedent("""\
+        # a comment
+        [kvm]
+        alpha ansible_host=192.0.2.10 ansible_user=admin
+        beta ansible_host=192.0.2.11
+
+        [all:vars]
+        migrator_shared_dir=/nfs/vm
+        """))
+    inv = load_any_inventory(tmp_path / "hosts.ini")
+    assert [(n, e.address) for n, e in inv.hosts.items()] == [("alpha", "192.0.2.10"),
+                                                             ("beta", "192.0.2.11")]
+    assert inv.ssh_for("alpha").user == "admin" and inv.ssh_for("beta").user == "root"
+    (tmp_path / "empty.ini").write_text("[kvm]\n")
+    with pytest.raises(ConfigError, match="neither a migrator inventory"):
+        load_any_inventory(tmp_path / "empty.ini")
+
+
+def test_undeclared_vm_names_must_look_like_vmN(inventory):
+    ctx = RunContext(Config(), inventory)
+
+    class Nothing(MultihostMigration):
+        async def migration_scenario(self):
+            pass
+
+    scenario = Nothing(["hostA", "hostB"], context=ctx)
+    assert scenario.env.spec("vm7").mem_mib == 128
+    with pytest.raises(ConfigError, match="unknown VM 'web'"):
+        scenario.env.spec("web")
