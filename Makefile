@@ -9,11 +9,10 @@ PYTEST_ARGS ?=
 setup:                       ## packages (QEMU 10, libvirt 11.3 from bookworm-backports), venv, guest image
 	bash scripts/setup.sh
 
-demo: setup                  ## lab up, a guest answering on hostA, a live migration hostA -> hostB
+demo: setup                  ## lab up, then the ping_pong scenario hostA <-> hostB with its summary
 	$(LAB) up
 	$(LAB) status
-	$(LAB) boot hostA
-	$(LAB) migrate hostA hostB --dirty 16
+	$(VENV)/bin/migrate-run -m hostA,hostB ping_pong
 	@echo "The lab stays up: 'migrate-lab ssh hostB', 'migrate-lab status'; remove it with 'make lab-down'."
 
 test: setup                  ## the whole suite, against its own lab (never the demo's)
@@ -25,6 +24,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/sync_barrier.py
 	$(PY) bench/migration_vs_raw.py
 	$(PY) bench/discriminating_case.py
+	$(PY) bench/run_vs_raw.py
 
 lab-up: setup
 	$(LAB) up

@@ -350,10 +350,11 @@ async def _run(plan: dict, args) -> int:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    if not args.verbose:
+    if not args.verbose:       # the terminal shows the run's story (say()); the log all of it
         for h in root.handlers:
             if h is not handler:
                 h.setLevel(logging.WARNING)
+                h.addFilter(lambda record: not record.name.startswith("migrator"))
     for noisy in ("asyncssh", "qemu.qmp", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.INFO)
     meta = {"scenario": plan["scenario"], "class": plan["cls"].__name__,

@@ -466,7 +466,7 @@ class _Progress:
 
     async def follow(self) -> None:
         interval = self.ctx.config.report.progress_interval_s
-        last = -interval
+        last = 0.0
         async for r in self.mig.progress():
             if r.t - last >= interval and r.status == "active":
                 last = r.t

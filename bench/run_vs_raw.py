@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Benchmark: migrate-run vs a raw QMP script, and 4 concurrent pairs vs 1 (issue 7).
+
+Same lab (8 hosts, TCG, 128 MiB lab guests), same run, sides alternating which goes first.
+
+* one migration: ``migrate-run -m hostA,hostB one.py`` (a scenario of one migrate_wait: the
+  framework's whole life: SSH, storage check, sync server, a participant per host, barriers,
+  VM start and login, migration, checks on both ends, cleanup) vs ``bench/_raw_one.py`` (the
+  same guest booted and logged in, then bare QMP); both timed as whole processes.
+* 4 pairs vs 1: ``migrate-run -m hostA,...,hostH one.py`` (4 pairs at once) vs
+  ``-m hostA,hostB``. On this 2-core machine the 4 pairs boot 4 TCG guests at once, so
+  CPU, not the orchestration, sets the ratio; the migration phase ratio is shown too.
+
+usage: bench/run_vs_raw.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from migrator.config import Config  # noqa: E402
+from migrator.lab import Lab  # noqa: E402
+
+NAME, SUBNET, DIR = "mrunb", "10.77.252.0/24", Path("/srv/migrator-bench/mrunb")
+HOSTS = [f"host{c}" for c in "ABCDEFGH"]
+BIN = Path(sys.executable).parent
+ONE = '''
+from migrator import MultihostMigration
+
+class One(MultihostMigration):
+    async def migration_scenario(self):
+        await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1])
+'''
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    t0 = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return wall, r.stdout
+
+
+def migrate_run(inv: Path, out: Path, hosts: list[str], scenario: Path) -> dict:
+    wall, _ = timed([str(BIN / "migrate-run"), "-i", str(inv), "-o", str(out),
+                     "-m", ",".join(hosts), str(scenario)])
+    run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
+    run = json.loads((run_dir / "run.json").read_text())
+    migs = [json.loads(p.read_text()) for p in (run_dir / "migrations").glob("*.json")]
+    starts = [m["phases"][0][2] for m in migs]
+    ends = [m["phases"][-1][2] for m in migs]
+    return {"wall": wall, "migrations": len(migs), "mig_span": max(ends) - min(starts),
+            "mig_run": statistics.median(m["run_s"] for m in migs),
+            "total": statistics.median(m["total_time_ms"] for m in migs) / 1000,
+            "verdict": run["verdict"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    lab = Lab(NAME, DIR, Config())
+    asyncio.run(lab.up(HOSTS, SUBNET, accel="tcg"))
+    ours, raw, four, one = [], [], [], []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            scenario = Path(tmp) / "one.py"
+            scenario.write_text(ONE)
+            out = Path(tmp) / "results"
+            inv = lab.inventory_path
+            for i in range(a.runs):
+                sides = [lambda: ours.append(migrate_run(inv, out, HOSTS[:2], scenario)),
+                         lambda: raw.append(timed([sys.executable,
+                                                   str(Path(__file__).parent / "_raw_one.py"),
+                                                   str(inv), "hostA", "hostB"])[0])]
+                for side in (sides if i % 2 == 0 else sides[::-1]):
+                    side()
+                pairs = [lambda: four.append(migrate_run(inv, out, HOSTS, scenario)),
+                         lambda: one.append(migrate_run(inv, out, HOSTS[:2], scenario))]
+                for side in (pairs if i % 2 == 0 else pairs[::-1]):
+                    side()
+    finally:
+        asyncio.run(lab.down())
+    med = statistics.median
+    assert all(r["verdict"] == "passed" for r in ours + four + one)
+    print(f"\none migration, whole process, {a.runs} runs each (medians; min-max)")
+    print(f"{'side':<34}{'wall s':>8}{'min':>8}{'max':>8}")
+    for label, walls in (("migrate-run (framework)", [r["wall"] for r in ours]),
+                         ("raw QMP script", raw)):
+        print(f"{label:<34}{med(walls):>8.2f}{min(walls):>8.2f}{max(walls):>8.2f}")
+    o, r = med(x["wall"] for x in ours), med(raw)
+    print(f"overhead: {o - r:+.2f} s per run, ratio {o / r:.2f}; inside migrate-run the "
+          f"migration itself took {med(x['mig_run'] for x in ours):.3f} s (QEMU total "
+          f"{med(x['total'] for x in ours):.3f} s)")
+    print(f"\nconcurrent pairs ({a.runs} runs each)")
+    print(f"{'case':<34}{'wall s':>8}{'migrations':>11}{'migration span s':>18}")
+    for label, rows in (("1 pair  (hostA,hostB)", one), ("4 pairs (hostA..hostH)", four)):
+        print(f"{label:<34}{med(x['wall'] for x in rows):>8.2f}{rows[0]['migrations']:>11}"
+              f"{med(x['mig_span'] for x in rows):>18.3f}")
+    print(f"wall ratio 4 pairs / 1 pair: {med(x['wall'] for x in four) / med(x['wall'] for x in one):.2f}"
+          f"; migration-phase ratio: "
+          f"{med(x['mig_span'] for x in four) / med(x['mig_span'] for x in one):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
