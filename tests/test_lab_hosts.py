@@ -14,7 +14,7 @@ from migrator.lab import network
 
 from .conftest import SESSION_LAB, SESSION_SUBNET, cli, lab_dir
 
-HOSTS = ["hostA", "hostB", "hostC"]
+HOSTS = ["hostA", "hostB", "hostC", "hostD"]
 
 
 async def test_hosts_come_up_in_order(lab, inventory):
@@ -26,7 +26,7 @@ async def test_hosts_come_up_in_order(lab, inventory):
     assert all(h["ok"] for h in status["hosts"])
     assert list(inventory.hosts) == HOSTS
     assert [inventory.hosts[h].address for h in HOSTS] == [
-        "10.77.240.11", "10.77.240.12", "10.77.240.13"]
+        "10.77.240.11", "10.77.240.12", "10.77.240.13", "10.77.240.14"]
     assert inventory.lab.subnet == SESSION_SUBNET
 
 
