@@ -51,6 +51,9 @@ async def test_up_recovers_after_hosts_died_mid_build(config):
     for h in state.hosts:                       # the machine "crashed": every process is gone
         for ref in (h.sshd, h.init):
             os.kill(ref.pid, signal.SIGKILL)
+    async with asyncio.timeout(30):             # SIGKILL is delivered asynchronously
+        while any(is_alive(ref.proc()) for h in state.hosts for ref in (h.sshd, h.init)):
+            await asyncio.sleep(0.01)
     state.phase = LabPhase.BUILDING             # ... while up was still running
     state.save(lab.state_file)
     assert not any(h.ok for h in await lab.health())

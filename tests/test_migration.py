@@ -200,7 +200,7 @@ async def test_timeout_rolls_back(make_vm, hosts, inventory, config):
     vm = await make_vm()
     await vm.wait_for_login()
     short = config.model_copy(update={"timeouts": config.timeouts.model_copy(
-        update={"migration_s": 1.0})})
+        update={"migration_s": 1.0, "migration_s_per_gib": 0})})
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
                   MigrationParams(bandwidth_mibs=4), short)
     with pytest.raises(MigrationError, match=r"\[MIGRATING\]: timed out after 1 s"):

@@ -9,78 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
-from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from qemu.qmp import QMPClient
 
 from ..errors import GuestError, HostError
 from ..hosts.ssh import SSHHost, join, quote
+from .vm import GuestVM, VMPaths, VMSpec, vm_paths
 
-_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class VMSpec:
-    """A VM, described once: what to boot and how big it is."""
-
-    name: str
-    mem_mib: int = 128
-    vcpus: int = 1
-    kernel: str | None = None
-    initrd: str | None = None
-    append: str = "console=ttyS0 quiet panic=-1"
-    accel: str = "tcg"
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
-    qemu: str = "qemu-system-x86_64"
-    """The QEMU binary on the host (e.g. /usr/libexec/qemu-kvm on RHEL-like hosts)."""
-    disk: str | None = None
-    """A qcow2 image on shared storage (the same path on every host), as a virtio-blk disk
-    with cache=none, so the destination reads what the source wrote. Booted from when no
-    kernel is given."""
-
-    def __post_init__(self) -> None:
-        if not _VM_NAME.match(self.name):
-            raise ValueError(f"bad VM name {self.name!r}")
-        if self.mem_mib < 32 or self.vcpus < 1:
-            raise ValueError(f"{self.name}: at least 32 MiB and 1 vCPU")
-        if self.accel not in ("tcg", "kvm"):
-            raise ValueError(f"{self.name}: accel must be tcg or kvm")
-        if not self.kernel and not self.disk:
-            raise ValueError(f"{self.name}: a kernel or a disk image is required")
-
-
-@dataclass(frozen=True)
-class VMPaths:
-    dir: PurePosixPath
-
-    @property
-    def qmp(self) -> str:
-        return str(self.dir / "qmp.sock")
-
-    @property
-    def serial(self) -> str:
-        return str(self.dir / "serial.sock")
-
-    @property
-    def serial_log(self) -> str:
-        return str(self.dir / "serial.log")
-
-    @property
-    def pidfile(self) -> str:
-        return str(self.dir / "qemu.pid")
-
-    @property
-    def status_log(self) -> str:
-        """The guest's second serial port (ttyS1): TICK and dirtier lines (``lab.out``)."""
-        return str(self.dir / "status.log")
-
-
-def vm_paths(run_dir: str | os.PathLike, vm: str) -> VMPaths:
-    return VMPaths(PurePosixPath(run_dir) / vm)
-
+__all__ = ["QemuVM", "VMSpec", "VMPaths", "vm_paths", "qemu_argv", "start_vm", "stop_vm",
+           "qmp_session"]
 
 def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
               paused: bool = False) -> list[str]:
@@ -183,7 +121,7 @@ async def qmp_session(host: SSHHost, socket_path: str, name: str):
             await listener.wait_closed()
 
 
-class QemuVM:
+class QemuVM(GuestVM):
     """One QEMU process of a VM on one host, driven over SSH and QMP.
 
     ::
@@ -198,20 +136,10 @@ class QemuVM:
     """
 
     def __init__(self, spec: VMSpec, host: SSHHost, run_dir: str, config=None):
-        from ..config import Config
-        self.spec = spec
-        self.host = host
-        self.run_dir = str(run_dir)
-        self.config = config or Config()
-        self.paths = vm_paths(run_dir, spec.name)
+        super().__init__(spec, host, run_dir, config)
         self.pid: int | None = None
         self._qmp_cm = None
         self._qmp: QMPClient | None = None
-        self._session = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
 
     def __repr__(self) -> str:
         return f"<QemuVM {self.name} on {self.host.name} pid={self.pid}>"
@@ -254,8 +182,7 @@ class QemuVM:
 
         The console session is closed but kept, so a migration's :meth:`adopt` can
         re-attach it to the destination."""
-        if self._session is not None:
-            self._session.close()
+        self._close_session()
         await self.close_qmp()
         await stop_vm(self.host, self.name, self.run_dir, self.config.timeouts.qemu_stop_s)
         self.pid = None
@@ -265,50 +192,12 @@ class QemuVM:
         QMP client and console. An open session of this object re-attaches to the new
         console, so callers keep using the objects they hold. ``other`` is left empty.
         """
-        old_session = self._session
         self.host, self.pid, self.paths = other.host, other.pid, other.paths
         self._qmp, self._qmp_cm = other._qmp, other._qmp_cm
-        self._session = other._session
-        other._qmp = other._qmp_cm = other._session = None
+        other._qmp = other._qmp_cm = None
         other.pid = None
-        if old_session is not None:
-            if self._session is not None:
-                self._session.close()
-            reader, writer = await self.host.open_unix_connection(self.paths.serial)
-            old_session.reattach(reader, writer, host=self.host.name)
-            self._session = old_session
+        await self._take_session(other)
 
     async def hardreset(self) -> None:
         """Reset the VM like a power button (QMP ``system_reset``)."""
         await (await self.qmp()).execute("system_reset")
-
-    async def console(self):
-        """A new :class:`~migrator.guest.session.GuestSession` on the serial console."""
-        from ..guest.session import GuestSession
-        reader, writer = await self.host.open_unix_connection(self.paths.serial)
-        return GuestSession(reader, writer, host=self.host.name, vm=self.name,
-                            config=self.config)
-
-    async def wait_for_login(self, timeout: float | None = None):
-        """The VM's guest session, once the guest's shell answers on the serial console.
-
-        QEMU's serial socket serves one client at a time, so the VM keeps one session and
-        returns it again (reopened if it was closed).
-
-        :raise GuestError: no shell prompt within ``timeout`` (default
-            ``config.timeouts.guest_boot_s``).
-        """
-        if self._session is None or self._session.writer.is_closing():
-            self._session = await self.console()
-        await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s)
-        return self._session
-
-    async def status_lines(self) -> list[str]:
-        """The guest's ttyS1 output so far (TICK n / DIRTY ... lines), read on the host."""
-        r = await self.host.run(f"cat {quote(self.paths.status_log)} 2>/dev/null")
-        return [ln.strip() for ln in r.stdout.replace("\r", "").splitlines() if ln.strip()]
-
-    async def last_tick(self) -> int | None:
-        ticks = [int(ln.split()[1]) for ln in await self.status_lines()
-                 if ln.startswith("TICK ") and ln.split()[1].isdigit()]
-        return ticks[-1] if ticks else None

@@ -1,0 +1,158 @@
+"""What every driver's VM shares: the spec, the run directory layout, and the guest side
+(serial console sessions, the lab guest's status lines).
+
+A VM object of any driver (:class:`~migrator.hypervisor.qemu.QemuVM`,
+:class:`~migrator.hypervisor.libvirt.LibvirtVM`) offers::
+
+    await vm.start(incoming=False, paused=False)   # GuestError when it does not start
+    await vm.stop()                                # idempotent, safe in any state
+    await vm.status()                              # 'running', 'paused', 'postmigrate', ...
+    await vm.is_alive(); await vm.hardreset()
+    session = await vm.wait_for_login(timeout)     # GuestSession on the serial console
+    await vm.status_lines(); await vm.last_tick()  # the lab guest's ttyS1 (TICK, DIRTY)
+    await vm.adopt(other)                          # after a migration: become the destination
+
+Every driver gives a VM a run directory ``<run_dir>/<vm>/`` on its host with the console
+socket ``serial.sock`` and the status file ``status.log``, so guest sessions work the same.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from ..hosts.ssh import SSHHost, quote
+
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """A VM, described once: what to boot and how big it is."""
+
+    name: str
+    mem_mib: int = 128
+    vcpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = "console=ttyS0 quiet panic=-1"
+    accel: str = "tcg"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    qemu: str = "qemu-system-x86_64"
+    """The QEMU binary on the host (e.g. /usr/libexec/qemu-kvm on RHEL-like hosts)."""
+    disk: str | None = None
+    """A qcow2 image on shared storage (the same path on every host), as a virtio-blk disk
+    with cache=none, so the destination reads what the source wrote. Booted from when no
+    kernel is given."""
+
+    def __post_init__(self) -> None:
+        if not _VM_NAME.match(self.name):
+            raise ValueError(f"bad VM name {self.name!r}")
+        if self.mem_mib < 32 or self.vcpus < 1:
+            raise ValueError(f"{self.name}: at least 32 MiB and 1 vCPU")
+        if self.accel not in ("tcg", "kvm"):
+            raise ValueError(f"{self.name}: accel must be tcg or kvm")
+        if not self.kernel and not self.disk:
+            raise ValueError(f"{self.name}: a kernel or a disk image is required")
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    dir: PurePosixPath
+
+    @property
+    def qmp(self) -> str:
+        return str(self.dir / "qmp.sock")
+
+    @property
+    def serial(self) -> str:
+        return str(self.dir / "serial.sock")
+
+    @property
+    def serial_log(self) -> str:
+        return str(self.dir / "serial.log")
+
+    @property
+    def pidfile(self) -> str:
+        return str(self.dir / "qemu.pid")
+
+    @property
+    def status_log(self) -> str:
+        """The guest's second serial port (ttyS1): TICK and dirtier lines (``lab.out``)."""
+        return str(self.dir / "status.log")
+
+
+def vm_paths(run_dir: str | os.PathLike, vm: str) -> VMPaths:
+    return VMPaths(PurePosixPath(run_dir) / vm)
+
+
+
+
+class GuestVM:
+    """The driver-independent half of a VM: identity, console session, status lines.
+
+    Subclasses implement start/stop/status/is_alive/hardreset and call
+    :meth:`_take_session` from their ``adopt``.
+    """
+
+    def __init__(self, spec: VMSpec, host: SSHHost, run_dir: str, config=None):
+        from ..config import Config
+        self.spec = spec
+        self.host = host
+        self.run_dir = str(run_dir)
+        self.config = config or Config()
+        self.paths = vm_paths(run_dir, spec.name)
+        self._session = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def console(self):
+        """A new :class:`~migrator.guest.session.GuestSession` on the serial console."""
+        from ..guest.session import GuestSession
+        reader, writer = await self.host.open_unix_connection(self.paths.serial)
+        return GuestSession(reader, writer, host=self.host.name, vm=self.name,
+                            config=self.config)
+
+    async def wait_for_login(self, timeout: float | None = None):
+        """The VM's guest session, once the guest's shell answers on the serial console.
+
+        The console socket serves one client at a time, so the VM keeps one session and
+        returns it again (reopened if it was closed).
+
+        :raise GuestError: no shell prompt within ``timeout`` (default
+            ``config.timeouts.guest_boot_s``).
+        """
+        if self._session is None or self._session.writer.is_closing():
+            self._session = await self.console()
+        await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s)
+        return self._session
+
+    def _close_session(self) -> None:
+        """Close the console session but keep it, so :meth:`adopt` can re-attach it."""
+        if self._session is not None:
+            self._session.close()
+
+    async def _take_session(self, other: "GuestVM") -> None:
+        """Part of ``adopt``: keep this object's open session, re-attached to ``other``'s
+        console (now on ``self.host``), so callers keep the session objects they hold."""
+        old_session = self._session
+        self._session, other._session = other._session, None
+        if old_session is not None:
+            if self._session is not None:
+                self._session.close()
+            reader, writer = await self.host.open_unix_connection(self.paths.serial)
+            old_session.reattach(reader, writer, host=self.host.name)
+            self._session = old_session
+
+    async def status_lines(self) -> list[str]:
+        """The guest's ttyS1 output so far (TICK n / DIRTY ... lines), read on the host."""
+        r = await self.host.run(f"cat {quote(self.paths.status_log)} 2>/dev/null")
+        return [ln.strip() for ln in r.stdout.replace("\r", "").splitlines() if ln.strip()]
+
+    async def last_tick(self) -> int | None:
+        ticks = [int(ln.split()[1]) for ln in await self.status_lines()
+                 if ln.startswith("TICK ") and ln.split()[1].isdigit()]
+        return ticks[-1] if ticks else None
