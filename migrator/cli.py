@@ -63,10 +63,12 @@ def _lab_parser() -> argparse.ArgumentParser:
     ssh.add_argument("command", nargs=argparse.REMAINDER)
 
     host = sub.add_parser("host", help="a lab host's power and sshd, as a BMC or service "
-                                       "manager would (reboot, sshd-stop, sshd-start, status)")
+                                       "manager would (reboot, sshd-stop, sshd-start, "
+                                       "libvirtd-stop, libvirtd-start, status)")
     _lab_options(host)
     host.add_argument("host")
-    host.add_argument("action", choices=("reboot", "sshd-stop", "sshd-start", "status"))
+    host.add_argument("action", choices=("reboot", "sshd-stop", "sshd-start", "libvirtd-stop",
+                                         "libvirtd-start", "status"))
 
     mig = sub.add_parser("migrate", help="boot a guest on SRC, live-migrate it to DST, check "
                                          "it there (checksum, ticks), print the result record")
@@ -196,8 +198,7 @@ async def _lab_command(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os.execvp(argv[0], argv)
     if args.cmd == "host":
-        request = {"reboot": "reboot", "sshd-stop": "sshd stop", "sshd-start": "sshd start",
-                   "status": "status"}[args.action]
+        request = args.action.replace("-", " ", 1)
         print(lab.control(args.host, request))
         return 0
     if args.cmd == "migrate":
@@ -355,7 +356,7 @@ async def _run(plan: dict, args) -> int:
             if h is not handler:
                 h.setLevel(logging.WARNING)
                 h.addFilter(lambda record: not record.name.startswith("migrator"))
-    for noisy in ("asyncssh", "qemu.qmp", "aiohttp"):
+    for noisy in ("asyncssh", "qemu.qmp", "aiohttp", "virEventAsyncIOImpl"):
         logging.getLogger(noisy).setLevel(logging.INFO)
     meta = {"scenario": plan["scenario"], "class": plan["cls"].__name__,
             "hosts": plan["hosts"], "all_hosts": args.all_hosts,

@@ -107,6 +107,11 @@ class Timeouts(_Strict):
     """Added to ``migration_s`` per GiB of guest memory (see :meth:`migration_for`): at the
     ~1 Gbit/s of a TCG lab a GiB takes ~10 s; a real dirtying guest many times that."""
 
+    libvirt_call_s: float = Field(60.0, gt=0)
+    """One libvirt API call other than the migration itself (define, start, job stats,
+    abortJob ...). They answer in milliseconds; a hung daemon must not hang the run (KubeVirt
+    guards abortJob the same way)."""
+
     barrier_s: float = Field(120.0, gt=0)
     """A framework barrier (hosts meeting between steps). Hosts arrive within milliseconds
     of each other unless one is slow or gone; the server names whoever is missing."""
@@ -185,6 +190,30 @@ class SyncSettings(_Strict):
     heartbeat_s: float = Field(5.0, gt=0)
 
 
+class LibvirtSettings(_Strict):
+    """How the libvirt driver reaches and migrates (``libvirt.*``)."""
+
+    p2p: bool = False
+    """Peer-to-peer migration (``migrateToURI3``: the source libvirtd opens the destination
+    itself, using the same URI, so the key and known_hosts paths must exist on the source
+    host); default managed (``migrate3``: the controller drives both daemons)."""
+    unsafe: bool = False
+    """Migrate disks on storage libvirt does not recognise as shared (a local directory shared
+    by other means, as in the lab; qcow2 with cache=none is safe there)."""
+    transport: str = "libssh"
+    """``libssh``: libvirt's built-in SSH client with the inventory's key and known_hosts (host
+    keys verified). ``ssh``: the ``ssh`` binary with the user's own ~/.ssh configuration."""
+    keepalive_interval_s: int = Field(5, ge=1)
+    keepalive_count: int = Field(3, ge=1)
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, v: str) -> str:
+        if v not in ("libssh", "ssh"):
+            raise ValueError(f"transport must be 'libssh' or 'ssh', not {v!r}")
+        return v
+
+
 class ReportSettings(_Strict):
     results_dir: Path = Path("results")
     """Where ``migrate-run`` writes ``<run-id>/`` (JSON records, JUnit XML, logs)."""
@@ -201,7 +230,9 @@ class Config(_Strict):
     limits: Limits = Limits()
     lab: LabDefaults = LabDefaults()
     driver: str = "qemu"
-    """How VMs are driven: ``qemu`` (QMP over SSH). ``libvirt`` comes with its driver."""
+    """How VMs are driven: ``qemu`` (QEMU started over SSH, QMP through SSH socket forwarding)
+    or ``libvirt`` (libvirt-python, one libvirtd per host)."""
+    libvirt: LibvirtSettings = LibvirtSettings()
     migration: MigrationSettings = MigrationSettings()
     vms: dict[str, VMSettings] = {}
     """Declared VMs. Undeclared names ``vm1`` ... ``vmN`` are lab guests of the default size."""
@@ -213,8 +244,8 @@ class Config(_Strict):
     @field_validator("driver")
     @classmethod
     def _known_driver(cls, v: str) -> str:
-        if v not in ("qemu",):
-            raise ValueError(f"driver must be 'qemu' (libvirt is not implemented yet), not {v!r}")
+        if v not in ("qemu", "libvirt"):
+            raise ValueError(f"driver must be 'qemu' or 'libvirt', not {v!r}")
         return v
 
     @classmethod

@@ -15,6 +15,7 @@ while they run.
 import asyncio
 
 from migrator import MigrationError, MultihostMigration
+from migrator.aio import shielded
 from migrator.hosts import quote
 from migrator.migration import Phase
 
@@ -41,8 +42,9 @@ class DestBlock(MultihostMigration):
                 except TimeoutError:
                     mig_data.cancel(f"port blocked for {limit:g} s")
                     await mig_data.wait_ended()
-        finally:
-            await mig_data.dst.run(f"nft delete table inet {quote(table)}", check=True)
+        finally:       # even when cancelled (the migration failed): never leave it blocked
+            await shielded(mig_data.dst.run(f"nft delete table inet {quote(table)}",
+                                            check=True))
             self.context.say(f"[{mig_data.mig_id}] port {port} unblocked")
 
     async def migration_scenario(self):

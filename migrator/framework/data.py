@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import ScenarioError
-from ..migration import Migration, MigrationParams, MigrationResult, Phase
+from ..migration import BaseMigration, MigrationParams, MigrationResult, Phase
 
 if TYPE_CHECKING:
     from ..hosts import SSHHost
-    from ..hypervisor.qemu import QemuVM
+    from ..hypervisor import GuestVM
 
 
 @dataclass(eq=False)
@@ -28,11 +28,16 @@ class MigrationData:
     dst: "SSHHost"
     mig_id: str
     params: MigrationParams
-    vms: list["QemuVM"] = field(default_factory=list)
-    vm_ports: dict[str, int] = field(default_factory=dict)
-    migrations: dict[str, Migration] = field(default_factory=dict)
+    vms: list["GuestVM"] = field(default_factory=list)
+    migrations: dict[str, BaseMigration] = field(default_factory=dict)
     results: dict[str, MigrationResult] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def vm_ports(self) -> dict[str, int]:
+        """``{vm: port}`` of each destination that listens (QMP: once LISTENING; libvirt: once
+        data flows, found from the destination QEMU's socket)."""
+        return {n: m.result.port for n, m in self.migrations.items() if m.result.port}
 
     @property
     def hosts(self) -> list["SSHHost"]:
@@ -49,14 +54,12 @@ class MigrationData:
 
     # -- called by the framework ---------------------------------------------------------------
 
-    def _track(self, mig: Migration) -> None:
+    def _track(self, mig: BaseMigration) -> None:
         self.migrations[mig.src_vm.name] = mig
         mig.observers.append(self._on_phase)
         self._pulse()
 
-    def _on_phase(self, mig: Migration, phase: Phase) -> None:
-        if phase is Phase.LISTENING and mig.result.port:
-            self.vm_ports[mig.src_vm.name] = mig.result.port
+    def _on_phase(self, mig: BaseMigration, phase: Phase) -> None:
         self._pulse()
 
     def _pulse(self) -> None:

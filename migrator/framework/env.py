@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from ..config import Config, Inventory
 from ..errors import ConfigError, ScenarioError
 from ..hosts import SSHHost, quote
-from ..hypervisor.qemu import QemuVM, VMSpec
+from ..hypervisor import GuestVM, VMSpec, make_vm
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Env:
                  disk_dir: str | None):
         self.config, self.inventory = config, inventory
         self.run_dir, self.disk_dir = run_dir, disk_dir
-        self._vms: dict[str, QemuVM] = {}
+        self._vms: dict[str, GuestVM] = {}
         self._busy: dict[str, str] = {}
         for name in config.vms:
             self.spec(name)          # every declared VM must be bootable: fail before start
@@ -78,7 +78,7 @@ class Env:
         """``{vm: base image}`` of the declared VMs that boot from a disk image."""
         return {n: str(d.image) for n, d in self.config.vms.items() if d.image}
 
-    def get_vm(self, name: str) -> QemuVM:
+    def get_vm(self, name: str) -> GuestVM:
         """The VM object of ``name``: it refers to the VM wherever it runs now.
 
         :raise ScenarioError: the VM has not been started in this run.
@@ -89,10 +89,10 @@ class Env:
             raise ScenarioError(f"VM {name!r} is not running in this run (migrate() starts "
                                 "VMs on their source)") from None
 
-    def vms(self) -> list[QemuVM]:
+    def vms(self) -> list[GuestVM]:
         return list(self._vms.values())
 
-    async def ensure_running(self, name: str, host: SSHHost) -> QemuVM:
+    async def ensure_running(self, name: str, host: SSHHost) -> GuestVM:
         """The VM ``name`` running on ``host``: started there (and logged in) if it is not
         running yet.
 
@@ -104,7 +104,7 @@ class Env:
             if vm.host.name != host.name:
                 raise ScenarioError(f"VM {name!r} runs on {vm.host.name}, not on {host.name}")
             return vm
-        vm = QemuVM(self.spec(name), host, self.run_dir, self.config)
+        vm = make_vm(self.config.driver, self.spec(name), host, self.run_dir, self.config)
         self._vms[name] = vm
         log.info("[vm=%s host=%s] starting", name, host.name)
         await vm.start()
@@ -133,7 +133,7 @@ class Env:
         """Stop every VM of this instance; return the problems (never raises)."""
         problems: list[str] = []
 
-        async def stop(vm: QemuVM) -> None:
+        async def stop(vm: GuestVM) -> None:
             try:
                 await vm.stop()
             except Exception as exc:  # noqa: BLE001 - cleanup goes on; reported

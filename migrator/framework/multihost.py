@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from ..config import Config, Inventory, load_inventory
 from ..errors import ConfigError, HostError, MigrationError, ScenarioError
 from ..hosts import SSHHost, quote
-from ..migration import Migration, MigrationParams, Phase
+from ..migration import BaseMigration, MigrationParams, Phase, make_migration
 from .context import InstanceRecord, MigrationRecord, RunContext, local_address_towards
 from .data import MigrationData
 from .env import Env, prepare_overlays
@@ -163,10 +163,11 @@ class MultihostMigration:
         """Runs while the migrations are in flight (change speed or downtime here)."""
 
     async def check_vms_src(self, mig_data: MigrationData) -> None:
-        """After the migrations: no QEMU of the VMs is left on the source."""
+        """After the migrations: nothing of the VMs is left on the source (the run directory
+        of a VM lives exactly as long as the VM on that host, whatever the driver)."""
         dirs = " ".join(quote(f"{self.run_dir}/{n}") for n in mig_data.vm_names)
-        r = await mig_data.src.run(f'for d in {dirs}; do test -e "$d/qemu.pid" && echo "$d"; done;'
-                                   " true", check=True)
+        r = await mig_data.src.run(f'for d in {dirs}; do test -e "$d" && echo "$d"; done; true',
+                                   check=True)
         if r.stdout.strip():
             raise ScenarioError(f"{mig_data}: the source {mig_data.src.name} still has "
                                 f"{r.stdout.split()}")
@@ -423,8 +424,8 @@ class MultihostMigration:
 
     async def _migrate_one(self, md: MigrationData, vm) -> None:
         entry = self.inventory.host(md.dst.name)
-        mig = Migration(vm, md.dst, entry.migration_address or entry.address, md.params,
-                        self.config)
+        mig = make_migration(vm, md.dst, entry.migration_address or entry.address, md.params,
+                             self.config)
         md._track(mig)
         reporter = _Progress(self.context, md, mig)
         mig.observers.append(reporter.on_phase)
@@ -454,11 +455,11 @@ class _Progress:
     """Progress lines for one migration: every phase, and a progress line at most every
     ``report.progress_interval_s``."""
 
-    def __init__(self, ctx: RunContext, md: MigrationData, mig: Migration):
+    def __init__(self, ctx: RunContext, md: MigrationData, mig: BaseMigration):
         self.ctx, self.md, self.mig = ctx, md, mig
         self.tag = f"[{md.mig_id} {mig.src_vm.name} {md.src.name}->{md.dst.name}]"
 
-    def on_phase(self, mig: Migration, phase: Phase) -> None:
+    def on_phase(self, mig: BaseMigration, phase: Phase) -> None:
         extra = ""
         if phase is Phase.LISTENING:
             extra = f" port {mig.result.port}"

@@ -22,13 +22,15 @@ It is also a child subreaper: orphans of the host (daemonized QEMUs, session lef
 reparented to it and reaped, so they do not linger as zombies under the machine's PID 1.
 
 Control socket (``<hostdir>/control.sock``, root only), one line per request:
-``reboot``, ``sshd stop``, ``sshd start``, ``status`` (answers JSON).
+``reboot``, ``sshd stop``, ``sshd start``, ``libvirtd stop``, ``libvirtd start``, ``status``
+(answers JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -208,6 +210,22 @@ class HostInit:
                 async with self.busy:
                     await self.start_sshd()
                 reply = "ok sshd started"
+            elif request in ("libvirtd stop", "libvirtd start") and not self.libvirt:
+                reply = "error this lab runs no libvirtd (migrate-lab up --libvirt)"
+            elif request == "libvirtd stop":
+                async with self.busy:
+                    if self.libvirtd is not None:
+                        await self._stop([self.libvirtd])
+                    self.libvirtd = None
+                    self._record("libvirtd", None)
+                reply = "ok libvirtd stopped"
+            elif request == "libvirtd start":
+                async with self.busy:
+                    if not (self.libvirtd and is_alive(self.libvirtd)):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink("/run/libvirt/libvirt-sock")
+                        await self.start_libvirtd()
+                reply = "ok libvirtd started"
             elif request == "status":
                 reply = json.dumps({
                     "host": self.host, "boots": self.boots,

@@ -499,7 +499,8 @@ class Lab:
     # -- helpers for users ----------------------------------------------------------------------
 
     def control(self, host: str, request: str) -> str:
-        """Ask ``host``'s init for ``reboot``, ``sshd stop``, ``sshd start`` or ``status``.
+        """Ask ``host``'s init for ``reboot``, ``sshd stop``, ``sshd start``, ``libvirtd stop``,
+        ``libvirtd start`` or ``status``.
 
         This is the lab's power switch and service manager, as a BMC or systemd would be for
         a real host. :raise ConfigError: unknown host; :raise LabError: the request failed.

@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Callable
 
+from ..aio import shielded
 from ..config import Config
 from ..errors import MigrationError
 from ..hosts.ssh import SSHHost
@@ -65,7 +66,8 @@ class Phase(str, enum.Enum):
 EDGES: dict[Phase, set[Phase]] = {
     Phase.PENDING: {Phase.PREPARING_DEST, Phase.ROLLING_BACK},
     Phase.PREPARING_DEST: {Phase.CONFIGURED, Phase.ROLLING_BACK},
-    Phase.CONFIGURED: {Phase.LISTENING, Phase.ROLLING_BACK},
+    # libvirt's migrate3 prepares the listening destination inside the call: no LISTENING
+    Phase.CONFIGURED: {Phase.LISTENING, Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.LISTENING: {Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.MIGRATING: {Phase.POSTCOPY, Phase.COMPLETED, Phase.ROLLING_BACK},
     Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT},
@@ -104,9 +106,12 @@ class MigrationResult:
     dst: str
     status: str                          #: completed | failed | cancelled
     phase: str                           #: final phase
+    driver: str = "qemu"
     total_time_ms: int | None = None     #: QEMU's total-time
     downtime_ms: int | None = None       #: QEMU's downtime
     downtime_events_ms: float | None = None  #: source STOP -> destination RESUME events
+    total_time_net_ms: int | None = None     #: libvirt: time_elapsed_net (excl. its own RPCs)
+    downtime_net_ms: int | None = None       #: libvirt: downtime_net
     setup_time_ms: int | None = None
     transferred_bytes: int | None = None
     throughput_mbps: float | None = None
@@ -125,36 +130,40 @@ class MigrationResult:
         return asdict(self)
 
 
-class Migration:
-    """Migrate ``src_vm`` (running) to ``dst_host``; see the module docstring.
+class BaseMigration:
+    """The phase machine, progress stream, cancel and result record every driver's migration
+    shares. A driver implements :meth:`_run_phases` (PENDING -> ... -> CLEANED) and
+    :meth:`_rollback`; :meth:`run` wraps them with the failure guarantees.
 
     :param dst_address: where the destination listens (its migration address).
     """
 
-    def __init__(self, src_vm: QemuVM, dst_host: SSHHost, dst_address: str,
+    driver = "?"
+
+    def __init__(self, src_vm, dst_host: SSHHost, dst_address: str,
                  params: MigrationParams | None = None, config: Config | None = None):
         self.src_vm = src_vm
         self.dst_host = dst_host
         self.dst_address = dst_address
         self.params = params or MigrationParams()
         self.config = config or src_vm.config
-        self.dst_vm = QemuVM(src_vm.spec, dst_host, src_vm.run_dir, self.config)
+        self.dst_vm = type(src_vm)(src_vm.spec, dst_host, src_vm.run_dir, self.config)
         self.phase = Phase.PENDING
         self.history: list[tuple[Phase, float, float]] = [(Phase.PENDING, time.monotonic(),
                                                            time.time())]
         self.records: list[ProgressRecord] = []
         self._changed = asyncio.Event()
         #: called with (migration, new phase) on every transition, e.g. to show progress
-        self.observers: list[Callable[["Migration", Phase], None]] = []
+        self.observers: list[Callable[["BaseMigration", Phase], None]] = []
         self._cancel_requested: str | None = None
         self._t_migrate: float | None = None
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
-                                      "pending", Phase.PENDING.value,
+                                      "pending", Phase.PENDING.value, driver=self.driver,
                                       params=asdict(self.params))
 
     def __repr__(self) -> str:
-        return (f"<Migration {self.src_vm.name} {self.src_vm.host.name}->{self.dst_host.name} "
-                f"{self.phase.value}>")
+        return (f"<{type(self).__name__} {self.src_vm.name} {self.src_vm.host.name}->"
+                f"{self.dst_host.name} {self.phase.value}>")
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -215,25 +224,11 @@ class Migration:
         t0 = time.monotonic()
         timeouts = self.config.timeouts
         try:
-            async with asyncio.timeout(timeouts.migration_setup_s):
-                self._set_phase(Phase.PREPARING_DEST)
-                await self.dst_vm.start(incoming=True)
-                src, dst = await self.src_vm.qmp(), await self.dst_vm.qmp()
-                await self._configure(src, dst)
-                self._set_phase(Phase.CONFIGURED)
-                port = await self._listen(dst)
-                self._set_phase(Phase.LISTENING)
-            await self._migrate(src, dst, port)
-            await self._verify(src, dst)
-            await self.src_vm.stop()
-            # the caller's VM object (and its session) now refer to the destination
-            await self.src_vm.adopt(self.dst_vm)
-            self.dst_vm = self.src_vm
-            self._set_phase(Phase.CLEANED)
+            await self._run_phases()
         except asyncio.CancelledError:
             failed_in = self.phase
             why = "interrupted: the controller's task was cancelled"
-            outcome = await _shielded(self._rollback(why))
+            outcome = await shielded(self._rollback(why))
             self.result.status = "cancelled"
             self.result.error = str(MigrationError(
                 self.src_vm.host.name, self.dst_host.name, self.src_vm.name, failed_in.value,
@@ -256,6 +251,68 @@ class Migration:
         if self.result.total_time_ms:
             self.result.overhead_s = self.result.run_s - self.result.total_time_ms / 1000
         return self.result
+
+    async def _run_phases(self) -> None:
+        """PENDING -> ... -> CLEANED; raise on any failure (``run`` rolls back)."""
+        raise NotImplementedError
+
+    async def _rollback(self, why: str) -> str:
+        """Keep the VM on the source, remove the destination; return what was done."""
+        raise NotImplementedError
+
+    def _add_record(self, record: ProgressRecord) -> None:
+        self.records.append(record)
+        self.result.max_cpu_throttle = max(self.result.max_cpu_throttle, record.cpu_throttle)
+        self._pulse()
+
+    async def _fail(self, message: str, cause: BaseException) -> MigrationError:
+        failed_in = self.phase
+        outcome = await shielded(self._rollback(message))
+        err = MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
+                             failed_in.value, message, outcome)
+        self.result.error = str(err)
+        log.error("%s", err)
+        return err
+
+    def _split_outcome(self) -> str | None:
+        """After a postcopy switchover the source cannot take the VM back: the outcome to
+        report (phase SPLIT), or None when rolling back is still possible."""
+        if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
+                                            and self.params.postcopy_after_s is not None):
+            self._set_phase(Phase.SPLIT)
+            self.result.status = "failed"
+            return ("failed after the postcopy switchover: the guest's memory is split between "
+                    f"{self.src_vm.host.name} and {self.dst_host.name}; the destination was "
+                    "kept (it holds the newest pages); recovery needs migrate-recover")
+        if self.phase in (Phase.COMPLETED, Phase.VERIFIED):
+            self.result.status = "failed"
+            return (f"the migration completed but its verification failed: the VM is on "
+                    f"{self.dst_host.name}; nothing was rolled back")
+        return None
+
+
+class Migration(BaseMigration):
+    """A migration driven through QMP on both QEMUs (the ``qemu`` driver)."""
+
+    driver = "qemu"
+
+    async def _run_phases(self) -> None:
+        timeouts = self.config.timeouts
+        async with asyncio.timeout(timeouts.migration_setup_s):
+            self._set_phase(Phase.PREPARING_DEST)
+            await self.dst_vm.start(incoming=True)
+            src, dst = await self.src_vm.qmp(), await self.dst_vm.qmp()
+            await self._configure(src, dst)
+            self._set_phase(Phase.CONFIGURED)
+            port = await self._listen(dst)
+            self._set_phase(Phase.LISTENING)
+        await self._migrate(src, dst, port)
+        await self._verify(src, dst)
+        await self.src_vm.stop()
+        # the caller's VM object (and its session) now refer to the destination
+        await self.src_vm.adopt(self.dst_vm)
+        self.dst_vm = self.src_vm
+        self._set_phase(Phase.CLEANED)
 
     async def _configure(self, src, dst) -> None:
         caps = [{"capability": k, "state": v} for k, v in self.params.capabilities().items()]
@@ -333,9 +390,7 @@ class Migration:
             mbps=ram.get("mbps", 0.0), iteration=ram.get("dirty-sync-count", 0),
             expected_downtime_ms=info.get("expected-downtime", 0),
             cpu_throttle=info.get("cpu-throttle-percentage", 0))
-        self.records.append(record)
-        self.result.max_cpu_throttle = max(self.result.max_cpu_throttle, record.cpu_throttle)
-        self._pulse()
+        self._add_record(record)
 
     def _final_figures(self, info: dict) -> None:
         ram = info.get("ram", {})
@@ -371,32 +426,15 @@ class Migration:
 
     # -- failure ------------------------------------------------------------------------------------
 
-    async def _fail(self, message: str, cause: BaseException) -> MigrationError:
-        failed_in = self.phase
-        outcome = await _shielded(self._rollback(message))
-        err = MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
-                             failed_in.value, message, outcome)
-        self.result.error = str(err)
-        log.error("%s", err)
-        return err
-
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done.
 
         Every step is bounded by ``migration_cancel_s`` / ``qemu_stop_s``; a step that fails
         is reported in the outcome, and the remaining steps still run.
         """
-        if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
-                                            and self.params.postcopy_after_s is not None):
-            self._set_phase(Phase.SPLIT)
-            self.result.status = "failed"
-            return ("failed after the postcopy switchover: the guest's memory is split between "
-                    f"{self.src_vm.host.name} and {self.dst_host.name}; the destination was "
-                    "kept (it holds the newest pages); recovery needs migrate-recover")
-        if self.phase in (Phase.COMPLETED, Phase.VERIFIED):
-            self.result.status = "failed"
-            return (f"the migration completed but its verification failed: the VM is on "
-                    f"{self.dst_host.name}; nothing was rolled back")
+        split = self._split_outcome()
+        if split is not None:
+            return split
         self._set_phase(Phase.ROLLING_BACK)
         self.result.status = "cancelled" if self._cancel_requested else "failed"
         notes = []
@@ -429,21 +467,3 @@ class Migration:
         log.warning("[vm=%s] rolled back (%s): %s", self.src_vm.name, why, outcome)
         return outcome
 
-
-async def _shielded(coro):
-    """Run ``coro`` to its end even if the caller is cancelled meanwhile (a rollback cut in
-    half would leave the VM paused or the destination behind; every rollback step is bounded
-    by its own timeout), then deliver the cancellation."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError("cancelled during rollback (the rollback completed)")
-    return result

@@ -1,0 +1,349 @@
+"""One live migration through libvirt (the ``libvirt`` driver), same phases and record as QMP.
+
+::
+
+    mig = LibvirtMigration(src_vm, dst_host, dst_address, MigrationParams(), config)
+    result = await mig.run()
+
+Phases: PENDING -> PREPARING_DEST (run dir and connection on the destination) -> CONFIGURED
+(max downtime set, events registered) -> MIGRATING (``migrate3``, or ``migrateToURI3`` with
+``libvirt.p2p``, running in a thread; libvirt starts the destination QEMU and its listener
+inside the call, so there is no LISTENING) [-> POSTCOPY (``migrateStartPostCopy``)] ->
+COMPLETED -> VERIFIED (destination running, source domain gone) -> CLEANED.
+
+Progress comes from ``jobStats()`` polls and libvirt's migration-iteration events; the final
+figures from the source's job-completed event (``time_elapsed``, ``downtime`` and their
+``_net`` variants that exclude libvirt's own RPCs), or the destination's completed job stats.
+
+Failure, ``cancel()``, a stall and cancellation of the caller all abort the job
+(``abortJob``, guarded by ``migration_cancel_s``), resume the source if it was left paused, and
+remove whatever is left on the destination; when the destination's libvirtd is gone, its
+QEMU is killed through libvirt's pidfile over SSH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+
+import libvirt
+
+from ..hosts import quote
+from ..hypervisor.libvirt import _EXECUTOR, LibvirtError, LibvirtVM
+from .engine import BaseMigration, Phase, ProgressRecord
+from .params import MIB
+
+log = logging.getLogger(__name__)
+
+_EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+           libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION)
+
+
+class LibvirtMigration(BaseMigration):
+    """Migrate the running :class:`LibvirtVM` ``src_vm`` to ``dst_host``."""
+
+    driver = "libvirt"
+    src_vm: LibvirtVM
+    dst_vm: LibvirtVM
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._job: asyncio.Future | None = None
+        self._completed_stats: dict | None = None
+        self._events: list[tuple[str, str, int, int, float]] = []
+        self._callbacks: list[tuple[LibvirtVM, int]] = []
+
+    # -- what libvirt is asked ----------------------------------------------------------------
+
+    def flags_and_params(self) -> tuple[int, dict]:
+        """``migrate3`` flags and typed parameters for :attr:`params`."""
+        p, settings = self.params, self.config.libvirt
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        params: dict = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{self.dst_address}"}
+        if p.bandwidth_mibs is not None:        # unset: libvirt lifts QEMU's cap itself
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, round(p.bandwidth_mibs))
+        if p.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if p.postcopy_after_s is not None:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if p.multifd_channels is not None:
+            flags |= libvirt.VIR_MIGRATE_PARALLEL
+            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = p.multifd_channels
+        if p.xbzrle_cache_mib is not None:
+            flags |= libvirt.VIR_MIGRATE_COMPRESSED
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = p.xbzrle_cache_mib * MIB
+        if settings.unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        if settings.p2p:
+            flags |= libvirt.VIR_MIGRATE_PEER2PEER
+        return flags, params
+
+    # -- the phases ---------------------------------------------------------------------------
+
+    async def _run_phases(self) -> None:
+        timeouts = self.config.timeouts
+        src = self.src_vm
+        async with asyncio.timeout(timeouts.migration_setup_s):
+            self._set_phase(Phase.PREPARING_DEST)
+            await self.dst_vm.start(incoming=True)
+            sdom = await src.domain()
+            if sdom is None:
+                raise self._error(f"no domain {src.name} on {src.host.name}")
+            dconn = await self.dst_vm.conn()
+            flags, params = self.flags_and_params()
+            if self.params.downtime_limit_ms is not None:
+                await src.call("migrateSetMaxDowntime", sdom.migrateSetMaxDowntime,
+                               self.params.downtime_limit_ms, 0)
+            await self._watch(src, sdom)
+            await self._watch(self.dst_vm, None)
+            self._set_phase(Phase.CONFIGURED)
+        try:
+            await self._migrate(sdom, dconn, flags, params)
+            await self._verify()
+        finally:
+            await self._unwatch()
+        await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)   # source's run dir
+        await self.src_vm.adopt(self.dst_vm)
+        self.dst_vm = self.src_vm
+        self._set_phase(Phase.CLEANED)
+
+    async def _migrate(self, sdom, dconn, flags: int, params: dict) -> None:
+        timeouts = self.config.timeouts
+        loop = asyncio.get_running_loop()
+        if self.config.libvirt.p2p:
+            job = partial(sdom.migrateToURI3, self.dst_vm.uri, params, flags)
+        else:
+            job = partial(sdom.migrate3, dconn, params, flags)
+        self._t_migrate = time.monotonic()
+        self._job = loop.run_in_executor(_EXECUTOR, job)
+        self._set_phase(Phase.MIGRATING)
+        moved, moved_at = -1, time.monotonic()
+        async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
+            while not self._job.done():
+                if self._cancel_requested:
+                    raise self._error(f"cancelled: {self._cancel_requested}")
+                await self._poll(sdom)
+                now = time.monotonic()
+                if self.records and self.records[-1].transferred != moved:
+                    moved, moved_at = self.records[-1].transferred, now
+                elif now - moved_at >= timeouts.migration_stall_s:
+                    raise self._error(f"stalled: no bytes moved for "
+                                      f"{timeouts.migration_stall_s:g} s at {moved} bytes "
+                                      "(link blocked or destination hung?)")
+                if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
+                        and now - self._t_migrate >= self.params.postcopy_after_s):
+                    await self.src_vm.call("migrateStartPostCopy", sdom.migrateStartPostCopy, 0)
+                    self._set_phase(Phase.POSTCOPY)
+                changed = asyncio.ensure_future(self.wait_changed())
+                await asyncio.wait([self._job, changed], timeout=timeouts.progress_interval_s)
+                changed.cancel()
+        try:
+            ddom = self._job.result()
+        except libvirt.libvirtError as exc:
+            raise self._error(f"libvirt: {exc.get_error_message() or exc}") from exc
+        self.result.wall_s = time.monotonic() - self._t_migrate
+        self._set_phase(Phase.COMPLETED)
+        stats = self._completed_stats
+        if stats is None:           # the event did not come (yet): ask the destination
+            ddom = ddom or await self.dst_vm.domain()
+            stats = await self.dst_vm.call("completed job stats", ddom.jobStats,
+                                           libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        self._final_figures(stats)
+
+    async def _poll(self, sdom) -> None:
+        timeouts = self.config.timeouts
+        try:
+            stats = await self.src_vm.call("jobStats", sdom.jobStats,
+                                           timeout=min(timeouts.libvirt_call_s,
+                                                       timeouts.migration_stall_s))
+        except LibvirtError as exc:
+            if exc.code is None and not self._job.done():
+                return              # no answer (QEMU's monitor busy): counts as no progress
+            # the domain left the source just before the migrate call returned (p2p does
+            # this): the job's own result tells how it ended; wait for it a little
+            try:
+                await asyncio.wait_for(asyncio.shield(self._job),
+                                       self.config.timeouts.libvirt_call_s)
+            except TimeoutError:
+                raise exc from None
+            except libvirt.libvirtError:
+                pass
+            return
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return
+        if self.result.port is None and stats.get("memory_processed", 0) > 0:
+            self.result.port = await self._find_port()
+        self._add_record(ProgressRecord(
+            t=time.monotonic() - self._t_migrate,
+            status="postcopy-active" if self.phase is Phase.POSTCOPY else "active",
+            transferred=stats.get("memory_processed", stats.get("data_processed", 0)),
+            remaining=stats.get("memory_remaining", 0), total=stats.get("memory_total", 0),
+            dirty_pages_rate=stats.get("memory_dirty_rate", 0),
+            mbps=stats.get("memory_bps", 0) * 8 / 1e6,
+            iteration=stats.get("memory_iteration", 0), expected_downtime_ms=0,
+            cpu_throttle=stats.get("auto_converge_throttle", 0)))
+
+    async def _find_port(self) -> int | None:
+        """The destination QEMU's migration port (libvirt picks it inside migrate3): the local
+        port of that QEMU's established connection on the destination's migration address."""
+        pid = await self.dst_vm.read_pid()
+        if pid is None:
+            return None
+        r = await self.dst_host.run(f"ss -Htnp state established src {quote(self.dst_address)}")
+        for line in r.stdout.splitlines():
+            fields = line.split()
+            if f"pid={pid}," in line and len(fields) >= 4:
+                return int(fields[2].rsplit(":", 1)[1])
+        return None
+
+    def _final_figures(self, stats: dict) -> None:
+        r = self.result
+        r.status = "completed"
+        r.total_time_ms = stats.get("time_elapsed")
+        r.total_time_net_ms = stats.get("time_elapsed_net")
+        r.downtime_ms = stats.get("downtime")
+        r.downtime_net_ms = stats.get("downtime_net")
+        r.setup_time_ms = stats.get("setup_time")
+        r.transferred_bytes = stats.get("memory_processed")
+        r.throughput_mbps = round(stats.get("memory_bps", 0) * 8 / 1e6, 1)
+        r.iterations = stats.get("memory_iteration")
+        r.postcopy_requests = stats.get("memory_postcopy_requests")
+        r.max_cpu_throttle = max(r.max_cpu_throttle, stats.get("auto_converge_throttle", 0))
+
+    async def _verify(self) -> None:
+        """Destination running (waited for), source domain gone; downtime from the events."""
+        timeouts = self.config.timeouts
+        async with asyncio.timeout(timeouts.migration_setup_s):
+            while (status := await self.dst_vm.status()) != "running":
+                if status not in ("paused-migration", "paused", "absent"):
+                    raise self._error(f"destination ended in state {status!r}")
+                await asyncio.sleep(timeouts.progress_interval_s)
+        left = await self.src_vm.status()
+        if left not in ("absent", "shutoff"):
+            raise self._error(f"source domain is {left!r} after completion, not gone")
+        self.dst_vm.pid = await self.dst_vm.read_pid()
+        suspended = [t for side, kind, ev, _, t in self._events
+                     if side == "src" and kind == "lifecycle"
+                     and ev == libvirt.VIR_DOMAIN_EVENT_SUSPENDED]
+        resumed = [t for side, kind, ev, _, t in self._events
+                   if side == "dst" and kind == "lifecycle"
+                   and ev == libvirt.VIR_DOMAIN_EVENT_RESUMED]
+        if suspended and resumed:
+            self.result.downtime_events_ms = round((resumed[-1] - suspended[-1]) * 1000, 1)
+        self._set_phase(Phase.VERIFIED)
+
+    # -- events -------------------------------------------------------------------------------
+
+    async def _watch(self, vm: LibvirtVM, dom) -> None:
+        """Record lifecycle, iteration and job-completed events of this VM on ``vm``'s host."""
+        side = "src" if vm is self.src_vm else "dst"
+        conn = await vm.conn()
+        loop = asyncio.get_running_loop()
+
+        def note(kind: str, event: int, detail: int) -> None:
+            self._events.append((side, kind, event, detail, time.monotonic()))
+
+        def lifecycle(_c, d, event, detail, _o):
+            if d.name() == self.src_vm.name:
+                loop.call_soon_threadsafe(note, "lifecycle", event, detail)
+
+        def iteration(_c, d, n, _o):
+            if d.name() == self.src_vm.name:
+                loop.call_soon_threadsafe(note, "iteration", n, 0)
+
+        def completed(_c, d, stats, _o):
+            if d.name() == self.src_vm.name:
+                loop.call_soon_threadsafe(self._job_completed, stats)
+
+        for event_id, cb in zip(_EVENTS, (lifecycle, completed, iteration)):
+            if side == "dst" and event_id != libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE:
+                continue
+            cbid = await vm.call("register events", conn.domainEventRegisterAny, None,
+                                 event_id, cb, None)
+            self._callbacks.append((vm, cbid))
+
+    def _job_completed(self, stats: dict) -> None:
+        self._completed_stats = dict(stats)
+        self._pulse()
+
+    async def _unwatch(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for vm, cbid in callbacks:
+            try:
+                conn = await vm.conn()
+                await vm.call("deregister events", conn.domainEventDeregisterAny, cbid)
+            except LibvirtError as exc:
+                log.debug("%s", exc)
+
+    # -- failure ------------------------------------------------------------------------------
+
+    async def _landed_on_destination(self) -> bool:
+        """Whether the VM is already gone from the source and running on the destination:
+        removing the destination then would lose it."""
+        try:
+            return (await self.src_vm.status() == "absent"
+                    and await self.dst_vm.status() == "running")
+        except Exception:  # noqa: BLE001 - unknown: assume not, roll back as usual
+            return False
+
+    async def _rollback(self, why: str) -> str:
+        """Abort the job, keep the VM running on the source, remove the destination."""
+        split = self._split_outcome()
+        if split is not None:
+            return split
+        self._set_phase(Phase.ROLLING_BACK)
+        self.result.status = "cancelled" if self._cancel_requested else "failed"
+        timeouts = self.config.timeouts
+        notes: list[str] = []
+        src = self.src_vm
+        if self._job is not None and not self._job.done():
+            try:
+                dom = await src.domain()
+                await src.call("abortJob", dom.abortJob, timeout=timeouts.migration_cancel_s)
+                notes.append("migration job aborted")
+            except LibvirtError as exc:
+                notes.append(f"abortJob failed ({exc.message})")
+            try:
+                await asyncio.wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
+            except TimeoutError:
+                notes.append(f"MIGRATE CALL STILL RUNNING after {timeouts.migration_cancel_s:g}"
+                             " s")
+            except libvirt.libvirtError:
+                pass                          # what an aborted migrate3 returns
+        await self._unwatch()
+        if await self._landed_on_destination():
+            self._set_phase(Phase.ROLLED_BACK)
+            outcome = (f"NOT rolled back: libvirt had already finished the migration, the VM "
+                       f"runs on {self.dst_host.name} and the VM object now refers to it; "
+                       + ", ".join(notes)).rstrip("; ,")
+            await self.src_vm.adopt(self.dst_vm)
+            self.dst_vm = self.src_vm
+            log.warning("[vm=%s] %s", src.name, outcome)
+            return outcome
+        try:
+            status = await src.status()
+            if status.startswith("paused"):
+                dom = await src.domain()
+                await src.call("resume", dom.resume)
+                notes.append(f"source resumed from {status!r}")
+            status = await src.status()
+            if status != "running":
+                notes.append(f"SOURCE NOT RUNNING ({status!r})")
+        except Exception as exc:  # noqa: BLE001 - reported, rollback goes on
+            notes.append(f"could not check the source ({type(exc).__name__}: {exc})")
+        try:
+            await self.dst_vm.stop()
+            notes.append(f"destination removed from {self.dst_host.name}")
+        except Exception as exc:  # noqa: BLE001 - reported
+            notes.append(f"DESTINATION NOT REMOVED ({exc})")
+        self._set_phase(Phase.ROLLED_BACK)
+        outcome = f"VM running on {src.host.name}; " + ", ".join(notes)
+        log.warning("[vm=%s] rolled back (%s): %s", src.name, why, outcome)
+        return outcome
+
+
+__all__ = ["LibvirtMigration"]
