@@ -77,9 +77,11 @@ def ip_forward_before() -> str:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def lab(config, ip_forward_before):
-    """The session's lab: 4 hosts (hostA ... hostD), up for the whole session."""
+    """The session's lab: 4 hosts (hostA ... hostD) with a libvirtd each, up for the whole
+    session."""
     the_lab = Lab(SESSION_LAB, lab_dir(SESSION_LAB), config)
-    await the_lab.up(["hostA", "hostB", "hostC", "hostD"], SESSION_SUBNET, accel="auto")
+    await the_lab.up(["hostA", "hostB", "hostC", "hostD"], SESSION_SUBNET, libvirt=True,
+                     accel="auto")
     yield the_lab
     state = the_lab.state()
     await the_lab.down()

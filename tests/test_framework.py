@@ -68,7 +68,8 @@ async def no_leaks(lab, inventory):
     for name in HOSTS:
         async with SSHHost.from_inventory(name, inventory) as h:
             r = await h.run(f"ls -A {inventory.run_dir} 2>/dev/null; "
-                            f"ls -A {inventory.shared_dir}/migrator-runs 2>/dev/null; true")
+                            f"ls -A {inventory.shared_dir}/migrator-runs 2>/dev/null; "
+                            "virsh -q list --all --name; true")
             assert r.stdout.split() == [], f"{name} kept {r.stdout.split()}"
 
 
@@ -88,6 +89,16 @@ async def test_ping_pong_round_trips_with_a_surviving_workload(inventory, tmp_pa
     assert junit.find("testsuite").get("tests") == "5"
     assert junit.find("testsuite").get("failures") == "0"
     assert "verdict: PASSED" in out and "MIGRATING" in out      # live progress was shown
+
+
+async def test_a_ready_scenario_runs_through_libvirt_unchanged(inventory, tmp_path, no_leaks):
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostC,hostD", "ping_pong",
+                                     "-p", "scenario.rounds=1", "-p", "driver=libvirt")
+    assert rc == 0, out + err
+    run, migs, _ = the_run(tmp_path)
+    assert run["config"]["driver"] == "libvirt"
+    assert [(m["driver"], m["status"]) for m in migs] == [("libvirt", "completed")] * 2
+    assert all(0 < m["total_time_net_ms"] <= m["total_time_ms"] for m in migs)
 
 
 async def test_four_hosts_make_two_concurrent_pairs(inventory, tmp_path, no_leaks):

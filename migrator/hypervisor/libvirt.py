@@ -55,9 +55,12 @@ class LibvirtError(HostError):
     """A libvirt call failed or did not answer in time. ``code`` is libvirt's error code
     (None for a timeout)."""
 
-    def __init__(self, host: str, message: str, code: int | None = None):
+    def __init__(self, host: str, message: str, code: int | None = None,
+                 unreachable: bool = False):
         super().__init__(host, message)
         self.code = code
+        #: libvirtd could not be reached at all (as opposed to answering with an error)
+        self.unreachable = unreachable
 
 
 def ensure_event_loop() -> None:
@@ -263,13 +266,19 @@ class LibvirtVM(GuestVM):
 
         :raise LibvirtError: unreachable host or daemon, refused host key or login.
         """
+        if self._conn is not None and not self._conn.isAlive():   # local check, no RPC
+            self._conn, self._dom = None, None            # dead (daemon or link gone): reopen
         if self._conn is None:
             ensure_event_loop()
             settings = self.config.libvirt
-            conn = await call(self.host.name, f"connect {self.uri.split('?')[0]}",
-                              libvirt.open, self.uri,
-                              timeout=self.config.timeouts.ssh_connect_s
-                              + self.config.timeouts.libvirt_call_s)
+            try:
+                conn = await call(self.host.name, f"connect {self.uri.split('?')[0]}",
+                                  libvirt.open, self.uri,
+                                  timeout=self.config.timeouts.ssh_connect_s
+                                  + self.config.timeouts.libvirt_call_s)
+            except LibvirtError as exc:
+                exc.unreachable = True
+                raise
             try:
                 conn.setKeepAlive(settings.keepalive_interval_s, settings.keepalive_count)
             except libvirt.libvirtError as exc:
@@ -367,7 +376,14 @@ class LibvirtVM(GuestVM):
             try:
                 await self._destroy_and_undefine()
             except LibvirtError as again:
-                left = again
+                # a daemon that cannot be reached holds nothing we could remove now (the
+                # QEMU it started is killed above); one that answers and refuses does
+                if again.unreachable or (self._conn is not None
+                                         and not self._conn.isAlive()):
+                    log.warning("[host=%s] %s: QEMU killed by pidfile; libvirtd unreachable "
+                                "(%s)", self.host.name, self.name, again.message)
+                else:
+                    left = again
         await self.close()
         await self.host.run(f"rm -rf {quote(self.paths.dir)}", check=True)
         self.pid = None

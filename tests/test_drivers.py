@@ -1,0 +1,171 @@
+"""The driver contract: the same VMs and migrations through both drivers (``qemu``: QMP over
+SSH; ``libvirt``: libvirt-python against each lab host's libvirtd), same promises.
+
+Every test ends with a leak check: no QEMU in any lab host, empty run dirs, and no libvirt
+domain defined anywhere.
+"""
+
+import asyncio
+import subprocess
+
+import pytest
+
+from migrator.errors import MigrationError
+from migrator.hosts import SSHHost
+from migrator.hypervisor import make_vm
+from migrator.hypervisor.libvirt import host_uri
+from migrator.hypervisor.vm import VMSpec
+from migrator.lab import network
+from migrator.lab.system import processes_in_netns
+from migrator.migration import MigrationParams, Phase, make_migration
+
+DRIVERS = ["qemu", "libvirt"]
+HOSTS = ["hostA", "hostB"]
+
+
+@pytest.fixture
+async def hosts(inventory, config):
+    hs = {n: SSHHost.from_inventory(n, inventory, config) for n in HOSTS}
+    yield hs
+    for h in hs.values():
+        await h.close()
+
+
+async def leftovers(lab, hosts, inventory) -> list[str]:
+    found = []
+    for hs in lab.state().hosts:
+        for p in processes_in_netns(network.netns_path(hs.netns)):
+            try:
+                if open(f"/proc/{p.pid}/comm").read().strip() == "qemu-system-x86":
+                    found.append(f"{hs.name}: qemu {p.pid}")
+            except OSError:
+                pass
+    for h in hosts.values():
+        r = await h.run(f"ls -A {inventory.run_dir}; virsh -q list --all --name")
+        found += [f"{h.name}: {x}" for x in r.stdout.split()]
+    return found
+
+
+@pytest.fixture(params=DRIVERS)
+async def vm(request, lab, hosts, inventory, config):
+    """A lab guest started on hostA through the driver under test; afterwards nothing of it
+    may be left on any host (also checked when the test failed: then it is cleaned first)."""
+    spec = VMSpec(f"c{request.param[0]}1", kernel=str(inventory.guest.kernel),
+                  initrd=str(inventory.guest.initrd),
+                  append=f"{inventory.guest.append} lab.out=ttyS1")
+    the_vm = make_vm(request.param, spec, hosts["hostA"], str(inventory.run_dir), config)
+    the_vm.driver = request.param
+    await the_vm.start()
+    yield the_vm
+    left = await leftovers(lab, hosts, inventory)
+    for h in hosts.values():
+        await make_vm(request.param, spec, h, str(inventory.run_dir), config).stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        assert left == [], f"left behind: {left}"
+
+
+def migration(vm, hosts, inventory, dst, **params):
+    return make_migration(vm, hosts[dst], inventory.hosts[dst].address,
+                          MigrationParams(**params))
+
+
+async def alive_on(vm, host: str) -> None:
+    assert vm.host.name == host
+    assert await vm.status() == "running"
+    session = await vm.wait_for_login()
+    assert (await session.cmd("echo alive")).strip() == "alive"
+
+
+async def test_there_and_back_with_a_session_and_sane_stats(vm, hosts, inventory):
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 42")
+    for src, dst in (("hostA", "hostB"), ("hostB", "hostA")):
+        r = await migration(vm, hosts, inventory, dst).run()
+        assert (r.status, r.phase, r.driver, r.src, r.dst) == ("completed", "CLEANED",
+                                                               vm.driver, src, dst)
+        assert 0 < r.total_time_ms < 60_000 and 0 <= r.downtime_ms <= r.total_time_ms
+        assert r.transferred_bytes > 16 * 2**20 and r.iterations >= 1
+        assert r.throughput_mbps > 0 and r.wall_s > 0 and r.run_s >= r.wall_s
+        assert r.port is not None or vm.driver == "libvirt"
+        phases = [p for p, _, _ in r.phases]
+        assert phases[0] == "PENDING" and phases[-3:] == ["COMPLETED", "VERIFIED", "CLEANED"]
+        if vm.driver == "libvirt":             # libvirt's figures without its own RPCs
+            assert 0 < r.total_time_net_ms <= r.total_time_ms
+            assert 0 <= r.downtime_net_ms <= r.downtime_ms
+        # the session object the test holds followed the VM
+        assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+        await alive_on(vm, dst)
+    await vm.stop()
+
+
+async def test_cancel_midway_keeps_the_vm_on_its_source(vm, hosts, inventory):
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 7")
+    m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=2)
+    task = asyncio.create_task(m.run())
+    async for record in m.progress():
+        if record.transferred >= 2**20:
+            break
+    m.cancel("the test cancels it")
+    with pytest.raises(MigrationError, match=r"\[MIGRATING\]: cancelled: the test cancels it") \
+            as info:
+        await task
+    assert m.phase is Phase.ROLLED_BACK and m.result.status == "cancelled"
+    assert "VM running on hostA" in info.value.outcome
+    assert "destination removed from hostB" in info.value.outcome
+    await alive_on(vm, "hostA")
+    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    await vm.stop()
+
+
+async def test_destination_daemon_stopped_midway(vm, hosts, inventory, lab):
+    """qemu: the destination QEMU is killed; libvirt: the destination's libvirtd is stopped
+    (its QEMU keeps running, orphaned: the rollback must kill it through the pidfile)."""
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 9")
+    m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=4)
+    task = asyncio.create_task(m.run())
+    async for record in m.progress():
+        if record.transferred >= 2**20:
+            break
+    try:
+        if vm.driver == "qemu":
+            await hosts["hostB"].run(f"kill -KILL $(cat {m.dst_vm.paths.pidfile})", check=True)
+        else:
+            assert lab.control("hostB", "libvirtd stop").startswith("ok")
+        with pytest.raises(MigrationError) as info:
+            await task
+    finally:
+        if vm.driver == "libvirt":
+            assert lab.control("hostB", "libvirtd start").startswith("ok")
+    assert info.value.vm == vm.name and info.value.src == "hostA" and info.value.dst == "hostB"
+    assert "VM running on hostA" in info.value.outcome, info.value
+    assert "destination removed from hostB" in info.value.outcome, info.value
+    assert "NOT" not in info.value.outcome, info.value
+    await alive_on(vm, "hostA")
+    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    await vm.stop()
+
+
+async def test_libvirt_itself_sees_the_domain_on_the_destination(lab, hosts, inventory, config):
+    """libvirt's own client (virsh over the lab URI) agrees: running on hostB, gone on hostA."""
+    spec = VMSpec("virshvm", kernel=str(inventory.guest.kernel),
+                  initrd=str(inventory.guest.initrd), append=inventory.guest.append)
+    vm = make_vm("libvirt", spec, hosts["hostA"], str(inventory.run_dir), config)
+    await vm.start()
+    try:
+        await migration(vm, hosts, inventory, "hostB").run()
+
+        def virsh(host, *args):
+            return subprocess.run(["virsh", "-c", host_uri(hosts[host]), *args],
+                                  capture_output=True, text=True, timeout=60)
+        there = virsh("hostB", "domstate", "virshvm")
+        assert there.returncode == 0 and there.stdout.strip() == "running", there
+        persistent = virsh("hostB", "dominfo", "virshvm")
+        assert "Persistent:     yes" in persistent.stdout          # VIR_MIGRATE_PERSIST_DEST
+        gone = virsh("hostA", "domstate", "virshvm")
+        assert gone.returncode != 0 and "failed to get domain" in gone.stderr
+    finally:
+        await vm.stop()
+    assert await leftovers(lab, hosts, inventory) == []
