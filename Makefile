@@ -25,6 +25,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/migration_vs_raw.py
 	$(PY) bench/discriminating_case.py
 	$(PY) bench/run_vs_raw.py
+	$(PY) bench/drivers.py
 
 lab-up: setup
 	$(LAB) up

@@ -105,3 +105,20 @@ def test_example_inventory_in_configs_is_valid():
     assert list(inv.hosts) == ["compute-01", "compute-02"]
     assert inv.ssh_for("compute-02").port == 2222
     assert inv.ssh.known_hosts.is_absolute()
+
+
+def test_example_run_config_in_configs_is_valid():
+    cfg = Config.load(Path(__file__).parent.parent / "configs" / "run.example.yaml")
+    assert cfg.vms["db1"].mem_mib == 512 and cfg.migration.auto_converge
+    assert cfg.timeouts.migration_for(1024) == cfg.timeouts.migration_s + 60
+
+
+def test_dotted_overrides_reach_every_section():
+    cfg = Config.load(None, {"driver": "libvirt", "libvirt.p2p": True,
+                             "migration.downtime_limit_ms": 100, "scenario.rounds": 5,
+                             "vms.web.mem_mib": 256})
+    assert (cfg.driver, cfg.libvirt.p2p, cfg.migration.downtime_limit_ms) == ("libvirt", True,
+                                                                            100)
+    assert cfg.scenario == {"rounds": 5} and cfg.vms["web"].mem_mib == 256
+    with pytest.raises(ConfigError, match="unknown key 'libvirt.transprot'"):
+        Config.load(None, {"libvirt.transprot": "ssh"})

@@ -124,7 +124,7 @@ async def test_no_route_off_the_lab(lab, inventory, ip_forward_before):
 async def test_up_again_is_a_noop(lab):
     before = lab.state()
     result = await cli("up", "--name", SESSION_LAB, "--dir", str(lab.dir), "--hosts",
-                       ",".join(HOSTS), "--subnet", SESSION_SUBNET)
+                       ",".join(HOSTS), "--subnet", SESSION_SUBNET, "--libvirt")
     assert result.returncode == 0, result.stderr
     assert "already up" in result.stdout
     after = lab.state()
