@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncserver import (AuthError, BarrierAborted, BarrierTimeout, MembershipError,
-                        ProtocolError, ServerOptions, SyncClient, SyncServer)
+                        ServerOptions, SyncClient, SyncServer)
 from syncserver.hostclient import WebSocket
 from syncserver.protocol import MAX_MESSAGE_BYTES, WS_PATH, SyncConnectionError
 from syncserver.zipapp import build, build_bytes

@@ -18,6 +18,7 @@ socket ``serial.sock`` and the status file ``status.log``, so guest sessions wor
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath

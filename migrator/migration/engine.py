@@ -7,6 +7,12 @@
                                       # refer to the VM on the destination
     async for record in mig.progress(): ...   # from another task, while it runs
 
+:class:`BaseMigration` holds what every driver shares (the phase machine, the progress
+stream, ``cancel()``, the result record and the failure guarantees of ``run()``);
+:class:`Migration` drives QEMU through QMP (the ``qemu`` driver) and
+:class:`~migrator.migration.libvirt.LibvirtMigration` drives libvirt;
+:func:`~migrator.migration.make_migration` picks the one for a VM object.
+
 Phases (every transition is checked against :data:`EDGES` and recorded with monotonic and
 wall-clock times in ``mig.history``)::
 
@@ -38,7 +44,6 @@ from ..aio import shielded
 from ..config import Config
 from ..errors import MigrationError
 from ..hosts.ssh import SSHHost
-from ..hypervisor.qemu import QemuVM
 from .params import MigrationParams
 
 log = logging.getLogger(__name__)
