@@ -18,8 +18,11 @@ from migrator.hypervisor.vm import VMSpec
 from migrator.lab import network
 from migrator.lab.system import processes_in_netns
 from migrator.migration import MigrationParams, Phase, make_migration
+from migrator.migration.oracles import dirtier_report
 
-DRIVERS = ["qemu", "libvirt"]
+#: libvirt twice: managed (migrate3, the controller drives both daemons) and peer-to-peer
+#: (migrateToURI3, the source daemon drives the destination itself)
+DRIVERS = ["qemu", "libvirt", "libvirt-p2p"]
 HOSTS = ["hostA", "hostB"]
 
 
@@ -46,20 +49,30 @@ async def leftovers(lab, hosts, inventory) -> list[str]:
     return found
 
 
+@pytest.fixture
+def guest_args():
+    """Extra kernel arguments for the guest (a test overrides this to run the dirtier)."""
+    return ""
+
+
 @pytest.fixture(params=DRIVERS)
-async def vm(request, lab, hosts, inventory, config):
+async def vm(request, lab, hosts, inventory, config, guest_args):
     """A lab guest started on hostA through the driver under test; afterwards nothing of it
     may be left on any host (also checked when the test failed: then it is cleaned first)."""
-    spec = VMSpec(f"c{request.param[0]}1", kernel=str(inventory.guest.kernel),
+    driver, _, mode = request.param.partition("-")
+    if mode == "p2p":
+        config = config.model_copy(update={"libvirt": config.libvirt.model_copy(
+            update={"p2p": True})})
+    spec = VMSpec(f"c{request.param[0]}{len(mode)}", kernel=str(inventory.guest.kernel),
                   initrd=str(inventory.guest.initrd),
-                  append=f"{inventory.guest.append} lab.out=ttyS1")
-    the_vm = make_vm(request.param, spec, hosts["hostA"], str(inventory.run_dir), config)
-    the_vm.driver = request.param
+                  append=f"{inventory.guest.append} lab.out=ttyS1 {guest_args}".strip())
+    the_vm = make_vm(driver, spec, hosts["hostA"], str(inventory.run_dir), config)
+    the_vm.driver = driver
     await the_vm.start()
     yield the_vm
     left = await leftovers(lab, hosts, inventory)
     for h in hosts.values():
-        await make_vm(request.param, spec, h, str(inventory.run_dir), config).stop()
+        await make_vm(driver, spec, h, str(inventory.run_dir), config).stop()
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.passed:
         assert left == [], f"left behind: {left}"
@@ -67,7 +80,7 @@ async def vm(request, lab, hosts, inventory, config):
 
 def migration(vm, hosts, inventory, dst, **params):
     return make_migration(vm, hosts[dst], inventory.hosts[dst].address,
-                          MigrationParams(**params))
+                          MigrationParams(**params), vm.config)
 
 
 async def alive_on(vm, host: str) -> None:
@@ -145,6 +158,25 @@ async def test_destination_daemon_stopped_midway(vm, hosts, inventory, lab):
     assert "NOT" not in info.value.outcome, info.value
     await alive_on(vm, "hostA")
     assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    await vm.stop()
+
+
+@pytest.mark.parametrize("guest_args", ["lab.dirty=32"])
+async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
+    """Postcopy from the first poll on, while the guest keeps 32 MiB dirty: the dirtier on the
+    destination finds no stale page and the checksum verifies."""
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 5")
+    m = migration(vm, hosts, inventory, "hostB", postcopy_after_s=0)
+    r = await m.run()
+    assert r.status == "completed" and "POSTCOPY" in [p for p, _, _ in r.phases]
+    assert any(rec.status == "postcopy-active" for rec in m.records) or vm.driver == "qemu"
+    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(vm)) is None:
+            await asyncio.sleep(0.2)          # the dirtier's first report on the destination
+    assert report[1] == 0, f"stale pages after postcopy: {report}"
+    await alive_on(vm, "hostB")
     await vm.stop()
 
 

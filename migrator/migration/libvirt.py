@@ -134,8 +134,11 @@ class LibvirtMigration(BaseMigration):
                     raise self._error(f"stalled: no bytes moved for "
                                       f"{timeouts.migration_stall_s:g} s at {moved} bytes "
                                       "(link blocked or destination hung?)")
+                # QEMU's side of the job must be running (libvirt sets the postcopy
+                # capability inside migrate3, after its Begin/Prepare steps)
                 if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
-                        and now - self._t_migrate >= self.params.postcopy_after_s):
+                        and now - self._t_migrate >= self.params.postcopy_after_s
+                        and self.records and self.records[-1].transferred > 0):
                     await self.src_vm.call("migrateStartPostCopy", sdom.migrateStartPostCopy, 0)
                     self._set_phase(Phase.POSTCOPY)
                 changed = asyncio.ensure_future(self.wait_changed())
