@@ -177,6 +177,9 @@ class VMSettings(_Strict):
     image: Path | None = None
     """A base qcow2 image on shared storage: the run gives the VM its own overlay over it."""
     extra_args: list[str] = []
+    mac: str | None = None
+    """A virtio NIC with this MAC, or ``auto``: a locally administered MAC derived from the
+    run id and the VM's name (unique per run, the same on every host)."""
 
 
 class SyncSettings(_Strict):

@@ -55,8 +55,14 @@ def guest_args():
     return ""
 
 
+@pytest.fixture
+def vm_mac():
+    """The guest's NIC MAC (None: no NIC; a test overrides this)."""
+    return None
+
+
 @pytest.fixture(params=DRIVERS)
-async def vm(request, lab, hosts, inventory, config, guest_args):
+async def vm(request, lab, hosts, inventory, config, guest_args, vm_mac):
     """A lab guest started on hostA through the driver under test; afterwards nothing of it
     may be left on any host (also checked when the test failed: then it is cleaned first)."""
     driver, _, mode = request.param.partition("-")
@@ -65,7 +71,8 @@ async def vm(request, lab, hosts, inventory, config, guest_args):
             update={"p2p": True})})
     spec = VMSpec(f"c{request.param[0]}{len(mode)}", kernel=str(inventory.guest.kernel),
                   initrd=str(inventory.guest.initrd),
-                  append=f"{inventory.guest.append} lab.out=ttyS1 {guest_args}".strip())
+                  append=f"{inventory.guest.append} lab.out=ttyS1 {guest_args}".strip(),
+                  mac=vm_mac)
     the_vm = make_vm(driver, spec, hosts["hostA"], str(inventory.run_dir), config)
     the_vm.driver = driver
     await the_vm.start()
@@ -177,6 +184,16 @@ async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
             await asyncio.sleep(0.2)          # the dirtier's first report on the destination
     assert report[1] == 0, f"stale pages after postcopy: {report}"
     await alive_on(vm, "hostB")
+    await vm.stop()
+
+
+@pytest.mark.parametrize("vm_mac", ["02:6d:69:67:00:01"])
+async def test_the_nic_keeps_its_mac_across_migrations(vm, hosts, inventory, vm_mac):
+    session = await vm.wait_for_login()
+    for dst in ("hostB", "hostA"):
+        assert (await session.cmd("cat /sys/class/net/eth0/address")).strip() == vm_mac
+        await migration(vm, hosts, inventory, dst).run()
+    assert (await session.cmd("cat /sys/class/net/eth0/address")).strip() == vm_mac
     await vm.stop()
 
 

@@ -424,3 +424,19 @@ def test_undeclared_vm_names_must_look_like_vmN(inventory):
     assert scenario.env.spec("vm7").mem_mib == 128
     with pytest.raises(ConfigError, match="unknown VM 'web'"):
         scenario.env.spec("web")
+
+
+def test_mac_auto_is_a_per_run_address_pool(inventory):
+    def spec(run_id):
+        ctx = RunContext(Config.load(None, {"vms.web.mac": "auto", "vms.db.mac": "auto"}),
+                         inventory, run_id=run_id)
+
+        class Nothing(MultihostMigration):
+            async def migration_scenario(self):
+                pass
+        env = Nothing(["hostA", "hostB"], context=ctx).env
+        return env.spec("web").mac, env.spec("db").mac
+
+    web, db = spec("run-1")
+    assert web.startswith("02:") and db.startswith("02:") and web != db
+    assert spec("run-1") == (web, db) and spec("run-2")[0] != web

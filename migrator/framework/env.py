@@ -4,6 +4,7 @@ they run (``self.env.get_vm(name)``)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from pathlib import PurePosixPath
@@ -65,8 +66,11 @@ class Env:
         if not kernel and not disk:
             raise ConfigError(f"VM {name!r}: no kernel and no image (the inventory has no "
                               "guest section; declare one for it)")
+        mac = decl.mac if decl else None
+        if mac == "auto":
+            mac = auto_mac(self.run_dir, name)
         try:
-            return VMSpec(name, mem_mib=mem, vcpus=decl.vcpus if decl else 1,
+            return VMSpec(name, mem_mib=mem, vcpus=decl.vcpus if decl else 1, mac=mac,
                           kernel=str(kernel) if kernel else None,
                           initrd=str(initrd) if initrd else None, append=append,
                           accel=self.inventory.accel, disk=disk,
@@ -140,6 +144,13 @@ class Env:
                 problems.append(f"{vm.name} on {vm.host.name}: not stopped ({exc})")
         await asyncio.gather(*(stop(vm) for vm in self._vms.values()))
         return problems
+
+
+def auto_mac(run: str, vm: str) -> str:
+    """A locally administered unicast MAC (``02:...``) from the run and the VM's name: the
+    address pool of a run, unique per VM and run, the same wherever the VM runs."""
+    digest = hashlib.sha256(f"{run}/{vm}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
 
 
 async def prepare_overlays(host: SSHHost, env: Env, timeout: float) -> None:

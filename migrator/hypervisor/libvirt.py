@@ -228,6 +228,10 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
         ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="none")
         ET.SubElement(disk, "source", file=spec.disk)
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    if spec.mac:
+        nic = ET.SubElement(devices, "interface", type="user")
+        ET.SubElement(nic, "mac", address=spec.mac)
+        ET.SubElement(nic, "model", type="virtio")
     console = ET.SubElement(devices, "serial", type="unix")
     ET.SubElement(console, "source", mode="bind", path=paths.serial)
     ET.SubElement(console, "log", file=paths.serial_log, append="on")

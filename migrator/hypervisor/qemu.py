@@ -37,6 +37,9 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
         drive = spec.disk.replace(",", ",,")          # QEMU option syntax escapes commas
         argv += ["-drive", f"file={drive},if=none,id=disk0,format=qcow2,cache=none",
                  "-device", "virtio-blk-pci,drive=disk0" + ("" if spec.kernel else ",bootindex=0")]
+    if spec.mac:
+        argv += ["-netdev", "user,id=net0,restrict=on",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
     argv += ["-chardev", f"socket,id=ser0,path={paths.serial},server=on,wait=off,"
                          f"logfile={paths.serial_log}",
              "-serial", "chardev:ser0",

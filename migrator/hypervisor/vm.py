@@ -25,6 +25,7 @@ from pathlib import PurePosixPath
 
 from ..hosts.ssh import SSHHost, quote
 
+_MAC = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -46,6 +47,10 @@ class VMSpec:
     """A qcow2 image on shared storage (the same path on every host), as a virtio-blk disk
     with cache=none, so the destination reads what the source wrote. Booted from when no
     kernel is given."""
+    mac: str | None = None
+    """Give the VM a virtio NIC with this MAC (``02:...``: locally administered). Its backend
+    is user-mode networking, restricted (qemu driver) and inside the host's namespace, so the
+    NIC carries the MAC across migrations without opening a path off the machine."""
 
     def __post_init__(self) -> None:
         if not _VM_NAME.match(self.name):
@@ -56,6 +61,9 @@ class VMSpec:
             raise ValueError(f"{self.name}: accel must be tcg or kvm")
         if not self.kernel and not self.disk:
             raise ValueError(f"{self.name}: a kernel or a disk image is required")
+        if self.mac is not None and not _MAC.match(self.mac):
+            raise ValueError(f"{self.name}: bad MAC {self.mac!r} (six lowercase hex pairs, "
+                             "unicast: the first octet even)")
 
 
 @dataclass(frozen=True)

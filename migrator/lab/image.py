@@ -40,11 +40,13 @@ from .system import run
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", "/var/cache/migrator"))
 BUSYBOX = Path("/bin/busybox")
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 KERNEL_APPEND = "console=ttyS0 quiet panic=-1"
 #: kernel modules the guest loads at boot (with their dependencies): Debian builds virtio as
-#: modules, and a disk on shared storage is a virtio-blk device
-GUEST_MODULES = ("virtio_pci", "virtio_blk")
+#: modules; a disk on shared storage is a virtio-blk device, a NIC (VMSpec.mac) virtio-net
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
+#: modules taken from the kernel package besides drivers/virtio and drivers/block
+_NET_MODULES = {"virtio_net.ko", "net_failover.ko", "failover.ko"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ async def _kernel(pkg: str, version: str) -> tuple[Path, Path]:
     The package's virtio modules are unpacked next to them (``modules/``)."""
     kdir = CACHE_DIR / "kernels" / f"{pkg}_{version}"
     vmlinuz, vmlinux = kdir / "vmlinuz", kdir / "vmlinux"
-    if vmlinuz.is_file() and vmlinux.is_file() and (kdir / "modules").is_dir():
+    if vmlinuz.is_file() and vmlinux.is_file() and (kdir / "modules" / "virtio_net.ko").is_file():
         return vmlinuz, vmlinux
     kdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kdir) as tmp:
@@ -113,7 +115,8 @@ async def _kernel(pkg: str, version: str) -> tuple[Path, Path]:
             for m in tar.getmembers():
                 name = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and name.endswith(".ko") and ("/drivers/virtio/" in m.name
-                                                            or "/drivers/block/" in m.name):
+                                                            or "/drivers/block/" in m.name
+                                                            or name in _NET_MODULES):
                     (mods / name).write_bytes(tar.extractfile(m).read())
     elf = _pvh_vmlinux(data)
     _atomic_write(vmlinux, elf)
