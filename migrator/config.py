@@ -161,6 +161,7 @@ class MigrationSettings(_Strict):
     downtime_limit_ms: int | None = Field(None, ge=1, le=2000)
     auto_converge: bool = False
     postcopy_after_s: float | None = Field(None, ge=0)
+    postcopy_recoveries: int = Field(1, ge=0)
     multifd_channels: int | None = Field(None, ge=1, le=255)
     xbzrle_cache_mib: int | None = Field(None, ge=1)
 

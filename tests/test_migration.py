@@ -270,6 +270,77 @@ async def test_postcopy_switch_completes_with_memory_intact(make_vm, hosts, inve
     await dst.stop()
 
 
+async def _block(host, port: int) -> str:
+    table = f"mtest_block_{port}"
+    await host.run("nft -f -", check=True, stdin=(
+        f"add table inet {table}\n"
+        f"add chain inet {table} input {{ type filter hook input priority -10; }}\n"
+        f"add rule inet {table} input tcp dport {port} drop\n"))
+    return table
+
+
+async def test_postcopy_link_lost_without_recovery_is_reported_split(make_vm, hosts, inventory,
+                                                                     config):
+    """With recovery off, a postcopy failure is what it is: SPLIT, the destination kept."""
+    vm = await make_vm(extra="lab.dirty=32")
+    await vm.wait_for_login()
+    quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
+        update={"migration_stall_s": 2.0})})
+    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                  MigrationParams(bandwidth_mibs=16, postcopy_after_s=0.5,
+                                  postcopy_recoveries=0), quick)
+    task = asyncio.create_task(m.run())
+    async for record in m.progress():
+        if m.phase is Phase.POSTCOPY and record.status == "postcopy-active":
+            break
+    table = await _block(hosts["hostB"], m.result.port)
+    try:
+        with pytest.raises(MigrationError, match=r"\[POSTCOPY\]: stalled") as info:
+            await task
+    finally:
+        await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    assert m.phase is Phase.SPLIT and m.result.status == "failed"
+    assert "memory is split between hostA and hostB" in info.value.outcome
+    assert "the destination was kept" in info.value.outcome
+    assert await m.dst_vm.is_alive()                 # kept: it holds the newest pages
+    assert await vm.is_alive()                       # and so is the source's half
+    await m.dst_vm.stop()
+    await vm.stop()
+
+
+async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inventory,
+                                                              config):
+    """After the switchover the source cannot take the VM back; when the link breaks (the
+    destination's port dropped by nftables) the engine pauses both sides and resumes over a
+    new connection (migrate-recover), and the guest's memory arrives intact."""
+    vm = await make_vm(extra="lab.dirty=32")
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 4")
+    quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
+        update={"migration_stall_s": 2.0})})
+    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                  MigrationParams(bandwidth_mibs=16, postcopy_after_s=0.5), quick)
+    task = asyncio.create_task(m.run())
+    async for record in m.progress():            # postcopy running and moving pages
+        if m.phase is Phase.POSTCOPY and record.status == "postcopy-active":
+            break
+    old_port = m.result.port
+    table = await _block(hosts["hostB"], old_port)
+    try:
+        r = await task
+    finally:
+        await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    assert r.status == "completed" and r.postcopy_recoveries == 1, r
+    assert r.port != old_port
+    session = await m.dst_vm.wait_for_login()
+    assert "ok=1" in await session.cmd("memsum verify")
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(m.dst_vm)) is None:
+            await asyncio.sleep(0.2)
+    assert report[1] == 0
+    await m.dst_vm.stop()
+
+
 async def test_auto_converge_engages(make_vm, hosts, inventory):
     # 128 MiB kept dirty at full speed cannot fit a 50 ms downtime at 64 MiB/s (threshold
     # ~3.2 MiB): without throttling it never converges (checked by hand: ran until Ctrl-C)

@@ -122,6 +122,7 @@ class MigrationResult:
     throughput_mbps: float | None = None
     iterations: int | None = None
     postcopy_requests: int | None = None
+    postcopy_recoveries: int = 0         #: postcopy links recovered (migrate-recover)
     max_cpu_throttle: int = 0
     wall_s: float | None = None          #: 'migrate' issued -> completed seen
     run_s: float | None = None           #: the whole run(): destination start to cleanup
@@ -286,9 +287,12 @@ class BaseMigration:
                                             and self.params.postcopy_after_s is not None):
             self._set_phase(Phase.SPLIT)
             self.result.status = "failed"
+            tried = self.result.postcopy_recoveries
             return ("failed after the postcopy switchover: the guest's memory is split between "
                     f"{self.src_vm.host.name} and {self.dst_host.name}; the destination was "
-                    "kept (it holds the newest pages); recovery needs migrate-recover")
+                    f"kept (it holds the newest pages); postcopy recovery attempted {tried} "
+                    "time(s): once the link is back, migrate-recover on the destination and "
+                    "'migrate' with resume on the source can still finish it")
         if self.phase in (Phase.COMPLETED, Phase.VERIFIED):
             self.result.status = "failed"
             return (f"the migration completed but its verification failed: the VM is on "
@@ -359,9 +363,20 @@ class Migration(BaseMigration):
                 if status == "completed":
                     break
                 now = time.monotonic()
+                stalled = False
                 if self.records[-1].transferred != moved:
                     moved, moved_at = self.records[-1].transferred, now
                 elif now - moved_at >= timeouts.migration_stall_s:
+                    stalled = True
+                if (stalled or status == "postcopy-paused") and self.phase is Phase.POSTCOPY \
+                        and self.result.postcopy_recoveries < self.params.postcopy_recoveries:
+                    # the source can no longer take the VM back: recover the link instead
+                    await self._recover_postcopy(src, dst, "no bytes moved for "
+                                                 f"{timeouts.migration_stall_s:g} s"
+                                                 if stalled else "QEMU paused postcopy")
+                    moved_at = time.monotonic()
+                    continue
+                if stalled:
                     raise self._error(f"stalled: no bytes moved for "
                                       f"{timeouts.migration_stall_s:g} s at {moved} bytes "
                                       "(link blocked or destination hung?)")
@@ -385,6 +400,41 @@ class Migration(BaseMigration):
             info = await src.execute("query-migrate")
         self._set_phase(Phase.COMPLETED)
         self._final_figures(info)
+
+    async def _recover_postcopy(self, src, dst, why: str) -> None:
+        """QEMU's postcopy recovery: both sides paused (``migrate-pause``), the destination
+        listening again on a port it picks (``migrate-recover``), the source resuming there
+        (``migrate`` with ``resume``). The old connection is abandoned, so a link that broke
+        for that connection only (a dropped port, a dead NAT entry) is healed.
+
+        :raise MigrationError: the recovery itself failed (the caller reports SPLIT).
+        """
+        timeouts = self.config.timeouts
+        log.warning("[vm=%s %s->%s] postcopy stuck (%s): recovering", self.src_vm.name,
+                    self.src_vm.host.name, self.dst_host.name, why)
+        self.result.postcopy_recoveries += 1
+        try:
+            async with asyncio.timeout(timeouts.migration_setup_s):
+                for side in (src, dst):
+                    if (await side.execute("query-migrate"))["status"] != "postcopy-paused":
+                        await side.execute("migrate-pause")
+                for side in (src, dst):
+                    while (await side.execute("query-migrate"))["status"] != "postcopy-paused":
+                        await asyncio.sleep(timeouts.progress_interval_s)
+                await dst.execute("migrate-recover", {"uri": f"tcp:{self.dst_address}:0"})
+                ports = [int(a["port"]) for a in
+                         (await dst.execute("query-migrate")).get("socket-address", [])]
+                new = [p for p in ports if p != self.result.port]
+                if not new:
+                    raise self._error(f"postcopy recovery: the destination reported no new "
+                                      f"port ({ports})")
+                await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{new[0]}",
+                                              "resume": True})
+        except TimeoutError:
+            raise self._error(f"postcopy recovery did not get both sides paused and "
+                              f"reconnected within {timeouts.migration_setup_s:g} s") from None
+        log.warning("[vm=%s] postcopy resumed on port %d", self.src_vm.name, new[0])
+        self.result.port = new[0]
 
     def _record(self, info: dict) -> None:
         ram = info.get("ram", {})

@@ -21,6 +21,8 @@ class MigrationParams:
     downtime_limit_ms    maximum tolerated downtime; None = QEMU's default (300 ms)
     auto_converge        throttle the guest's vCPUs when it dirties faster than we send
     postcopy_after_s     switch to postcopy after this many seconds of precopy; None = never
+    postcopy_recoveries  how often a stuck postcopy link is recovered (qemu driver) before
+                         the migration is reported SPLIT
     multifd_channels     parallel TCP channels (set on both ends); None = off
     xbzrle_cache_mib     XBZRLE delta compression with this cache; None = off
     ===================  =====================================================================
@@ -30,6 +32,7 @@ class MigrationParams:
     downtime_limit_ms: int | None = None
     auto_converge: bool = False
     postcopy_after_s: float | None = None
+    postcopy_recoveries: int = 1
     multifd_channels: int | None = None
     xbzrle_cache_mib: int | None = None
 
@@ -40,6 +43,8 @@ class MigrationParams:
             raise ConfigError(f"downtime_limit_ms {self.downtime_limit_ms}: QEMU accepts 1..2000")
         if self.postcopy_after_s is not None and self.postcopy_after_s < 0:
             raise ConfigError("postcopy_after_s must be >= 0")
+        if self.postcopy_recoveries < 0:
+            raise ConfigError("postcopy_recoveries must be >= 0")
         if self.multifd_channels is not None and not 1 <= self.multifd_channels <= 255:
             raise ConfigError(f"multifd_channels {self.multifd_channels}: QEMU accepts 1..255")
         if self.multifd_channels is not None and self.postcopy_after_s is not None:
@@ -63,6 +68,9 @@ class MigrationParams:
     def source_parameters(self) -> dict[str, int]:
         p = {"max-bandwidth": int(self.bandwidth_mibs * MIB) if self.bandwidth_mibs
              else UNCAPPED_BYTES_S}
+        if self.bandwidth_mibs and self.postcopy_after_s is not None:
+            # QEMU applies its own, uncapped, limit once postcopy runs: a cap is a cap
+            p["max-postcopy-bandwidth"] = int(self.bandwidth_mibs * MIB)
         if self.downtime_limit_ms is not None:
             p["downtime-limit"] = self.downtime_limit_ms
         if self.multifd_channels is not None:
