@@ -351,6 +351,18 @@ async def test_bad_input_is_one_line_and_exit_2(inventory, tmp_path, args, messa
     assert not tmp_path.exists() or not any(tmp_path.iterdir())      # nothing started
 
 
+async def test_a_driver_the_hosts_do_not_offer_is_refused(inventory, tmp_path):
+    qemu_only = tmp_path / "inventory.yaml"
+    qemu_only.write_text(inventory.source.read_text().replace("- libvirt\n", ""))
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "-i", str(qemu_only), "-o", str(tmp_path / "r"),
+        "-m", "hostA,hostB", "-p", "driver=libvirt", "ping_pong",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert "driver 'libvirt': the inventory's hosts offer qemu" in err.decode()
+
+
 async def test_scenario_files_without_exactly_one_subclass_are_refused(inventory, tmp_path):
     none = tmp_path / "none.py"
     none.write_text("x = 1\n")

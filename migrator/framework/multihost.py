@@ -117,6 +117,10 @@ class MultihostMigration:
             raise ConfigError(f"a host is named twice in {names}")
         for n in names:
             self.inventory.host(n)                      # unknown host: ConfigError, now
+        if self.config.driver not in self.inventory.drivers:
+            raise ConfigError(f"driver {self.config.driver!r}: the inventory's hosts offer "
+                              f"{', '.join(self.inventory.drivers)} (a lab runs libvirtd with "
+                              "'migrate-lab up --libvirt')")
         self.hosts: list[SSHHost] = [
             h if isinstance(h, SSHHost) else SSHHost.from_inventory(h, self.inventory,
                                                                     self.config)
