@@ -197,6 +197,42 @@ async def test_the_nic_keeps_its_mac_across_migrations(vm, hosts, inventory, vm_
     await vm.stop()
 
 
+@pytest.mark.parametrize("driver", ["qemu", "libvirt"])
+async def test_disk_on_shared_storage_follows_the_vm(driver, lab, hosts, inventory, config):
+    """A qcow2 on the lab's shared directory (virtio-blk, cache=none): blocks written on the
+    source are read on the destination. libvirt does not know the directory as shared storage
+    and refuses without libvirt.unsafe; the VM then stays on its source."""
+    shared = inventory.shared_dir
+    disk = f"{shared}/contract-{driver}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "16M"], check=True)
+    spec = VMSpec(f"d{driver[0]}", kernel=str(inventory.guest.kernel),
+                  initrd=str(inventory.guest.initrd),
+                  append=f"{inventory.guest.append} lab.out=ttyS1", disk=disk)
+    unsafe = config.model_copy(update={"libvirt": config.libvirt.model_copy(
+        update={"unsafe": True})})
+    vm = make_vm(driver, spec, hosts["hostA"], str(inventory.run_dir), config)
+    try:
+        await vm.start()
+        session = await vm.wait_for_login()
+        written = await session.cmd("dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null"
+                                    " && dd if=/tmp/blob of=/dev/vda bs=1M conv=fsync "
+                                    "2>/dev/null && sha256sum < /tmp/blob")
+        if driver == "libvirt":
+            with pytest.raises(MigrationError, match="Unsafe migration") as info:
+                await migration(vm, hosts, inventory, "hostB").run()
+            assert "VM running on hostA" in info.value.outcome
+            await alive_on(vm, "hostA")
+            vm.config = unsafe
+        await make_migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                             MigrationParams(), vm.config).run()
+        read = await session.cmd("dd if=/dev/vda bs=1M count=4 2>/dev/null | sha256sum")
+        assert read.split()[0] == written.split()[0] and vm.host.name == "hostB"
+    finally:
+        await vm.stop()
+        subprocess.run(["rm", "-f", disk], check=True)
+    assert await leftovers(lab, hosts, inventory) == []
+
+
 async def test_libvirt_itself_sees_the_domain_on_the_destination(lab, hosts, inventory, config):
     """libvirt's own client (virsh over the lab URI) agrees: running on hostB, gone on hostA."""
     spec = VMSpec("virshvm", kernel=str(inventory.guest.kernel),
