@@ -40,6 +40,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Callable
 
+from qemu.qmp import QMPError
+
 from ..aio import shielded
 from ..config import Config
 from ..errors import MigrationError
@@ -55,7 +57,8 @@ class Phase(str, enum.Enum):
     CONFIGURED = "CONFIGURED"           #: capabilities and parameters set on both ends
     LISTENING = "LISTENING"             #: destination bound its port (QEMU chose it)
     MIGRATING = "MIGRATING"             #: 'migrate' issued, precopy running
-    POSTCOPY = "POSTCOPY"               #: switched to postcopy
+    POSTCOPY = "POSTCOPY"               #: switch to postcopy requested (QEMU switches at its
+                                        #: next iteration, unless precopy converged first)
     COMPLETED = "COMPLETED"             #: QEMU says completed
     VERIFIED = "VERIFIED"               #: destination running, source postmigrate
     CLEANED = "CLEANED"                 #: source QEMU stopped; the VM lives on the destination
@@ -385,8 +388,15 @@ class Migration(BaseMigration):
                                       f"{info.get('error-desc', 'no reason given')}")
                 if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
                         and time.monotonic() - self._t_migrate >= self.params.postcopy_after_s):
-                    await src.execute("migrate-start-postcopy")
-                    self._set_phase(Phase.POSTCOPY)
+                    try:
+                        await src.execute("migrate-start-postcopy")
+                        self._set_phase(Phase.POSTCOPY)
+                    except QMPError:
+                        # precopy may have converged a moment before the switch: then
+                        # QEMU refuses it and the migration completes as precopy
+                        if (await src.execute("query-migrate"))["status"] not in (
+                                "completed", "device", "pre-switchover"):
+                            raise
                 try:
                     await asyncio.wait_for(self._changed.wait(), timeouts.progress_interval_s)
                 except TimeoutError:
@@ -413,14 +423,28 @@ class Migration(BaseMigration):
         log.warning("[vm=%s %s->%s] postcopy stuck (%s): recovering", self.src_vm.name,
                     self.src_vm.host.name, self.dst_host.name, why)
         self.result.postcopy_recoveries += 1
+        seen = {"source": "?", "destination": "?"}
+        step = "pausing"
+
+        async def status(side, name: str) -> str:
+            seen[name] = (await side.execute("query-migrate"))["status"]
+            return seen[name]
         try:
             async with asyncio.timeout(timeouts.migration_setup_s):
-                for side in (src, dst):
-                    if (await side.execute("query-migrate"))["status"] != "postcopy-paused":
+                for side, name in ((src, "source"), (dst, "destination")):
+                    if await status(side, name) != "postcopy-paused":
                         await side.execute("migrate-pause")
-                for side in (src, dst):
-                    while (await side.execute("query-migrate"))["status"] != "postcopy-paused":
+                step = "waiting for both sides to be postcopy-paused"
+                for side, name in ((src, "source"), (dst, "destination")):
+                    while (now := await status(side, name)) != "postcopy-paused":
+                        if now in ("completed", "failed", "cancelled"):
+                            # the pause came too late (done) or the link could not be saved
+                            if seen["source"] == "completed":
+                                return
+                            raise self._error(f"postcopy recovery: the {name} went "
+                                              f"{now!r} instead of pausing")
                         await asyncio.sleep(timeouts.progress_interval_s)
+                step = "recovering"
                 await dst.execute("migrate-recover", {"uri": f"tcp:{self.dst_address}:0"})
                 ports = [int(a["port"]) for a in
                          (await dst.execute("query-migrate")).get("socket-address", [])]
@@ -431,8 +455,9 @@ class Migration(BaseMigration):
                 await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{new[0]}",
                                               "resume": True})
         except TimeoutError:
-            raise self._error(f"postcopy recovery did not get both sides paused and "
-                              f"reconnected within {timeouts.migration_setup_s:g} s") from None
+            raise self._error(f"postcopy recovery stuck {step} for "
+                              f"{timeouts.migration_setup_s:g} s (source {seen['source']}, "
+                              f"destination {seen['destination']})") from None
         log.warning("[vm=%s] postcopy resumed on port %d", self.src_vm.name, new[0])
         self.result.port = new[0]
 

@@ -52,7 +52,8 @@ class LibvirtMigration(BaseMigration):
         super().__init__(*args, **kwargs)
         self._job: asyncio.Future | None = None
         self._completed_stats: dict | None = None
-        self._events: list[tuple[str, str, int, int, float]] = []
+        #: (side, kind, event, detail, monotonic time) of libvirt's events for this VM
+        self.events: list[tuple[str, str, int, int, float]] = []
         self._callbacks: list[tuple[LibvirtVM, int]] = []
 
     # -- what libvirt is asked ----------------------------------------------------------------
@@ -65,6 +66,9 @@ class LibvirtMigration(BaseMigration):
         params: dict = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{self.dst_address}"}
         if p.bandwidth_mibs is not None:        # unset: libvirt lifts QEMU's cap itself
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, round(p.bandwidth_mibs))
+            if p.postcopy_after_s is not None:  # a cap is a cap, in postcopy too
+                params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = \
+                    max(1, round(p.bandwidth_mibs))
         if p.auto_converge:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
         if p.postcopy_after_s is not None:
@@ -139,8 +143,15 @@ class LibvirtMigration(BaseMigration):
                 if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
                         and now - self._t_migrate >= self.params.postcopy_after_s
                         and self.records and self.records[-1].transferred > 0):
-                    await self.src_vm.call("migrateStartPostCopy", sdom.migrateStartPostCopy, 0)
-                    self._set_phase(Phase.POSTCOPY)
+                    try:
+                        await self.src_vm.call("migrateStartPostCopy",
+                                               sdom.migrateStartPostCopy, 0)
+                        self._set_phase(Phase.POSTCOPY)
+                    except LibvirtError:
+                        if not self._job.done():  # not "finished as precopy meanwhile"
+                            await asyncio.wait([self._job], timeout=timeouts.progress_interval_s)
+                            if not self._job.done():
+                                raise
                 changed = asyncio.ensure_future(self.wait_changed())
                 await asyncio.wait([self._job, changed], timeout=timeouts.progress_interval_s)
                 changed.cancel()
@@ -229,10 +240,10 @@ class LibvirtMigration(BaseMigration):
         if left not in ("absent", "shutoff"):
             raise self._error(f"source domain is {left!r} after completion, not gone")
         self.dst_vm.pid = await self.dst_vm.read_pid()
-        suspended = [t for side, kind, ev, _, t in self._events
+        suspended = [t for side, kind, ev, _, t in self.events
                      if side == "src" and kind == "lifecycle"
                      and ev == libvirt.VIR_DOMAIN_EVENT_SUSPENDED]
-        resumed = [t for side, kind, ev, _, t in self._events
+        resumed = [t for side, kind, ev, _, t in self.events
                    if side == "dst" and kind == "lifecycle"
                    and ev == libvirt.VIR_DOMAIN_EVENT_RESUMED]
         if suspended and resumed:
@@ -248,7 +259,7 @@ class LibvirtMigration(BaseMigration):
         loop = asyncio.get_running_loop()
 
         def note(kind: str, event: int, detail: int) -> None:
-            self._events.append((side, kind, event, detail, time.monotonic()))
+            self.events.append((side, kind, event, detail, time.monotonic()))
 
         def lifecycle(_c, d, event, detail, _o):
             if d.name() == self.src_vm.name:
