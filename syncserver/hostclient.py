@@ -7,6 +7,7 @@ scripts in test shells join the same barriers as the controller::
     migrate-sync exchange NAME --members hostA,hostB --data '{"port": 4444}' --timeout 30
     migrate-sync abort NAME --reason "disk full"
     migrate-sync member          # stay connected as this host's participant until killed
+    migrate-sync member --until-stdin-eof   # ... serving JSON requests from stdin
 
 Connection settings come from options or the environment (never the token on the command
 line, where ``ps`` would show it): ``--url``/``MIGRATE_SYNC_URL``, ``--run``/
@@ -44,6 +45,7 @@ class WebSocket:
     """A minimal RFC 6455 client: text frames, ping/pong, close. Blocking, one thread."""
 
     def __init__(self, url: str, path: str, query: dict, token: str, timeout: float):
+        self._send_lock = threading.Lock()
         parts = urlsplit(url)
         if parts.scheme not in ("http", "ws"):
             raise SyncConnectionError(f"unsupported URL scheme in {url!r} (http:// or ws://)")
@@ -102,6 +104,10 @@ class WebSocket:
         return data
 
     def _send_frame(self, opcode: int, payload: bytes) -> None:
+        with self._send_lock:       # pongs (reader) and requests (stdin) may send at once
+            self._send_frame_locked(opcode, payload)
+
+    def _send_frame_locked(self, opcode: int, payload: bytes) -> None:
         header = bytes([0x80 | opcode])
         n = len(payload)
         if n < 126:
@@ -198,22 +204,45 @@ class HostSync:
         while True:
             self.ws.recv_text(self.silence_s)
 
+    def serve(self, out) -> None:
+        """Stay connected; write every answer the server sends as one JSON line to ``out``
+        (the answers to requests :func:`_serve_stdin` forwarded)."""
+        while True:
+            out.write(self.ws.recv_text(self.silence_s) + "\n")
+            out.flush()
+
     def close(self) -> None:
         self.ws.close()
 
 
-def _leave_on_stdin_eof(session: HostSync) -> None:
-    """When stdin ends (the controller closed it, or its SSH session died), close the link
-    to the server cleanly and exit 0, whatever the main thread is doing."""
+def _serve_stdin(session: HostSync) -> None:
+    """Forward each line of stdin (a JSON request: barrier, exchange or abort, with the id its
+    sender chose) to the server as this member; when stdin ends (the controller closed it, or
+    its SSH session died), close the link cleanly and exit 0, whatever the main thread does.
+    A line that is not a JSON object is answered with an error line, never sent on."""
     def watch() -> None:
+        buf = b""
         try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
+            while chunk := os.read(0, 65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in filter(None, (ln.strip() for ln in lines)):
+                    try:
+                        request = json.loads(line)
+                        if not isinstance(request, dict):
+                            raise ValueError("not an object")
+                    except ValueError as exc:
+                        sys.stdout.write(json.dumps({"ok": False, "error": {
+                            "type": "ProtocolError", "message": f"bad request line: {exc}"}})
+                            + "\n")
+                        sys.stdout.flush()
+                        continue
+                    session.ws.send_text(encode(request))
+        except (OSError, SyncError):
             pass
         session.close()
         os._exit(0)
-    threading.Thread(target=watch, name="stdin-eof", daemon=True).start()
+    threading.Thread(target=watch, name="stdin", daemon=True).start()
 
 
 def _token(args) -> str:
@@ -254,8 +283,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--kind", choices=("barrier", "exchange"), default="barrier")
     m = sub.add_parser("member", help="stay connected as this host's participant until killed")
     m.add_argument("--until-stdin-eof", action="store_true",
-                   help="leave (exit 0) when standard input ends: the participant then lives "
-                        "exactly as long as the SSH session that started it")
+                   help="serve requests as this member: each stdin line is a JSON request "
+                        "(barrier, exchange, abort), each answer a JSON line on stdout; leave "
+                        "(exit 0) when stdin ends, so the participant lives exactly as long "
+                        "as the SSH session that started it")
     return p
 
 
@@ -274,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"migrate-sync: {args.member} is a member of run {args.run} at "
                       f"{args.url}", flush=True)
                 if args.until_stdin_eof:
-                    _leave_on_stdin_eof(session)
+                    _serve_stdin(session)
+                    session.serve(sys.stdout)
                 session.wait_closed()
                 return 3
             if args.cmd == "abort":

@@ -273,7 +273,7 @@ async def test_a_host_whose_sshd_dies_during_a_barrier_is_named_at_once(inventor
         assert info.value.hosts == ["hostB"]
         assert info.value.barrier == "meet"
         # hostA's arrival was aborted, naming hostB; hostB's own arrival says why
-        assert "hostB: could not arrive (connection refused" in str(info.value)
+        assert "hostB: could not arrive" in str(info.value)
         assert run.record.status == "failed"
         assert any("hostB" in p for p in run.record.cleanup_problems)   # hostB unreachable
     finally:

@@ -256,6 +256,35 @@ async def test_killed_member_process_aborts_the_barrier_naming_it(server, pyz):
         await ctl.close()
 
 
+async def test_member_serves_requests_from_stdin_and_leaves_at_eof(server, pyz):
+    """``member --until-stdin-eof``: each stdin line is a request sent as this member, each
+    answer a stdout line with the sender's id; junk is answered, not sent; EOF: exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-I", str(pyz), "member", "--until-stdin-eof",
+        env=cli_env(server, "hostA"), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    (ctl,) = await clients(server, ["ctl"])
+    try:
+        assert b"is a member of run run1" in await proc.stdout.readline()
+        proc.stdin.write(b"[1, 2]\n")
+        junk = json.loads(await proc.stdout.readline())
+        assert junk["ok"] is False and "bad request line" in junk["error"]["message"]
+        mine = asyncio.ensure_future(ctl.barrier("served", ["ctl", "hostA"], timeout=30))
+        proc.stdin.write(json.dumps({"id": 77, "op": "barrier", "name": "served",
+                                     "members": "ctl,hostA", "timeout": 30,
+                                     "generation": 1}).encode() + b"\n")
+        answer = json.loads(await proc.stdout.readline())
+        assert answer["id"] == 77 and answer["ok"] is True
+        assert (await mine)["generation"] == 1
+        proc.stdin.close()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await ctl.close()
+
+
 async def test_killed_persistent_member_aborts_barriers_it_never_reached(server, pyz):
     member = await _spawn_cli(pyz, server, "hostB", "member")
     line = await asyncio.wait_for(member.stdout.readline(), 30)

@@ -11,10 +11,11 @@
   process is the host's liveness anchor at the sync server: if the host dies or loses its link,
   the server aborts every open barrier listing it, naming it. It leaves by itself when its SSH
   session ends, so a lost controller leaves nothing behind on hosts.
-* :meth:`HostsSync.barrier` makes each host arrive by running ``migrate-sync barrier`` on the
-  host. A host that cannot even run the command (SSH gone, sshd stopped) makes the controller
-  abort that barrier for everyone at once, with the host's name and the SSH error; nobody waits
-  for the timeout.
+* :meth:`HostsSync.barrier` makes each host arrive through its participant: the request goes
+  down the participant's stdin and the participant sends it to the server as that host, over
+  its own connection (no process started per arrival). A host whose participant is gone (SSH
+  lost, sshd killed) makes the controller abort that barrier for everyone at once, with the
+  host's name and why; nobody waits for the timeout.
 * Round numbers (generations) are counted here, per barrier name, and pinned on every arrival:
   a host that is fast never joins a round its peers are still finishing.
 """
@@ -22,16 +23,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 from syncserver.client import SyncClient
-from syncserver.protocol import SyncError
+from syncserver.protocol import SyncError, error_from_json
 from syncserver.zipapp import build_bytes
 
 from ..config import Config
 from ..errors import BarrierError, HostError
-from ..hosts import Installable, RemoteProcess, SSHHost, join, quote
+from ..hosts import Installable, RemoteProcess, SSHHost, quote
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,11 @@ class HostsSync:
         self.hosts = list(hosts)
         self.url, self.sync_run, self.config = url, sync_run, config
         self._token = token
-        self._pyz: dict[str, str] = {}
         self._token_file: dict[str, str] = {}
         self._participants: dict[str, RemoteProcess] = {}
-        self._watchers: list[asyncio.Task] = []
+        self._readers: list[asyncio.Task] = []
+        self._pending: dict[str, dict[int, asyncio.Future]] = {}
+        self._ids = itertools.count(1)
         self._generations: dict[str, int] = {}
         self._controller: SyncClient | None = None
         self._stopping = False
@@ -84,9 +88,9 @@ class HostsSync:
 
     async def _start_participant(self, host: SSHHost, pyz: Installable,
                                  token: Installable) -> None:
-        self._pyz[host.name] = await pyz.install(host)
+        client = await pyz.install(host)
         self._token_file[host.name] = await token.install(host)
-        proc = await host.spawn(f"exec python3 {quote(self._pyz[host.name])} member "
+        proc = await host.spawn(f"exec python3 {quote(client)} member "
                                 "--until-stdin-eof", env=self._env(host))
         self._participants[host.name] = proc
         try:
@@ -99,15 +103,48 @@ class HostsSync:
                 if not line else line.strip()
             raise HostError(host.name, f"its sync participant did not join the sync server "
                                        f"at {self.url}: {why or 'no answer'}")
-        self._watchers.append(asyncio.get_running_loop().create_task(
-            self._watch(host.name, proc), name=f"participant-{host.name}"))
+        self._pending[host.name] = {}
+        self._readers.append(asyncio.get_running_loop().create_task(
+            self._read_answers(host.name, proc), name=f"participant-{host.name}"))
         log.info("[host=%s] sync participant joined run %s", host.name, self.sync_run)
 
-    async def _watch(self, name: str, proc: RemoteProcess) -> None:
+    async def _read_answers(self, name: str, proc: RemoteProcess) -> None:
+        """Route the participant's answer lines to their requests; when it ends, fail what
+        is still pending with why."""
+        pending = self._pending[name]
+        while line := await proc.readline():
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                log.warning("[host=%s] participant said %r", name, line.strip())
+                continue
+            fut = pending.pop(answer.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(answer)
         why = await proc.wait()
         if not self._stopping:
             self.lost[name] = why
             log.error("[host=%s] sync participant ended: %s", name, why)
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(HostError(name, f"its sync participant ended: {why}"))
+        pending.clear()
+
+    async def _ask(self, host: SSHHost, request: dict, within: float) -> dict:
+        """Send ``request`` as ``host`` through its participant; its answer (or HostError)."""
+        if host.name in self.lost:
+            raise HostError(host.name, f"its sync participant ended: {self.lost[host.name]}")
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[host.name][rid] = fut
+        try:
+            self._participants[host.name].write(json.dumps({"id": rid, **request}) + "\n")
+            return await asyncio.wait_for(fut, within)
+        except TimeoutError:
+            raise HostError(host.name, f"its sync participant gave no answer within "
+                                       f"{within:g} s") from None
+        finally:
+            self._pending[host.name].pop(rid, None)
 
     def _env(self, host: SSHHost) -> dict[str, str]:
         return {"MIGRATE_SYNC_URL": self.url, "MIGRATE_SYNC_RUN": self.sync_run,
@@ -124,21 +161,19 @@ class HostsSync:
         timeout = timeout or self.config.timeouts.barrier_s
         gen = self._generations[name] = self._generations.get(name, 0) + 1
         members = [h.name for h in hosts]
-        args = ["barrier", name, "--members", ",".join(members), "--timeout", f"{timeout:g}",
-                "--generation", str(gen)]
+        request: dict[str, Any] = {"op": "barrier", "name": name, "members": ",".join(members),
+                                   "timeout": timeout, "generation": gen}
 
         async def arrive(host: SSHHost) -> tuple[str, Exception | None, str]:
-            cmd = join(["python3", self._pyz[host.name], *args])
             try:
-                r = await host.run(cmd, env=self._env(host),
-                                   timeout=timeout + self.config.timeouts.host_cleanup_s)
+                answer = await self._ask(host, request,
+                                         timeout + self.config.timeouts.host_cleanup_s)
             except HostError as exc:
                 await self._abort(name, f"{host.name} could not arrive: {exc.message}")
                 return host.name, exc, f"could not arrive ({exc.message})"
-            if r.ok:
+            if answer.get("ok"):
                 return host.name, None, ""
-            return host.name, None, r.stderr.strip().removeprefix("migrate-sync: ") or \
-                f"migrate-sync exited {r.exit_status}"
+            return host.name, None, str(error_from_json(answer.get("error") or {}))
 
         outcomes = await asyncio.gather(*(arrive(h) for h in hosts))
         failed = [(n, exc, why) for n, exc, why in outcomes if why]
@@ -168,10 +203,10 @@ class HostsSync:
         await asyncio.gather(*(p.stop() for p in self._participants.values()),
                              return_exceptions=True)
         self._participants.clear()
-        for task in self._watchers:
+        for task in self._readers:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        self._watchers.clear()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self._readers.clear()
         if self._controller is not None:
             await self._controller.close()
             self._controller = None

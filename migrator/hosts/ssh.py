@@ -462,8 +462,23 @@ class RemoteProcess:
         return f"<RemoteProcess {self.command!r} on {self.host.name} pgid={self.pgid}>"
 
     async def readline(self) -> str:
-        """The next line of its standard output ('' at the end)."""
-        return (await self._proc.stdout.readline()).decode(errors="replace")
+        """The next line of its standard output ('' at the end, also when the connection
+        was lost: :meth:`wait` then says why)."""
+        try:
+            return (await self._proc.stdout.readline()).decode(errors="replace")
+        except (asyncssh.Error, OSError):
+            return ""
+
+    def write(self, text: str) -> None:
+        """Send ``text`` to its standard input.
+
+        :raise HostError: the process or the connection is gone.
+        """
+        try:
+            self._proc.stdin.write(text.encode())
+        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+            raise HostError(self.host.name, f"{self.command!r} does not take input: "
+                                            f"{exc}") from exc
 
     async def wait(self) -> str:
         """Wait until it ends; return why, in words (exit status, signal, or connection lost).
