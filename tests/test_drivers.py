@@ -90,6 +90,15 @@ def migration(vm, hosts, inventory, dst, **params):
                           MigrationParams(**params), vm.config)
 
 
+async def started_and_moving(m) -> asyncio.Task:
+    """``m.run()`` as a task, returned once at least 1 MiB has moved."""
+    task = asyncio.create_task(m.run())
+    async for record in m.progress():
+        if record.transferred >= 2**20:
+            break
+    return task
+
+
 async def alive_on(vm, host: str) -> None:
     assert vm.host.name == host
     assert await vm.status() == "running"
@@ -123,10 +132,7 @@ async def test_cancel_midway_keeps_the_vm_on_its_source(vm, hosts, inventory):
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 7")
     m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=2)
-    task = asyncio.create_task(m.run())
-    async for record in m.progress():
-        if record.transferred >= 2**20:
-            break
+    task = await started_and_moving(m)
     m.cancel("the test cancels it")
     with pytest.raises(MigrationError, match=r"\[MIGRATING\]: cancelled: the test cancels it") \
             as info:
@@ -145,10 +151,7 @@ async def test_destination_daemon_stopped_midway(vm, hosts, inventory, lab):
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 9")
     m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=4)
-    task = asyncio.create_task(m.run())
-    async for record in m.progress():
-        if record.transferred >= 2**20:
-            break
+    task = await started_and_moving(m)
     try:
         if vm.driver == "qemu":
             await hosts["hostB"].run(f"kill -KILL $(cat {m.dst_vm.paths.pidfile})", check=True)

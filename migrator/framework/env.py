@@ -93,9 +93,6 @@ class Env:
             raise ScenarioError(f"VM {name!r} is not running in this run (migrate() starts "
                                 "VMs on their source)") from None
 
-    def vms(self) -> list[GuestVM]:
-        return list(self._vms.values())
-
     async def ensure_running(self, name: str, host: SSHHost) -> GuestVM:
         """The VM ``name`` running on ``host``: started there (and logged in) if it is not
         running yet.

@@ -125,10 +125,7 @@ class MultihostMigration:
             h if isinstance(h, SSHHost) else SSHHost.from_inventory(h, self.inventory,
                                                                     self.config)
             for h in hosts]
-        t = self.config.timeouts
-        self.login_timeout = t.guest_boot_s
-        self.migration_timeout = t.migration_s
-        self.barrier_timeout = t.barrier_s
+        self.login_timeout = self.config.timeouts.guest_boot_s
         self.run_dir = f"{self.inventory.run_dir}/{context.run_id}"
         shared = self.inventory.shared_dir
         self.env = Env(self.config, self.inventory, self.run_dir,

@@ -50,7 +50,6 @@ class HostsSync:
         self.hosts = list(hosts)
         self.url, self.sync_run, self.config = url, sync_run, config
         self._token = token
-        self._token_file: dict[str, str] = {}
         self._participants: dict[str, RemoteProcess] = {}
         self._readers: list[asyncio.Task] = []
         self._pending: dict[str, dict[int, asyncio.Future]] = {}
@@ -89,9 +88,11 @@ class HostsSync:
     async def _start_participant(self, host: SSHHost, pyz: Installable,
                                  token: Installable) -> None:
         client = await pyz.install(host)
-        self._token_file[host.name] = await token.install(host)
-        proc = await host.spawn(f"exec python3 {quote(client)} member "
-                                "--until-stdin-eof", env=self._env(host))
+        env = {"MIGRATE_SYNC_URL": self.url, "MIGRATE_SYNC_RUN": self.sync_run,
+               "MIGRATE_SYNC_MEMBER": host.name,
+               "MIGRATE_SYNC_TOKEN_FILE": await token.install(host)}
+        proc = await host.spawn(f"exec python3 {quote(client)} member --until-stdin-eof",
+                                env=env)
         self._participants[host.name] = proc
         try:
             async with asyncio.timeout(self.config.timeouts.ssh_connect_s):
@@ -145,11 +146,6 @@ class HostsSync:
                                        f"{within:g} s") from None
         finally:
             self._pending[host.name].pop(rid, None)
-
-    def _env(self, host: SSHHost) -> dict[str, str]:
-        return {"MIGRATE_SYNC_URL": self.url, "MIGRATE_SYNC_RUN": self.sync_run,
-                "MIGRATE_SYNC_MEMBER": host.name,
-                "MIGRATE_SYNC_TOKEN_FILE": self._token_file[host.name]}
 
     async def barrier(self, name: str, hosts: Sequence[SSHHost],
                       timeout: float | None = None) -> None:
