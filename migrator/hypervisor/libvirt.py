@@ -25,127 +25,20 @@ libvirt's error code), :class:`GuestError` when a domain does not start.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, Callable
 from urllib.parse import quote as urlquote
 
 import libvirt
 
-from ..errors import GuestError, HostError
+from ..errors import GuestError
 from ..hosts.ssh import SSHHost, quote
+from .libvirt_conn import (EXECUTOR, LibvirtConnection, LibvirtError, call,
+                           ensure_event_loop, open_connections)
 from .vm import GuestVM, VMPaths, VMSpec
 
 log = logging.getLogger(__name__)
-# errors are raised as exceptions (and logged where they matter); libvirt's default handler
-# would also print every one of them, expected ones included, on stderr
-libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-#: libvirt calls run here: a migration holds a thread for its whole length, so the default
-#: executor (a handful of threads on a small machine) would let job-stats polls and an
-#: abortJob queue behind running migrations
-_EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="libvirt")
-_proxy: "_LoopProxy | None" = None
-
-
-class LibvirtError(HostError):
-    """A libvirt call failed or did not answer in time. ``code`` is libvirt's error code
-    (None for a timeout)."""
-
-    def __init__(self, host: str, message: str, code: int | None = None,
-                 unreachable: bool = False):
-        super().__init__(host, message)
-        self.code = code
-        #: libvirtd could not be reached at all (as opposed to answering with an error)
-        self.unreachable = unreachable
-
-
-def ensure_event_loop() -> None:
-    """Dispatch libvirt's events (and keepalives) on the running asyncio loop, through
-    ``libvirtaio``: registered once per process, before the first connection is opened; a
-    later loop (a new ``asyncio.run``) takes over from the previous one."""
-    global _proxy
-    loop = asyncio.get_running_loop()
-    if _proxy is None:
-        import libvirtaio
-        _proxy = _LoopProxy(loop)
-        libvirtaio.virEventAsyncIOImpl(loop=_proxy).register()
-    else:
-        _proxy.loop = loop
-
-
-class _LoopProxy:
-    """The asyncio loop as libvirtaio sees it.
-
-    libvirt adds and removes its handles and timers from whichever thread runs libvirt code,
-    here the executor threads of blocking calls, and libvirtaio passes those straight to the
-    loop, whose methods are not thread-safe. Through this proxy every such call is queued to
-    the loop's thread with ``call_soon_threadsafe``, in the order made, and never waited for
-    (a worker thread waiting for the loop while holding a libvirt lock could deadlock with a
-    libvirt callback running on the loop). Once the loop is closed (process exit) the calls
-    are dropped instead of raising "Event loop is closed" from libvirt's threads.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-
-    def _queue(self, fn: Callable[..., Any], *args: Any) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-            return True
-        except RuntimeError:                  # the loop is closed
-            return False
-
-    def add_reader(self, fd: int, cb, *args) -> None:
-        self._queue(self.loop.add_reader, fd, cb, *args)
-
-    def remove_reader(self, fd: int) -> None:
-        self._queue(self.loop.remove_reader, fd)
-
-    def add_writer(self, fd: int, cb, *args) -> None:
-        self._queue(self.loop.add_writer, fd, cb, *args)
-
-    def remove_writer(self, fd: int) -> None:
-        self._queue(self.loop.remove_writer, fd)
-
-    def create_task(self, coro, **_kw) -> "_QueuedTask":
-        task = _QueuedTask(self.loop, coro)
-        if not self._queue(task.start):
-            coro.close()
-        return task
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loop, name)
-
-
-class _QueuedTask:
-    """A task created on the loop's thread later; ``cancel()`` is queued behind its start."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, coro):
-        self._loop, self._coro = loop, coro
-        self._task: asyncio.Task | None = None
-        self._cancelled = False
-
-    def start(self) -> None:
-        if self._cancelled:
-            self._coro.close()
-        else:
-            self._task = self._loop.create_task(self._coro)
-
-    def cancel(self, msg: Any = None) -> bool:
-        self._cancelled = True
-        try:
-            self._loop.call_soon_threadsafe(self._cancel_now)
-        except RuntimeError:
-            pass
-        return True
-
-    def _cancel_now(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 def host_uri(host: SSHHost, transport: str = "libssh") -> str:
@@ -160,24 +53,6 @@ def host_uri(host: SSHHost, transport: str = "libssh") -> str:
     if host.client_keys:
         params += [f"keyfile={urlquote(host.client_keys[0])}", "sshauth=privkey"]
     return f"qemu+libssh://{netloc}/system" + ("?" + "&".join(params) if params else "")
-
-
-async def call(host: str, what: str, fn: Callable[..., Any], *args: Any,
-               timeout: float) -> Any:
-    """Run the blocking libvirt call ``fn(*args)`` off the event loop, at most ``timeout``.
-
-    :raise LibvirtError: libvirt's error (code kept) or no answer within ``timeout``.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        return await asyncio.wait_for(
-            loop.run_in_executor(_EXECUTOR, partial(fn, *args)), timeout)
-    except libvirt.libvirtError as exc:
-        raise LibvirtError(host, f"{what}: {exc.get_error_message() or exc}",
-                           exc.get_error_code()) from exc
-    except TimeoutError:
-        raise LibvirtError(host, f"{what}: no answer from libvirt within {timeout:g} s "
-                                 "(daemon hung or link lost?)") from None
 
 
 _STATES = {
@@ -247,69 +122,71 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
 
 
 class LibvirtVM(GuestVM):
-    """One VM as a libvirt domain on one host. See the module docstring."""
+    """One VM as a libvirt domain on one host. See the module docstring.
+
+    The VM object owns its connection (:class:`LibvirtConnection`): :meth:`stop` and
+    :meth:`close` close it, :meth:`adopt` takes over another object's. Domain objects are
+    never kept beyond the call that needs them, other than through the connection, which
+    frees them when it closes.
+    """
 
     def __init__(self, spec: VMSpec, host: SSHHost, run_dir: str, config=None):
         super().__init__(spec, host, run_dir, config)
         self.uri = host_uri(host, self.config.libvirt.transport)
         self.pid: int | None = None
-        self._conn: libvirt.virConnect | None = None
-        self._dom: libvirt.virDomain | None = None
+        self._conn: LibvirtConnection | None = None
 
     def __repr__(self) -> str:
         return f"<LibvirtVM {self.name} on {self.host.name} pid={self.pid}>"
 
     async def call(self, what: str, fn: Callable[..., Any], *args: Any,
                    timeout: float | None = None) -> Any:
-        """:func:`call` for this VM: errors name its host and the VM."""
-        return await call(self.host.name, f"{self.name}: {what}", fn, *args,
-                          timeout=timeout or self.config.timeouts.libvirt_call_s)
+        """A libvirt call on this VM's connection: errors name its host and the VM.
 
-    async def conn(self) -> libvirt.virConnect:
-        """The connection to this host's libvirtd (opened on first use).
+        :raise LibvirtError: see :meth:`LibvirtConnection.call`.
+        """
+        conn = await self.connection()
+        return await conn.call(f"{self.name}: {what}", fn, *args,
+                               timeout=timeout or self.config.timeouts.libvirt_call_s)
+
+    async def connection(self) -> LibvirtConnection:
+        """The owned connection to this host's libvirtd (opened on first use; a dead one is
+        closed and opened again).
 
         :raise LibvirtError: unreachable host or daemon, refused host key or login.
         """
-        if self._conn is not None and not self._conn.isAlive():   # local check, no RPC
-            self._conn, self._dom = None, None            # dead (daemon or link gone): reopen
+        if self._conn is not None and not self._conn.is_alive():   # local check, no RPC
+            await self.close()                        # dead (daemon or link gone): reopen
         if self._conn is None:
-            ensure_event_loop()
-            settings = self.config.libvirt
-            try:
-                conn = await call(self.host.name, f"connect {self.uri.split('?')[0]}",
-                                  libvirt.open, self.uri,
-                                  timeout=self.config.timeouts.ssh_connect_s
-                                  + self.config.timeouts.libvirt_call_s)
-            except LibvirtError as exc:
-                exc.unreachable = True
-                raise
-            try:
-                conn.setKeepAlive(settings.keepalive_interval_s, settings.keepalive_count)
-            except libvirt.libvirtError as exc:
-                log.warning("[host=%s] libvirt keepalive not set: %s", self.host.name, exc)
-            self._conn = conn
+            settings, timeouts = self.config.libvirt, self.config.timeouts
+            self._conn = await LibvirtConnection.open(
+                self.host.name, self.uri, timeout=timeouts.ssh_connect_s + timeouts.libvirt_call_s,
+                keepalive=(settings.keepalive_interval_s, settings.keepalive_count))
         return self._conn
 
+    async def conn(self) -> libvirt.virConnect:
+        """The raw ``virConnect`` of :meth:`connection` (for calls through :meth:`call`)."""
+        return (await self.connection()).raw
+
     async def close(self) -> None:
-        """Close the connection (the domain is left as it is)."""
-        conn, self._conn, self._dom = self._conn, None, None
+        """Close the connection (the domain is left as it is). Idempotent."""
+        conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                await call(self.host.name, "close", conn.close,
-                           timeout=self.config.timeouts.libvirt_call_s)
-            except LibvirtError as exc:
-                log.warning("%s", exc)
+            await conn.close(self.config.timeouts.libvirt_call_s)
+
+    async def disconnect(self) -> None:
+        """:meth:`close` (the name every VM class has for it)."""
+        await self.close()
 
     async def domain(self) -> libvirt.virDomain | None:
         """The domain on this host, or None when it is not there."""
         conn = await self.conn()
         try:
-            self._dom = await self.call("lookup", conn.lookupByName, self.name)
+            return await self.call("lookup", conn.lookupByName, self.name)
         except LibvirtError as exc:
             if exc.code != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
-            self._dom = None
-        return self._dom
+            return None
 
     async def prepare_run_dir(self) -> None:
         """The VM's run directory on the host (libvirt binds the console socket there)."""
@@ -341,7 +218,6 @@ class LibvirtVM(GuestVM):
             await self.call("undefine", dom.undefine)
             raise GuestError(self.host.name, self.name, f"did not start: {exc.message}") \
                 from exc
-        self._dom = dom
         self.pid = await self.read_pid()
 
     async def read_pid(self) -> int | None:
@@ -350,7 +226,10 @@ class LibvirtVM(GuestVM):
         return int(r.stdout) if r.ok and r.stdout.strip().isdigit() else None
 
     async def status(self) -> str:
-        """The domain's state in words (``running``, ``paused``, ``shutoff``, ``absent``)."""
+        """The domain's state in words (``running``, ``paused``, ``shutoff``, ``absent``).
+
+        :raise LibvirtError: the daemon could not be asked.
+        """
         dom = await self.domain()
         if dom is None:
             return "absent"
@@ -373,22 +252,25 @@ class LibvirtVM(GuestVM):
         self._close_session()
         left: LibvirtError | None = None
         try:
-            await self._destroy_and_undefine()
-        except LibvirtError as exc:
-            log.warning("%s; killing QEMU by its pidfile", exc)
-            await self._kill_by_pidfile()
             try:
                 await self._destroy_and_undefine()
-            except LibvirtError as again:
-                # a daemon that cannot be reached holds nothing we could remove now (the
-                # QEMU it started is killed above); one that answers and refuses does
-                if again.unreachable or (self._conn is not None
-                                         and not self._conn.isAlive()):
-                    log.warning("[host=%s] %s: QEMU killed by pidfile; libvirtd unreachable "
-                                "(%s)", self.host.name, self.name, again.message)
-                else:
-                    left = again
-        await self.close()
+            except LibvirtError as exc:
+                log.warning("%s; killing QEMU by its pidfile", exc)
+                await self._kill_by_pidfile()
+                try:
+                    await self._destroy_and_undefine()
+                except LibvirtError as again:
+                    # a daemon that cannot be reached holds nothing we could remove now (the
+                    # QEMU it started is killed above); one that answers and refuses does
+                    if again.unreachable or (self._conn is not None
+                                             and not self._conn.is_alive()):
+                        log.warning("[host=%s] %s: QEMU killed by pidfile; libvirtd "
+                                    "unreachable (%s)", self.host.name, self.name,
+                                    again.message)
+                    else:
+                        left = again
+        finally:
+            await self.close()
         await self.host.run(f"rm -rf {quote(self.paths.dir)}", check=True)
         self.pid = None
         if left is not None:
@@ -400,13 +282,16 @@ class LibvirtVM(GuestVM):
             if await self.call("isActive", dom.isActive):
                 await self.call("destroy", dom.destroy)
             await self.call("undefine", dom.undefine)
-            self._dom = None
 
     async def _kill_by_pidfile(self) -> None:
+        """SIGKILL the QEMU libvirt recorded for this VM, identified by its pidfile *and* its
+        command line (``-name guest=<vm>,...``), whatever the emulator binary is called."""
         pidfile = quote(f"/run/libvirt/qemu/{self.name}.pid")
         await self.host.run(
             f"p=$(cat {pidfile} 2>/dev/null) && [ -n \"$p\" ] && "
-            f"[ \"$(cat /proc/$p/comm 2>/dev/null)\" = qemu-system-x86 ] && kill -KILL $p; "
+            f"tr '\\0' '\\n' < /proc/$p/cmdline 2>/dev/null "
+            f"| grep -qxF -e {quote('guest=' + self.name)} "
+            f"-e {quote('guest=' + self.name + ',debug-threads=on')} && kill -KILL $p; "
             "true", check=True)
 
     async def hardreset(self) -> None:
@@ -415,10 +300,14 @@ class LibvirtVM(GuestVM):
         await self.call("reset", dom.reset, 0)
 
     async def adopt(self, other: "LibvirtVM") -> None:
-        """Become ``other`` (the same VM, now running on its host): its host, connection,
-        domain and console; this object's old connection is closed."""
+        """Become ``other`` (the same VM, now running on its host): its host, connection
+        and console; this object's old connection is closed."""
         await self.close()
         self.host, self.uri, self.paths = other.host, other.uri, other.paths
-        self._conn, self._dom, self.pid = other._conn, other._dom, other.pid
-        other._conn = other._dom = other.pid = None
+        self._conn, self.pid = other._conn, other.pid
+        other._conn = other.pid = None
         await self._take_session(other)
+
+
+__all__ = ["EXECUTOR", "LibvirtConnection", "LibvirtError", "LibvirtVM", "call",
+           "domain_xml", "ensure_event_loop", "host_uri", "open_connections", "state_name"]
