@@ -32,6 +32,8 @@ class MigrationData:
     migrations: dict[str, BaseMigration] = field(default_factory=dict)
     results: dict[str, MigrationResult] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    #: the call has ended (a VM without a migration by then never gets one)
+    _ended: bool = field(default=False, repr=False)
 
     @property
     def vm_ports(self) -> dict[str, int]:
@@ -66,6 +68,12 @@ class MigrationData:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _end(self) -> None:
+        """The call is over, however it ended: waits for migrations that never started
+        return (``wait_ended``) or fail (``wait_phase``) instead of waiting forever."""
+        self._ended = True
+        self._pulse()
+
     # -- for hooks -----------------------------------------------------------------------------
 
     def cancel(self, reason: str = "cancelled by the scenario", vm: str | None = None) -> None:
@@ -77,11 +85,13 @@ class MigrationData:
 
     async def wait_ended(self, vm: str | None = None) -> None:
         """Wait until the migration of ``vm`` (default: every VM of this call) has ended,
-        whichever way (completed and cleaned, rolled back, split). Never raises."""
+        whichever way (a final phase: cleaned, rolled back, split, landed, unresolved), or
+        the call ended before its migration started. Never raises."""
         names = [vm] if vm else self.vm_names
         while True:
             pending = [n for n in names
-                       if n not in self.migrations or not self.migrations[n].phase.is_final]
+                       if (n not in self.migrations and not self._ended)
+                       or (n in self.migrations and not self.migrations[n].phase.is_final)]
             if not pending:
                 return
             await self._wait_any(pending)
@@ -95,6 +105,9 @@ class MigrationData:
         finally:
             for w in waits:
                 w.cancel()
+            # the waits are owned here: gone before returning (a cancellation of the
+            # caller meanwhile still propagates)
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def wait_phase(self, phase: Phase, vm: str | None = None,
                          transferred: int = 0) -> None:
@@ -109,6 +122,9 @@ class MigrationData:
             for name in names:
                 mig = self.migrations.get(name)
                 if mig is None:
+                    if self._ended:
+                        raise ScenarioError(f"{name}: migration {self.mig_id} ended before "
+                                            f"its migration started")
                     pending.append(name)
                     continue
                 reached = any(p is phase for p, _, _ in mig.history)

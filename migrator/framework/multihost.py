@@ -38,6 +38,7 @@ import os
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
+from ..aio import shielded
 from ..config import Config, Inventory, load_inventory
 from ..errors import ConfigError, HostError, MigrationError, ScenarioError
 from ..hosts import SSHHost, quote
@@ -220,7 +221,7 @@ class MultihostMigration:
         settings = self.config.migration.model_dump() | (params_append or {})
         try:
             params = MigrationParams(**settings)
-        except TypeError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"migrate(): bad params_append {params_append}: {exc}") from None
         self._count += 1
         mig_id = f"{self.name}-{self._count}"
@@ -280,8 +281,11 @@ class MultihostMigration:
             raise leaf
         finally:
             self._tg = None
-            rec.cleanup_problems = await asyncio.shield(self._cleanup(own_server))
-            rec.duration_s = time.monotonic() - t0
+            try:
+                # a second Ctrl-C / SIGTERM while cleaning up must not orphan the cleanup
+                rec.cleanup_problems = await shielded(self._cleanup(own_server))
+            finally:
+                rec.duration_s = time.monotonic() - t0
 
     async def _scenario(self) -> None:
         await self.migration_scenario()
@@ -413,6 +417,7 @@ class MultihostMigration:
         finally:
             if claimed:
                 self.env.release(md.vm_names)
+            md._end()
             handle._done.set()
 
     async def _step(self, step: str, md: MigrationData, aw: Awaitable[Any]) -> Any:

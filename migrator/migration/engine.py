@@ -20,6 +20,11 @@ wall-clock times in ``mig.history``)::
             -> COMPLETED -> VERIFIED -> CLEANED                         (success)
     any phase before COMPLETED -> ROLLING_BACK -> ROLLED_BACK           (failure/cancel)
     POSTCOPY -> SPLIT                                                   (see below)
+    COMPLETED | VERIFIED -> LANDED          (failed after completion; VM on the destination)
+    any phase that is not final -> UNRESOLVED   (the VM's place could not be established)
+
+Every run ends in one of the final phases CLEANED, ROLLED_BACK, SPLIT, LANDED or UNRESOLVED,
+and the final phase tells the truth about where the VM runs.
 
 The promise, kept by :meth:`Migration._rollback` on every failure, timeout, ``cancel()`` and
 cancellation of the caller's task: the VM keeps running on its source with its memory intact,
@@ -65,11 +70,18 @@ class Phase(str, enum.Enum):
     ROLLING_BACK = "ROLLING_BACK"
     ROLLED_BACK = "ROLLED_BACK"         #: VM running on the source, destination gone
     SPLIT = "SPLIT"                     #: failed after postcopy switchover: state split
+    LANDED = "LANDED"                   #: failed after completion (a check or the source's
+                                        #: cleanup): the VM runs on the destination
+    UNRESOLVED = "UNRESOLVED"           #: where the VM runs could not be established:
+                                        #: nothing was destroyed, both sides were kept
 
     @property
     def is_final(self) -> bool:
-        return self in (Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT)
+        return self in FINAL
 
+
+FINAL = frozenset({Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT, Phase.LANDED,
+                   Phase.UNRESOLVED})
 
 EDGES: dict[Phase, set[Phase]] = {
     Phase.PENDING: {Phase.PREPARING_DEST, Phase.ROLLING_BACK},
@@ -79,11 +91,18 @@ EDGES: dict[Phase, set[Phase]] = {
     Phase.LISTENING: {Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.MIGRATING: {Phase.POSTCOPY, Phase.COMPLETED, Phase.ROLLING_BACK},
     Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT},
-    Phase.COMPLETED: {Phase.VERIFIED, Phase.SPLIT},
-    Phase.VERIFIED: {Phase.CLEANED},
-    Phase.ROLLING_BACK: {Phase.ROLLED_BACK},
-    Phase.CLEANED: set(), Phase.ROLLED_BACK: set(), Phase.SPLIT: set(),
+    # after completion: the destination is checked; a precopy source can still take the VM
+    # back while the destination does not run it
+    Phase.COMPLETED: {Phase.VERIFIED, Phase.SPLIT, Phase.LANDED, Phase.ROLLING_BACK},
+    Phase.VERIFIED: {Phase.CLEANED, Phase.LANDED},
+    # libvirt may finish a migration while it is being aborted
+    Phase.ROLLING_BACK: {Phase.ROLLED_BACK, Phase.LANDED},
+    Phase.CLEANED: set(), Phase.ROLLED_BACK: set(), Phase.SPLIT: set(), Phase.LANDED: set(),
+    Phase.UNRESOLVED: set(),
 }
+for _phase in EDGES:                    # any phase that is not final can end unresolved
+    if not _phase.is_final:
+        EDGES[_phase].add(Phase.UNRESOLVED)
 
 ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling",
           "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup"}
@@ -168,7 +187,7 @@ class BaseMigration:
         self._t_migrate: float | None = None
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
                                       "pending", Phase.PENDING.value, driver=self.driver,
-                                      params=asdict(self.params))
+                                      params=self.params.model_dump())
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.src_vm.name} {self.src_vm.host.name}->"
@@ -237,7 +256,7 @@ class BaseMigration:
         except asyncio.CancelledError:
             failed_in = self.phase
             why = "interrupted: the controller's task was cancelled"
-            outcome = await shielded(self._rollback(why))
+            outcome = await shielded(self._guarded_rollback(why))
             self.result.status = "cancelled"
             self.result.error = str(MigrationError(
                 self.src_vm.host.name, self.dst_host.name, self.src_vm.name, failed_in.value,
@@ -253,6 +272,10 @@ class BaseMigration:
         except Exception as exc:  # noqa: BLE001 - every failure is rolled back, then named
             raise await self._fail(f"{type(exc).__name__}: {exc}", exc) from exc
         finally:
+            if self.dst_vm is not self.src_vm:
+                # not handed over (rolled back, split, unresolved): the destination object's
+                # connections (QMP, libvirt) end with the run, whatever is kept on the host
+                await shielded(self.dst_vm.disconnect())
             self.result.run_s = time.monotonic() - t0
             self.result.phase = self.phase.value
             self.result.phases = [(p.value, round(m - self.history[0][1], 4), w)
@@ -276,16 +299,30 @@ class BaseMigration:
 
     async def _fail(self, message: str, cause: BaseException) -> MigrationError:
         failed_in = self.phase
-        outcome = await shielded(self._rollback(message))
+        outcome = await shielded(self._guarded_rollback(message))
         err = MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
                              failed_in.value, message, outcome)
         self.result.error = str(err)
         log.error("%s", err)
         return err
 
+    async def _guarded_rollback(self, why: str) -> str:
+        """:meth:`_rollback`, and whatever it raises ends the run UNRESOLVED (a final phase
+        that says so) instead of leaving it in a phase that is not final."""
+        try:
+            return await self._rollback(why)
+        except Exception as exc:  # noqa: BLE001 - reported in the outcome and the phase
+            outcome = (f"the rollback itself failed ({type(exc).__name__}: {exc}); where the "
+                       f"VM runs was not established: nothing more was destroyed")
+            log.error("[vm=%s] %s", self.src_vm.name, outcome)
+            if not self.phase.is_final:
+                self._set_phase(Phase.UNRESOLVED)
+            self.result.status = "failed"
+            return outcome
+
     def _split_outcome(self) -> str | None:
         """After a postcopy switchover the source cannot take the VM back: the outcome to
-        report (phase SPLIT), or None when rolling back is still possible."""
+        report (phase SPLIT), or None when that is not the case."""
         if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
                                             and self.params.postcopy_after_s is not None):
             self._set_phase(Phase.SPLIT)
@@ -296,11 +333,52 @@ class BaseMigration:
                     f"kept (it holds the newest pages); postcopy recovery attempted {tried} "
                     "time(s): once the link is back, migrate-recover on the destination and "
                     "'migrate' with resume on the source can still finish it")
-        if self.phase in (Phase.COMPLETED, Phase.VERIFIED):
-            self.result.status = "failed"
-            return (f"the migration completed but its verification failed: the VM is on "
-                    f"{self.dst_host.name}; nothing was rolled back")
         return None
+
+    async def _settle_after_completion(self, why: str) -> str | None:
+        """A failure after COMPLETED or VERIFIED: ask both sides where the VM runs.
+
+        * the destination runs it: phase LANDED; the source's leftover is removed;
+        * it does not, and the source can still take it back (precopy, COMPLETED): None,
+          the caller rolls back as before completion;
+        * anything else, or no answer: phase UNRESOLVED, nothing destroyed.
+
+        :return: the outcome, or None when the caller should roll back.
+        """
+        split = self._split_outcome()
+        if split is not None:
+            return split
+        if self.phase not in (Phase.COMPLETED, Phase.VERIFIED):
+            return None
+        try:
+            src_state, dst_state = await self._states()
+        except Exception as exc:  # noqa: BLE001 - unknown: keep everything
+            src_state = dst_state = f"unknown ({type(exc).__name__}: {exc})"
+        self.result.status = "failed"
+        where = f"source {src_state!r} on {self.src_vm.host.name}, destination " \
+                f"{dst_state!r} on {self.dst_host.name}"
+        if dst_state == "running":
+            notes = await self._remove_source_copy()
+            self._set_phase(Phase.LANDED)
+            return (f"the migration completed but {why}: the VM runs on {self.dst_host.name} "
+                    f"and the VM object now refers to it; {notes}; nothing was rolled back")
+        if self.phase is Phase.COMPLETED and self._source_can_resume(src_state):
+            return None
+        self._set_phase(Phase.UNRESOLVED)
+        return (f"the migration completed but {why}, and the VM runs on neither side as far "
+                f"as could be seen ({where}): both sides were kept as they are")
+
+    async def _states(self) -> tuple[str, str]:
+        """(source state, destination state) as each side's hypervisor reports them."""
+        raise NotImplementedError
+
+    def _source_can_resume(self, src_state: str) -> bool:
+        raise NotImplementedError
+
+    async def _remove_source_copy(self) -> str:
+        """The VM landed: stop what is left of it on the source, make the VM object refer to
+        the destination, and say what was done (never raises)."""
+        raise NotImplementedError
 
 
 class Migration(BaseMigration):
@@ -486,15 +564,11 @@ class Migration(BaseMigration):
 
     async def _verify(self, src, dst) -> None:
         """Destination running (waited for), source postmigrate; downtime from the events."""
-        timeouts = self.config.timeouts
-        async with asyncio.timeout(timeouts.migration_setup_s):
-            while (status := (await dst.execute("query-status"))["status"]) != "running":
-                if status not in ("inmigrate", "paused", "postmigrate", "finish-migrate"):
-                    raise self._error(f"destination ended in state {status!r}")
-                await asyncio.sleep(timeouts.progress_interval_s)
-        src_status = (await src.execute("query-status"))["status"]
-        if src_status != "postmigrate":
-            raise self._error(f"source is {src_status!r} after completion, not 'postmigrate'")
+        await self._wait_run_state(dst, "destination", "running",
+                                   ("inmigrate", "paused", "postmigrate", "finish-migrate"))
+        # QEMU reports 'completed' a moment before the source leaves 'finish-migrate' (the
+        # migration thread's cleanup sets 'postmigrate'), multifd especially: wait for it
+        await self._wait_run_state(src, "source", "postmigrate", ("finish-migrate",))
 
         def ts(ev):
             return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
@@ -504,17 +578,58 @@ class Migration(BaseMigration):
             self.result.downtime_events_ms = round((resumes[0] - stops[-1]) * 1000, 1)
         self._set_phase(Phase.VERIFIED)
 
+    async def _wait_run_state(self, qmp, side: str, target: str,
+                              passing: tuple[str, ...]) -> None:
+        """Wait (at most ``migration_setup_s``) until ``side``'s run state is ``target``,
+        through the states in ``passing``.
+
+        :raise MigrationError: another state was reached, or the wait timed out.
+        """
+        timeouts = self.config.timeouts
+        status = "?"
+        try:
+            async with asyncio.timeout(timeouts.migration_setup_s):
+                while (status := (await qmp.execute("query-status"))["status"]) != target:
+                    if status not in passing:
+                        raise self._error(f"{side} is {status!r} after completion, "
+                                          f"not {target!r}")
+                    await asyncio.sleep(timeouts.progress_interval_s)
+        except TimeoutError:
+            raise self._error(f"{side} still {status!r} {timeouts.migration_setup_s:g} s "
+                              f"after completion, not {target!r}") from None
+
     # -- failure ------------------------------------------------------------------------------------
+
+    async def _states(self) -> tuple[str, str]:
+        async with asyncio.timeout(self.config.timeouts.migration_cancel_s):
+            states = []
+            for vm in (self.src_vm, self.dst_vm):
+                states.append(await vm.status() if await vm.is_alive() else "absent")
+            return states[0], states[1]
+
+    def _source_can_resume(self, src_state: str) -> bool:
+        return src_state in ("postmigrate", "finish-migrate", "paused", "running")
+
+    async def _remove_source_copy(self) -> str:
+        try:
+            await self.src_vm.stop()
+            notes = f"the source QEMU on {self.src_vm.host.name} was stopped"
+        except Exception as exc:  # noqa: BLE001 - reported
+            notes = f"SOURCE QEMU NOT STOPPED on {self.src_vm.host.name} ({exc})"
+        await self.src_vm.adopt(self.dst_vm)
+        self.dst_vm = self.src_vm
+        return notes
 
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done.
 
         Every step is bounded by ``migration_cancel_s`` / ``qemu_stop_s``; a step that fails
-        is reported in the outcome, and the remaining steps still run.
+        is reported in the outcome, and the remaining steps still run. After completion the
+        sides are asked first (:meth:`_settle_after_completion`).
         """
-        split = self._split_outcome()
-        if split is not None:
-            return split
+        settled = await self._settle_after_completion(why)
+        if settled is not None:
+            return settled
         self._set_phase(Phase.ROLLING_BACK)
         self.result.status = "cancelled" if self._cancel_requested else "failed"
         notes = []

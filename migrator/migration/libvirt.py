@@ -31,7 +31,7 @@ from functools import partial
 import libvirt
 
 from ..hosts import quote
-from ..hypervisor.libvirt import _EXECUTOR, LibvirtError, LibvirtVM
+from ..hypervisor.libvirt import LibvirtError, LibvirtVM
 from .engine import BaseMigration, Phase, ProgressRecord
 from .params import MIB
 
@@ -54,7 +54,7 @@ class LibvirtMigration(BaseMigration):
         self._completed_stats: dict | None = None
         #: (side, kind, event, detail, monotonic time) of libvirt's events for this VM
         self.events: list[tuple[str, str, int, int, float]] = []
-        self._callbacks: list[tuple[LibvirtVM, int]] = []
+        self._callbacks: list[tuple[object, int]] = []    # (LibvirtConnection, id)
 
     # -- what libvirt is asked ----------------------------------------------------------------
 
@@ -117,13 +117,14 @@ class LibvirtMigration(BaseMigration):
 
     async def _migrate(self, sdom, dconn, flags: int, params: dict) -> None:
         timeouts = self.config.timeouts
-        loop = asyncio.get_running_loop()
+        src_conn = await self.src_vm.connection()
         if self.config.libvirt.p2p:
             job = partial(sdom.migrateToURI3, self.dst_vm.uri, params, flags)
         else:
             job = partial(sdom.migrate3, dconn, params, flags)
         self._t_migrate = time.monotonic()
-        self._job = loop.run_in_executor(_EXECUTOR, job)
+        self._job = src_conn.submit(job, also=(await self.dst_vm.connection(),))
+        self._job.add_done_callback(lambda _: self._pulse())     # wakes the loop below
         self._set_phase(Phase.MIGRATING)
         moved, moved_at = -1, time.monotonic()
         async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
@@ -152,9 +153,11 @@ class LibvirtMigration(BaseMigration):
                             await asyncio.wait([self._job], timeout=timeouts.progress_interval_s)
                             if not self._job.done():
                                 raise
-                changed = asyncio.ensure_future(self.wait_changed())
-                await asyncio.wait([self._job, changed], timeout=timeouts.progress_interval_s)
-                changed.cancel()
+                if not self._job.done():
+                    try:
+                        await asyncio.wait_for(self.wait_changed(), timeouts.progress_interval_s)
+                    except TimeoutError:
+                        pass
         try:
             ddom = self._job.result()
         except libvirt.libvirtError as exc:
@@ -255,7 +258,7 @@ class LibvirtMigration(BaseMigration):
     async def _watch(self, vm: LibvirtVM, dom) -> None:
         """Record lifecycle, iteration and job-completed events of this VM on ``vm``'s host."""
         side = "src" if vm is self.src_vm else "dst"
-        conn = await vm.conn()
+        conn = await vm.connection()
         loop = asyncio.get_running_loop()
 
         def note(kind: str, event: int, detail: int) -> None:
@@ -276,9 +279,9 @@ class LibvirtMigration(BaseMigration):
         for event_id, cb in zip(_EVENTS, (lifecycle, completed, iteration)):
             if side == "dst" and event_id != libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE:
                 continue
-            cbid = await vm.call("register events", conn.domainEventRegisterAny, None,
-                                 event_id, cb, None)
-            self._callbacks.append((vm, cbid))
+            cbid = await conn.register_event(event_id, cb,
+                                             timeout=self.config.timeouts.libvirt_call_s)
+            self._callbacks.append((conn, cbid))
 
     def _job_completed(self, stats: dict) -> None:
         self._completed_stats = dict(stats)
@@ -286,34 +289,61 @@ class LibvirtMigration(BaseMigration):
 
     async def _unwatch(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
-        for vm, cbid in callbacks:
+        for conn, cbid in callbacks:
             try:
-                conn = await vm.conn()
-                await vm.call("deregister events", conn.domainEventDeregisterAny, cbid)
-            except LibvirtError as exc:
+                await conn.deregister_event(cbid, timeout=self.config.timeouts.libvirt_call_s)
+            except LibvirtError as exc:       # the connection's close deregisters it then
                 log.debug("%s", exc)
 
     # -- failure ------------------------------------------------------------------------------
 
-    async def _landed_on_destination(self) -> bool:
-        """Whether the VM is already gone from the source and running on the destination:
-        removing the destination then would lose it."""
+    async def _states(self) -> tuple[str, str]:
+        return await self.src_vm.status(), await self.dst_vm.status()
+
+    def _source_can_resume(self, src_state: str) -> bool:
+        return False                # libvirt removed the source domain when it completed
+
+    async def _remove_source_copy(self) -> str:
+        src = self.src_vm
         try:
-            return (await self.src_vm.status() == "absent"
-                    and await self.dst_vm.status() == "running")
-        except Exception:  # noqa: BLE001 - unknown: assume not, roll back as usual
-            return False
+            if await src.status() not in ("absent", "shutoff"):
+                await src.stop()
+                notes = f"the source domain on {src.host.name} was removed"
+            else:
+                await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)
+                notes = f"libvirt had removed the source domain from {src.host.name}"
+        except Exception as exc:  # noqa: BLE001 - reported
+            notes = f"SOURCE NOT CLEANED on {src.host.name} ({exc})"
+        await src.adopt(self.dst_vm)
+        self.dst_vm = src
+        return notes
+
+    async def _ask(self, vm: LibvirtVM) -> str | None:
+        """``vm``'s domain state, or None when its libvirtd cannot be asked."""
+        try:
+            return await vm.status()
+        except Exception as exc:  # noqa: BLE001 - unknown, said so by None
+            log.warning("[vm=%s] state on %s unknown: %s", vm.name, vm.host.name, exc)
+            return None
 
     async def _rollback(self, why: str) -> str:
-        """Abort the job, keep the VM running on the source, remove the destination."""
-        split = self._split_outcome()
-        if split is not None:
-            return split
+        """Abort the job, then decide from the job's end and both sides' domain states:
+
+        * job still running after ``migration_cancel_s``: UNRESOLVED, nothing destroyed;
+        * source gone and destination running (libvirt finished first): LANDED;
+        * source domain present: libvirt's failed job means the destination never ran the
+          guest, so the source is resumed and the destination removed: ROLLED_BACK;
+        * the source cannot be asked, or runs nothing: UNRESOLVED, nothing destroyed.
+        """
+        settled = await self._settle_after_completion(why)
+        if settled is not None:
+            return settled
         self._set_phase(Phase.ROLLING_BACK)
         self.result.status = "cancelled" if self._cancel_requested else "failed"
         timeouts = self.config.timeouts
         notes: list[str] = []
         src = self.src_vm
+        job_running = False
         if self._job is not None and not self._job.done():
             try:
                 dom = await src.domain()
@@ -324,31 +354,41 @@ class LibvirtMigration(BaseMigration):
             try:
                 await asyncio.wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
             except TimeoutError:
+                job_running = True
                 notes.append(f"MIGRATE CALL STILL RUNNING after {timeouts.migration_cancel_s:g}"
                              " s")
             except libvirt.libvirtError:
                 pass                          # what an aborted migrate3 returns
         await self._unwatch()
-        if await self._landed_on_destination():
-            self._set_phase(Phase.ROLLED_BACK)
-            outcome = (f"NOT rolled back: libvirt had already finished the migration, the VM "
-                       f"runs on {self.dst_host.name} and the VM object now refers to it; "
-                       + ", ".join(notes)).rstrip("; ,")
-            await self.src_vm.adopt(self.dst_vm)
-            self.dst_vm = self.src_vm
+        src_state, dst_state = await self._ask(src), await self._ask(self.dst_vm)
+        where = (f"source {src_state or 'unknown'!r} on {src.host.name}, destination "
+                 f"{dst_state or 'unknown'!r} on {self.dst_host.name}")
+        if src_state in ("absent", "shutoff") and dst_state == "running":
+            notes.insert(0, "libvirt had already finished the migration")
+            outcome = (f"NOT rolled back: the VM runs on {self.dst_host.name} and the VM "
+                       f"object now refers to it; " + "; ".join(notes))
+            await src.adopt(self.dst_vm)
+            self.dst_vm = src
+            self._set_phase(Phase.LANDED)
             log.warning("[vm=%s] %s", src.name, outcome)
             return outcome
+        if job_running or src_state is None or src_state in ("absent", "shutoff"):
+            notes.append(f"where the VM runs could not be established ({where}): nothing "
+                         "was destroyed")
+            self._set_phase(Phase.UNRESOLVED)
+            outcome = "; ".join(notes)
+            log.error("[vm=%s] %s", src.name, outcome)
+            return outcome
         try:
-            status = await src.status()
-            if status.startswith("paused"):
+            if src_state.startswith("paused"):
                 dom = await src.domain()
                 await src.call("resume", dom.resume)
-                notes.append(f"source resumed from {status!r}")
+                notes.append(f"source resumed from {src_state!r}")
             status = await src.status()
             if status != "running":
                 notes.append(f"SOURCE NOT RUNNING ({status!r})")
         except Exception as exc:  # noqa: BLE001 - reported, rollback goes on
-            notes.append(f"could not check the source ({type(exc).__name__}: {exc})")
+            notes.append(f"could not resume the source ({type(exc).__name__}: {exc})")
         try:
             await self.dst_vm.stop()
             notes.append(f"destination removed from {self.dst_host.name}")
