@@ -62,10 +62,14 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
     :raise GuestError: when QEMU refuses to start (its error output is in the message).
     """
     paths = vm_paths(run_dir, spec.name)
+    ident = quote(identity_file(paths))
+    # the identity (pid + start time) is written in the same command as the start: a QEMU
+    # that runs is always one stop_vm can find and tell from a process that reused its pid
     cmd = (f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
-           f"{quote(paths.pidfile)} {quote(paths.status_log)} && "
+           f"{quote(paths.pidfile)} {ident} {quote(paths.status_log)} && "
            f"{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
-           f" && cat {quote(paths.pidfile)}")
+           f" && p=$(cat {quote(paths.pidfile)}) && {_STARTTIME} && "
+           f"echo \"$p $st\" > {ident} && echo $p")
     result = await host.run(cmd)
     if not result.ok:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["?"]
@@ -73,19 +77,32 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
     return int(result.stdout.split()[-1])
 
 
-async def stop_vm(host: SSHHost, vm: str, run_dir: str, timeout_s: float) -> None:
-    """Stop QEMU of ``vm`` on ``host`` by its pidfile and remove its run directory.
+#: shell: ``st`` = the start time (clock ticks after boot) of process ``$p``: field 22 of
+#: /proc/PID/stat, counted after the command name (which may hold spaces and parentheses)
+_STARTTIME = "st=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f20)"
 
+
+def identity_file(paths: VMPaths) -> str:
+    """Where ``start_vm`` records QEMU's identity: ``PID STARTTIME``."""
+    return f"{paths.dir}/qemu.id"
+
+
+async def stop_vm(host: SSHHost, vm: str, run_dir: str, timeout_s: float) -> None:
+    """Stop QEMU of ``vm`` on ``host`` and remove its run directory.
+
+    The process is the one ``start_vm`` recorded: its PID *and* start time must match (so a
+    process that reused the PID is never signalled, whatever the QEMU binary is called).
     SIGTERM, then SIGKILL after ``timeout_s``; waits until the process is gone. Idempotent.
 
     :raise HostError: when the host cannot be reached or the process survives SIGKILL.
     """
     paths = vm_paths(run_dir, vm)
     script = f"""
-d={quote(paths.dir)}; pidfile={quote(paths.pidfile)}
-if [ -s "$pidfile" ]; then
-  pid=$(cat "$pidfile")
-  if [ "$(cat /proc/$pid/comm 2>/dev/null)" = qemu-system-x86 ]; then
+d={quote(paths.dir)}; ident={quote(identity_file(paths))}
+if [ -s "$ident" ]; then
+  read pid start < "$ident"
+  p=$pid; {_STARTTIME}
+  if [ -n "$st" ] && [ "$st" = "$start" ]; then
     kill -TERM "$pid" 2>/dev/null
     i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {int(timeout_s * 100)} ]; do
       grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null && break; sleep 0.01; i=$((i+1)); done
@@ -167,6 +184,10 @@ class QemuVM(GuestVM):
                 await cm.__aexit__(None, None, None)
             except Exception:  # noqa: BLE001 - QEMU may be gone already: nothing to close
                 pass
+
+    async def disconnect(self) -> None:
+        """Close this object's QMP connection (QEMU is left as it is). Idempotent."""
+        await self.close_qmp()
 
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``inmigrate``, ``postmigrate`` ...)."""

@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -289,8 +290,9 @@ def request(socket_path: str, line: str) -> str:
 REBOOT_SCRIPT = """#!/bin/sh
 # 'reboot' of migrator lab host {host}: restarts every process of this host (sshd, sessions,
 # libvirtd, guests) with a fresh /run and /tmp and a new boot_id. The real machine is not
-# touched. Written by migrate-lab up.
-exec {python} -m migrator.lab.hostinit request {socket} reboot
+# touched. Written by migrate-lab up. Only system tools: the migrator checkout (and its venv)
+# may live under /tmp, which is private to each lab host.
+printf 'reboot\n' | exec socat -t 30 - UNIX-CONNECT:{socket}
 """
 
 REFUSE_SCRIPT = """#!/bin/sh
@@ -304,8 +306,8 @@ def write_sbin(hostdir: Path, host: str) -> None:
     """The host's own /usr/local/sbin: a lab ``reboot``; poweroff/halt/shutdown refused."""
     sbin = hostdir / "sbin"
     sbin.mkdir(exist_ok=True)
-    scripts = {"reboot": REBOOT_SCRIPT.format(host=host, python=sys.executable,
-                                              socket=hostdir / CONTROL_SOCKET)}
+    scripts = {"reboot": REBOOT_SCRIPT.format(host=host,
+                                              socket=shlex.quote(str(hostdir / CONTROL_SOCKET)))}
     for name in ("poweroff", "halt", "shutdown"):
         scripts[name] = REFUSE_SCRIPT.format(name=name, host=host)
     for name, text in scripts.items():
