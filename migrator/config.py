@@ -154,16 +154,39 @@ class LabDefaults(_Strict):
 
 
 class MigrationSettings(_Strict):
-    """Default parameters of every migration of a run (``migration.*``); see
-    :class:`migrator.migration.params.MigrationParams` for what each one does."""
+    """The knobs of one migration, their bounds and the rules between them: the one
+    definition. It is the config's ``migration`` section (the defaults of every migration of a
+    run, checked when the config is loaded) and the base of
+    :class:`migrator.migration.params.MigrationParams`, which adds what the knobs mean to QEMU
+    and libvirt. (It lives here because the migration engine imports this module.)"""
 
-    bandwidth_mibs: float | None = Field(None, gt=0)
+    bandwidth_mibs: float | None = Field(None, gt=0, le=1 << 20)
+    """Bandwidth cap in MiB/s; None: no cap (QEMU's 128 MiB/s default is lifted)."""
     downtime_limit_ms: int | None = Field(None, ge=1, le=2000)
+    """Maximum tolerated downtime (QEMU accepts 1..2000); None: QEMU's default (300 ms)."""
     auto_converge: bool = False
+    """Throttle the guest's vCPUs when it dirties memory faster than it is sent."""
     postcopy_after_s: float | None = Field(None, ge=0)
+    """Switch to postcopy after this many seconds of precopy; None: never."""
     postcopy_recoveries: int = Field(1, ge=0)
+    """How often a stuck postcopy link is recovered (qemu driver) before the migration is
+    reported SPLIT."""
     multifd_channels: int | None = Field(None, ge=1, le=255)
+    """Parallel TCP channels, set on both ends (QEMU accepts 1..255); None: multifd off."""
     xbzrle_cache_mib: int | None = Field(None, ge=1)
+    """XBZRLE delta compression with a cache of this size; None: off."""
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "MigrationSettings":
+        if self.multifd_channels is not None:
+            if self.postcopy_after_s is not None:
+                raise ValueError("multifd_channels and postcopy_after_s cannot be combined "
+                                 "(multifd and postcopy together are not supported here): "
+                                 "set one of them")
+            if self.xbzrle_cache_mib is not None:
+                raise ValueError("multifd_channels and xbzrle_cache_mib cannot be combined "
+                                 "(QEMU refuses multifd with xbzrle): set one of them")
+        return self
 
 
 class VMSettings(_Strict):
@@ -274,7 +297,7 @@ class Config(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"config: {_first_error(exc)}") from exc
+            raise ConfigError(f"config: {validation_message(exc)}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +440,7 @@ class Inventory(_Strict):
         try:
             inv = cls.model_validate(data)
         except ValidationError as exc:
-            raise InventoryError(f"inventory {path}: {_first_error(exc)}") from exc
+            raise InventoryError(f"inventory {path}: {validation_message(exc)}") from exc
         return inv.model_copy(update={"source": path})
 
     def dump(self, path: str | os.PathLike, header: str = "") -> None:
@@ -506,7 +529,7 @@ def load_any_inventory(explicit: str | os.PathLike | None = None) -> Inventory:
     try:
         return Inventory.model_validate(inv).model_copy(update={"source": path})
     except ValidationError as exc:
-        raise InventoryError(f"inventory {path} (Ansible): {_first_error(exc)}") from exc
+        raise InventoryError(f"inventory {path} (Ansible): {validation_message(exc)}") from exc
 
 
 def _ansible_yaml(data: dict) -> tuple[dict[str, dict], dict]:
@@ -602,14 +625,18 @@ def _resolve_paths(node: Any, base: Path) -> None:
                 _resolve_paths(value, base)
 
 
-def _first_error(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError, root: str = "", show_input: bool = False) -> str:
+    """One line for a pydantic error: its first error (an unknown key first), naming the key
+    dotted below ``root``; ``show_input`` adds the refused value (``bandwidth_mibs -1: ...``)."""
     errors = exc.errors()
     # a misspelt key also makes the real key "missing": name the misspelling first
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    where = ".".join(str(p) for p in err["loc"]) or "top level"
+    where = ".".join(p for p in (root, *(str(p) for p in err["loc"])) if p) or "top level"
     if err["type"] == "extra_forbidden":
         return f"unknown key {where!r}"
     if err["type"] == "missing":
         return f"missing key {where!r}"
     msg = err["msg"].removeprefix("Value error, ")
+    if show_input and err["loc"]:
+        return f"{where} {err['input']!r}: {msg}"
     return f"{where}: {msg}"

@@ -122,3 +122,103 @@ def test_dotted_overrides_reach_every_section():
     assert cfg.scenario == {"rounds": 5} and cfg.vms["web"].mem_mib == 256
     with pytest.raises(ConfigError, match="unknown key 'libvirt.transprot'"):
         Config.load(None, {"libvirt.transprot": "ssh"})
+
+
+# -- the migration section: one definition (MigrationParams), validated at load -------------
+
+from migrator.cli import run_main  # noqa: E402
+from migrator.migration import MigrationParams  # noqa: E402
+
+#: values of migration.* that must be refused, whether they come from a config (file or -p)
+#: or are given to MigrationParams directly: the same rules both ways
+BAD_MIGRATION = [
+    ({"downtime_limit_ms": 5000}, "downtime_limit_ms"),
+    ({"downtime_limit_ms": 0}, "downtime_limit_ms"),
+    ({"bandwidth_mibs": 0}, "bandwidth_mibs"),
+    ({"bandwidth_mibs": -1}, "bandwidth_mibs"),
+    ({"bandwidth_mibs": (1 << 20) + 1}, "bandwidth_mibs"),
+    ({"multifd_channels": 0}, "multifd_channels"),
+    ({"multifd_channels": 256}, "multifd_channels"),
+    ({"postcopy_after_s": -0.5}, "postcopy_after_s"),
+    ({"postcopy_recoveries": -1}, "postcopy_recoveries"),
+    ({"xbzrle_cache_mib": 0}, "xbzrle_cache_mib"),
+    ({"multifd_channels": 2, "postcopy_after_s": 1},
+     "multifd_channels and postcopy_after_s cannot be combined"),
+    ({"multifd_channels": 2, "xbzrle_cache_mib": 64},
+     "multifd_channels and xbzrle_cache_mib cannot be combined"),
+]
+
+#: the edges of each bound, accepted both ways
+GOOD_MIGRATION = [
+    {"downtime_limit_ms": 1}, {"downtime_limit_ms": 2000},
+    {"bandwidth_mibs": 0.5}, {"bandwidth_mibs": 1 << 20},
+    {"multifd_channels": 1}, {"multifd_channels": 255},
+    {"postcopy_after_s": 0, "postcopy_recoveries": 0}, {"xbzrle_cache_mib": 1},
+    {"multifd_channels": 4, "auto_converge": True, "bandwidth_mibs": 64},
+    {"postcopy_after_s": 1, "xbzrle_cache_mib": 16, "downtime_limit_ms": 100},
+]
+
+
+def _dotted(values: dict) -> dict:
+    return {f"migration.{k}": v for k, v in values.items()}
+
+
+@pytest.mark.parametrize("values, message", BAD_MIGRATION)
+def test_bad_migration_values_are_refused_by_config_and_params_alike(values, message,
+                                                                      tmp_path):
+    with pytest.raises(ConfigError, match=message) as from_overrides:
+        Config.load(overrides=_dotted(values))
+    text = "migration:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items())
+    with pytest.raises(ConfigError, match=message):
+        Config.load(write(tmp_path, text, "c.yaml"))
+    with pytest.raises(ConfigError, match=message) as direct:
+        MigrationParams(**values)
+    for exc in (from_overrides.value, direct.value):
+        assert "\n" not in str(exc) and "migration" in str(exc)
+
+
+@pytest.mark.parametrize("values", GOOD_MIGRATION)
+def test_good_migration_values_are_accepted_by_config_and_params_alike(values):
+    section = Config.load(overrides=_dotted(values)).migration
+    params = MigrationParams(**values)
+    assert section.model_dump() == params.model_dump()
+    assert MigrationParams(**section.model_dump()) == params   # the framework's path
+
+
+def test_config_migration_section_is_migration_params_definition():
+    """One source of truth: the config's section has exactly MigrationParams' fields, with the
+    same types, defaults and bounds (not a second copy that can drift)."""
+    section = Config.model_fields["migration"].annotation
+    assert issubclass(MigrationParams, section)
+
+    def shape(model) -> dict:
+        return {name: (f.annotation, f.default, f.metadata)
+                for name, f in model.model_fields.items()}
+    assert shape(section) == shape(MigrationParams)
+    assert Config().migration.model_dump() == MigrationParams().model_dump()
+
+
+def test_conflicting_migration_options_are_one_line_naming_both_keys():
+    with pytest.raises(ConfigError) as caught:
+        Config.load(overrides={"migration.multifd_channels": 2,
+                               "migration.postcopy_after_s": 1})
+    assert str(caught.value).startswith(
+        "config: migration: multifd_channels and postcopy_after_s cannot be combined")
+    # a per-call override (params_append) that conflicts with the run's config: same rule
+    cfg = Config.load(overrides={"migration.postcopy_after_s": 1})
+    with pytest.raises(ConfigError, match="multifd_channels and postcopy_after_s"):
+        MigrationParams(**(cfg.migration.model_dump() | {"multifd_channels": 2}))
+    with pytest.raises(ConfigError, match="unknown key 'migration.bandwith_mibs'"):
+        MigrationParams(bandwith_mibs=8)
+
+
+def test_migrate_run_refuses_conflicting_options_before_any_host(tmp_path, capsys):
+    """Exit 2 with one line, before the inventory is even read (it does not exist here)."""
+    rc = run_main(["-m", "hostA,hostB", "-i", str(tmp_path / "no-inventory.yaml"),
+                   "-p", "migration.multifd_channels=2", "-p", "migration.postcopy_after_s=1",
+                   "ping_pong"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "inventory" not in err
+    assert err.startswith("migrate-run: error: config: migration: multifd_channels and "
+                          "postcopy_after_s cannot be combined")

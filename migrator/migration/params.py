@@ -1,9 +1,18 @@
-"""Migration parameters, validated before anything starts."""
+"""Migration parameters, validated before anything starts.
+
+The knobs, their bounds and the rules between them are defined once, by
+:class:`migrator.config.MigrationSettings`: the config's ``migration`` section is checked by
+them when the config is loaded, and :class:`MigrationParams` is that model plus what each knob
+means to QEMU.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
+
+from ..config import MigrationSettings, validation_message
 from ..errors import ConfigError
 
 #: "no cap": QEMU's default of 128 MiB/s is lifted deliberately, to 1 TiB/s (explicit, rather
@@ -12,45 +21,21 @@ UNCAPPED_BYTES_S = 1 << 40
 MIB = 1 << 20
 
 
-@dataclass(frozen=True)
-class MigrationParams:
-    """How one migration is run.
+class MigrationParams(MigrationSettings):
+    """How one migration is run: exactly the fields, bounds and cross-field rules of
+    :class:`~migrator.config.MigrationSettings` (each field is documented there), frozen, plus
+    the capabilities and parameters QEMU is given for them.
 
-    ===================  =====================================================================
-    bandwidth_mibs       cap in MiB/s; None = no cap (QEMU's 128 MiB/s default is lifted)
-    downtime_limit_ms    maximum tolerated downtime; None = QEMU's default (300 ms)
-    auto_converge        throttle the guest's vCPUs when it dirties faster than we send
-    postcopy_after_s     switch to postcopy after this many seconds of precopy; None = never
-    postcopy_recoveries  how often a stuck postcopy link is recovered (qemu driver) before
-                         the migration is reported SPLIT
-    multifd_channels     parallel TCP channels (set on both ends); None = off
-    xbzrle_cache_mib     XBZRLE delta compression with this cache; None = off
-    ===================  =====================================================================
+    A bad value, an unknown key or a conflict raises :class:`ConfigError` naming the key
+    (``MigrationParams(**config.migration.model_dump() | overrides)`` checks a per-call
+    override by the same rules). ``model_copy(update=...)`` does not validate: build a new one.
     """
 
-    bandwidth_mibs: float | None = None
-    downtime_limit_ms: int | None = None
-    auto_converge: bool = False
-    postcopy_after_s: float | None = None
-    postcopy_recoveries: int = 1
-    multifd_channels: int | None = None
-    xbzrle_cache_mib: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.bandwidth_mibs is not None and not 0 < self.bandwidth_mibs <= 1 << 20:
-            raise ConfigError(f"bandwidth_mibs {self.bandwidth_mibs}: must be in (0, 1048576]")
-        if self.downtime_limit_ms is not None and not 1 <= self.downtime_limit_ms <= 2000:
-            raise ConfigError(f"downtime_limit_ms {self.downtime_limit_ms}: QEMU accepts 1..2000")
-        if self.postcopy_after_s is not None and self.postcopy_after_s < 0:
-            raise ConfigError("postcopy_after_s must be >= 0")
-        if self.postcopy_recoveries < 0:
-            raise ConfigError("postcopy_recoveries must be >= 0")
-        if self.multifd_channels is not None and not 1 <= self.multifd_channels <= 255:
-            raise ConfigError(f"multifd_channels {self.multifd_channels}: QEMU accepts 1..255")
-        if self.multifd_channels is not None and self.postcopy_after_s is not None:
-            raise ConfigError("multifd and postcopy together are not supported here")
-        if self.xbzrle_cache_mib is not None and self.xbzrle_cache_mib < 1:
-            raise ConfigError("xbzrle_cache_mib must be >= 1")
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(validation_message(exc, "migration", show_input=True)) from exc
 
     def capabilities(self) -> dict[str, bool]:
         """Capabilities to set (on both ends: postcopy-ram and multifd must match)."""
