@@ -19,13 +19,13 @@ Every call raises the server's error as the matching exception (:class:`BarrierT
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 from typing import Any
 
 import aiohttp
 
+from ._aio import cancel_and_wait
 from .protocol import (MAX_MESSAGE_BYTES, WS_PATH, AuthError, ProtocolError, SyncConnectionError,
                        check_name, encode, error_from_json, join_members)
 
@@ -84,7 +84,7 @@ class SyncClient:
                 heartbeat=self._heartbeat_s, max_msg_size=2 * MAX_MESSAGE_BYTES,
                 autoping=True)
         except aiohttp.WSServerHandshakeError as exc:
-            await self._session.close()
+            await self._close_session()
             if exc.status == 401:
                 raise AuthError(f"sync server {self.url} refused the token") from None
             if exc.status == 400:
@@ -93,24 +93,35 @@ class SyncClient:
             raise SyncConnectionError(f"sync server {self.url}: HTTP {exc.status} "
                                       f"{exc.message}") from exc
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            await self._session.close()
+            await self._close_session()
             raise SyncConnectionError(f"cannot reach sync server {self.url}: {exc}") from exc
+        except BaseException:       # cancelled mid-handshake: leave no session open
+            await self._close_session()
+            raise
         # the reader belongs to this client: cancelled and awaited in close()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def close(self) -> None:
-        """Close the connection (pending calls fail with SyncConnectionError). Idempotent."""
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        self._fail_pending(SyncConnectionError("client closed"))
+        """Close the connection (pending calls fail with SyncConnectionError). Idempotent.
+
+        Cancelled meanwhile, it still ends its reader task and closes its session, then
+        raises ``CancelledError``."""
+        try:
+            if self._ws is not None:
+                await self._ws.close()
+        finally:
+            try:
+                reader, self._reader = self._reader, None
+                if reader is not None:
+                    await cancel_and_wait(reader)
+            finally:
+                await self._close_session()
+                self._fail_pending(SyncConnectionError("client closed"))
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def _read(self) -> None:
         why = "connection closed by the server"
@@ -148,16 +159,19 @@ class SyncClient:
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        try:
-            await self._ws.send_str(encode({"id": rid, **payload}))
-        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-            self._pending.pop(rid, None)
-            raise SyncConnectionError(f"{self}: cannot send: {exc}") from exc
-        try:
-            return await asyncio.wait_for(fut, answer_within_s)
-        except asyncio.TimeoutError:
-            raise SyncConnectionError(f"{self}: no answer from the sync server within "
-                                      f"{answer_within_s:g} s") from None
+        try:                        # the entry goes, however this ends (cancelled included)
+            try:
+                await self._ws.send_str(encode({"id": rid, **payload}))
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                raise SyncConnectionError(f"{self}: cannot send: {exc}") from exc
+            # not asyncio.wait_for: on Python 3.11 it returns the answer, swallowing the
+            # caller's cancellation, when both arrive in the same loop turn
+            try:
+                async with asyncio.timeout(answer_within_s):
+                    return await fut
+            except TimeoutError:
+                raise SyncConnectionError(f"{self}: no answer from the sync server within "
+                                          f"{answer_within_s:g} s") from None
         finally:
             self._pending.pop(rid, None)
 

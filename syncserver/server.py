@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
 
+from ._aio import cancel_and_wait
 from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH, ProtocolError, SyncError, check_name, encode,
                        parse_request)
 from .registry import Connection, Instance, Registry
@@ -205,6 +206,14 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def _collect_idle_runs(app: web.Application) -> None:
+    """Forget idle runs every ``collect_every_s``; runs until cancelled (at app cleanup)."""
+    opts = app[OPTIONS]
+    while True:
+        await asyncio.sleep(opts.collect_every_s)
+        app[REGISTRY].collect(opts.run_idle_s)
+
+
 def make_app(token: str, options: ServerOptions | None = None) -> web.Application:
     """The sync server application. ``token`` is required (no anonymous mode)."""
     if not token or len(token) < 16:
@@ -223,15 +232,11 @@ def make_app(token: str, options: ServerOptions | None = None) -> web.Applicatio
     app[REGISTRY] = Registry(on_release=released)
 
     async def collector(app: web.Application):
-        async def loop():
-            while True:
-                await asyncio.sleep(opts.collect_every_s)
-                app[REGISTRY].collect(opts.run_idle_s)
-        task = asyncio.get_running_loop().create_task(loop())
+        # owned here: cancelled and awaited at cleanup (a stop() cancelled meanwhile still
+        # ends cancelled)
+        task = asyncio.get_running_loop().create_task(_collect_idle_runs(app))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     app.cleanup_ctx.append(collector)
     app.router.add_get("/healthz", _healthz)

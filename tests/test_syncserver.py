@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from syncserver import (AuthError, BarrierAborted, BarrierTimeout, MembershipError,
                         ServerOptions, SyncClient, SyncServer)
+from syncserver._aio import cancel_and_wait
 from syncserver.hostclient import WebSocket
 from syncserver.protocol import MAX_MESSAGE_BYTES, WS_PATH, SyncConnectionError
 from syncserver.zipapp import build, build_bytes
@@ -331,6 +332,192 @@ async def test_client_sees_a_dead_server(pyz):
     with pytest.raises(SyncConnectionError):
         await asyncio.wait_for(waiting, 30)
     await c.close()
+
+
+# -- cancellation: a caller's cancellation is never swallowed ------------------------------------
+#
+# Each test holds a task exactly where its cancellation used to be lost (waiting for a child
+# task it had cancelled, or for an answer that lands in the same loop turn), with events the
+# test controls, cancels it there, and checks that it ends cancelled and left nothing open.
+
+async def test_cancel_and_wait_lets_the_child_finish_then_delivers_the_callers_cancellation():
+    in_cleanup, release, log = asyncio.Event(), asyncio.Event(), []
+
+    async def child():
+        try:
+            await asyncio.Event().wait()
+        finally:
+            in_cleanup.set()
+            await release.wait()            # not interrupted by the owner's own cancellation
+            log.append("child cleaned up")
+
+    task = asyncio.create_task(child())
+
+    async def owner():
+        try:
+            await cancel_and_wait(task)
+        finally:
+            log.append("owner resumed")
+
+    caller = asyncio.create_task(owner())
+    await in_cleanup.wait()
+    caller.cancel()
+    release.set()
+    await asyncio.wait([caller])
+    assert caller.cancelled()
+    assert task.cancelled() and log == ["child cleaned up", "owner resumed"]
+
+
+async def test_cancel_and_wait_returns_quietly_or_raises_the_childs_own_error():
+    started = asyncio.Event()
+
+    async def forever():
+        started.set()
+        await asyncio.Event().wait()
+
+    async def fails_on_cancel():
+        try:
+            await forever()
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed")
+
+    task = asyncio.create_task(forever())
+    await started.wait()
+    assert await cancel_and_wait(task) is None and task.cancelled()
+
+    started.clear()
+    task = asyncio.create_task(fails_on_cancel())
+    await started.wait()
+    with pytest.raises(ValueError, match="cleanup failed"):
+        await cancel_and_wait(task)
+
+    async def done_already():
+        return 7
+    task = asyncio.create_task(done_already())
+    await asyncio.wait([task])
+    assert await cancel_and_wait(task) == 7
+
+    # called while handling the owner's own (already delivered) cancellation: still waits
+    # for the child and returns, so the owner's remaining cleanup runs
+    started.clear()
+    child = asyncio.create_task(forever())
+    await started.wait()
+    log, owner_waits = [], asyncio.Event()
+
+    async def owner():
+        try:
+            owner_waits.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await cancel_and_wait(child)
+            log.append("cleanup went on")
+            raise
+
+    o = asyncio.create_task(owner())
+    await owner_waits.wait()
+    o.cancel()
+    await asyncio.wait([o])
+    assert o.cancelled() and child.cancelled() and log == ["cleanup went on"]
+
+
+async def test_client_close_cancelled_while_its_reader_ends_stays_cancelled(server):
+    """``close()`` cancels its reader task and waits for it; the caller cancelled meanwhile
+    used to have its cancellation swallowed (``suppress(CancelledError)``) and return."""
+    in_cleanup, release = asyncio.Event(), asyncio.Event()
+    c = SyncClient(server.url, token=TOKEN, member="a", run_id="cancel-close")
+
+    async def slow_ending_reader():
+        try:
+            await asyncio.Event().wait()    # until close() cancels it
+        finally:
+            in_cleanup.set()
+            await release.wait()
+
+    c._read = slow_ending_reader
+    await c.connect()
+    session = c._session
+    closing = asyncio.create_task(c.close())
+    await in_cleanup.wait()                 # close() is waiting for its reader to end
+    closing.cancel()
+    release.set()
+    await asyncio.wait([closing])
+    assert closing.cancelled()
+    assert session.closed and c._session is None and c._reader is None
+
+
+async def test_server_stop_cancelled_while_its_collector_ends_stays_cancelled(monkeypatch):
+    """The app's cleanup cancels the idle-run collector task and waits for it; a ``stop()``
+    cancelled meanwhile used to return normally."""
+    import syncserver.server as server_module
+    in_cleanup, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_ending_collector(app):
+        try:
+            await asyncio.Event().wait()
+        finally:
+            in_cleanup.set()
+            await release.wait()
+
+    monkeypatch.setattr(server_module, "_collect_idle_runs", slow_ending_collector)
+    s = SyncServer(token=TOKEN, options=FAST)
+    await s.start()
+    stopping = asyncio.create_task(s.stop())
+    await in_cleanup.wait()
+    stopping.cancel()
+    release.set()
+    await asyncio.wait([stopping])
+    assert stopping.cancelled()
+
+
+async def test_client_call_cancelled_as_its_answer_arrives_stays_cancelled(server, monkeypatch):
+    """The answer and the caller's cancellation land in the same loop turn: the caller ends
+    cancelled (Python 3.11's ``asyncio.wait_for`` returned the answer instead)."""
+    arrived = asyncio.Event()
+    join = server.registry.join
+
+    async def spy(*args, **kw):
+        arrived.set()
+        return await join(*args, **kw)
+
+    monkeypatch.setattr(server.registry, "join", spy)
+    (c,) = await clients(server, ["a"], run="cancel-call")
+    try:
+        call = asyncio.create_task(c.barrier("b", ["a", "b"], timeout=30))
+        await arrived.wait()                # sent: the caller waits for its answer
+        (answer,) = c._pending.values()
+        answer.set_result({"generation": 1})
+        call.cancel()
+        await asyncio.wait([call])
+        assert call.cancelled()
+        assert not c._pending
+    finally:
+        await c.close()
+
+
+async def test_client_cancelled_while_connecting_leaves_no_session_open():
+    """A ``connect()`` cancelled during the handshake closes the session it opened."""
+    accepted, writers = asyncio.Event(), []
+
+    def silent(reader, writer):             # accepts the connection, never answers
+        writers.append(writer)
+        accepted.set()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        c = SyncClient(f"http://127.0.0.1:{port}", token=TOKEN, member="a", run_id="r")
+        connecting = asyncio.create_task(c.connect())
+        await accepted.wait()
+        session = c._session
+        connecting.cancel()
+        await asyncio.wait([connecting])
+        assert connecting.cancelled()
+        assert session.closed and c._session is None
+    finally:
+        for w in writers:
+            w.close()
+        listener.close()
+        await listener.wait_closed()
 
 
 # -- security and bad input ----------------------------------------------------------------------
