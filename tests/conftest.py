@@ -9,10 +9,12 @@ bridge, subnet or directory. Labs made by single tests use other names and subne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator, Awaitable
 
 import pytest
 import pytest_asyncio
@@ -47,6 +49,36 @@ async def cli(*args: str, env: dict | None = None, timeout: float = 300) -> CLIR
         stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return CLIResult(proc.returncode, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def running(aw: Awaitable) -> AsyncIterator[asyncio.Future]:
+    """``aw`` as a task owned by the ``async with`` block around it.
+
+    Tests share one event loop for the whole session, so a task a test started and did not
+    finish (an assertion failed before it was awaited) would go on running into the next
+    tests. On leaving the block, by any way, the task is cancelled if it is still pending and
+    waited for (a migration rolls back first); whatever it ended with is collected here, so
+    only the block's own exception, if any, propagates.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        yield task
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()            # mark it retrieved: no "never retrieved" warning
+
+
+async def gather_owned(*aws: Awaitable) -> list:
+    """``asyncio.gather(*aws)`` (results in order; the first exception raised as is), except
+    that nothing outlives the call: when one fails, the others are cancelled and awaited
+    before the exception propagates (plain gather leaves them running)."""
+    async with contextlib.AsyncExitStack() as stack:
+        tasks = [await stack.enter_async_context(running(aw)) for aw in aws]
+        return list(await asyncio.gather(*tasks))
 
 
 def lab_dir(name: str) -> Path:

@@ -6,7 +6,9 @@ domain defined anywhere.
 """
 
 import asyncio
+import contextlib
 import subprocess
+from typing import AsyncIterator
 
 import pytest
 
@@ -19,6 +21,8 @@ from migrator.lab import network
 from migrator.lab.system import processes_in_netns
 from migrator.migration import MigrationParams, Phase, make_migration
 from migrator.migration.oracles import dirtier_report
+
+from .conftest import running
 
 #: libvirt twice: managed (migrate3, the controller drives both daemons) and peer-to-peer
 #: (migrateToURI3, the source daemon drives the destination itself)
@@ -90,13 +94,17 @@ def migration(vm, hosts, inventory, dst, **params):
                           MigrationParams(**params), vm.config)
 
 
-async def started_and_moving(m) -> asyncio.Task:
-    """``m.run()`` as a task, returned once at least 1 MiB has moved."""
-    task = asyncio.create_task(m.run())
-    async for record in m.progress():
-        if record.transferred >= 2**20:
-            break
-    return task
+@contextlib.asynccontextmanager
+async def started_and_moving(m) -> AsyncIterator[asyncio.Task]:
+    """``async with started_and_moving(m) as task``: ``m.run()`` as a task, given once at
+    least 1 MiB has moved, and owned by the block (see :func:`running`): still running when
+    the block is left (a failed assertion), it is cancelled and awaited there, so it does not
+    run into the next test."""
+    async with running(m.run()) as task:
+        async for record in m.progress():
+            if record.transferred >= 2**20:
+                break
+        yield task
 
 
 async def alive_on(vm, host: str) -> None:
@@ -132,11 +140,11 @@ async def test_cancel_midway_keeps_the_vm_on_its_source(vm, hosts, inventory):
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 7")
     m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=2)
-    task = await started_and_moving(m)
-    m.cancel("the test cancels it")
-    with pytest.raises(MigrationError, match=r"\[MIGRATING\]: cancelled: the test cancels it") \
-            as info:
-        await task
+    async with started_and_moving(m) as task:
+        m.cancel("the test cancels it")
+        with pytest.raises(MigrationError,
+                           match=r"\[MIGRATING\]: cancelled: the test cancels it") as info:
+            await task
     assert m.phase is Phase.ROLLED_BACK and m.result.status == "cancelled"
     assert "VM running on hostA" in info.value.outcome
     assert "destination removed from hostB" in info.value.outcome
@@ -151,17 +159,22 @@ async def test_destination_daemon_stopped_midway(vm, hosts, inventory, lab):
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 9")
     m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=4)
-    task = await started_and_moving(m)
-    try:
-        if vm.driver == "qemu":
-            await hosts["hostB"].run(f"kill -KILL $(cat {m.dst_vm.paths.pidfile})", check=True)
-        else:
-            assert lab.control("hostB", "libvirtd stop").startswith("ok")
-        with pytest.raises(MigrationError) as info:
-            await task
-    finally:
-        if vm.driver == "libvirt":
-            assert lab.control("hostB", "libvirtd start").startswith("ok")
+    async with started_and_moving(m) as task:
+        try:
+            if vm.driver == "qemu":
+                await hosts["hostB"].run(f"kill -KILL $(cat {m.dst_vm.paths.pidfile})",
+                                         check=True)
+            else:
+                assert lab.control("hostB", "libvirtd stop").startswith("ok")
+            with pytest.raises(MigrationError) as info:
+                await task
+        finally:
+            # libvirtd back before a still-running migration is cancelled (its rollback needs
+            # it); no assert in here, it would replace the test's own failure: checked below
+            if vm.driver == "libvirt":
+                restarted = lab.control("hostB", "libvirtd start")
+    if vm.driver == "libvirt":
+        assert restarted.startswith("ok"), restarted
     assert info.value.vm == vm.name and info.value.src == "hostA" and info.value.dst == "hostB"
     assert "VM running on hostA" in info.value.outcome, info.value
     assert "destination removed from hostB" in info.value.outcome, info.value

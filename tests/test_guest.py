@@ -1,6 +1,8 @@
 """The lab guest: boots to its shell on a lab host and answers; its oracles work; the image
 is reproducible; the accelerator is chosen by a real probe."""
 
+import asyncio
+import os
 import re
 
 import pytest
@@ -85,11 +87,67 @@ async def test_initramfs_is_reproducible():
     assert image.kernel.read_bytes()[:4] == b"\x7fELF"       # PVH-bootable ELF, not bzImage
 
 
-async def test_accel_auto_really_probes(config, lab):
+class _Tee:
+    """A subprocess's StreamReader that keeps a copy of everything read from it."""
+
+    def __init__(self, reader):
+        self._reader, self.data = reader, bytearray()
+
+    def __getattr__(self, name):
+        attr = getattr(self._reader, name)
+        if name not in ("read", "readline", "readuntil", "readexactly"):
+            return attr
+
+        async def reading(*args, **kwargs):
+            chunk = await attr(*args, **kwargs)
+            self.data += chunk
+            return chunk
+        return reading
+
+
+def _kvm_opens() -> bool:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
+async def test_accel_auto_really_probes(config, lab, monkeypatch):
+    """``auto`` asks a fresh probe (the cache bypassed), and its answer follows what really
+    happened: without a usable /dev/kvm no KVM guest is tried and TCG is chosen; with one, a
+    QEMU with -accel kvm boots the lab guest, and KVM is chosen exactly when that QEMU's
+    console showed the guest's ready marker. A probe answering a fixed value fails this."""
     image = await ensure_image()
-    choice = await choose_accel("auto", image, config.timeouts.kvm_probe_s)
-    assert choice.accel in ("tcg", "kvm")
-    assert choice.reason
+    launched = []                          # (argv, what the probe read from its console)
+    real_exec = asyncio.create_subprocess_exec
+
+    async def recording_exec(program, *args, **kwargs):
+        proc = await real_exec(program, *args, **kwargs)
+        if os.path.basename(str(program)).startswith("qemu-system"):
+            proc.stdout = tee = _Tee(proc.stdout)
+            launched.append(([str(program), *map(str, args)], tee))
+        return proc
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recording_exec)
+    kvm_usable = _kvm_opens()              # observed here, not by the code under test
+    choice = await choose_accel("auto", image, config.timeouts.kvm_probe_s, use_cache=False)
+    monkeypatch.undo()
+    assert not choice.cached and choice.reason
+    if not kvm_usable:
+        assert launched == [], "no KVM guest can be tried without a usable /dev/kvm"
+        assert choice.accel == "tcg" and "/dev/kvm" in choice.reason, choice
+    else:
+        assert len(launched) == 1, \
+            f"the probe started {len(launched)} QEMUs, not one: {[a for a, _ in launched]}"
+        argv, console = launched[0]
+        assert "-accel" in argv and argv[argv.index("-accel") + 1] == "kvm", argv
+        assert str(image.kernel) in argv and str(image.initrd) in argv, argv
+        booted = b"LAB-READY" in console.data
+        assert choice.accel == ("kvm" if booted else "tcg"), (
+            f"{choice} but the guest {'did' if booted else 'did not'} boot under KVM; "
+            f"console ended with {bytes(console.data[-300:])!r}")
+        assert choice.probed_s > 0
+    # the session lab (its choice possibly from this boot's cache) agrees with the fresh probe
     assert lab.state().accel == choice.accel
     if choice.accel == "tcg":
         # explicitly asking for KVM where it does not work is refused before anything starts

@@ -1,6 +1,7 @@
 """The migration engine against real QEMU in the lab (TCG, small guests, one at a time)."""
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -9,6 +10,8 @@ from migrator.hosts import SSHHost
 from migrator.hypervisor.qemu import QemuVM, VMSpec, qemu_argv, vm_paths
 from migrator.migration import EDGES, Migration, MigrationParams, Phase
 from migrator.migration.oracles import dirtier_report, wait_tick_after
+
+from .conftest import gather_owned, running
 
 
 @pytest.fixture
@@ -121,13 +124,13 @@ async def test_bandwidth_cap_is_honoured(make_vm, hosts, inventory):
     await vm.wait_for_login()
     m = migration(vm, hosts, inventory, bandwidth_mibs=32)
     src_qmp = await vm.qmp()
-    run = asyncio.ensure_future(m.run())
-    async for rec in m.progress():
-        if rec.status == "active":
-            params = await src_qmp.execute("query-migrate-parameters")
-            assert params["max-bandwidth"] == 32 * 2**20
-            break
-    r = await run
+    async with running(m.run()) as run:
+        async for rec in m.progress():
+            if rec.status == "active":
+                params = await src_qmp.execute("query-migrate-parameters")
+                assert params["max-bandwidth"] == 32 * 2**20
+                break
+        r = await run
     assert r.status == "completed"
     peak = max(rec.mbps for rec in m.records)
     assert r.throughput_mbps <= 32 * 8 * 1.048576 * 1.25, r.throughput_mbps
@@ -135,14 +138,17 @@ async def test_bandwidth_cap_is_honoured(make_vm, hosts, inventory):
     await m.dst_vm.stop()
 
 
+@contextlib.asynccontextmanager
 async def _midway(make_vm, hosts, inventory):
-    """A booted VM and a slow (4 MiB/s) migration of it, returned once it is moving bytes."""
+    """``async with _midway(...) as (vm, m, run)``: a booted VM and a slow (4 MiB/s)
+    migration of it, given once it is moving bytes; the migration's task ``run`` is owned by
+    the block (cancelled and awaited on leaving it if still running: see ``running``)."""
     vm = await make_vm()
     await vm.wait_for_login()
     m = migration(vm, hosts, inventory, bandwidth_mibs=4)
-    run = asyncio.ensure_future(m.run())
-    await _active(m)
-    return vm, m, run
+    async with running(m.run()) as run:
+        await _active(m)
+        yield vm, m, run
 
 
 async def _active(m: Migration):
@@ -160,10 +166,10 @@ async def _alive_on_source(vm: QemuVM):
 
 
 async def test_cancel_midway_leaves_vm_on_source(make_vm, hosts, inventory):
-    vm, m, run = await _midway(make_vm, hosts, inventory)
-    m.cancel("test wants it stopped")
-    with pytest.raises(MigrationError) as info:
-        await run
+    async with _midway(make_vm, hosts, inventory) as (vm, m, run):
+        m.cancel("test wants it stopped")
+        with pytest.raises(MigrationError) as info:
+            await run
     err = info.value
     assert (err.src, err.dst, err.vm, err.phase) == ("hostA", "hostB", "vm1", "MIGRATING")
     assert "test wants it stopped" in str(err) and "VM running on hostA" in str(err)
@@ -174,10 +180,10 @@ async def test_cancel_midway_leaves_vm_on_source(make_vm, hosts, inventory):
 
 
 async def test_destination_killed_midway(make_vm, hosts, inventory):
-    vm, m, run = await _midway(make_vm, hosts, inventory)
-    await hosts["hostB"].run(f"kill -KILL {m.dst_vm.pid}", check=True)
-    with pytest.raises(MigrationError) as info:
-        await run
+    async with _midway(make_vm, hosts, inventory) as (vm, m, run):
+        await hosts["hostB"].run(f"kill -KILL {m.dst_vm.pid}", check=True)
+        with pytest.raises(MigrationError) as info:
+            await run
     assert info.value.phase == "MIGRATING" and "QEMU reports failed" in str(info.value)
     assert isinstance(info.value.__cause__, MigrationError)      # the original, chained
     assert "QEMU reports failed" in info.value.__cause__.message
@@ -186,10 +192,10 @@ async def test_destination_killed_midway(make_vm, hosts, inventory):
 
 
 async def test_controller_task_cancelled_midway(make_vm, hosts, inventory):
-    vm, m, run = await _midway(make_vm, hosts, inventory)
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
+    async with _midway(make_vm, hosts, inventory) as (vm, m, run):
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
     assert m.phase is Phase.ROLLED_BACK
     assert not await m.dst_vm.is_alive()
     await _alive_on_source(vm)
@@ -214,7 +220,7 @@ async def test_two_vms_migrate_at_once_between_the_same_pair(make_vm, hosts, inv
     for vm in vms:
         await vm.wait_for_login()
     ms = [migration(vm, hosts, inventory) for vm in vms]
-    results = await asyncio.gather(*(m.run() for m in ms))
+    results = await gather_owned(*(m.run() for m in ms))
     assert [r.status for r in results] == ["completed", "completed"]
     assert results[0].port != results[1].port
     for m in ms:
@@ -289,16 +295,16 @@ async def test_postcopy_link_lost_without_recovery_is_reported_split(make_vm, ho
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
                   MigrationParams(bandwidth_mibs=16, postcopy_after_s=0.5,
                                   postcopy_recoveries=0), quick)
-    task = asyncio.create_task(m.run())
-    async for record in m.progress():
-        if m.phase is Phase.POSTCOPY and record.status == "postcopy-active":
-            break
-    table = await _block(hosts["hostB"], m.result.port)
-    try:
-        with pytest.raises(MigrationError, match=r"\[POSTCOPY\]: stalled") as info:
-            await task
-    finally:
-        await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    async with running(m.run()) as task:
+        async for record in m.progress():
+            if m.phase is Phase.POSTCOPY and record.status == "postcopy-active":
+                break
+        table = await _block(hosts["hostB"], m.result.port)
+        try:
+            with pytest.raises(MigrationError, match=r"\[POSTCOPY\]: stalled") as info:
+                await task
+        finally:
+            await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
     assert m.phase is Phase.SPLIT and m.result.status == "failed"
     assert "memory is split between hostA and hostB" in info.value.outcome
     assert "the destination was kept" in info.value.outcome
@@ -320,18 +326,18 @@ async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inv
         update={"migration_stall_s": 2.0})})
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
                   MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5), quick)
-    task = asyncio.create_task(m.run())
-    async for record in m.progress():            # postcopy running, many pages still to go
-        if record.status == "postcopy-active" and record.remaining > 16 * 2**20:
-            break
-    else:
-        pytest.fail(f"postcopy ended before the link could be cut: {await task}")
-    old_port = m.result.port
-    table = await _block(hosts["hostB"], old_port)
-    try:
-        r = await task
-    finally:
-        await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    async with running(m.run()) as task:
+        async for record in m.progress():        # postcopy running, many pages still to go
+            if record.status == "postcopy-active" and record.remaining > 16 * 2**20:
+                break
+        else:
+            pytest.fail(f"postcopy ended before the link could be cut: {await task}")
+        old_port = m.result.port
+        table = await _block(hosts["hostB"], old_port)
+        try:
+            r = await task
+        finally:
+            await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
     assert r.status == "completed" and r.postcopy_recoveries == 1, r
     assert r.port != old_port
     session = await m.dst_vm.wait_for_login()
@@ -352,15 +358,15 @@ async def test_auto_converge_engages(make_vm, hosts, inventory):
     assert before is not None and before[0] > 0             # the dirtier really runs
     m = migration(vm, hosts, inventory, bandwidth_mibs=64, downtime_limit_ms=50,
                   auto_converge=True)
-    run = asyncio.ensure_future(m.run())
-    async with asyncio.timeout(120):
-        async for rec in m.progress():
-            if rec.cpu_throttle > 0:
-                break
-    assert m.result.max_cpu_throttle > 0
-    m.cancel("throttle seen; convergence time belongs in the benchmark")
-    with pytest.raises(MigrationError, match="throttle seen"):
-        await run
+    async with running(m.run()) as run:
+        async with asyncio.timeout(120):
+            async for rec in m.progress():
+                if rec.cpu_throttle > 0:
+                    break
+        assert m.result.max_cpu_throttle > 0
+        m.cancel("throttle seen; convergence time belongs in the benchmark")
+        with pytest.raises(MigrationError, match="throttle seen"):
+            await run
     await _alive_on_source(vm)
     await vm.stop()
 
@@ -370,21 +376,22 @@ async def test_destination_port_blocked_midway_is_a_stall(make_vm, hosts, invent
     await vm.wait_for_login()
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
                   MigrationParams(bandwidth_mibs=4), with_timeouts(config, migration_stall_s=3))
-    run = asyncio.ensure_future(m.run())
-    await _active(m)
-    table = "migrator_test_block"
-    await hosts["hostB"].run(
-        f"nft add table inet {table} && nft add chain inet {table} input "
-        f"'{{ type filter hook input priority 0 ; }}' && nft add rule inet {table} input "
-        f"tcp dport {m.result.port} drop", check=True)
-    try:
-        with pytest.raises(MigrationError) as info:
-            await run
-        assert info.value.phase == "MIGRATING" and "stalled: no bytes moved for 3 s" in str(info.value)
-        await _alive_on_source(vm)
-        assert not await m.dst_vm.is_alive()
-    finally:
-        await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    async with running(m.run()) as run:
+        await _active(m)
+        table = "migrator_test_block"
+        await hosts["hostB"].run(
+            f"nft add table inet {table} && nft add chain inet {table} input "
+            f"'{{ type filter hook input priority 0 ; }}' && nft add rule inet {table} input "
+            f"tcp dport {m.result.port} drop", check=True)
+        try:
+            with pytest.raises(MigrationError) as info:
+                await run
+            assert info.value.phase == "MIGRATING"
+            assert "stalled: no bytes moved for 3 s" in str(info.value)
+            await _alive_on_source(vm)
+            assert not await m.dst_vm.is_alive()
+        finally:
+            await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
     await vm.stop()
 
 
@@ -428,16 +435,16 @@ async def test_multifd_and_xbzrle(make_vm, hosts, inventory, params, cap):
     vm = await make_vm(extra="lab.dirty=2")
     await wait_tick_after(vm, 1, 60)
     m = migration(vm, hosts, inventory, bandwidth_mibs=16, **params)
-    run = asyncio.ensure_future(m.run())
-    await _active(m)
-    for side in (await vm.qmp(), await m.dst_vm.qmp()):
-        caps = {c["capability"]: c["state"]
-                for c in await side.execute("query-migrate-capabilities")}
-        assert caps[cap] is True                     # set on both ends
-    if cap == "multifd":
-        dst_params = await (await m.dst_vm.qmp()).execute("query-migrate-parameters")
-        assert dst_params["multifd-channels"] == 4
-    r = await run
+    async with running(m.run()) as run:
+        await _active(m)
+        for side in (await vm.qmp(), await m.dst_vm.qmp()):
+            caps = {c["capability"]: c["state"]
+                    for c in await side.execute("query-migrate-capabilities")}
+            assert caps[cap] is True                 # set on both ends
+        if cap == "multifd":
+            dst_params = await (await m.dst_vm.qmp()).execute("query-migrate-parameters")
+            assert dst_params["multifd-channels"] == 4
+        r = await run
     assert r.status == "completed"
     dst = m.dst_vm
     async with asyncio.timeout(30):
