@@ -34,8 +34,7 @@ import libvirt
 
 from ..errors import GuestError
 from ..hosts.ssh import SSHHost, quote
-from .libvirt_conn import (EXECUTOR, LibvirtConnection, LibvirtError, call,
-                           ensure_event_loop, open_connections)
+from .libvirt_conn import LibvirtConnection, LibvirtError, open_connections
 from .vm import GuestVM, VMPaths, VMSpec
 
 log = logging.getLogger(__name__)
@@ -309,5 +308,5 @@ class LibvirtVM(GuestVM):
         await self._take_session(other)
 
 
-__all__ = ["EXECUTOR", "LibvirtConnection", "LibvirtError", "LibvirtVM", "call",
-           "domain_xml", "ensure_event_loop", "host_uri", "open_connections", "state_name"]
+__all__ = ["LibvirtConnection", "LibvirtError", "LibvirtVM", "domain_xml", "host_uri",
+           "open_connections", "state_name"]

@@ -34,7 +34,6 @@ import logging
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, Callable
 
 import libvirt
@@ -50,7 +49,7 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 #: libvirt calls run here: a migration holds a thread for its whole length, so the default
 #: executor (a handful of threads on a small machine) would let job-stats polls and an
 #: abortJob queue behind running migrations
-EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="libvirt")
+_EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="libvirt")
 _proxy: "_LoopProxy | None" = None
 _OPEN_STRONG: set["LibvirtConnection"] = set()     # an open connection is never collected
 
@@ -195,7 +194,7 @@ class LibvirtConnection:
         """
         ensure_event_loop()
         what = f"connect {uri.split('?')[0]}"
-        fut = EXECUTOR.submit(libvirt.open, uri)
+        fut = _EXECUTOR.submit(libvirt.open, uri)
         try:
             raw = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except libvirt.libvirtError as exc:
@@ -241,7 +240,7 @@ class LibvirtConnection:
             for conn in (self, *also):
                 conn._track(result)
             return result
-        fut = EXECUTOR.submit(tracked)
+        fut = _EXECUTOR.submit(tracked)
         for conn in (self, *also):
             with conn._lock:
                 conn._running.add(fut)
@@ -313,7 +312,7 @@ class LibvirtConnection:
                             "it closes when they end", self.host, self.serial,
                             len(self._running))
                 return
-        fut = EXECUTOR.submit(self._release)
+        fut = _EXECUTOR.submit(self._release)
         await asyncio.shield(asyncio.wrap_future(fut))
 
     def _release(self) -> None:
@@ -352,23 +351,4 @@ def _close_orphan(fut: concurrent.futures.Future) -> None:
         pass
 
 
-async def call(host: str, what: str, fn: Callable[..., Any], *args: Any,
-               timeout: float) -> Any:
-    """A blocking libvirt call on no particular connection (e.g. ``virConnect.close`` of a
-    connection not made here), off the loop, bounded by ``timeout``.
-
-    :raise LibvirtError: libvirt's error (code kept) or no answer within ``timeout``.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        return await asyncio.wait_for(loop.run_in_executor(EXECUTOR, partial(fn, *args)),
-                                      timeout)
-    except libvirt.libvirtError as exc:
-        raise _as_error(host, what, exc) from exc
-    except TimeoutError:
-        raise LibvirtError(host, f"{what}: no answer from libvirt within {timeout:g} s "
-                                 "(daemon hung or link lost?)") from None
-
-
-__all__ = ["EXECUTOR", "LibvirtConnection", "LibvirtError", "call", "ensure_event_loop",
-           "open_connections"]
+__all__ = ["LibvirtConnection", "LibvirtError", "ensure_event_loop", "open_connections"]

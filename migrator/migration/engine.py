@@ -358,7 +358,8 @@ class BaseMigration:
         where = f"source {src_state!r} on {self.src_vm.host.name}, destination " \
                 f"{dst_state!r} on {self.dst_host.name}"
         if dst_state == "running":
-            notes = await self._remove_source_copy()
+            notes = await self._clean_source()
+            await self._follow_to_destination()
             self._set_phase(Phase.LANDED)
             return (f"the migration completed but {why}: the VM runs on {self.dst_host.name} "
                     f"and the VM object now refers to it; {notes}; nothing was rolled back")
@@ -375,10 +376,16 @@ class BaseMigration:
     def _source_can_resume(self, src_state: str) -> bool:
         raise NotImplementedError
 
-    async def _remove_source_copy(self) -> str:
-        """The VM landed: stop what is left of it on the source, make the VM object refer to
-        the destination, and say what was done (never raises)."""
+    async def _clean_source(self) -> str:
+        """The VM landed: remove what is left of it on the source and say what was done
+        (never raises)."""
         raise NotImplementedError
+
+    async def _follow_to_destination(self) -> None:
+        """The caller's VM object (and its open session) now refer to the VM on the
+        destination; this migration's destination object is that same object."""
+        await self.src_vm.adopt(self.dst_vm)
+        self.dst_vm = self.src_vm
 
 
 class Migration(BaseMigration):
@@ -399,9 +406,7 @@ class Migration(BaseMigration):
         await self._migrate(src, dst, port)
         await self._verify(src, dst)
         await self.src_vm.stop()
-        # the caller's VM object (and its session) now refer to the destination
-        await self.src_vm.adopt(self.dst_vm)
-        self.dst_vm = self.src_vm
+        await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
 
     async def _configure(self, src, dst) -> None:
@@ -610,15 +615,12 @@ class Migration(BaseMigration):
     def _source_can_resume(self, src_state: str) -> bool:
         return src_state in ("postmigrate", "finish-migrate", "paused", "running")
 
-    async def _remove_source_copy(self) -> str:
+    async def _clean_source(self) -> str:
         try:
             await self.src_vm.stop()
-            notes = f"the source QEMU on {self.src_vm.host.name} was stopped"
+            return f"the source QEMU on {self.src_vm.host.name} was stopped"
         except Exception as exc:  # noqa: BLE001 - reported
-            notes = f"SOURCE QEMU NOT STOPPED on {self.src_vm.host.name} ({exc})"
-        await self.src_vm.adopt(self.dst_vm)
-        self.dst_vm = self.src_vm
-        return notes
+            return f"SOURCE QEMU NOT STOPPED on {self.src_vm.host.name} ({exc})"
 
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done.

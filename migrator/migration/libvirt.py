@@ -111,8 +111,7 @@ class LibvirtMigration(BaseMigration):
         finally:
             await self._unwatch()
         await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)   # source's run dir
-        await self.src_vm.adopt(self.dst_vm)
-        self.dst_vm = self.src_vm
+        await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
 
     async def _migrate(self, sdom, dconn, flags: int, params: dict) -> None:
@@ -303,20 +302,16 @@ class LibvirtMigration(BaseMigration):
     def _source_can_resume(self, src_state: str) -> bool:
         return False                # libvirt removed the source domain when it completed
 
-    async def _remove_source_copy(self) -> str:
+    async def _clean_source(self) -> str:
         src = self.src_vm
         try:
             if await src.status() not in ("absent", "shutoff"):
                 await src.stop()
-                notes = f"the source domain on {src.host.name} was removed"
-            else:
-                await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)
-                notes = f"libvirt had removed the source domain from {src.host.name}"
+                return f"the source domain on {src.host.name} was removed"
+            await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)
+            return f"libvirt had removed the source domain from {src.host.name}"
         except Exception as exc:  # noqa: BLE001 - reported
-            notes = f"SOURCE NOT CLEANED on {src.host.name} ({exc})"
-        await src.adopt(self.dst_vm)
-        self.dst_vm = src
-        return notes
+            return f"SOURCE NOT CLEANED on {src.host.name} ({exc})"
 
     async def _ask(self, vm: LibvirtVM) -> str | None:
         """``vm``'s domain state, or None when its libvirtd cannot be asked."""
@@ -365,10 +360,10 @@ class LibvirtMigration(BaseMigration):
                  f"{dst_state or 'unknown'!r} on {self.dst_host.name}")
         if src_state in ("absent", "shutoff") and dst_state == "running":
             notes.insert(0, "libvirt had already finished the migration")
+            notes.append(await self._clean_source())
+            await self._follow_to_destination()
             outcome = (f"NOT rolled back: the VM runs on {self.dst_host.name} and the VM "
                        f"object now refers to it; " + "; ".join(notes))
-            await src.adopt(self.dst_vm)
-            self.dst_vm = src
             self._set_phase(Phase.LANDED)
             log.warning("[vm=%s] %s", src.name, outcome)
             return outcome
