@@ -341,9 +341,13 @@ async def _run(plan: dict, args) -> int:
     from .report import summary_table, write_results
     import signal as _signal
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
-    # SIGTERM (a CI job's timeout, kill) ends the run like Ctrl-C: rolled back, cleaned up
+    # SIGINT (Ctrl-C) and SIGTERM (a CI job's timeout, kill) end the run: rolled back,
+    # cleaned up. SIGINT is handled here, not left to asyncio.run: a process started in the
+    # background by a non-interactive shell inherits SIGINT *ignored*, and Python then never
+    # turns it into a cancellation (found by scripts/flakehunt.sh, run under nohup)
     main_task = asyncio.current_task()
-    asyncio.get_running_loop().add_signal_handler(_signal.SIGTERM, main_task.cancel)
+    for sig in (_signal.SIGINT, _signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
