@@ -222,22 +222,25 @@ class LibvirtSettings(_Strict):
 
     p2p: bool = False
     """Peer-to-peer migration (``migrateToURI3``: the source libvirtd opens the destination
-    itself, using the same URI, so the key and known_hosts paths must exist on the source
-    host); default managed (``migrate3``: the controller drives both daemons)."""
+    itself with the same transport, so the key and known_hosts paths must exist on the source
+    host; ``openssh``'s wrapper is written into the VM's run dir there); default managed (``migrate3``: the controller drives both daemons)."""
     unsafe: bool = False
     """Migrate disks on storage libvirt does not recognise as shared (a local directory shared
     by other means, as in the lab; qcow2 with cache=none is safe there)."""
-    transport: str = "libssh"
-    """``libssh``: libvirt's built-in SSH client with the inventory's key and known_hosts (host
-    keys verified). ``ssh``: the ``ssh`` binary with the user's own ~/.ssh configuration."""
+    transport: str = "openssh"
+    """``openssh``: libvirt runs OpenSSH (``qemu+ext``) with the inventory's key and
+    known_hosts (host keys verified); a closed connection ends its sshd session. ``libssh``:
+    libvirt's built-in SSH client with the same key and known_hosts (libvirt 11.3 keeps the
+    socket of a closed connection until the process exits). ``ssh``: libvirt runs ``ssh``
+    with the user's own ~/.ssh configuration. See ``migrator/hypervisor/libvirt_uri.py``."""
     keepalive_interval_s: int = Field(5, ge=1)
     keepalive_count: int = Field(3, ge=1)
 
     @field_validator("transport")
     @classmethod
     def _known_transport(cls, v: str) -> str:
-        if v not in ("libssh", "ssh"):
-            raise ValueError(f"transport must be 'libssh' or 'ssh', not {v!r}")
+        if v not in ("openssh", "libssh", "ssh"):
+            raise ValueError(f"transport must be 'openssh', 'libssh' or 'ssh', not {v!r}")
         return v
 
 

@@ -15,7 +15,7 @@ import pytest
 from migrator.errors import MigrationError
 from migrator.hosts import SSHHost
 from migrator.hypervisor import make_vm
-from migrator.hypervisor.libvirt import host_uri
+from migrator.hypervisor.libvirt_uri import host_uri
 from migrator.hypervisor.vm import VMSpec
 from migrator.lab import network
 from migrator.lab.system import processes_in_netns
@@ -43,8 +43,11 @@ async def leftovers(lab, hosts, inventory) -> list[str]:
     for hs in lab.state().hosts:
         for p in processes_in_netns(network.netns_path(hs.netns)):
             try:
-                if open(f"/proc/{p.pid}/comm").read().strip() == "qemu-system-x86":
+                comm = open(f"/proc/{p.pid}/comm").read().strip()
+                if comm == "qemu-system-x86":
                     found.append(f"{hs.name}: qemu {p.pid}")
+                elif comm in ("ssh", "virt-ssh-helper"):    # a libvirt connection left open
+                    found.append(f"{hs.name}: {comm} {p.pid}")
             except OSError:
                 pass
     for h in hosts.values():

@@ -189,15 +189,17 @@ async def test_a_failure_after_completion_ends_landed_and_says_where_the_vm_is(
 
 async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab, inventory):
     """Before: one process running 3 scenario runs x 4 libvirt migrations kept its libvirt
-    connections (left to the garbage collector) and their daemons' RPC streams open.
+    connections (left to the garbage collector) and their daemons' RPC streams open, one
+    sshd session each.
 
-    What is checked: no connection of ours is open, and no libvirt RPC stream
-    (``virt-ssh-helper``) is left on the hosts. Not checked here: the SSH session itself.
-    libvirt 11.3's libssh transport keeps the TCP socket of a connection it has disposed of
-    (``virConnectClose`` returns 0, the process still holds the socket, the sshd session
-    lingers without a child until the process exits; the same with plain libvirt-python and
-    no event loop): a libvirt finding, tracked in the issue, not hidden by this test.
+    What is checked: no connection of ours is open, no libvirt RPC stream
+    (``virt-ssh-helper``) is left on the hosts, and no sshd session that was not there before
+    the runs: the default transport (``openssh``) ends the ssh process, and with it the sshd
+    session, of every connection it closes. (libvirt 11.3's own ``libssh`` transport keeps the
+    socket of a closed connection until the process exits: see ``libvirt_uri``.)
     """
+    from .test_framework import sshd_sessions
+    before = set(sshd_sessions(lab))
     from migrator.config import Config
     from migrator.framework.scenario import load_scenario
     from migrator.hypervisor.libvirt_conn import open_connections
@@ -214,3 +216,7 @@ async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab
         return [f"{host}: {cmdline[:100]}" for host, _p, _comm, cmdline in
                 _lab_host_processes(lab) if "virt-ssh-helper" in cmdline]
     assert await settled(rpc_streams, 15) == []
+
+    def new_sessions():
+        return [what for p, what in sshd_sessions(lab).items() if p not in before]
+    assert await settled(new_sessions, 15) == []

@@ -7,11 +7,10 @@
     session = await vm.wait_for_login()              # the same serial console as the qemu driver
     await vm.stop()                                  # destroy + undefine; idempotent
 
-* Connections: ``qemu+libssh://user@address:port/system?keyfile=...&known_hosts=...``:
-  libvirt's own SSH client with the inventory's key and known_hosts, host keys verified
-  (an unknown key is refused); the user's ~/.ssh/config is never touched. With
-  ``libvirt.transport: ssh`` the ``ssh`` binary and the user's own configuration are used.
-  Keepalives (``libvirt.keepalive_*``) detect a dead daemon or link.
+* Connections (:mod:`.libvirt_uri`): by default libvirt's ``ext`` transport running OpenSSH
+  with the inventory's key and known_hosts, host keys verified (an unknown key is refused);
+  the user's ~/.ssh/config is never touched. Closing a connection ends its ssh process and
+  sshd session. ``libvirt.transport`` also offers ``libssh`` and ``ssh``. Keepalives (``libvirt.keepalive_*``) detect a dead daemon or link.
 * libvirt calls block: each one runs in a thread pool of its own, bounded by
   ``timeouts.libvirt_call_s`` (the thread of a hung call is abandoned; the caller goes on).
   libvirt's events are dispatched on the asyncio loop through ``libvirtaio``.
@@ -28,30 +27,16 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
-from urllib.parse import quote as urlquote
 
 import libvirt
 
 from ..errors import GuestError
 from ..hosts.ssh import SSHHost, quote
 from .libvirt_conn import LibvirtConnection, LibvirtError, open_connections
+from .libvirt_uri import host_uri
 from .vm import GuestVM, VMPaths, VMSpec
 
 log = logging.getLogger(__name__)
-
-
-def host_uri(host: SSHHost, transport: str = "libssh") -> str:
-    """The libvirt URI of ``host``'s system daemon, with the host's SSH key and known_hosts."""
-    netloc = f"{urlquote(host.user)}@{host.address}:{host.port}"
-    if transport == "ssh":
-        query = f"?keyfile={urlquote(host.client_keys[0])}" if host.client_keys else ""
-        return f"qemu+ssh://{netloc}/system{query}"
-    params = []
-    if host.known_hosts:
-        params.append(f"known_hosts={urlquote(host.known_hosts)}")
-    if host.client_keys:
-        params += [f"keyfile={urlquote(host.client_keys[0])}", "sshauth=privkey"]
-    return f"qemu+libssh://{netloc}/system" + ("?" + "&".join(params) if params else "")
 
 
 _STATES = {
@@ -131,7 +116,8 @@ class LibvirtVM(GuestVM):
 
     def __init__(self, spec: VMSpec, host: SSHHost, run_dir: str, config=None):
         super().__init__(spec, host, run_dir, config)
-        self.uri = host_uri(host, self.config.libvirt.transport)
+        self.uri = host_uri(host, self.config.libvirt.transport,
+                            self.config.timeouts.ssh_connect_s)
         self.pid: int | None = None
         self._conn: LibvirtConnection | None = None
 

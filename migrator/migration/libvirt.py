@@ -32,6 +32,7 @@ import libvirt
 
 from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
+from ..hypervisor.libvirt_uri import remote_uri
 from .engine import BaseMigration, Phase, ProgressRecord
 from .params import MIB
 
@@ -55,6 +56,7 @@ class LibvirtMigration(BaseMigration):
         #: (side, kind, event, detail, monotonic time) of libvirt's events for this VM
         self.events: list[tuple[str, str, int, int, float]] = []
         self._callbacks: list[tuple[object, int]] = []    # (LibvirtConnection, id)
+        self._p2p_uri = ""          # the destination's URI as the source's libvirtd opens it
 
     # -- what libvirt is asked ----------------------------------------------------------------
 
@@ -102,6 +104,10 @@ class LibvirtMigration(BaseMigration):
             if self.params.downtime_limit_ms is not None:
                 await src.call("migrateSetMaxDowntime", sdom.migrateSetMaxDowntime,
                                self.params.downtime_limit_ms, 0)
+            if self.config.libvirt.p2p:     # the source's libvirtd opens the destination
+                self._p2p_uri = await remote_uri(
+                    src.host, src.paths.dir, self.dst_vm.host, self.config.libvirt.transport,
+                    timeouts.ssh_connect_s)
             await self._watch(src, sdom)
             await self._watch(self.dst_vm, None)
             self._set_phase(Phase.CONFIGURED)
@@ -118,7 +124,7 @@ class LibvirtMigration(BaseMigration):
         timeouts = self.config.timeouts
         src_conn = await self.src_vm.connection()
         if self.config.libvirt.p2p:
-            job = partial(sdom.migrateToURI3, self.dst_vm.uri, params, flags)
+            job = partial(sdom.migrateToURI3, self._p2p_uri, params, flags)
         else:
             job = partial(sdom.migrate3, dconn, params, flags)
         self._t_migrate = time.monotonic()
