@@ -253,6 +253,22 @@ class ReportSettings(_Strict):
     """How often a running migration's progress line is printed."""
 
 
+def _default_state_dir() -> Path:
+    return Path("/var/lib/migrator") if os.geteuid() == 0 else \
+        Path("~/.local/state/migrator").expanduser()
+
+
+class JournalSettings(_Strict):
+    """Where runs keep their crash-safe state (``journal.*``)."""
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    """The index of live runs (``runs/<run-id>/``: lock, pointer to the journal), read by
+    ``migrate-run recover`` and by every new run (default /var/lib/migrator as root, else
+    ~/.local/state/migrator)."""
+    recover_on_start: bool = True
+    """A new run first recovers the dead runs it finds on its hosts (and says so)."""
+
+
 class Config(_Strict):
     """The one config object. ``Config()`` gives the defaults; :meth:`load` reads YAML."""
 
@@ -268,6 +284,7 @@ class Config(_Strict):
     """Declared VMs. Undeclared names ``vm1`` ... ``vmN`` are lab guests of the default size."""
     sync: SyncSettings = SyncSettings()
     report: ReportSettings = ReportSettings()
+    journal: JournalSettings = JournalSettings()
     scenario: dict[str, Any] = {}
     """Free-form settings of the scenario being run (``-p scenario.rounds=5``)."""
 

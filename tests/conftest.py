@@ -22,7 +22,8 @@ import pytest_asyncio
 from migrator.config import Config, Inventory
 from migrator.lab import Lab
 from migrator.lab import network
-from migrator.lab.system import is_alive
+from migrator.lab import hostproc
+from migrator.lab.system import Proc, is_alive, processes_in_netns
 
 TEST_BASE = Path("/srv/migrator-test")
 SESSION_LAB = "mtest"
@@ -130,3 +131,82 @@ def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item, so fixtures can see whether it passed."""
     outcome = yield
     setattr(item, f"rep_{call.when}", outcome.get_result())
+
+
+# -- what a test may leave behind: nothing ------------------------------------------------------
+
+def lab_host_processes(lab):
+    """(host, Proc, comm, cmdline) of every live process in the lab hosts' namespaces."""
+    for hs in lab.state().hosts:
+        for p in processes_in_netns(network.netns_path(hs.netns)):
+            try:
+                comm = Path(f"/proc/{p.pid}/comm").read_text().strip()
+                cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue                     # ended in between
+            yield hs.name, p, comm, cmdline.decode(errors="replace").strip()
+
+
+def lab_processes(lab) -> list[str]:
+    """QEMUs and host-side participants (migrate-sync) still running in lab hosts, each
+    named by host, command, pid and command line."""
+    return [f"{host}: {comm} pid {p.pid} ({cmdline[:160]})"
+            for host, p, comm, cmdline in lab_host_processes(lab)
+            if comm.startswith("qemu-system") or "migrate-sync" in cmdline]
+
+
+def sshd_sessions(lab) -> dict[Proc, str]:
+    """The session processes of the lab hosts' sshds (one or more per SSH connection, shown
+    as ``sshd: root@notty`` and the like), each with a description naming host, pid and
+    command line. The listening sshd itself is not one: it is the process the host's init
+    recorded, and OpenSSH titles it ``[listener]``."""
+    listeners = {name: hostproc.daemon_proc(lab.host_dir(name), "sshd")
+                 for name in (hs.name for hs in lab.state().hosts)}
+    return {p: f"{host}: sshd session pid {p.pid} ({cmdline[:160]})"
+            for host, p, comm, cmdline in lab_host_processes(lab)
+            if comm in ("sshd", "sshd-session") and "[listener]" not in cmdline
+            and (listeners[host] is None or p.pid != listeners[host].pid)}
+
+
+async def settled(probe, timeout_s: float = 30, interval_s: float = 0.1):
+    """Call ``probe()`` until its answer is empty or ``timeout_s`` passed; return the last
+    answer (what is still there, for the assertion's message). Never raises a timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (found := probe()) and loop.time() < deadline:
+        await asyncio.sleep(interval_s)
+    return found
+
+
+@pytest.fixture
+async def no_leaks(lab, inventory):
+    """After the test: no QEMU or participant in any lab host, empty run dirs, no libvirt
+    domain, and no SSH session on a lab host that the test opened and left open.
+
+    Processes of a just-ended run are given a bounded time to be reaped (and SSH sessions to
+    close); what is still there then fails the test, named: host, pid and command line of
+    each process, the files in each directory, the domains."""
+    from migrator.hosts import SSHHost, quote
+    sessions_before = set(sshd_sessions(lab))
+    yield
+    problems = [f"still running: {p}" for p in await settled(lambda: lab_processes(lab))]
+    dirs = {"run dir": inventory.run_dir,
+            "shared run dir": inventory.shared_dir / "migrator-runs"}
+    for name in (h.name for h in lab.state().hosts):
+        async with SSHHost.from_inventory(name, inventory) as h:
+            for what, d in dirs.items():
+                r = await h.run(f"[ ! -d {quote(d)} ] || ls -A -- {quote(d)}")
+                if not r.ok:
+                    problems.append(f"{name}: cannot list {what} {d}: {r.stderr.strip()}")
+                elif r.stdout.split():
+                    problems.append(f"{name}: {what} {d} kept files {r.stdout.split()}")
+            r = await h.run("virsh -q list --all --name")
+            if not r.ok:
+                problems.append(f"{name}: cannot list libvirt domains: {r.stderr.strip()}")
+            elif r.stdout.split():
+                problems.append(f"{name}: libvirt domains left {r.stdout.split()}")
+    # last, so the sessions of the checks above had their time to close too
+    left = await settled(lambda: [d for p, d in sshd_sessions(lab).items()
+                                  if p not in sessions_before])
+    problems += [f"SSH session left open: {d}" for d in left]
+    assert problems == [], "the test left behind:\n  " + "\n  ".join(problems)

@@ -26,7 +26,7 @@ from migrator.hypervisor.vm import VMSpec
 from migrator.migration import MigrationParams, Phase, make_migration
 from migrator.migration.engine import EDGES, FINAL
 
-from .test_framework import lab_processes, settled, sshd_sessions
+from .conftest import lab_processes, settled, sshd_sessions
 
 HERE = Path(__file__).parent
 
@@ -198,7 +198,6 @@ async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab
     session, of every connection it closes. (libvirt 11.3's own ``libssh`` transport keeps the
     socket of a closed connection until the process exits: see ``libvirt_uri``.)
     """
-    from .test_framework import sshd_sessions
     before = set(sshd_sessions(lab))
     from migrator.config import Config
     from migrator.framework.scenario import load_scenario
@@ -212,9 +211,9 @@ async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab
         assert open_connections() == []
 
     def rpc_streams():
-        from .test_framework import _lab_host_processes
+        from .conftest import lab_host_processes
         return [f"{host}: {cmdline[:100]}" for host, _p, _comm, cmdline in
-                _lab_host_processes(lab) if "virt-ssh-helper" in cmdline]
+                lab_host_processes(lab) if "virt-ssh-helper" in cmdline]
     assert await settled(rpc_streams, 15) == []
 
     def new_sessions():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import os
 import secrets
 import socket
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from syncserver.server import SyncServer
 
 from ..config import Config, Inventory
 from ..errors import ConfigError
+from .journal import RunJournal
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,35 @@ class RunContext:
         self.server: SyncServer | None = None
         self.migrations: list[MigrationRecord] = []
         self.instances: list[InstanceRecord] = []
+        #: the run's journal (:mod:`.journal`), open while the run runs
+        self.journal: RunJournal | None = None
+
+    def open_journal(self, hosts: list[str], path: str | os.PathLike | None = None) -> None:
+        """Take the run's lock and write the journal's head: everything ``recover`` needs
+        (hosts and addresses, inventory, config, this controller).
+
+        :raise ConfigError: the state dir cannot be written.
+        """
+        inv = self.inventory
+        head = {"hosts": {h: inv.host(h).address for h in hosts},
+                "driver": self.config.driver, "run_root": str(inv.run_dir),
+                "inventory": inv.model_dump(mode="json"),
+                "config": self.config.model_dump(mode="json")}
+        self.journal = RunJournal.create(self.run_id, self.config.journal.state_dir, path, head)
+
+    def record(self, event: str, **fields: Any) -> None:
+        """One journal record, durable when this returns (nothing without a journal)."""
+        if self.journal is not None:
+            self.journal.record(event, **fields)
+
+    def close_journal(self, leftovers: list[str]) -> None:
+        """The run is over and cleaned up (``leftovers``: what could not be removed)."""
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            status = "passed" if self.verdict else "failed"
+            if any(i.status == "interrupted" for i in self.instances):
+                status = "interrupted"
+            journal.finish(status, leftovers)
 
     @property
     def sync_url(self) -> str:

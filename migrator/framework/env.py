@@ -8,6 +8,7 @@ import hashlib
 import logging
 import re
 from pathlib import PurePosixPath
+from typing import Callable
 
 from ..config import Config, Inventory
 from ..errors import ConfigError, ScenarioError
@@ -30,9 +31,10 @@ class Env:
     """
 
     def __init__(self, config: Config, inventory: Inventory, run_dir: str,
-                 disk_dir: str | None):
+                 disk_dir: str | None, record: Callable[..., None] | None = None):
         self.config, self.inventory = config, inventory
         self.run_dir, self.disk_dir = run_dir, disk_dir
+        self._record = record or (lambda event, **fields: None)   # the run's journal
         self._vms: dict[str, GuestVM] = {}
         self._busy: dict[str, str] = {}
         for name in config.vms:
@@ -108,7 +110,9 @@ class Env:
         vm = make_vm(self.config.driver, self.spec(name), host, self.run_dir, self.config)
         self._vms[name] = vm
         log.info("[vm=%s host=%s] starting", name, host.name)
+        self._record("vm", vm=name, host=host.name, state="starting")
         await vm.start()
+        self._record("vm", vm=name, host=host.name, state="started", pid=vm.pid)
         await vm.wait_for_login(self.config.timeouts.guest_boot_s)
         return vm
 
@@ -137,6 +141,7 @@ class Env:
         async def stop(vm: GuestVM) -> None:
             try:
                 await vm.stop()
+                self._record("vm", vm=vm.name, host=vm.host.name, state="stopped")
             except Exception as exc:  # noqa: BLE001 - cleanup goes on; reported
                 problems.append(f"{vm.name} on {vm.host.name}: not stopped ({exc})")
         await asyncio.gather(*(stop(vm) for vm in self._vms.values()))

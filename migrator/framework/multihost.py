@@ -33,6 +33,7 @@ run when the scenario ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -46,6 +47,7 @@ from ..migration import BaseMigration, MigrationParams, Phase, make_migration
 from .context import InstanceRecord, MigrationRecord, RunContext, local_address_towards
 from .data import MigrationData
 from .env import Env, prepare_overlays
+from .journal import controller_identity
 from .sync import HostsSync
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ class MultihostMigration:
     def __init__(self, hosts: Sequence[str | SSHHost], *, config: Config | None = None,
                  inventory: Inventory | None = None, context: RunContext | None = None,
                  name: str = "main"):
+        self._own_context = context is None
         if context is None:
             context = RunContext(config or Config(), inventory or load_inventory())
         self.context = context
@@ -130,7 +133,9 @@ class MultihostMigration:
         self.run_dir = f"{self.inventory.run_dir}/{context.run_id}"
         shared = self.inventory.shared_dir
         self.env = Env(self.config, self.inventory, self.run_dir,
-                       f"{shared}/migrator-runs/{context.run_id}/{name}" if shared else None)
+                       f"{shared}/migrator-runs/{context.run_id}/{name}" if shared else None,
+                       record=lambda event, **fields: context.record(event, instance=name,
+                                                                     **fields))
         self.sync: HostsSync | None = None
         self.record = InstanceRecord(name, names)
         self._handles: list[MigrationHandle] = []
@@ -245,7 +250,10 @@ class MultihostMigration:
 
         :raise BarrierError: naming the hosts that were missing or lost.
         """
-        await self.sync.barrier(name, [self.host(h) for h in (hosts or self.hosts)], timeout)
+        members = [self.host(h) for h in (hosts or self.hosts)]
+        self.context.record("barrier", instance=self.name, name=name,
+                            hosts=[h.name for h in members])
+        await self.sync.barrier(name, members, timeout)
 
     # -- run -----------------------------------------------------------------------------------
 
@@ -262,6 +270,8 @@ class MultihostMigration:
         rec.started = time.time()
         t0 = time.monotonic()
         ctx.instances.append(rec)
+        if self._own_context and ctx.journal is None:
+            ctx.open_journal([h.name for h in self.hosts])
         try:
             await self._prepare(own_server)
             async with asyncio.TaskGroup() as tg:
@@ -286,6 +296,8 @@ class MultihostMigration:
                 rec.cleanup_problems = await shielded(self._cleanup(own_server))
             finally:
                 rec.duration_s = time.monotonic() - t0
+                if self._own_context:
+                    ctx.close_journal(rec.cleanup_problems)
 
     async def _scenario(self) -> None:
         await self.migration_scenario()
@@ -302,8 +314,11 @@ class MultihostMigration:
         async with asyncio.TaskGroup() as tg:               # connect: errors name the host
             for h in self.hosts:
                 tg.create_task(h.connect())
+        await self._claim_run_dirs()
         await self._check_shared_storage()
         if self.env.images():
+            ctx.record("resource", kind="overlays", host=self.hosts[0].name,
+                       path=self.env.disk_dir)
             await prepare_overlays(self.hosts[0], self.env, timeouts.disk_prepare_s)
         if own_server:
             first = self.inventory.host(self.hosts[0].name)
@@ -316,6 +331,24 @@ class MultihostMigration:
         await self.barrier("disks_prepared", timeout=timeouts.disk_prepare_s)
         ctx.say(f"[{self.name}] hosts {', '.join(h.name for h in self.hosts)} ready "
                 f"(sync {ctx.sync_url}, run dir {self.run_dir})")
+
+    async def _claim_run_dirs(self) -> None:
+        """The run's directory on every host, with ``owner.json`` naming the run and its
+        controller: the hosts' own copy of whose VMs they hold (see :mod:`.journal`)."""
+        ctx = self.context
+        owner = json.dumps({"run_id": ctx.run_id, "instance": self.name,
+                            "hosts": [h.name for h in self.hosts],
+                            "driver": self.config.driver,
+                            "controller": controller_identity(),
+                            "journal": str(ctx.journal.path) if ctx.journal else None,
+                            "state_dir": str(self.config.journal.state_dir)})
+        ctx.record("instance", instance=self.name, hosts=[h.name for h in self.hosts])
+        for h in self.hosts:
+            ctx.record("resource", kind="run_dir", host=h.name, path=self.run_dir)
+        await asyncio.gather(*(h.run(f"mkdir -p {quote(self.run_dir)} && cat > "
+                                     f"{quote(self.run_dir + '/owner.json')}", stdin=owner,
+                                     check=True, timeout=self.config.timeouts.host_cleanup_s)
+                               for h in self.hosts))
 
     async def _check_shared_storage(self) -> None:
         """A token written on the first host must be readable on every host.
@@ -434,7 +467,11 @@ class MultihostMigration:
                              self.config)
         md._track(mig)
         reporter = _Progress(self.context, md, mig)
-        mig.observers.append(reporter.on_phase)
+
+        def journal(m: BaseMigration, phase: Phase) -> None:   # before the step it names
+            self.context.record("phase", instance=self.name, mig_id=md.mig_id, vm=vm.name,
+                                src=md.src.name, dst=md.dst.name, phase=phase.value)
+        mig.observers += [journal, reporter.on_phase]
         try:
             async with asyncio.TaskGroup() as tg:
                 shower = tg.create_task(reporter.follow())

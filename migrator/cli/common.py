@@ -1,0 +1,57 @@
+"""What every command shares: one-line usage errors (exit 2), logging, failure lines,
+timestamps, ``-p KEY=VALUE`` overrides.
+
+User mistakes get one line on stderr and exit status 2; failures of the lab or a host get one
+line and exit status 1 (``-v`` adds the traceback); Ctrl-C exits 130 after cleanup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+
+from ..errors import ConfigError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def fail(prog: str, exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc)
+    code = 2 if isinstance(exc, ConfigError) else 1
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return code
+
+
+def stamp(t0: float):
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.2f}s] {msg}", flush=True)
+    return say
+
+
+def overrides(params: list[str]) -> dict:
+    """``-p`` values are YAML scalars: ``100`` is a number, ``true`` a boolean."""
+    import yaml
+    out = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-p {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out

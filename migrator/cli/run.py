@@ -1,0 +1,180 @@
+"""``migrate-run``: run a scenario over hosts (``migrate-run [run] SCENARIO -m HOSTS``), and
+the subcommands of the one command grammar (``migrate-run SUBCOMMAND ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+import traceback
+
+from ..config import Config
+from ..errors import MigratorError
+from .common import Parser, fail, overrides, setup_logging, stamp
+
+
+#: ``migrate-run SUBCOMMAND ...``: name -> (module of migrator.cli, one-line help). A first
+#: argument that is not one of these is a scenario (``run`` is implied), as it always was.
+SUBCOMMANDS = {
+    "run": ("run", "run a scenario over hosts (the default: migrate-run SCENARIO -m HOSTS)"),
+    "recover": ("recover", "resolve runs whose controller died: each VM to one running copy"),
+}
+
+
+def _epilog() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    return "subcommands (migrate-run SUBCOMMAND --help):\n" + "\n".join(
+        f"  {name.ljust(width)}  {text}" for name, (_m, text) in SUBCOMMANDS.items())
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="migrate-run", description="Run a migration scenario over hosts: pairs in "
+                "parallel (-m A,B,C,D: (A,B) and (C,D)), or one run over all hosts (--all).",
+               usage="migrate-run [run] SCENARIO -m HOSTS [options]\n"
+                     "       migrate-run SUBCOMMAND [options]",
+               epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--machines", action="append", required=True, metavar="HOSTS",
+                   help="comma-separated host names, in the order meant; repeat to append")
+    p.add_argument("--all", action="store_true", dest="all_hosts",
+                   help="one scenario instance over all hosts instead of pairs")
+    p.add_argument("-i", "--inventory", help="inventory file (default: $MIGRATOR_INVENTORY, "
+                   "else the default lab's); an Ansible inventory works too")
+    p.add_argument("-c", "--config", help="config file (YAML)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one config key, dotted for nested keys "
+                        "(-p migration.downtime_limit_ms=100); overrides the config file")
+    p.add_argument("-o", "--results", help="results directory (default: report.results_dir)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("scenario", help="a scenario file, or the name of a ready one "
+                                    "(ping_pong, concurrent, ring, cancel_then_migrate, "
+                                    "dest_block)")
+    return p
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``migrate-run``: exit 0 when every migration and check passed, 1 when one failed, 2 on
+    bad input (before anything starts), 130 on Ctrl-C (after cleanup). ``migrate-run
+    SUBCOMMAND ...`` goes to that subcommand's module."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        name = argv.pop(0)
+        if name != "run":
+            import importlib
+            module = importlib.import_module(f".{SUBCOMMANDS[name][0]}", __package__)
+            return module.main(argv)
+    args = _run_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        plan = _run_plan(args)
+    except MigratorError as exc:
+        return fail("migrate-run", exc, args.verbose)
+    try:
+        return asyncio.run(_run(plan, args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("migrate-run: interrupted; every VM was rolled back and stopped, see "
+              f"{plan['out_dir']}", file=sys.stderr)
+        return 130
+    except MigratorError as exc:
+        return fail("migrate-run", exc, args.verbose)
+
+
+def _run_plan(args) -> dict:
+    """Everything checked before anything starts. :raise ConfigError: with one clear line."""
+    from pathlib import Path
+
+    from ..config import load_any_inventory
+    from ..framework import RunContext, group_hosts, load_scenario
+    hosts = [h.strip() for group in args.machines for h in group.split(",") if h.strip()]
+    config = Config.load(args.config, overrides(args.param))
+    inventory = load_any_inventory(args.inventory)
+    for h in hosts:
+        inventory.host(h)
+    groups = group_hosts(hosts, args.all_hosts)
+    cls = load_scenario(args.scenario)
+    ctx = RunContext(config, inventory, say=stamp(time.monotonic()))
+    instances = [cls(group, context=ctx,
+                     name="all" if args.all_hosts else f"pair{i + 1}")
+                 for i, group in enumerate(groups)]
+    out_dir = Path(args.results or config.report.results_dir) / ctx.run_id
+    return {"ctx": ctx, "instances": instances, "hosts": hosts, "cls": cls,
+            "out_dir": out_dir, "scenario": args.scenario}
+
+
+async def _run(plan: dict, args) -> int:
+    from ..framework.context import local_address_towards
+    from ..report import summary_table, write_results
+    import signal as _signal
+    ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
+    # SIGINT (Ctrl-C) and SIGTERM (a CI job's timeout, kill) end the run: rolled back,
+    # cleaned up. SIGINT is handled here, not left to asyncio.run: a process started in the
+    # background by a non-interactive shell inherits SIGINT *ignored*, and Python then never
+    # turns it into a cancellation (found by scripts/flakehunt.sh, run under nohup)
+    main_task = asyncio.current_task()
+    for sig in (_signal.SIGINT, _signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    if ctx.config.journal.recover_on_start and not await _recover_first(ctx, plan["hosts"]):
+        return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    if not args.verbose:       # the terminal shows the run's story (say()); the log all of it
+        for h in root.handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)
+                h.addFilter(lambda record: not record.name.startswith("migrator"))
+    for noisy in ("asyncssh", "qemu.qmp", "aiohttp", "virEventAsyncIOImpl"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    meta = {"scenario": plan["scenario"], "class": plan["cls"].__name__,
+            "hosts": plan["hosts"], "all_hosts": args.all_hosts,
+            "instances_hosts": {i.name: [h.name for h in i.hosts] for i in instances},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    ctx.say(f"run {ctx.run_id}: {plan['cls'].__name__} on "
+            + "; ".join(f"{i.name}=({','.join(h.name for h in i.hosts)})" for i in instances)
+            + f"; results in {out_dir}")
+    ctx.open_journal(plan["hosts"], out_dir / "journal.jsonl")
+    try:
+        first = ctx.inventory.host(instances[0].hosts[0].name)
+        bind = ctx.config.sync.bind or local_address_towards(
+            first.address, (first.ssh or ctx.inventory.ssh).port)
+        await ctx.start_server(bind)
+        try:
+            outcomes = await asyncio.gather(*(i.run() for i in instances),
+                                            return_exceptions=True)
+        finally:
+            await ctx.stop_server()
+        for inst, outcome in zip(instances, outcomes):
+            if isinstance(outcome, BaseException) and args.verbose:
+                traceback.print_exception(outcome)
+    finally:
+        ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_results(ctx, out_dir, meta)
+        print(summary_table(ctx), flush=True)
+        print(f"results: {out_dir}", flush=True)
+        root.removeHandler(handler)
+        handler.close()
+    return 0 if ctx.verdict else 1
+
+
+async def _recover_first(ctx, hosts: list[str]) -> bool:
+    """Recover the dead runs on these hosts before starting (and say so). False when one
+    could not be resolved: the hosts are then in a state no run should start on."""
+    from ..framework.recover import recover
+    # each VM resolved to one copy, which is then stopped: what the dead run's own cleanup
+    # would have done (runs recovered earlier by hand, with copies kept, are left alone)
+    report = await recover(ctx.config, hosts=hosts, stop=True, include_recovered=False)
+    if not report.runs and not report.notes:
+        return True
+    ctx.say(f"recovered {len(report.runs)} dead run(s) on these hosts first, their VMs "
+            f"stopped (journal.recover_on_start): {', '.join(report.runs) or '-'}")
+    print(report.table(), flush=True)
+    if not report.ok:
+        print("migrate-run: error: a dead run on these hosts could not be resolved (see the "
+              "table); resolve it, then run again", file=sys.stderr)
+    return report.ok

@@ -1,0 +1,698 @@
+"""Resolve runs whose controller died: each VM to exactly one running copy, the rest removed.
+
+::
+
+    report = await recover(config)                  # every dead run in the index
+    report = await recover(config, "20261129-...")  # one run
+    print(report.table()); sys.exit(0 if report.ok else 1)
+
+For each dead run (its lock free: the controller is provably gone; a live run is refused,
+and two recoveries of one run never overlap — the second is refused, naming the first):
+
+1. **Where is each VM?** On every host of the run, ``<run_dir>/<run-id>/<vm>/`` and the
+   hypervisor say whether a copy of the VM lives there (QEMU: the pid *and* start time of
+   ``qemu.id``, then QMP ``query-status``/``query-migrate``; libvirt: the domain, its state
+   and job).
+2. **Settle what is in flight.** A precopy migration still running is cancelled (the source
+   goes on); a postcopy migration is waited for (the destination already runs the VM and
+   needs the source's pages until it completes); a paused postcopy is left alone and
+   reported (only postcopy recovery can finish it).
+3. **Choose the copy.** The destination when the migration completed (the source is in
+   ``postmigrate``), otherwise the source, resumed if it is paused. The other copy is stopped.
+   Nothing is ever chosen by guess: an incoming copy alone (its memory never arrived), a
+   completed source whose destination is gone, or two running copies are reported as
+   *unresolved*, naming host, VM and why, and left as they are.
+4. **Remove the rest**: the other copies' run dirs, the run's dir on hosts that keep
+   nothing, the run's disk overlays when no VM of it is kept. With ``stop=True`` the kept
+   copies are stopped too (what the run's own cleanup would have done) and nothing of the run
+   is left. Sync participants need nothing: each ends by itself with its SSH session.
+
+Errors: :class:`RecoverError` (a :class:`ConfigError`: exit 2) for a run that does not exist
+or is alive; problems met on hosts go into the report, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config, Inventory
+from ..errors import ConfigError, MigratorError
+from ..hosts import SSHHost, quote
+from ..hypervisor import VMSpec, make_vm
+from .journal import (RunEntry, RunLocked, find_run, hosts_of, last_phases, list_runs,
+                      vm_records)
+
+log = logging.getLogger(__name__)
+
+#: QEMU's migration states of a source still sending (cancel them)
+PRECOPY_ACTIVE = {"setup", "active", "device", "pre-switchover", "wait-unplug", "cancelling"}
+
+
+class RecoverError(ConfigError):
+    """The run cannot be recovered by this process: unknown, alive, or being recovered."""
+
+
+@dataclass
+class Copy:
+    """One copy of a VM on one host, as its hypervisor reports it."""
+
+    host: str
+    status: str                  #: running, paused, inmigrate, postmigrate, ...
+    migration: str = "none"      #: none, active, postcopy-active, completed, failed, ...
+    probe: Any = None            #: the driver's probe (to cancel, resume, stop)
+
+
+@dataclass
+class VMOutcome:
+    run_id: str
+    vm: str
+    kept: str | None = None       #: host of the copy left running
+    state: str = ""               #: its state when recovery ended
+    actions: list[str] = field(default_factory=list)
+    problem: str | None = None    #: why it is unresolved (None: resolved)
+
+
+@dataclass
+class RecoverReport:
+    outcomes: list[VMOutcome] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.problem is None for o in self.outcomes)
+
+    def table(self) -> str:
+        """What was found and done: one row per VM."""
+        if not self.runs:
+            return "recover: no dead run found"
+        cols = ["run", "vm", "result", "host", "state", "done"]
+        rows = [[o.run_id, o.vm, "UNRESOLVED" if o.problem else "resolved", o.kept or "-",
+                 o.state or "-", "; ".join(o.actions + ([o.problem] if o.problem else []))
+                 or "-"] for o in self.outcomes]
+        rows += [[r, "-", "resolved", "-", "-", "nothing of it was running"]
+                 for r in self.runs if not any(o.run_id == r for o in self.outcomes)]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols[:-1])]
+        lines = []
+        for r in [cols] + rows:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1])
+        return "\n".join(lines + self.notes)
+
+
+# -- driver probes ------------------------------------------------------------------------------
+
+class _NoCopy(Exception):
+    """The probe looked and there is no live copy on that host."""
+
+
+class _QemuProbe:
+    """A QEMU copy found through its run dir's ``qemu.id`` (pid and start time)."""
+
+    def __init__(self, host: SSHHost, vm: str, run_dir: str, config: Config):
+        self.host, self.vm_name = host, vm
+        self.vm = make_vm("qemu", _spec(vm), host, run_dir, config)
+        self.config = config
+
+    async def find(self) -> Copy | None:
+        """The live QEMU of this run dir: the pid and start time of ``qemu.id``; without it
+        (the controller died between QEMU's start and that write), QEMU's own pidfile, if
+        that process's command line names this very pidfile — then ``qemu.id`` is written,
+        so stopping it is as safe as ever. None only when the host says there is none.
+
+        :raise _Unresolved: the host or QEMU could not be asked.
+        """
+        from ..hypervisor.qemu import _STARTTIME, identity_file
+        paths = self.vm.paths
+        ident, pidfile = quote(identity_file(paths)), quote(paths.pidfile)
+        r = await self.host.run(
+            f"if read p start < {ident} 2>/dev/null; then {_STARTTIME}; "
+            f"[ \"$st\" = \"$start\" ] || exit 3; "
+            f"elif read p < {pidfile} 2>/dev/null && tr '\\0' '\\n' < /proc/$p/cmdline "
+            f"2>/dev/null | grep -qxF -- {pidfile}; then {_STARTTIME}; "
+            f"echo \"$p $st\" > {ident}; else exit 3; fi; "
+            f"grep -q '^State:.*Z' /proc/$p/status && exit 3; echo $p",
+            timeout=self.config.timeouts.host_cleanup_s)
+        if r.exit_status == 3 and not r.timed_out:
+            return None
+        if not r.ok:
+            raise _Unresolved(f"{self.host.name}: cannot look for QEMU: "
+                              f"{r.stderr.strip() or r}")
+        self.vm.pid = int(r.stdout.split()[-1])
+        qmp = await self.vm.qmp()
+        status = (await qmp.execute("query-status"))["status"]
+        migration = (await qmp.execute("query-migrate")).get("status", "none")
+        return Copy(self.host.name, status, migration, self)
+
+    async def cancel(self) -> None:
+        await (await self.vm.qmp()).execute("migrate_cancel")
+
+    async def start_postcopy(self) -> None:
+        await (await self.vm.qmp()).execute("migrate-start-postcopy")
+
+    async def resume(self) -> None:
+        await (await self.vm.qmp()).execute("cont")
+
+    async def stop(self) -> None:
+        await self.vm.stop()
+
+    async def close(self) -> None:
+        await self.vm.disconnect()
+
+
+class _LibvirtProbe:
+    """The libvirt domain named after the VM, on a host where this run has the VM's run dir
+    (domain names are per host: the run dir tells it is this run's). Which copy is the
+    incoming one comes from the journal."""
+
+    def __init__(self, host: SSHHost, vm: str, run_dir: str, config: Config,
+                 incoming: bool):
+        self.host, self.vm_name, self.incoming = host, vm, incoming
+        self.vm = make_vm("libvirt", _spec(vm), host, run_dir, config)
+
+    async def find(self) -> Copy | None:
+        """The active domain in the common vocabulary (``inmigrate`` for the incoming copy,
+        ``paused-migration`` for a source left paused by a migration). An inactive
+        definition (a persistent destination that never ran) is undefined: it is no copy.
+
+        :raise LibvirtError: the daemon could not be asked.
+        """
+        import libvirt
+        dom = await self.vm.domain()
+        if dom is None:
+            return None
+        if not await self.vm.call("isActive", dom.isActive):
+            await self.vm.call("undefine", dom.undefine)
+            return None
+        status = await self.vm.status()
+        migration = "none"
+        if not self.incoming:        # job statistics exist on the source only
+            stats = await self.vm.call("jobStats", dom.jobStats)
+            if stats.get("type") in (libvirt.VIR_DOMAIN_JOB_BOUNDED,
+                                     libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
+                migration = "postcopy-active" if status == "paused-postcopy" else "active"
+        if status in ("paused-postcopy", "postcopy-failed") and migration == "none":
+            migration = "postcopy-paused"
+        if self.incoming and status != "running":
+            status = "inmigrate"
+        elif status == "paused-postcopy":
+            status = "postmigrate"
+        self.vm.pid = await self.vm.read_pid()
+        return Copy(self.host.name, status, migration, self)
+
+    async def cancel(self) -> None:
+        dom = await self.vm.domain()
+        await self.vm.call("abortJob", dom.abortJob)
+
+    async def start_postcopy(self) -> None:
+        dom = await self.vm.domain()
+        await self.vm.call("migrateStartPostCopy", dom.migrateStartPostCopy, 0)
+
+    async def resume(self) -> None:
+        dom = await self.vm.domain()
+        await self.vm.call("resume", dom.resume)
+
+    async def stop(self) -> None:
+        await self.vm.stop()
+
+    async def close(self) -> None:
+        await self.vm.close()
+
+
+def _spec(vm: str) -> VMSpec:
+    """A spec that only names the VM: recovery never starts one."""
+    return VMSpec(vm, kernel="(not started by recovery)")
+
+
+#: a migration the controller had switched to postcopy, or was switching
+POSTCOPY_STATES = {"postcopy-active"}
+#: postcopy that cannot go on by itself: only postcopy recovery can finish it
+POSTCOPY_STUCK = {"postcopy-paused", "postcopy-recover", "postcopy-recover-setup"}
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+class _RunRecovery:
+    """Resolve one dead run, instance by instance (each instance's VMs on its own hosts:
+    pairs of one run may both have a ``vm1``)."""
+
+    def __init__(self, entry: RunEntry, events: list[dict[str, Any]], config: Config,
+                 stop: bool):
+        head = events[0]
+        self.entry, self.events, self.stop_kept = entry, events, stop
+        self.run_id = entry.run_id
+        try:
+            self.inventory = Inventory.model_validate(head["inventory"])
+            self.config = Config.model_validate(head["config"]).model_copy(
+                update={"journal": config.journal})
+            self.driver = head["driver"]
+            self.run_dir = f"{head['run_root']}/{self.run_id}"
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"journal {entry.journal_path}: its head cannot be read by this "
+                              f"migrator ({str(exc).splitlines()[0]})") from None
+        self.hosts = {name: SSHHost.from_inventory(name, self.inventory, self.config)
+                      for name in hosts_of(events) if name in self.inventory.hosts}
+        self.outcomes: list[VMOutcome] = []
+        self.notes: list[str] = []
+        self._instance: str | None = None       # the instance being resolved (None: all)
+
+    def _last_phase(self, vm: str) -> dict[str, Any]:
+        return last_phases(self.events, self._instance).get(vm, {})
+
+    def instances(self) -> dict[str, list[str]]:
+        """instance -> its hosts (one group of all hosts for a journal without them)."""
+        groups = {e["instance"]: e["hosts"] for e in self.events
+                  if e.get("event") == "instance"}
+        return groups or {"main": list(self.hosts)}
+
+    def vm_names(self, instance: str, only_one: bool) -> list[str]:
+        names: list[str] = []
+        for e in vm_records(self.events):
+            if (only_one or e.get("instance") == instance) and e["vm"] not in names:
+                names.append(e["vm"])
+        return names
+
+    async def run(self) -> list[VMOutcome]:
+        try:
+            reachable = await self._connect()
+            found = await self._run_dirs(reachable)
+            groups = self.instances()
+            for instance, names in groups.items():
+                hosts = {n: reachable[n] for n in names if n in reachable}
+                lost = [n for n in names if n not in reachable]
+                vms = self.vm_names(instance, len(groups) == 1)
+                vms += sorted({v for n in hosts for v in found.get(n, [])} - set(vms))
+                for vm in vms:
+                    if lost:        # a copy may be there: deciding without it could make two
+                        self.outcomes.append(VMOutcome(
+                            self.run_id, vm, problem=f"{vm}: {', '.join(lost)} unreachable: "
+                            "it may hold a copy; nothing was touched"))
+                        continue
+                    self._instance = instance if len(groups) > 1 else None
+                    self.outcomes.append(await self._resolve(vm, hosts, found))
+            await self._end_participants(reachable)
+            await self._tidy(reachable)
+        finally:
+            await asyncio.gather(*(h.close() for h in self.hosts.values()))
+        return self.outcomes
+
+    async def _connect(self) -> dict[str, SSHHost]:
+        async def one(h: SSHHost):
+            try:
+                await h.connect()
+                return h
+            except MigratorError as exc:
+                self.notes.append(f"run {self.run_id}: host {h.name} unreachable: {exc}")
+                return None
+        got = await asyncio.gather(*(one(h) for h in self.hosts.values()))
+        return {h.name: h for h in got if h is not None}
+
+    async def _run_dirs(self, hosts: dict[str, SSHHost]) -> dict[str, list[str]]:
+        """The VM run dirs of this run on each host."""
+        async def ls(h: SSHHost) -> list[str]:
+            r = await h.run(f"cd {quote(self.run_dir)} 2>/dev/null || exit 0; for d in */; do "
+                            f"[ -d \"$d\" ] && echo \"${{d%/}}\"; done; true",
+                            timeout=self.config.timeouts.host_cleanup_s, check=True)
+            return r.stdout.split()
+        dirs = await asyncio.gather(*(ls(h) for h in hosts.values()))
+        return dict(zip(hosts, dirs))
+
+    async def _copies(self, vm: str, hosts: dict[str, SSHHost],
+                      found: dict[str, list[str]]) -> list[Copy]:
+        """The live copies of ``vm`` on the hosts that have its run dir.
+
+        :raise _Unresolved: a host or hypervisor could not be asked (copies found so far
+            are closed).
+        """
+        last = self._last_phase(vm)
+        arrived = last.get("phase") in ("CLEANED", "LANDED")
+        copies: list[Copy] = []
+        for name, h in hosts.items():
+            if vm not in found.get(name, ()):
+                continue                           # no run dir: nothing of this run there
+            if self.driver == "libvirt":
+                probe = _LibvirtProbe(h, vm, self.run_dir, self.config,
+                                      incoming=name == last.get("dst") and not arrived)
+            else:
+                probe = _QemuProbe(h, vm, self.run_dir, self.config)
+            try:
+                c = await probe.find()
+            except Exception as exc:  # noqa: BLE001 - named in the report
+                await probe.close()
+                for other in copies:
+                    await other.probe.close()
+                if isinstance(exc, _Unresolved):
+                    raise
+                raise _Unresolved(f"{name}: cannot ask the hypervisor: {exc}") from exc
+            if c is None:
+                await probe.close()
+            else:
+                copies.append(c)
+        return copies
+
+    async def _resolve(self, vm: str, hosts: dict[str, SSHHost],
+                       found: dict[str, list[str]]) -> VMOutcome:
+        out = VMOutcome(self.run_id, vm)
+        copies: list[Copy] = []
+        try:
+            copies = await self._copies(vm, hosts, found)
+            copies = await self._settle(vm, copies, hosts, found, out)
+            keep = self._choose(copies)
+            if keep is not None and keep.status in RESUMABLE:
+                await keep.probe.resume()
+                out.actions.append(f"resumed on {keep.host} (was {keep.status})")
+                keep.status = "running"
+            for c in copies:
+                if c is not keep:
+                    await c.probe.stop()
+                    out.actions.append(f"{c.status} copy on {c.host} stopped")
+            if keep is not None:
+                out.kept, out.state = keep.host, keep.status
+                if self.stop_kept:
+                    await keep.probe.stop()
+                    out.actions.append(f"stopped on {keep.host} (--stop)")
+                    out.state = "stopped"
+                else:
+                    out.actions.append(f"left running on {keep.host}")
+            else:
+                out.state = "not running"
+            for name in hosts:                    # run dirs of copies that are gone
+                if vm in found.get(name, ()) and (keep is None or name != keep.host
+                                                  or self.stop_kept):
+                    await hosts[name].run(f"rm -rf {quote(self.run_dir + '/' + vm)}",
+                                          check=True)
+                    found[name].remove(vm)
+        except _Unresolved as exc:
+            out.problem = f"{vm}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - QMP, libvirt, SSH: named in the report
+            out.problem = f"{vm}: {type(exc).__name__}: {exc}"
+        finally:
+            for c in copies:
+                await c.probe.close()
+        if out.problem:
+            log.error("[run=%s vm=%s] unresolved: %s", self.run_id, vm, out.problem)
+        return out
+
+    async def _settle(self, vm: str, copies: list[Copy], hosts: dict[str, SSHHost],
+                      found: dict[str, list[str]], out: VMOutcome) -> list[Copy]:
+        """Finish what is in flight: a precopy migration is cancelled (the source goes on),
+        unless the controller had decided to switch to postcopy (the journal's last phase is
+        POSTCOPY): then the switch is made, if QEMU had not made it yet, and the migration
+        waited for. Return the copies once nothing is in flight.
+
+        :raise _Unresolved: a postcopy that cannot go on by itself, or a migration that does
+            not end within its timeout.
+        """
+        timeouts = self.config.timeouts
+        declared = self.config.vms.get(vm)
+        mem = declared.mem_mib if declared else self.config.lab.guest_mem_mib
+        postcopy_decided = self._last_phase(vm).get("phase") == "POSTCOPY"
+        acted = False
+        deadline = None
+        while True:
+            stuck = [c for c in copies if c.migration in POSTCOPY_STUCK]
+            if stuck:
+                raise _Unresolved(f"postcopy {stuck[0].migration} on {stuck[0].host}: only "
+                                  "postcopy recovery can finish it; both copies left as they "
+                                  "are")
+            sending = _sending(copies)
+            postcopy = [c for c in copies if c.migration in POSTCOPY_STATES]
+            if not sending and not postcopy:
+                return copies
+            if deadline is None:
+                limit = timeouts.migration_for(mem) if postcopy or postcopy_decided \
+                    else timeouts.migration_cancel_s
+                deadline = time.monotonic() + limit
+            elif time.monotonic() > deadline:
+                busy = (sending + postcopy)[0]
+                raise _Unresolved(f"the migration on {busy.host} is still {busy.migration} "
+                                  f"after {limit:g} s")
+            if not acted:
+                acted = True
+                for c in sending:
+                    if postcopy_decided:
+                        try:
+                            await c.probe.start_postcopy()
+                        except Exception as exc:  # noqa: BLE001 - already switching
+                            log.info("[vm=%s] postcopy switch: %s", vm, exc)
+                        out.actions.append(f"postcopy switch on {c.host} finished")
+                    else:
+                        await c.probe.cancel()
+                        out.actions.append(f"migration from {c.host} cancelled")
+                if postcopy and not sending:
+                    out.actions.append("postcopy waited for")
+            await asyncio.sleep(0.2)
+            for c in copies:
+                await c.probe.close()
+            copies = await self._copies(vm, hosts, found)
+
+    @staticmethod
+    def _choose(copies: list[Copy]) -> Copy | None:
+        """The copy to keep (None: there is none); see the module docstring.
+
+        :raise _Unresolved: no copy can be chosen without guessing.
+        """
+        running = [c for c in copies if c.status == "running"]
+        if len(running) == 1:
+            return running[0]       # a destination that completed, or a source that went on
+        if len(running) > 1:
+            raise _Unresolved("running on " + " and ".join(c.host for c in running)
+                              + ": left as they are")
+        resumable = [c for c in copies if c.status in RESUMABLE]
+        if len(resumable) == 1:
+            return resumable[0]
+        if not copies:
+            return None
+        what = ", ".join(f"{c.status} on {c.host}" for c in copies)
+        if len(resumable) > 1:
+            raise _Unresolved(f"paused copies on {what}: left as they are")
+        if all(c.status == "inmigrate" for c in copies):
+            raise _Unresolved(f"only an incoming copy ({what}) whose memory never arrived; "
+                              "the source is gone")
+        if any(c.status == "postmigrate" for c in copies):
+            raise _Unresolved(f"the migration completed but the destination is gone ({what}); "
+                              "the source holds the VM as it was at switchover: left paused")
+        raise _Unresolved(f"no copy can run ({what})")
+
+    async def _end_participants(self, hosts: dict[str, SSHHost]) -> None:
+        """SIGKILL the run's sync participants still alive (one ends by itself when its SSH
+        session does; a stopped or hung one does not): found by the run id in their
+        environment (``MIGRATE_SYNC_RUN=<run-id>.<instance>``)."""
+        marker = quote(f"MIGRATE_SYNC_RUN={self.run_id}.")
+        script = (f"for p in $(pgrep -f 'migrate-sync.* member'); do "
+                  f"tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -q ^{marker} && "
+                  f"kill -KILL $p && echo $p; done; true")
+
+        async def one(name: str, h: SSHHost) -> None:
+            try:
+                r = await h.run(script, timeout=self.config.timeouts.host_cleanup_s,
+                                check=True)
+            except MigratorError as exc:
+                self.notes.append(f"run {self.run_id}: {name}: participants not checked: "
+                                  f"{exc}")
+                return
+            if r.stdout.split():
+                self.notes.append(f"run {self.run_id}: sync participant(s) "
+                                  f"{', '.join(r.stdout.split())} on {name} killed")
+        await asyncio.gather(*(one(n, h) for n, h in hosts.items()))
+
+    async def _tidy(self, hosts: dict[str, SSHHost]) -> None:
+        """The run's dir on hosts that keep nothing of it; its overlays when nothing is
+        kept. Failures become notes (and the run stays in the index)."""
+        kept = {o.kept for o in self.outcomes if o.kept and not self.stop_kept}
+        unresolved = any(o.problem for o in self.outcomes) or len(hosts) < len(self.hosts)
+        if unresolved:
+            return
+        try:
+            for name, h in hosts.items():
+                if name not in kept:
+                    await h.run(f"rm -rf {quote(self.run_dir)}", check=True)
+            overlays = [e for e in self.events if e.get("event") == "resource"
+                        and e.get("kind") == "overlays"]
+            if overlays and not kept and not self.config.report.keep_disks:
+                first = hosts.get(overlays[0]["host"])
+                if first is not None:
+                    await first.run(f"rm -rf {quote(overlays[0]['path'])}", check=True)
+        except MigratorError as exc:
+            self.outcomes.append(VMOutcome(self.run_id, "-", problem=f"not cleaned: {exc}"))
+
+
+class _Unresolved(Exception):
+    pass
+
+
+#: a copy that holds the VM but is paused (resumed when it is the one kept); a source left
+#: paused by a migration yields to a destination that runs
+RESUMABLE = {"paused", "suspended", "paused-migration"}
+
+
+def _sending(copies: list[Copy]) -> list[Copy]:
+    """Sources with a precopy migration in flight (a destination reports its incoming
+    migration's state too: it is the copy in ``inmigrate``)."""
+    return [c for c in copies if c.migration in PRECOPY_ACTIVE and c.status != "inmigrate"]
+
+
+# -- entry points -------------------------------------------------------------------------------
+
+def dead_runs(config: Config, hosts: list[str] | None = None,
+              include_recovered: bool = False) -> list[RunEntry]:
+    """Runs of the index whose controller is provably gone (lock free), optionally only
+    those touching ``hosts``."""
+    out = []
+    for entry in list_runs(config.journal.state_dir):
+        if entry.is_alive() or (entry.recovered and not include_recovered):
+            continue
+        if hosts is not None and not set(entry.info.get("hosts", [])) & set(hosts):
+            continue
+        out.append(entry)
+    return out
+
+
+async def recover(config: Config, run_id: str | None = None, *, stop: bool = False,
+                  hosts: list[str] | None = None,
+                  include_recovered: bool | None = None) -> RecoverReport:
+    """Recover one run (``run_id``) or every dead run (touching ``hosts``, if given).
+
+    :param stop: also stop the copies kept (the run's own cleanup, done for it).
+    :param include_recovered: also runs recovered earlier whose kept copies still run
+        (default: with ``stop``).
+    :raise RecoverError: ``run_id`` is unknown, alive, or being recovered by another process.
+    """
+    if include_recovered is None:
+        include_recovered = stop
+    report = RecoverReport()
+    if run_id is not None:
+        entry = find_run(config.journal.state_dir, run_id)
+        if entry is None:
+            raise RecoverError(f"no run {run_id} in {config.journal.state_dir}/runs")
+        entries = [entry]
+    else:
+        entries = dead_runs(config, hosts, include_recovered=include_recovered)
+    for entry in entries:
+        lock = entry.lock("recover")
+        try:
+            lock.acquire()
+        except FileNotFoundError:            # ended, or recovered, since it was listed
+            report.notes.append(f"run {entry.run_id}: already resolved by another process")
+            continue
+        except RunLocked as exc:
+            if run_id is not None:
+                raise RecoverError(f"run {entry.run_id} is alive or being recovered: "
+                                   f"held by {exc.holder}") from None
+            report.notes.append(f"run {entry.run_id}: skipped, held by {exc.holder}")
+            continue
+        try:
+            await _recover_entry(entry, config, stop, report)
+        finally:
+            lock.release()
+    return report
+
+
+async def _recover_entry(entry: RunEntry, config: Config, stop: bool,
+                         report: RecoverReport) -> None:
+    """One run, its lock held. Problems go into ``report``, never raised."""
+    entry = find_run(config.journal.state_dir, entry.run_id) or entry   # fresh run.json
+    if entry.recovered and not entry.info.get("problems") and not stop:
+        report.notes.append(f"run {entry.run_id}: recovered already, kept "
+                            f"{', '.join(entry.info.get('kept', [])) or 'nothing'} "
+                            "(--stop stops them)")
+        return
+    try:
+        events = entry.events()
+        if not events or events[0].get("event") != "run":
+            raise ConfigError(f"journal {entry.journal_path} has no head record")
+        if events[-1].get("event") == "end" and not entry.info.get("leftovers"):
+            entry.remove()                   # it ended cleanly: only its entry was left
+            return
+        rec = _RunRecovery(entry, events, config, stop)
+    except ConfigError as exc:
+        report.runs.append(entry.run_id)
+        report.outcomes.append(VMOutcome(entry.run_id, "-", problem=str(exc)))
+        return
+    outcomes = await rec.run()
+    report.notes += rec.notes
+    report.runs.append(entry.run_id)
+    report.outcomes += outcomes
+    kept = [f"{o.vm}@{o.kept}" for o in outcomes if o.kept and not stop]
+    problems = [o.problem for o in outcomes if o.problem]
+    _append(entry, {"event": "recovered", "t": round(time.time(), 3), "kept": kept,
+                    "problems": problems, "stopped": stop})
+    if problems:                   # looked at again by the next recover and the next run
+        entry.update(recovered=False, kept=kept, problems=problems)
+    elif kept:
+        entry.update(recovered=True, kept=kept, problems=[])
+    else:
+        entry.remove()
+
+
+async def adopt_from_hosts(config: Config, inventory: Inventory,
+                           host_names: list[str]) -> list[str]:
+    """For a controller whose disk (journal and index) is lost: find the runs the hosts hold
+    (``<run_dir>/<run-id>/owner.json``) and give each an index entry whose journal is
+    rebuilt from the hosts, for :func:`recover`. Returns the run ids adopted.
+
+    Only a controller on this machine can be proven dead (its pid and start time are gone);
+    a run whose controller ran elsewhere, or is alive, is refused.
+
+    :raise RecoverError: such a run (named, with its controller), or an unknown host.
+    """
+    import json
+    from .journal import RunJournal, controller_identity, process_start_time
+    hosts = [SSHHost.from_inventory(n, inventory, config) for n in host_names]
+    owners: dict[str, dict[str, Any]] = {}
+    try:
+        for h in hosts:
+            r = await h.run(f"for f in {quote(str(inventory.run_dir))}/*/owner.json; do "
+                            f"[ -f \"$f\" ] && cat \"$f\" && echo; done; true", check=True,
+                            timeout=config.timeouts.host_cleanup_s)
+            for line in r.stdout.splitlines():
+                try:
+                    owner = json.loads(line)
+                    known = owners.setdefault(str(owner["run_id"]), owner)
+                except (ValueError, KeyError, TypeError):
+                    continue                       # empty or torn: nothing to adopt from it
+                known.setdefault("instances", {})[owner.get("instance", "main")] = \
+                    owner.get("hosts", [])
+    finally:
+        await asyncio.gather(*(h.close() for h in hosts))
+    me = controller_identity()["machine"]
+    adopted = []
+    for run_id, owner in sorted(owners.items()):
+        if find_run(config.journal.state_dir, run_id) is not None:
+            adopted.append(run_id)                 # the index knows it: recovered as usual
+            continue
+        ctl = owner.get("controller", {})
+        if ctl.get("machine") != me:
+            raise RecoverError(f"run {run_id}: its controller ran on {ctl.get('machine')}, "
+                               f"not on this machine ({me}): it cannot be proven dead here")
+        if ctl.get("pid") and process_start_time(ctl["pid"]) == ctl.get("start"):
+            raise RecoverError(f"run {run_id} is alive: its controller pid {ctl['pid']} runs")
+        names = sorted({n for hs in owner["instances"].values() for n in hs})
+        head = {"hosts": {n: inventory.host(n).address for n in names
+                          if n in inventory.hosts},
+                "driver": owner.get("driver", config.driver),
+                "run_root": str(inventory.run_dir),
+                "inventory": inventory.model_dump(mode="json"),
+                "config": config.model_dump(mode="json"), "rebuilt_from_hosts": True}
+        journal = RunJournal.create(run_id, config.journal.state_dir, None, head)
+        for instance, members in sorted(owner["instances"].items()):
+            journal.record("instance", instance=instance, hosts=members)
+        journal.detach()
+        adopted.append(run_id)
+    return adopted
+
+
+def _append(entry: RunEntry, record: dict[str, Any]) -> None:
+    import json
+    try:
+        with open(entry.journal_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        log.warning("run %s: journal not updated: %s", entry.run_id, exc)
+
+
+__all__ = ["RecoverError", "RecoverReport", "VMOutcome", "adopt_from_hosts", "dead_runs",
+           "recover"]

@@ -1,0 +1,114 @@
+"""The run journal, its index and lock, without a lab: a real child process holds a run and
+is SIGKILLed; the kernel's release of its lock is what proves it dead."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import BIN
+from migrator.framework.journal import (RunJournal, RunLocked, find_run, list_runs,
+                                        read_journal)
+from migrator.errors import ConfigError
+
+HOLDER = textwrap.dedent('''
+    import sys, time
+    from migrator.framework.journal import RunJournal
+    j = RunJournal.create(sys.argv[1], sys.argv[2], None, {"hosts": {"hostA": "10.0.0.1"}})
+    j.record("vm", vm="vm1", host="hostA", state="starting")
+    j._file.write('{"event": "vm", "vm": "vm1", "sta')   # a record torn by the kill
+    j._file.flush()
+    print("holding", flush=True)
+    time.sleep(600)
+''')
+
+
+def holder(state, run_id) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, run_id, str(state)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_live_controller_holds_its_run_and_its_death_frees_it(tmp_path):
+    proc = holder(tmp_path, "run-1")
+    try:
+        entry = find_run(tmp_path, "run-1")
+        assert entry.is_alive()
+        with pytest.raises(RunLocked) as info:
+            entry.lock("recover").acquire()
+        assert f"controller pid {proc.pid}" in info.value.holder
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    entry = find_run(tmp_path, "run-1")
+    assert not entry.is_alive()                     # the kernel dropped the flock
+    events = entry.events()                         # the torn last line is skipped
+    assert [e["event"] for e in events] == ["run", "vm"]
+    assert events[0]["controller"]["pid"] == proc.pid and events[0]["hosts"] == {
+        "hostA": "10.0.0.1"}
+    lock = entry.lock("recover").acquire()          # now one recovery may take it
+    try:
+        with pytest.raises(RunLocked, match="recover pid"):
+            entry.lock("recover").acquire()
+    finally:
+        lock.release()
+
+
+def test_a_run_that_ends_cleanly_leaves_no_index_entry(tmp_path):
+    journal = RunJournal.create("run-2", tmp_path, tmp_path / "results" / "journal.jsonl",
+                                {"hosts": {}})
+    journal.record("phase", mig_id="m-1", vm="vm1", src="a", dst="b", phase="MIGRATING")
+    assert [e.run_id for e in list_runs(tmp_path)] == ["run-2"]
+    journal.finish("passed", leftovers=[])
+    assert list_runs(tmp_path) == []
+    records = read_journal(tmp_path / "results" / "journal.jsonl")
+    assert [r["event"] for r in records] == ["run", "phase", "end"]
+    # one that could not clean up stays in the index for recover, unlocked
+    journal = RunJournal.create("run-3", tmp_path, None, {"hosts": {}})
+    journal.finish("failed", leftovers=["hostA: vm1 not stopped"])
+    (entry,) = list_runs(tmp_path)
+    assert not entry.is_alive() and entry.info["leftovers"] == ["hostA: vm1 not stopped"]
+
+
+def test_a_journal_torn_in_the_middle_is_refused_by_name(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"event": "run"}\n{"event": \n{"event": "end"}\n')
+    with pytest.raises(ConfigError, match="line 2 is not JSON"):
+        read_journal(path)
+
+
+async def test_recover_cli_lists_runs_and_refuses_bad_input_in_one_line(tmp_path):
+    proc = holder(tmp_path, "run-4")
+    try:
+        async def recover(*args):
+            p = await asyncio.create_subprocess_exec(
+                str(BIN / "migrate-run"), "recover", "-p", f"journal.state_dir={tmp_path}",
+                *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await p.communicate()
+            return p.returncode, out.decode(), err.decode()
+        rc, out, err = await recover("--list")
+        assert rc == 0 and "run-4  live" in out and f"controller pid {proc.pid}" in out, out
+        rc, out, err = await recover("no-such-run")
+        assert rc == 2 and err.count("\n") == 1 and "no run no-such-run" in err, err
+        rc, out, err = await recover("run-4")
+        assert rc == 2 and "alive or being recovered" in err and err.count("\n") == 1, err
+        rc, out, err = await recover("--from-hosts")
+        assert rc == 2 and "needs the hosts" in err, err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_migrate_run_help_lists_the_subcommands_and_a_scenario_still_is_the_default():
+    out = subprocess.run([str(BIN / "migrate-run"), "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "recover" in out.stdout and "subcommands" in out.stdout
+    bad = subprocess.run([str(BIN / "migrate-run"), "-m", "hostA,hostB", "-i", "/nonexistent",
+                          "ping_pong"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nonexistent" in bad.stderr, bad.stderr

@@ -1,0 +1,303 @@
+"""Crash-safe runs: ``migrate-run`` SIGKILLed at each phase of a migration and during a
+barrier, then ``migrate-run recover``: exactly one copy of the VM runs, on the host the
+hypervisors' state calls for, its memory checksum intact, and nothing else is left on any
+host. Also: a live run is refused, two recoveries never overlap, a new run recovers first.
+
+Where each kill landed is read back from the journal (its last record): the test waits for
+the record it aims at (written before the step it names) and kills at once, so the
+controller is at most a few milliseconds into that step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from .conftest import BIN, lab_host_processes
+from migrator.config import Config
+from migrator.framework.journal import find_run, list_runs, read_journal
+from migrator.hosts import SSHHost
+from migrator.hypervisor import VMSpec, make_vm
+
+SCENARIO = '''
+from migrator import MultihostMigration
+
+
+class Crash(MultihostMigration):
+    """vm1 from the first host to the second, holding a memory pattern (memsum)."""
+
+    async def migration_scenario(self):
+        async def worker(md):
+            for vm in md.vms:
+                await (await vm.wait_for_login()).cmd("memsum write 32 7")
+        await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1], worker=worker)
+'''
+
+SLOW = ["-p", "migration.bandwidth_mibs=1"]     # 32 MiB of pattern take 30 s: still migrating
+
+
+class Controller:
+    """One ``migrate-run`` of the crash scenario, as a process the test kills."""
+
+    def __init__(self, tmp: Path, inventory, driver: str, args: list[str],
+                 machines: str = "hostA,hostB"):
+        self.state = tmp / "state"
+        self.results = tmp / "results"
+        self.scenario = tmp / "crash.py"
+        self.scenario.write_text(SCENARIO)
+        self.log = tmp / "controller.out"
+        self.argv = [str(BIN / "migrate-run"), "-i", str(inventory.source), "-o",
+                     str(self.results), "-m", machines, "-p", f"driver={driver}",
+                     "-p", f"journal.state_dir={self.state}", *args, str(self.scenario)]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdout=out, stderr=asyncio.subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def run_id(self) -> str | None:
+        runs = list_runs(self.state)
+        return runs[0].run_id if runs else None
+
+    def journal(self) -> list[dict]:
+        run_id = self.run_id()
+        if run_id is None:
+            return []
+        entry = find_run(self.state, run_id)
+        return read_journal(entry.journal_path) if entry.journal_path.exists() else []
+
+    async def wait_for(self, match, timeout: float = 180, count: int = 1) -> dict:
+        """The ``count``-th journal record ``match`` accepts (polled every 5 ms)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                hits = [rec for rec in self.journal() if match(rec)]
+                if len(hits) >= count:
+                    return hits[count - 1]
+                assert self.proc.returncode is None, \
+                    f"migrate-run ended ({self.proc.returncode}) before the record:\n" \
+                    + self.output()
+                await asyncio.sleep(0.005)
+
+    async def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await self.kill()
+
+
+async def recover_cli(ctl: Controller, *args: str, timeout: float = 300):
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "recover", "-p", f"journal.state_dir={ctl.state}", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def vm_processes(lab, vm: str) -> list[str]:
+    """Hosts running a QEMU of ``vm`` (either driver: ``-name vm1`` or ``guest=vm1``)."""
+    return [host for host, _p, comm, cmdline in lab_host_processes(lab)
+            if comm.startswith("qemu-system") and (f"-name {vm} " in cmdline
+                                                   or f"guest={vm}," in cmdline
+                                                   or f"guest={vm} " in cmdline)]
+
+
+def participant(lab, host: str) -> int:
+    """The pid of ``host``'s sync participant."""
+    (pid,) = [p.pid for h, p, _comm, cmdline in lab_host_processes(lab)
+              if h == host and "migrate-sync" in cmdline and " member" in cmdline]
+    return pid
+
+
+async def memsum_verify(inventory, driver: str, host: str, run_id: str) -> str:
+    spec = VMSpec("vm1", kernel=str(inventory.guest.kernel))
+    async with SSHHost.from_inventory(host, inventory) as h:
+        vm = make_vm(driver, spec, h, f"{inventory.run_dir}/{run_id}", Config())
+        try:
+            session = await vm.wait_for_login(60)
+            return (await session.cmd("memsum verify")).strip()
+        finally:
+            vm._close_session()
+            await vm.disconnect()
+
+
+# (driver, what the kill aims at, extra arguments, the hosts the VMs must be kept on)
+CASES = [
+    ("qemu", "PREPARING_DEST", SLOW, ["hostA"]),
+    ("qemu", "LISTENING", SLOW, ["hostA"]),
+    ("qemu", "MIGRATING", SLOW, ["hostA"]),
+    ("qemu", "POSTCOPY", ["-p", "migration.postcopy_after_s=0", *SLOW], ["hostB"]),
+    ("qemu", "COMPLETED", [], ["hostB"]),
+    ("qemu", "CLEANED", [], ["hostB"]),
+    ("qemu", "barrier", [], ["hostB"]),
+    # two pairs in one run, each with its own vm1 in the same run dir: resolved per pair
+    ("qemu", "MIGRATING", SLOW, ["hostA", "hostC"]),
+    ("libvirt", "PREPARING_DEST", SLOW, ["hostA"]),
+    ("libvirt", "MIGRATING", SLOW, ["hostA"]),
+    ("libvirt", "COMPLETED", [], ["hostB"]),
+]
+
+
+@pytest.mark.parametrize("driver, target, args, keepers", CASES,
+                         ids=[f"{d}-{t}-{len(k)}pair" for d, t, _a, k in CASES])
+async def test_sigkill_then_recover_keeps_exactly_one_copy_intact(
+        lab, inventory, tmp_path, no_leaks, driver, target, args, keepers):
+    pairs = len(keepers)
+    ctl = Controller(tmp_path, inventory, driver, args,
+                     "hostA,hostB,hostC,hostD" if pairs == 2 else "hostA,hostB")
+    await ctl.start()
+    try:
+        if target == "barrier":
+            # hostB's participant frozen once vm1 landed: the controller then waits in the
+            # migration_finished barrier, which cannot complete
+            await ctl.wait_for(lambda r: r.get("phase") == "CLEANED")
+            os.kill(participant(lab, "hostB"), signal.SIGSTOP)
+            await ctl.wait_for(lambda r: r.get("event") == "barrier"
+                               and r["name"].startswith("migration_finished"))
+        else:
+            await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == target,
+                               count=pairs)
+        await ctl.kill()
+    finally:
+        await ctl.stop()
+    run_id = ctl.run_id()
+    assert run_id is not None
+    last = ctl.journal()[-1]
+    landed = last.get("phase") or f"barrier {last.get('name')}"
+    assert landed.split()[0] in (target, "barrier"), f"killed at {last}"
+
+    rc, out, err = await recover_cli(ctl, run_id)
+    assert rc == 0, out + err
+    assert out.count(f"{run_id}  vm1") == pairs and "UNRESOLVED" not in out, out
+    assert sorted(vm_processes(lab, "vm1")) == keepers, (landed, out)
+    for keeper in keepers:
+        verified = await memsum_verify(inventory, driver, keeper, run_id)
+        assert "ok=1" in verified and "bad_pages=0" in verified, verified
+    # nothing of the run is left but the kept VMs; --stop then finishes the run's cleanup
+    rc, out, err = await recover_cli(ctl, "--stop", run_id)
+    assert rc == 0 and all(f"stopped on {k}" in out for k in keepers), out + err
+    assert vm_processes(lab, "vm1") == [] and list_runs(ctl.state) == []
+
+
+async def test_recover_refuses_a_live_run_and_a_run_being_recovered(lab, inventory, tmp_path,
+                                                                     no_leaks):
+    ctl = Controller(tmp_path, inventory, "qemu", SLOW)
+    await ctl.start()
+    try:
+        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
+        run_id = ctl.run_id()
+        rc, out, err = await recover_cli(ctl, run_id)
+        assert rc == 2 and "alive or being recovered" in err and "controller pid" in err, \
+            out + err
+        assert len(err.strip().splitlines()) == 1, err
+        assert ctl.proc.returncode is None          # the live run was not touched
+        rc, out, err = await recover_cli(ctl)       # every dead run: this one is not dead
+        assert rc == 0 and "no dead run" in out, out + err
+        await ctl.kill()
+    finally:
+        await ctl.stop()
+    # a recovery in progress (this process holds the run's lock as one would) refuses a second
+    entry = find_run(ctl.state, run_id)
+    lock = entry.lock("recover").acquire()
+    try:
+        rc, out, err = await recover_cli(ctl, run_id)
+        assert rc == 2 and f"recover pid {os.getpid()}" in err, out + err
+    finally:
+        lock.release()
+    # two at once: exactly one resolves the VM; the other is refused while the first holds
+    # the run, or finds it recovered already; never both at work
+    results = await asyncio.gather(recover_cli(ctl, run_id), recover_cli(ctl, run_id))
+    did = [r for r in results if r[0] == 0 and "left running on hostA" in r[1]]
+    assert len(did) == 1, results
+    other = next(r for r in results if r is not did[0])
+    assert (other[0] == 2 and "being recovered" in other[2]) or (
+        other[0] == 0 and "recovered already" in other[1]), results
+    assert vm_processes(lab, "vm1") == ["hostA"]
+    rc, out, err = await recover_cli(ctl, "--stop", run_id)
+    assert rc == 0, out + err
+
+
+async def test_a_new_run_recovers_the_dead_run_on_its_hosts_first(lab, inventory, tmp_path,
+                                                                   no_leaks):
+    (tmp_path / "dead").mkdir()
+    ctl = Controller(tmp_path / "dead", inventory, "qemu", SLOW)
+    await ctl.start()
+    try:
+        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
+        await ctl.kill()
+    finally:
+        await ctl.stop()
+    dead = ctl.run_id()
+    assert vm_processes(lab, "vm1") == ["hostA", "hostB"]     # both copies left running
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path / "r"),
+        "-m", "hostA,hostB", "-p", f"journal.state_dir={ctl.state}", "ping_pong",
+        "-p", "scenario.rounds=1", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = (b.decode() for b in await asyncio.wait_for(proc.communicate(), 300))
+    assert proc.returncode == 0, out + err
+    assert "recovered 1 dead run(s) on these hosts first" in out and dead in out, out
+    assert "stopped on hostA (--stop)" in out, out
+    assert list_runs(ctl.state) == []                       # the index is empty again
+    (journal,) = (tmp_path / "dead" / "results").glob("*/journal.jsonl")
+    records = read_journal(journal)
+    assert records[0]["event"] == "run" and records[-1]["event"] == "recovered", records[-1]
+
+
+async def test_a_controller_whose_disk_is_lost_is_recovered_from_the_hosts(
+        lab, inventory, tmp_path, no_leaks):
+    ctl = Controller(tmp_path, inventory, "qemu", SLOW)
+    await ctl.start()
+    try:
+        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
+        await ctl.kill()
+    finally:
+        await ctl.stop()
+    run_id = ctl.run_id()
+    shutil.rmtree(ctl.state)                      # the journal's index and the results too
+    shutil.rmtree(ctl.results)
+    rc, out, err = await recover_cli(ctl, "--from-hosts", "-m", "hostA,hostB",
+                                     "-i", str(inventory.source))
+    assert rc == 0, out + err
+    assert f"{run_id}  vm1" in out and "left running on hostA" in out, out
+    assert vm_processes(lab, "vm1") == ["hostA"]
+    verified = await memsum_verify(inventory, "qemu", "hostA", run_id)
+    assert "ok=1" in verified, verified
+    rc, out, err = await recover_cli(ctl, "--stop", run_id)
+    assert rc == 0 and "stopped on hostA" in out, out + err
+
+
+async def test_an_unreachable_host_leaves_the_vm_unresolved_and_untouched(lab, inventory,
+                                                                          tmp_path, no_leaks):
+    ctl = Controller(tmp_path, inventory, "qemu", SLOW)
+    await ctl.start()
+    try:
+        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
+        await ctl.kill()
+    finally:
+        await ctl.stop()
+    run_id = ctl.run_id()
+    lab.control("hostB", "sshd stop")
+    try:
+        rc, out, err = await recover_cli(ctl, run_id)
+        assert rc == 1 and "UNRESOLVED" in out and "hostB unreachable" in out, out + err
+        assert sorted(vm_processes(lab, "vm1")) == ["hostA", "hostB"]   # nothing touched
+        assert not find_run(ctl.state, run_id).recovered                # looked at again
+    finally:
+        lab.control("hostB", "sshd start")
+    rc, out, err = await recover_cli(ctl, run_id)
+    assert rc == 0 and "left running on hostA" in out, out + err
+    verified = await memsum_verify(inventory, "qemu", "hostA", run_id)
+    assert "ok=1" in verified, verified
+    rc, out, err = await recover_cli(ctl, "--stop", run_id)
+    assert rc == 0, out + err
