@@ -267,6 +267,18 @@ class JournalSettings(_Strict):
     ~/.local/state/migrator)."""
     recover_on_start: bool = True
     """A new run first recovers the dead runs it finds on its hosts (and says so)."""
+    stop_after: str | None = None
+    """Fault injection (tests, ``bench/``): the controller stops itself (SIGSTOP) right after
+    the journal record ``EVENT:VALUE[@N]`` is durable — ``phase:LISTENING``,
+    ``barrier:migration_finished``, ``vm:started``; ``@N``: the Nth such record — so a
+    fault (e.g. SIGKILL) lands exactly there, before the step the record names."""
+
+    @field_validator("stop_after")
+    @classmethod
+    def _stop_point(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z_]+:[A-Za-z0-9_:.-]+(@[1-9][0-9]*)?", v):
+            raise ValueError(f"stop_after must be EVENT:VALUE[@N] (phase:MIGRATING), not {v!r}")
+        return v
 
 
 class Config(_Strict):

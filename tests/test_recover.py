@@ -3,9 +3,9 @@ barrier, then ``migrate-run recover``: exactly one copy of the VM runs, on the h
 hypervisors' state calls for, its memory checksum intact, and nothing else is left on any
 host. Also: a live run is refused, two recoveries never overlap, a new run recovers first.
 
-Where each kill landed is read back from the journal (its last record): the test waits for
-the record it aims at (written before the step it names) and kills at once, so the
-controller is at most a few milliseconds into that step.
+Each kill lands exactly where it aims: with ``journal.stop_after`` the controller stops
+itself (SIGSTOP) right after the record it aims at is durable, before the step that record
+names; the test sees it stopped, SIGKILLs it, and checks the journal's last record.
 """
 
 from __future__ import annotations
@@ -91,6 +91,19 @@ class Controller:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
+    async def kill_when_stopped(self, timeout: float = 180) -> None:
+        """SIGKILL the controller once it stopped itself at ``journal.stop_after``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                assert self.proc.returncode is None, \
+                    f"migrate-run ended ({self.proc.returncode}) before its stop point:\n" \
+                    + self.output()
+                stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "T":
+                    break
+                await asyncio.sleep(0.01)
+        await self.kill()
+
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             await self.kill()
@@ -153,33 +166,34 @@ CASES = [
 async def test_sigkill_then_recover_keeps_exactly_one_copy_intact(
         lab, inventory, tmp_path, no_leaks, driver, target, args, keepers):
     pairs = len(keepers)
-    ctl = Controller(tmp_path, inventory, driver, args,
+    stop = "barrier:migration_finished" if target == "barrier" else \
+        f"phase:{target}@{pairs}"
+    ctl = Controller(tmp_path, inventory, driver, [*args, "-p", f"journal.stop_after={stop}"],
                      "hostA,hostB,hostC,hostD" if pairs == 2 else "hostA,hostB")
     await ctl.start()
     try:
         if target == "barrier":
-            # hostB's participant frozen once vm1 landed: the controller then waits in the
-            # migration_finished barrier, which cannot complete
-            await ctl.wait_for(lambda r: r.get("phase") == "CLEANED")
+            await ctl.wait_for(lambda r: r.get("event") == "barrier")
+            # and hostB's participant hung too: recovery must end it (its SSH session's end
+            # does not, while it is stopped)
             os.kill(participant(lab, "hostB"), signal.SIGSTOP)
-            await ctl.wait_for(lambda r: r.get("event") == "barrier"
-                               and r["name"].startswith("migration_finished"))
-        else:
-            await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == target,
-                               count=pairs)
-        await ctl.kill()
+        await ctl.kill_when_stopped()
     finally:
         await ctl.stop()
     run_id = ctl.run_id()
     assert run_id is not None
     last = ctl.journal()[-1]
-    landed = last.get("phase") or f"barrier {last.get('name')}"
-    assert landed.split()[0] in (target, "barrier"), f"killed at {last}"
+    if target == "barrier":
+        assert last["event"] == "barrier" and last["name"].startswith("migration_finished")
+    else:
+        assert last["event"] == "phase" and last["phase"] == target, f"killed at {last}"
 
     rc, out, err = await recover_cli(ctl, run_id)
     assert rc == 0, out + err
     assert out.count(f"{run_id}  vm1") == pairs and "UNRESOLVED" not in out, out
-    assert sorted(vm_processes(lab, "vm1")) == keepers, (landed, out)
+    if target == "barrier":
+        assert "sync participant(s)" in out and "on hostB killed" in out, out
+    assert sorted(vm_processes(lab, "vm1")) == keepers, (last, out)
     for keeper in keepers:
         verified = await memsum_verify(inventory, driver, keeper, run_id)
         assert "ok=1" in verified and "bad_pages=0" in verified, verified

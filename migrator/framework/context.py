@@ -88,7 +88,8 @@ class RunContext:
                 "driver": self.config.driver, "run_root": str(inv.run_dir),
                 "inventory": inv.model_dump(mode="json"),
                 "config": self.config.model_dump(mode="json")}
-        self.journal = RunJournal.create(self.run_id, self.config.journal.state_dir, path, head)
+        self.journal = RunJournal.create(self.run_id, self.config.journal.state_dir, path, head,
+                                         self.config.journal.stop_after)
 
     def record(self, event: str, **fields: Any) -> None:
         """One journal record, durable when this returns (nothing without a journal)."""

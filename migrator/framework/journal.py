@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -239,18 +240,21 @@ class RunJournal:
     announces does not start unrecorded.
     """
 
-    def __init__(self, entry: RunEntry, lock: RunLock, path: Path):
+    def __init__(self, entry: RunEntry, lock: RunLock, path: Path,
+                 stop_after: str | None = None):
         self.entry, self._lock, self.path = entry, lock, path
         self._file = open(path, "a", buffering=1)
         self.closed = False
+        self._stop = _StopPoint(stop_after) if stop_after else None
 
     @classmethod
     def create(cls, run_id: str, state_dir: str | os.PathLike, path: str | os.PathLike | None,
-               head: dict[str, Any]) -> "RunJournal":
+               head: dict[str, Any], stop_after: str | None = None) -> "RunJournal":
         """Make the run's index entry, take its lock, write the ``run`` record.
 
         :param path: where the journal goes (default: inside the index entry).
         :param head: what recovery needs: ``hosts``, ``inventory``, ``config``...
+        :param stop_after: fault injection (``journal.stop_after`` in the config).
         :raise ConfigError: the state dir cannot be written.
         """
         entry_dir = index_dir(state_dir) / run_id
@@ -267,7 +271,7 @@ class RunJournal:
             "controller": controller_identity(), "started": time.time(),
             "hosts": list(head.get("hosts", {}))})
         entry.update()
-        journal = cls(entry, lock, journal_path)
+        journal = cls(entry, lock, journal_path, stop_after)
         journal.record("run", run_id=run_id, controller=controller_identity(), **head)
         return journal
 
@@ -280,6 +284,10 @@ class RunJournal:
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self._stop is not None and self._stop.reached(event, fields):
+            log.warning("journal.stop_after %s reached: stopping this process (SIGSTOP)",
+                        self._stop.spec)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def detach(self) -> None:
         """Stop writing and release the lock, keeping the index entry (a run left for
@@ -302,6 +310,27 @@ class RunJournal:
         else:
             self.entry.remove()
         self._lock.release()
+
+
+class _StopPoint:
+    """``EVENT:VALUE[@N]``: the Nth record of EVENT whose main field (``phase``, ``name``,
+    ``state`` or ``kind``) starts with VALUE."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        what, _, nth = spec.partition("@")
+        self.event, _, self.value = what.partition(":")
+        self.left = int(nth or 1)
+
+    def reached(self, event: str, fields: dict[str, Any]) -> bool:
+        if event != self.event:
+            return False
+        main = next((str(fields[k]) for k in ("phase", "name", "state", "kind")
+                     if k in fields), "")
+        if not main.startswith(self.value):
+            return False
+        self.left -= 1
+        return self.left == 0
 
 
 def hosts_of(events: list[dict[str, Any]]) -> dict[str, str]:

@@ -482,7 +482,11 @@ class _RunRecovery:
         session does; a stopped or hung one does not): found by the run id in their
         environment (``MIGRATE_SYNC_RUN=<run-id>.<instance>``)."""
         marker = quote(f"MIGRATE_SYNC_RUN={self.run_id}.")
-        script = (f"for p in $(pgrep -f 'migrate-sync.* member'); do "
+        # this host's processes only: on one machine with namespace hosts (the lab) pgrep
+        # sees every host's; the network namespace tells them apart (on a real host: all)
+        script = (f"me=$(readlink /proc/$$/ns/net); "
+                  f"for p in $(pgrep -f 'migrate-sync.* member'); do "
+                  f"[ \"$(readlink /proc/$p/ns/net 2>/dev/null)\" = \"$me\" ] && "
                   f"tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -q ^{marker} && "
                   f"kill -KILL $p && echo $p; done; true")
 
