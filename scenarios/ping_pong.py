@@ -22,7 +22,9 @@ class PingPong(MultihostMigration):
             if "pid" not in state:
                 await session.cmd("memsum write 16 2026")
                 state["pid"] = (await session.cmd(
-                    "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) "
+                    # written then renamed: a reader never sees the file truncated and empty
+                    "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+                    "mv /tmp/count.new /tmp/count; sleep 0.2; done) "
                     "</dev/null >/dev/null 2>&1 & echo $!")).strip()
             await session.cmd(f"kill -0 {state['pid']}")
             state["count"] = int(await session.cmd("cat /tmp/count"))

@@ -255,6 +255,11 @@ async def test_a_host_whose_sshd_dies_during_a_barrier_is_named_at_once(inventor
         if restart.returncode != 0 and failure is not None:
             failure.add_note(f"also, hostB's sshd did not restart: {restart.stderr.strip()}")
     assert restart.returncode == 0, f"hostB's sshd did not restart: {restart.stderr.strip()}"
+    # what hostB kept (its copy of the run's owner) is the journal's to find: the run ended
+    # with leftovers, so it stayed in the index, and recovery now removes them
+    from migrator.framework.recover import recover
+    report = await recover(config, run.context.run_id)
+    assert report.ok and report.runs == [run.context.run_id], report.table()
 
 
 async def test_two_runs_at_once_on_one_controller_are_isolated(inventory, tmp_path, no_leaks):

@@ -31,7 +31,7 @@ def _parser() -> Parser:
                         "done); includes runs recovered earlier")
     p.add_argument("--from-hosts", action="store_true",
                    help="the controller's journal and index are lost: find the runs on the "
-                        "hosts of -m (their owner.json) and recover those (a controller on "
+                        "hosts of -m (their RUN-ID.owner.json) and recover those (a controller on "
                         "this machine only: one elsewhere cannot be proven dead)")
     p.add_argument("-m", "--machines", action="append", default=[], metavar="HOSTS",
                    help="with --from-hosts: comma-separated host names to look at")

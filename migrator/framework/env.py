@@ -110,7 +110,9 @@ class Env:
         vm = make_vm(self.config.driver, self.spec(name), host, self.run_dir, self.config)
         self._vms[name] = vm
         log.info("[vm=%s host=%s] starting", name, host.name)
-        self._record("vm", vm=name, host=host.name, state="starting")
+        self._record("vm", vm=name, host=host.name, state="starting",
+                     driver=self.config.driver, run_dir=str(vm.paths.dir), disk=vm.spec.disk,
+                     mac=vm.spec.mac)
         await vm.start()
         self._record("vm", vm=name, host=host.name, state="started", pid=vm.pid)
         await vm.wait_for_login(self.config.timeouts.guest_boot_s)

@@ -19,9 +19,10 @@ Three places hold it:
   controller holds (``flock``) for as long as it lives. A lock that can be taken proves the
   controller is gone — the kernel drops it with the process — and whoever takes it (the
   controller, or one ``recover``) is the only one that may drive or resolve the run.
-* **the hosts**: every host of the run has ``<run_dir>/<run-id>/owner.json`` naming the run
-  and its controller, next to the run dirs of the VMs it holds (``<vm>/``, with QEMU's
-  ``qemu.id``), so a controller whose disk is lost can still be recovered from the hosts.
+* **the hosts**: every host of the run has ``<run_dir>/<run-id>.owner.json`` naming the run
+  and its controller, next to the run's dir holding the VMs it has (``<run-id>/<vm>/``, with
+  QEMU's ``qemu.id``), so a controller whose disk is lost can still be recovered from the
+  hosts.
 
 Event records (``event`` key): ``run``, ``vm`` (``state``: starting, started, stopped),
 ``phase`` (one migration's phase: ``mig_id``, ``vm``, ``src``, ``dst``, ``phase``),
@@ -333,6 +334,12 @@ class _StopPoint:
         return self.left == 0
 
 
+def owner_file(run_root: str, run_id: str) -> str:
+    """The hosts' copy of who owns run ``run_id``: next to its run dir, not in it (scenarios
+    list a run dir to prove a VM left nothing there)."""
+    return f"{run_root}/{run_id}.owner.json"
+
+
 def hosts_of(events: list[dict[str, Any]]) -> dict[str, str]:
     head = events[0] if events and events[0].get("event") == "run" else {}
     return dict(head.get("hosts", {}))
@@ -353,6 +360,6 @@ def vm_records(events: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     return (e for e in events if e.get("event") == "vm")
 
 
-__all__ = ["RunEntry", "RunJournal", "RunLock", "RunLocked", "controller_identity",
+__all__ = ["owner_file", "RunEntry", "RunJournal", "RunLock", "RunLocked", "controller_identity",
            "find_run", "hosts_of", "index_dir", "last_phases", "list_runs",
            "process_start_time", "read_journal", "vm_records"]

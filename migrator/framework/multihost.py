@@ -47,7 +47,7 @@ from ..migration import BaseMigration, MigrationParams, Phase, make_migration
 from .context import InstanceRecord, MigrationRecord, RunContext, local_address_towards
 from .data import MigrationData
 from .env import Env, prepare_overlays
-from .journal import controller_identity
+from .journal import controller_identity, owner_file
 from .sync import HostsSync
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ class MultihostMigration:
                 f"(sync {ctx.sync_url}, run dir {self.run_dir})")
 
     async def _claim_run_dirs(self) -> None:
-        """The run's directory on every host, with ``owner.json`` naming the run and its
+        """``<run_dir>/<run-id>.owner.json`` on every host, naming the run and its
         controller: the hosts' own copy of whose VMs they hold (see :mod:`.journal`)."""
         ctx = self.context
         owner = json.dumps({"run_id": ctx.run_id, "instance": self.name,
@@ -345,8 +345,9 @@ class MultihostMigration:
         ctx.record("instance", instance=self.name, hosts=[h.name for h in self.hosts])
         for h in self.hosts:
             ctx.record("resource", kind="run_dir", host=h.name, path=self.run_dir)
-        await asyncio.gather(*(h.run(f"mkdir -p {quote(self.run_dir)} && cat > "
-                                     f"{quote(self.run_dir + '/owner.json')}", stdin=owner,
+        path = owner_file(str(self.inventory.run_dir), ctx.run_id)
+        await asyncio.gather(*(h.run(f"mkdir -p {quote(str(self.inventory.run_dir))} && cat > "
+                                     f"{quote(path)}", stdin=owner,
                                      check=True, timeout=self.config.timeouts.host_cleanup_s)
                                for h in self.hosts))
 
@@ -390,8 +391,10 @@ class MultihostMigration:
         disk_dir = self.env.disk_dir if self.env.images() else None
         keep = self.config.report.keep_disks
 
+        owner = owner_file(str(self.inventory.run_dir), self.context.run_id)
+
         async def tidy(h: SSHHost, first: bool) -> None:
-            cmd = f"rm -rf {quote(self.run_dir)}"
+            cmd = f"rm -rf {quote(self.run_dir)} {quote(owner)}"
             if first and disk_dir and not keep:      # and the run's dir once it is empty
                 cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
                         f"{quote(os.path.dirname(disk_dir))}")
@@ -469,8 +472,9 @@ class MultihostMigration:
         reporter = _Progress(self.context, md, mig)
 
         def journal(m: BaseMigration, phase: Phase) -> None:   # before the step it names
+            extra = {"port": m.result.port} if phase is Phase.LISTENING else {}
             self.context.record("phase", instance=self.name, mig_id=md.mig_id, vm=vm.name,
-                                src=md.src.name, dst=md.dst.name, phase=phase.value)
+                                src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
         mig.observers += [journal, reporter.on_phase]
         try:
             async with asyncio.TaskGroup() as tg:

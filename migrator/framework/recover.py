@@ -44,7 +44,7 @@ from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
 from .journal import (RunEntry, RunLocked, find_run, hosts_of, last_phases, list_runs,
-                      vm_records)
+                      owner_file, vm_records)
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,8 @@ class _RunRecovery:
             self.config = Config.model_validate(head["config"]).model_copy(
                 update={"journal": config.journal})
             self.driver = head["driver"]
-            self.run_dir = f"{head['run_root']}/{self.run_id}"
+            self.run_root = head["run_root"]
+            self.run_dir = f"{self.run_root}/{self.run_id}"
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"journal {entry.journal_path}: its head cannot be read by this "
                               f"migrator ({str(exc).splitlines()[0]})") from None
@@ -511,9 +512,10 @@ class _RunRecovery:
         if unresolved:
             return
         try:
+            owner = owner_file(self.run_root, self.run_id)
             for name, h in hosts.items():
                 if name not in kept:
-                    await h.run(f"rm -rf {quote(self.run_dir)}", check=True)
+                    await h.run(f"rm -rf {quote(self.run_dir)} {quote(owner)}", check=True)
             overlays = [e for e in self.events if e.get("event") == "resource"
                         and e.get("kind") == "overlays"]
             if overlays and not kept and not self.config.report.keep_disks:
@@ -635,7 +637,7 @@ async def _recover_entry(entry: RunEntry, config: Config, stop: bool,
 async def adopt_from_hosts(config: Config, inventory: Inventory,
                            host_names: list[str]) -> list[str]:
     """For a controller whose disk (journal and index) is lost: find the runs the hosts hold
-    (``<run_dir>/<run-id>/owner.json``) and give each an index entry whose journal is
+    (``<run_dir>/<run-id>.owner.json``) and give each an index entry whose journal is
     rebuilt from the hosts, for :func:`recover`. Returns the run ids adopted.
 
     Only a controller on this machine can be proven dead (its pid and start time are gone);
@@ -649,7 +651,7 @@ async def adopt_from_hosts(config: Config, inventory: Inventory,
     owners: dict[str, dict[str, Any]] = {}
     try:
         for h in hosts:
-            r = await h.run(f"for f in {quote(str(inventory.run_dir))}/*/owner.json; do "
+            r = await h.run(f"for f in {quote(str(inventory.run_dir))}/*.owner.json; do "
                             f"[ -f \"$f\" ] && cat \"$f\" && echo; done; true", check=True,
                             timeout=config.timeouts.host_cleanup_s)
             for line in r.stdout.splitlines():
