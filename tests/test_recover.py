@@ -104,6 +104,15 @@ class Controller:
                 await asyncio.sleep(0.01)
         await self.kill()
 
+    async def killed_while_migrating(self) -> None:
+        """Start, and SIGKILL once the journal says MIGRATING (SLOW: it lasts ~30 s)."""
+        await self.start()
+        try:
+            await self.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
+            await self.kill()
+        finally:
+            await self.stop()
+
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             await self.kill()
@@ -250,12 +259,7 @@ async def test_a_new_run_recovers_the_dead_run_on_its_hosts_first(lab, inventory
                                                                    no_leaks):
     (tmp_path / "dead").mkdir()
     ctl = Controller(tmp_path / "dead", inventory, "qemu", SLOW)
-    await ctl.start()
-    try:
-        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
-        await ctl.kill()
-    finally:
-        await ctl.stop()
+    await ctl.killed_while_migrating()
     dead = ctl.run_id()
     assert vm_processes(lab, "vm1") == ["hostA", "hostB"]     # both copies left running
     proc = await asyncio.create_subprocess_exec(
@@ -276,12 +280,7 @@ async def test_a_new_run_recovers_the_dead_run_on_its_hosts_first(lab, inventory
 async def test_a_controller_whose_disk_is_lost_is_recovered_from_the_hosts(
         lab, inventory, tmp_path, no_leaks):
     ctl = Controller(tmp_path, inventory, "qemu", SLOW)
-    await ctl.start()
-    try:
-        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
-        await ctl.kill()
-    finally:
-        await ctl.stop()
+    await ctl.killed_while_migrating()
     run_id = ctl.run_id()
     shutil.rmtree(ctl.state)                      # the journal's index and the results too
     shutil.rmtree(ctl.results)
@@ -299,12 +298,7 @@ async def test_a_controller_whose_disk_is_lost_is_recovered_from_the_hosts(
 async def test_an_unreachable_host_leaves_the_vm_unresolved_and_untouched(lab, inventory,
                                                                           tmp_path, no_leaks):
     ctl = Controller(tmp_path, inventory, "qemu", SLOW)
-    await ctl.start()
-    try:
-        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
-        await ctl.kill()
-    finally:
-        await ctl.stop()
+    await ctl.killed_while_migrating()
     run_id = ctl.run_id()
     lab.control("hostB", "sshd stop")
     try:
