@@ -91,8 +91,8 @@ class Controller:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
-    async def kill_when_stopped(self, timeout: float = 180) -> None:
-        """SIGKILL the controller once it stopped itself at ``journal.stop_after``."""
+    async def wait_stopped(self, timeout: float = 180) -> None:
+        """Wait until the controller stopped itself at ``journal.stop_after``."""
         async with asyncio.timeout(timeout):
             while True:
                 assert self.proc.returncode is None, \
@@ -100,9 +100,8 @@ class Controller:
                     + self.output()
                 stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
                 if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    break
+                    return
                 await asyncio.sleep(0.01)
-        await self.kill()
 
     async def killed_while_migrating(self) -> None:
         """Start, and SIGKILL once the journal says MIGRATING (SLOW: it lasts ~30 s)."""
@@ -186,12 +185,13 @@ async def test_sigkill_then_recover_keeps_exactly_one_copy_intact(
                      "hostA,hostB,hostC,hostD" if pairs == 2 else "hostA,hostB")
     await ctl.start()
     try:
+        await ctl.wait_stopped()
         if target == "barrier":
-            await ctl.wait_for(lambda r: r.get("event") == "barrier")
             # and hostB's participant hung too: recovery must end it (its SSH session's end
-            # does not, while it is stopped)
+            # does not, while it is stopped). Stopped only now, with the controller stopped
+            # past its last record: earlier, it would hold up the barriers before the stop point
             os.kill(participant(lab, "hostB"), signal.SIGSTOP)
-        await ctl.kill_when_stopped()
+        await ctl.kill()
     finally:
         await ctl.stop()
     run_id = ctl.run_id()
