@@ -100,9 +100,36 @@ async def test_recover_cli_lists_runs_and_refuses_bad_input_in_one_line(tmp_path
         assert rc == 2 and "alive or being recovered" in err and err.count("\n") == 1, err
         rc, out, err = await recover("--from-hosts")
         assert rc == 2 and "needs the hosts" in err, err
+        for bad, says in ((["--forget"], "one RUN-ID"), (["--forget", "--list"], "go together"),
+                          (["--list", "run-4"], "no RUN-ID"), (["-m", "hostA"], "--from-hosts"),
+                          (["--forget", "run-4"], "alive or being recovered")):
+            rc, out, err = await recover(*bad)
+            assert rc == 2 and says in err and err.count("\n") == 1, (bad, err)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+async def test_a_dead_run_whose_hosts_are_gone_is_forgotten_saying_what_may_be_left(tmp_path):
+    proc = holder(tmp_path, "run-5")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "recover", "--forget", "run-5",
+        "-p", f"journal.state_dir={tmp_path}", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = (b.decode() for b in await p.communicate())
+    assert p.returncode == 0, out + err
+    assert "run run-5 forgotten" in out and "no host touched" in out, out
+    assert "hostA: VM vm1 (starting" in out and "hostA (10.0.0.1)" in out, out
+    assert list_runs(tmp_path) == []
+    # the journal was inside the index entry: gone with it; one kept elsewhere gets the record
+    journal = RunJournal.create("run-6", tmp_path, tmp_path / "r6.jsonl", {"hosts": {}})
+    journal.detach()
+    from migrator.config import Config
+    from migrator.framework.recover import forget
+    assert forget(Config.load(None, {"journal.state_dir": str(tmp_path)}), "run-6") == []
+    assert read_journal(tmp_path / "r6.jsonl")[-1]["event"] == "forgotten"
 
 
 def test_migrate_run_help_lists_the_subcommands_and_a_scenario_still_is_the_default():

@@ -37,6 +37,11 @@ def _parser() -> Parser:
                    help="with --from-hosts: comma-separated host names to look at")
     p.add_argument("-i", "--inventory", help="with --from-hosts: the inventory (default: "
                    "$MIGRATOR_INVENTORY, else the default lab's)")
+    p.add_argument("--forget", action="store_true",
+                   help="drop dead run RUN-ID from the index without touching any host: for "
+                        "a run whose hosts are gone for good (it would hold back every new "
+                        "run on hosts of those names); prints what its journal says may "
+                        "still be there")
     p.add_argument("--list", action="store_true",
                    help="only list the runs in the index: live, dead, recovered")
     p.add_argument("-c", "--config", help="config file (YAML)")
@@ -50,9 +55,12 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
+        _check_options(args)
         config = Config.load(args.config, overrides(args.param))
         if args.list:
             return _list(config)
+        if args.forget:
+            return _forget(config, args.run_id)
         from ..framework.recover import recover
         if args.from_hosts:
             report = asyncio.run(_from_hosts(config, args))
@@ -65,6 +73,31 @@ def main(argv: list[str]) -> int:
         return fail("migrate-run recover", exc, args.verbose)
     print(report.table(), flush=True)
     return 0 if report.ok else 1
+
+
+def _check_options(args) -> None:
+    """:raise ConfigError: options that do not go together."""
+    from ..errors import ConfigError
+    chosen = [o for o, on in (("--list", args.list), ("--forget", args.forget),
+                              ("--from-hosts", args.from_hosts)) if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} do not go together")
+    if args.forget and (args.run_id is None or args.stop):
+        raise ConfigError("--forget takes one RUN-ID and no --stop")
+    if args.list and (args.run_id is not None or args.stop):
+        raise ConfigError("--list takes no RUN-ID and no --stop")
+    if (args.machines or args.inventory) and not args.from_hosts:
+        raise ConfigError("-m and -i go with --from-hosts")
+
+
+def _forget(config: Config, run_id: str) -> int:
+    from ..framework.recover import forget
+    left = forget(config, run_id)
+    print(f"run {run_id} forgotten: removed from {config.journal.state_dir}/runs, no host "
+          "touched" + (". Its journal says these may still be there:" if left else ""))
+    for line in left:
+        print(f"  {line}")
+    return 0
 
 
 async def _from_hosts(config: Config, args):

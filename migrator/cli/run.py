@@ -176,5 +176,7 @@ async def _recover_first(ctx, hosts: list[str]) -> bool:
     print(report.table(), flush=True)
     if not report.ok:
         print("migrate-run: error: a dead run on these hosts could not be resolved (see the "
-              "table); resolve it, then run again", file=sys.stderr)
+              "table); resolve it ('migrate-run recover RUN-ID'; a run whose hosts are gone "
+              "for good: 'migrate-run recover --forget RUN-ID'), then run again",
+              file=sys.stderr)
     return report.ok

@@ -249,6 +249,15 @@ class RunJournal:
         self._stop = _StopPoint(stop_after) if stop_after else None
 
     @classmethod
+    def reopen(cls, entry: RunEntry, lock: RunLock) -> "RunJournal":
+        """The journal of a dead run, for the process that took its lock (``recover``):
+        :meth:`record` appends to it, :meth:`detach` releases the lock.
+
+        :raise OSError: the journal cannot be opened for appending.
+        """
+        return cls(entry, lock, entry.journal_path)
+
+    @classmethod
     def create(cls, run_id: str, state_dir: str | os.PathLike, path: str | os.PathLike | None,
                head: dict[str, Any], stop_after: str | None = None) -> "RunJournal":
         """Make the run's index entry, take its lock, write the ``run`` record.
@@ -290,12 +299,17 @@ class RunJournal:
                         self._stop.spec)
             os.kill(os.getpid(), signal.SIGSTOP)
 
+    def close(self) -> None:
+        """Stop writing; the lock stays with whoever holds it."""
+        if not self.closed:
+            self.closed = True
+            self._file.close()
+
     def detach(self) -> None:
         """Stop writing and release the lock, keeping the index entry (a run left for
         ``recover``: e.g. one whose journal was rebuilt from the hosts)."""
         if not self.closed:
-            self.closed = True
-            self._file.close()
+            self.close()
             self._lock.release()
 
     def finish(self, status: str, leftovers: list[str]) -> None:

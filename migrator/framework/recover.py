@@ -25,7 +25,12 @@ and two recoveries of one run never overlap — the second is refused, naming th
 4. **Remove the rest**: the other copies' run dirs, the run's dir on hosts that keep
    nothing, the run's disk overlays when no VM of it is kept. With ``stop=True`` the kept
    copies are stopped too (what the run's own cleanup would have done) and nothing of the run
-   is left. Sync participants need nothing: each ends by itself with its SSH session.
+   is left. The run's sync participants still alive on its hosts (hung, or orphaned with
+   their SSH session) are killed.
+
+A dead run whose hosts are gone for good (reinstalled, decommissioned) cannot be recovered
+and would hold back every new run on hosts of those names: :func:`forget` drops it from the
+index without touching any host, after saying what its journal says may still be there.
 
 Errors: :class:`RecoverError` (a :class:`ConfigError`: exit 2) for a run that does not exist
 or is alive; problems met on hosts go into the report, never raised.
@@ -34,6 +39,7 @@ or is alive; problems met on hosts go into the report, never raised.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,8 +49,9 @@ from ..config import Config, Inventory
 from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
-from .journal import (RunEntry, RunLocked, find_run, hosts_of, last_phases, list_runs,
-                      owner_file, vm_records)
+from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
+                      find_run, hosts_of, last_phases, list_runs, owner_file,
+                      process_start_time, vm_records)
 
 log = logging.getLogger(__name__)
 
@@ -591,13 +598,13 @@ async def recover(config: Config, run_id: str | None = None, *, stop: bool = Fal
             report.notes.append(f"run {entry.run_id}: skipped, held by {exc.holder}")
             continue
         try:
-            await _recover_entry(entry, config, stop, report)
+            await _recover_entry(entry, lock, config, stop, report)
         finally:
             lock.release()
     return report
 
 
-async def _recover_entry(entry: RunEntry, config: Config, stop: bool,
+async def _recover_entry(entry: RunEntry, lock: RunLock, config: Config, stop: bool,
                          report: RecoverReport) -> None:
     """One run, its lock held. Problems go into ``report``, never raised."""
     entry = find_run(config.journal.state_dir, entry.run_id) or entry   # fresh run.json
@@ -624,8 +631,7 @@ async def _recover_entry(entry: RunEntry, config: Config, stop: bool,
     report.outcomes += outcomes
     kept = [f"{o.vm}@{o.kept}" for o in outcomes if o.kept and not stop]
     problems = [o.problem for o in outcomes if o.problem]
-    _append(entry, {"event": "recovered", "t": round(time.time(), 3), "kept": kept,
-                    "problems": problems, "stopped": stop})
+    _append(entry, lock, "recovered", kept=kept, problems=problems, stopped=stop)
     if problems:                   # looked at again by the next recover and the next run
         entry.update(recovered=False, kept=kept, problems=problems)
     elif kept:
@@ -645,8 +651,6 @@ async def adopt_from_hosts(config: Config, inventory: Inventory,
 
     :raise RecoverError: such a run (named, with its controller), or an unknown host.
     """
-    import json
-    from .journal import RunJournal, controller_identity, process_start_time
     hosts = [SSHHost.from_inventory(n, inventory, config) for n in host_names]
     owners: dict[str, dict[str, Any]] = {}
     try:
@@ -691,14 +695,65 @@ async def adopt_from_hosts(config: Config, inventory: Inventory,
     return adopted
 
 
-def _append(entry: RunEntry, record: dict[str, Any]) -> None:
-    import json
+def forget(config: Config, run_id: str) -> list[str]:
+    """Drop dead run ``run_id`` from the index without touching any host (its journal stays
+    where it is, with a ``forgotten`` record). Returns what the journal says may still be on
+    its hosts: one line per VM not recorded stopped, per host with a run dir.
+
+    :raise RecoverError: the run is unknown, or alive, or being recovered (named).
+    """
+    entry = find_run(config.journal.state_dir, run_id)
+    if entry is None:
+        raise RecoverError(f"no run {run_id} in {config.journal.state_dir}/runs")
+    lock = entry.lock("forget")
     try:
-        with open(entry.journal_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        lock.acquire()
+    except FileNotFoundError:
+        raise RecoverError(f"run {run_id} was resolved by another process meanwhile") from None
+    except RunLocked as exc:
+        raise RecoverError(f"run {run_id} is alive or being recovered: held by "
+                           f"{exc.holder}") from None
+    try:
+        try:
+            events = entry.events()
+        except ConfigError:
+            events = []
+        hosts = hosts_of(events) or {h: "?" for h in entry.info.get("hosts", [])}
+        run_root = (events[0].get("run_root") if events else None) or "<run dir>"
+        state: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in vm_records(events):
+            state[(rec.get("host", "?"), rec.get("vm", "?"))] = rec
+        left = [f"{host}: VM {vm} ({rec.get('state')}, pid {rec.get('pid', '?')})"
+                for (host, vm), rec in sorted(state.items()) if rec.get("state") != "stopped"]
+        left += [f"{rec.get('src')} -> {rec.get('dst')}: migration of VM {vm} last recorded "
+                 f"{rec.get('phase')}" for vm, rec in sorted(last_phases(events).items())
+                 if rec.get("phase") not in ("CLEANED", "ROLLED_BACK")]
+        left += [f"{host} ({addr}): {run_root}/{run_id}/, {owner_file(run_root, run_id)}"
+                 for host, addr in sorted(hosts.items())]
+        _append(entry, lock, "forgotten", controller=controller_identity(), left=left)
+        entry.remove()
+    finally:
+        lock.release()
+    return left
+
+
+def _append(entry: RunEntry, lock: RunLock, event: str, **fields: Any) -> None:
+    """One record into a dead run's journal (its lock held by ``lock``); a journal that
+    cannot be written is logged, not raised: what recovery did is in its report either way."""
+    try:
+        journal = RunJournal.reopen(entry, lock)
     except OSError as exc:
-        log.warning("run %s: journal not updated: %s", entry.run_id, exc)
+        log.warning("run %s: journal %s not updated: %s", entry.run_id, entry.journal_path,
+                    exc.strerror)
+        return
+    try:
+        journal.record(event, **fields)
+    except OSError as exc:
+        log.warning("run %s: journal %s not updated: %s", entry.run_id, entry.journal_path,
+                    exc.strerror)
+    finally:
+        journal.close()
 
 
 __all__ = ["RecoverError", "RecoverReport", "VMOutcome", "adopt_from_hosts", "dead_runs",
-           "recover"]
+           "forget", "recover"]
