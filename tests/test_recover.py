@@ -166,8 +166,8 @@ CASES = [
     # libvirt's migrate3 prepares the listening destination inside the call: no LISTENING
     ("libvirt", "PREPARING_DEST", SLOW, ["hostA"]),
     ("libvirt", "MIGRATING", SLOW, ["hostA"]),
-    # not here: libvirt POSTCOPY. With managed migrate3 the source's job does not end without
-    # its client once postcopy runs: recovery waits out the migration timeout (an open item)
+    # libvirt POSTCOPY: test_libvirt_postcopy_running_on_the_destination_is_finished (the
+    # kill must land once the destination runs, not at the record: see there)
     ("libvirt", "COMPLETED", [], ["hostB"]),
     ("libvirt", "CLEANED", [], ["hostB"]),
     ("libvirt", "barrier", [], ["hostB"]),
@@ -214,6 +214,41 @@ async def test_sigkill_then_recover_keeps_exactly_one_copy_intact(
     # nothing of the run is left but the kept VMs; --stop then finishes the run's cleanup
     rc, out, err = await recover_cli(ctl, "--stop", run_id)
     assert rc == 0 and all(f"stopped on {k}" in out for k in keepers), out + err
+    assert vm_processes(lab, "vm1") == [] and list_runs(ctl.state) == []
+
+
+async def test_libvirt_postcopy_running_on_the_destination_is_finished(lab, inventory, tmp_path,
+                                                                       no_leaks):
+    """Managed migrate3, the controller SIGKILLed while postcopy runs on the destination
+    (its Finish3 waiting there): libvirt marks the source paused/postcopy-failed and keeps
+    its job, the destination goes on receiving. Recovery asks the source's QEMU itself,
+    waits for the postcopy to complete and keeps the destination, memory intact.
+
+    (Killed between the switch and Finish3 reaching the destination, a window of
+    milliseconds, libvirt destroys the destination that never ran and keeps the source's job
+    forever: recovery reports that one unresolved. The kill here waits for the destination's
+    running/post-copy state, so it lands where a real crash most likely does.)"""
+    ctl = Controller(tmp_path, inventory, "libvirt",
+                     ["-p", "migration.postcopy_after_s=0", "-p", "migration.bandwidth_mibs=4"])
+    await ctl.start()
+    try:
+        await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "POSTCOPY")
+        async with SSHHost.from_inventory("hostB", inventory) as b:
+            async with asyncio.timeout(60):
+                while "post-copy" not in (await b.run("virsh domstate --reason vm1")).stdout:
+                    await asyncio.sleep(0.1)
+        await ctl.kill()
+    finally:
+        await ctl.stop()
+    run_id = ctl.run_id()
+    rc, out, err = await recover_cli(ctl, run_id)
+    assert rc == 0 and "UNRESOLVED" not in out, out + err
+    assert "postcopy waited for" in out, out
+    assert vm_processes(lab, "vm1") == ["hostB"], out
+    verified = await memsum_verify(inventory, "libvirt", "hostB", run_id)
+    assert "ok=1" in verified and "bad_pages=0" in verified, verified
+    rc, out, err = await recover_cli(ctl, "--stop", run_id)
+    assert rc == 0 and "stopped on hostB" in out, out + err
     assert vm_processes(lab, "vm1") == [] and list_runs(ctl.state) == []
 
 

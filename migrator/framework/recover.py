@@ -173,7 +173,16 @@ class _QemuProbe:
 class _LibvirtProbe:
     """The libvirt domain named after the VM, on a host where this run has the VM's run dir
     (domain names are per host: the run dir tells it is this run's). Which copy is the
-    incoming one comes from the journal."""
+    incoming one comes from the journal.
+
+    With its client gone, libvirt's own view of a migration can be stale for good: a managed
+    (migrate3) source whose client died during postcopy is marked paused/postcopy-failed and
+    keeps its job although QEMU goes on and completes (libvirt 11.3's
+    ``qemuMigrationAnyConnectionClosed``). So the source's migration is asked of its QEMU
+    (``query-migrate`` through ``qemu-monitor-command``: the outgoing job allows queries);
+    the destination's, which holds an incoming job that allows none, is read from its state
+    and reason (running/postcopy: still receiving; running/migrated: done;
+    running/postcopy-failed: the link broke)."""
 
     def __init__(self, host: SSHHost, vm: str, run_dir: str, config: Config,
                  incoming: bool):
@@ -181,9 +190,10 @@ class _LibvirtProbe:
         self.vm = make_vm("libvirt", _spec(vm), host, run_dir, config)
 
     async def find(self) -> Copy | None:
-        """The active domain in the common vocabulary (``inmigrate`` for the incoming copy,
-        ``paused-migration`` for a source left paused by a migration). An inactive
-        definition (a persistent destination that never ran) is undefined: it is no copy.
+        """The active domain in the common vocabulary (``inmigrate`` for the incoming copy
+        not started yet, ``postmigrate`` for a source whose vCPUs moved on). An inactive
+        definition (a persistent copy that never ran, or a source that completed) is
+        undefined: it is no copy.
 
         :raise LibvirtError: the daemon could not be asked.
         """
@@ -194,21 +204,33 @@ class _LibvirtProbe:
         if not await self.vm.call("isActive", dom.isActive):
             await self.vm.call("undefine", dom.undefine)
             return None
-        status = await self.vm.status()
-        migration = "none"
-        if not self.incoming:        # job statistics exist on the source only
-            stats = await self.vm.call("jobStats", dom.jobStats)
-            if stats.get("type") in (libvirt.VIR_DOMAIN_JOB_BOUNDED,
-                                     libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
-                migration = "postcopy-active" if status == "paused-postcopy" else "active"
-        if status in ("paused-postcopy", "postcopy-failed") and migration == "none":
-            migration = "postcopy-paused"
-        if self.incoming and status != "running":
-            status = "inmigrate"
-        elif status == "paused-postcopy":
-            status = "postmigrate"
+        state, reason = await self.vm.call("state", dom.state)
         self.vm.pid = await self.vm.read_pid()
+        running = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
+        if self.incoming:
+            if running and reason == libvirt.VIR_DOMAIN_RUNNING_POSTCOPY:
+                return Copy(self.host.name, "running", "postcopy-active", self)
+            if running and reason == libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED:
+                return Copy(self.host.name, "running", "postcopy-paused", self)
+            return Copy(self.host.name, "running" if running else "inmigrate", "none", self)
+        migration = await self._qemu_migration(dom)
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason in (
+                libvirt.VIR_DOMAIN_PAUSED_POSTCOPY, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED):
+            status = "postmigrate"       # its vCPUs run on the destination since the switch
+        elif migration == "completed" and not running:
+            status = "postmigrate"
+        else:
+            status = await self.vm.status()
         return Copy(self.host.name, status, migration, self)
+
+    async def _qemu_migration(self, dom) -> str:
+        """QEMU's own migration status (``none`` when there never was one)."""
+        import json
+        import libvirt_qemu
+        reply = await self.vm.call("qemu-monitor-command query-migrate",
+                                   libvirt_qemu.qemuMonitorCommand, dom,
+                                   '{"execute": "query-migrate"}', 0)
+        return json.loads(reply).get("return", {}).get("status", "none")
 
     async def cancel(self) -> None:
         dom = await self.vm.domain()
@@ -423,9 +445,14 @@ class _RunRecovery:
         while True:
             stuck = [c for c in copies if c.migration in POSTCOPY_STUCK]
             if stuck:
-                raise _Unresolved(f"postcopy {stuck[0].migration} on {stuck[0].host}: only "
-                                  "postcopy recovery can finish it; both copies left as they "
-                                  "are")
+                if len(copies) > 1:
+                    raise _Unresolved(f"postcopy {stuck[0].migration} on {stuck[0].host}: "
+                                      "only postcopy recovery can finish it; both copies left "
+                                      "as they are")
+                raise _Unresolved(f"postcopy {stuck[0].migration} on {stuck[0].host} and no "
+                                  "other copy: the VM's state is split or was never taken "
+                                  "over, and the hypervisor will not resume this copy; left "
+                                  "as it is")
             sending = _sending(copies)
             postcopy = [c for c in copies if c.migration in POSTCOPY_STATES]
             if not sending and not postcopy:

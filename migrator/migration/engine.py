@@ -45,12 +45,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Callable
 
-from qemu.qmp import QMPError
+from qemu.qmp import ExecuteError, QMPError
 
 from ..aio import shielded
 from ..config import Config
 from ..errors import MigrationError
-from ..hosts.ssh import SSHHost
+from ..hosts.ssh import SSHHost, quote
 from .params import MigrationParams
 
 log = logging.getLogger(__name__)
@@ -431,9 +431,15 @@ class Migration(BaseMigration):
         return port
 
     async def _migrate(self, src, dst, port: int) -> None:
-        timeouts = self.config.timeouts
         src.events.clear()
         dst.events.clear()
+        # the destination's migration state, as it announces it: postcopy recovery cannot
+        # ask for it (see _recover_postcopy)
+        with dst.listener("MIGRATION") as dst_migration:
+            await self._migrate_loop(src, dst, port, dst_migration)
+
+    async def _migrate_loop(self, src, dst, port: int, dst_migration) -> None:
+        timeouts = self.config.timeouts
         self._t_migrate = time.monotonic()
         await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{port}"})
         self._set_phase(Phase.MIGRATING)
@@ -457,7 +463,7 @@ class Migration(BaseMigration):
                 if (stalled or status == "postcopy-paused") and self.phase is Phase.POSTCOPY \
                         and self.result.postcopy_recoveries < self.params.postcopy_recoveries:
                     # the source can no longer take the VM back: recover the link instead
-                    await self._recover_postcopy(src, dst, "no bytes moved for "
+                    await self._recover_postcopy(src, dst, dst_migration, "no bytes moved for "
                                                  f"{timeouts.migration_stall_s:g} s"
                                                  if stalled else "QEMU paused postcopy")
                     moved_at = time.monotonic()
@@ -494,11 +500,19 @@ class Migration(BaseMigration):
         self._set_phase(Phase.COMPLETED)
         self._final_figures(info)
 
-    async def _recover_postcopy(self, src, dst, why: str) -> None:
+    async def _recover_postcopy(self, src, dst, dst_migration, why: str) -> None:
         """QEMU's postcopy recovery: both sides paused (``migrate-pause``), the destination
         listening again on a port it picks (``migrate-recover``), the source resuming there
         (``migrate`` with ``resume``). The old connection is abandoned, so a link that broke
         for that connection only (a dropped port, a dead NAT entry) is healed.
+
+        The destination is driven out of band only (``exec-oob``; QEMU allows both commands
+        there): while its pages cannot arrive, its main thread may be blocked behind a vCPU
+        that faulted on a missing page holding the big QEMU lock (TCG delivers an interrupt
+        that way: the IDT and the guest's stack are read under the lock), and then no in-band
+        command, ``query-migrate`` included, is answered until the link is back. Its state
+        comes from its MIGRATION events (``dst_migration``, listened to since the migration
+        started), its new port from its listening sockets on the host.
 
         :raise MigrationError: the recovery itself failed (the caller reports SPLIT).
         """
@@ -507,34 +521,47 @@ class Migration(BaseMigration):
                     self.src_vm.host.name, self.dst_host.name, why)
         self.result.postcopy_recoveries += 1
         seen = {"source": "?", "destination": "?"}
+        for event in dst_migration.clear():
+            seen["destination"] = event["data"]["status"]
         step = "pausing"
 
-        async def status(side, name: str) -> str:
-            seen[name] = (await side.execute("query-migrate"))["status"]
-            return seen[name]
+        async def source_status() -> str:
+            seen["source"] = (await src.execute("query-migrate"))["status"]
+            return seen["source"]
+
+        async def destination_status() -> str:
+            seen["destination"] = (await dst_migration.get())["data"]["status"]
+            return seen["destination"]
         try:
             async with asyncio.timeout(timeouts.migration_setup_s):
-                for side, name in ((src, "source"), (dst, "destination")):
-                    if await status(side, name) != "postcopy-paused":
-                        await side.execute("migrate-pause")
+                if await source_status() != "postcopy-paused":
+                    await src.execute("migrate-pause", oob=True)
+                if seen["destination"] != "postcopy-paused":
+                    try:
+                        await dst.execute("migrate-pause", oob=True)
+                    except ExecuteError as exc:      # it paused itself meanwhile
+                        log.info("[vm=%s] destination migrate-pause: %s", self.src_vm.name,
+                                 exc)
                 step = "waiting for both sides to be postcopy-paused"
-                for side, name in ((src, "source"), (dst, "destination")):
-                    while (now := await status(side, name)) != "postcopy-paused":
-                        if now in ("completed", "failed", "cancelled"):
-                            # the pause came too late (done) or the link could not be saved
-                            if seen["source"] == "completed":
-                                return
-                            raise self._error(f"postcopy recovery: the {name} went "
-                                              f"{now!r} instead of pausing")
-                        await asyncio.sleep(timeouts.progress_interval_s)
+                while (now := await source_status()) != "postcopy-paused":
+                    if now in ("completed", "failed", "cancelled"):
+                        if now == "completed":       # the pause came too late: done
+                            return
+                        raise self._error(f"postcopy recovery: the source went {now!r} "
+                                          "instead of pausing")
+                    await asyncio.sleep(timeouts.progress_interval_s)
+                while seen["destination"] != "postcopy-paused":
+                    if await destination_status() in ("completed", "failed", "cancelled"):
+                        raise self._error(f"postcopy recovery: the destination went "
+                                          f"{seen['destination']!r} instead of pausing")
                 step = "recovering"
-                await dst.execute("migrate-recover", {"uri": f"tcp:{self.dst_address}:0"})
-                ports = [int(a["port"]) for a in
-                         (await dst.execute("query-migrate")).get("socket-address", [])]
-                new = [p for p in ports if p != self.result.port]
+                await dst.execute("migrate-recover", {"uri": f"tcp:{self.dst_address}:0"},
+                                  oob=True)
+                new = await self._listening_ports(self.dst_vm)
+                new = [p for p in new if p != self.result.port]
                 if not new:
-                    raise self._error(f"postcopy recovery: the destination reported no new "
-                                      f"port ({ports})")
+                    raise self._error("postcopy recovery: the destination listens on no new "
+                                      "port")
                 await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{new[0]}",
                                               "resume": True})
         except TimeoutError:
@@ -543,6 +570,24 @@ class Migration(BaseMigration):
                               f"destination {seen['destination']})") from None
         log.warning("[vm=%s] postcopy resumed on port %d", self.src_vm.name, new[0])
         self.result.port = new[0]
+
+    async def _listening_ports(self, vm) -> list[int]:
+        """The TCP ports ``vm``'s QEMU listens on at the migration address (``ss`` on its
+        host: QEMU's own report needs its main thread).
+
+        :raise MigrationError: the host could not be asked.
+        """
+        r = await vm.host.run(f"ss -Hltnp src {quote(self.dst_address)}",
+                              timeout=self.config.timeouts.host_cleanup_s)
+        if not r.ok:
+            raise self._error(f"postcopy recovery: cannot list the destination's listening "
+                              f"sockets: {r.stderr.strip() or r}")
+        ports = []
+        for line in r.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and f"pid={vm.pid}," in line:
+                ports.append(int(fields[3].rsplit(":", 1)[1]))
+        return ports
 
     def _record(self, info: dict) -> None:
         ram = info.get("ram", {})
