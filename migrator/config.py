@@ -112,6 +112,11 @@ class Timeouts(_Strict):
     abortJob ...). They answer in milliseconds; a hung daemon must not hang the run (KubeVirt
     guards abortJob the same way)."""
 
+    qmp_probe_s: float = Field(30.0, gt=0)
+    """Asking a QEMU found by ``recover`` where it stands (QMP query-status, query-migrate):
+    answered in milliseconds, unless its main thread is blocked, e.g. a postcopy destination
+    waiting for pages that cannot come. Then the VM is reported unresolved, never waited on."""
+
     barrier_s: float = Field(120.0, gt=0)
     """A framework barrier (hosts meeting between steps). Hosts arrive within milliseconds
     of each other unless one is slow or gone; the server names whoever is missing."""

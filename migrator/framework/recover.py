@@ -368,14 +368,22 @@ class _RunRecovery:
                                       incoming=name == last.get("dst") and not arrived)
             else:
                 probe = _QemuProbe(h, vm, self.run_dir, self.config)
+            # libvirt's calls have their own bound (libvirt_call_s) and run in threads
+            limit = self.config.timeouts.qmp_probe_s if self.driver == "qemu" else None
             try:
-                c = await probe.find()
+                async with asyncio.timeout(limit):
+                    c = await probe.find()
             except Exception as exc:  # noqa: BLE001 - named in the report
                 await probe.close()
                 for other in copies:
                     await other.probe.close()
                 if isinstance(exc, _Unresolved):
                     raise
+                if isinstance(exc, TimeoutError):
+                    raise _Unresolved(f"{name}: the hypervisor does not say where {vm} stands "
+                                      f"within {limit:g} s (QEMU's main thread blocked: a "
+                                      "postcopy destination waiting for pages?); left as it "
+                                      "is") from None
                 raise _Unresolved(f"{name}: cannot ask the hypervisor: {exc}") from exc
             if c is None:
                 await probe.close()
