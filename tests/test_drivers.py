@@ -187,6 +187,26 @@ async def test_destination_daemon_stopped_midway(vm, hosts, inventory, lab):
     await vm.stop()
 
 
+async def test_source_killed_midway_is_reported_lost_and_nothing_is_left(vm, hosts,
+                                                                         inventory):
+    """kill -9 of the source QEMU during precopy: the VM runs nowhere (the destination never
+    ran it). That is said (phase LOST, never a rollback that claims the VM runs on the
+    source), and the incoming destination is removed with everything else of it (checked by
+    the fixture: no QEMU, run dir or domain left)."""
+    m = migration(vm, hosts, inventory, "hostB", bandwidth_mibs=2)
+    async with started_and_moving(m) as task:
+        pid = vm.pid if vm.driver == "qemu" else await vm.read_pid()
+        await hosts["hostA"].run(f"kill -KILL {pid}", check=True)
+        with pytest.raises(MigrationError) as info:
+            await task
+    assert m.phase is Phase.LOST and m.result.phase == "LOST", (m.phase, info.value)
+    assert info.value.vm == vm.name and info.value.src == "hostA" and info.value.dst == "hostB"
+    assert info.value.phase == "MIGRATING", info.value
+    assert "VM LOST: its source QEMU on hostA is gone" in info.value.outcome, info.value
+    assert "NOT" not in info.value.outcome and "VM running on" not in info.value.outcome, \
+        info.value
+
+
 @pytest.mark.parametrize("guest_args", ["lab.dirty=32"])
 async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
     """Postcopy from the first poll on, while the guest keeps 32 MiB dirty (capped at 32 MiB/s

@@ -247,8 +247,8 @@ def test_phase_edges_are_a_closed_table():
         for nxt in EDGES[phase]:
             assert nxt in EDGES
     finals = [p for p in Phase if p.is_final]
-    assert sorted(p.value for p in finals) == ["CLEANED", "LANDED", "ROLLED_BACK", "SPLIT",
-                                              "UNRESOLVED"]
+    assert sorted(p.value for p in finals) == ["CLEANED", "LANDED", "LOST", "ROLLED_BACK",
+                                              "SPLIT", "UNRESOLVED"]
     assert all(EDGES[p] == set() for p in finals)
 
 

@@ -762,7 +762,7 @@ def forget(config: Config, run_id: str) -> list[str]:
                 for (host, vm), rec in sorted(state.items()) if rec.get("state") != "stopped"]
         left += [f"{rec.get('src')} -> {rec.get('dst')}: migration of VM {vm} last recorded "
                  f"{rec.get('phase')}" for vm, rec in sorted(last_phases(events).items())
-                 if rec.get("phase") not in ("CLEANED", "ROLLED_BACK")]
+                 if rec.get("phase") not in ("CLEANED", "ROLLED_BACK", "LOST")]
         left += [f"{host} ({addr}): {run_root}/{run_id}/, {owner_file(run_root, run_id)}"
                  for host, addr in sorted(hosts.items())]
         _append(entry, lock, "forgotten", controller=controller_identity(), left=left)

@@ -22,9 +22,11 @@ wall-clock times in ``mig.history``)::
     POSTCOPY -> SPLIT                                                   (see below)
     COMPLETED | VERIFIED -> LANDED          (failed after completion; VM on the destination)
     any phase that is not final -> UNRESOLVED   (the VM's place could not be established)
+    any phase that is not final -> LOST   (the copy holding the VM is gone: before the postcopy
+                                           switchover the source, after it either side)
 
-Every run ends in one of the final phases CLEANED, ROLLED_BACK, SPLIT, LANDED or UNRESOLVED,
-and the final phase tells the truth about where the VM runs.
+Every run ends in one of the final phases CLEANED, ROLLED_BACK, SPLIT, LANDED, UNRESOLVED or
+LOST, and the final phase tells the truth about where the VM runs.
 
 The promise, kept by :meth:`Migration._rollback` on every failure, timeout, ``cancel()`` and
 cancellation of the caller's task: the VM keeps running on its source with its memory intact,
@@ -74,6 +76,9 @@ class Phase(str, enum.Enum):
                                         #: cleanup): the VM runs on the destination
     UNRESOLVED = "UNRESOLVED"           #: where the VM runs could not be established:
                                         #: nothing was destroyed, both sides were kept
+    LOST = "LOST"                       #: the copy that held the VM is gone (its QEMU
+                                        #: exited or was killed): it runs nowhere; what was
+                                        #: left of it on either host was removed
 
     @property
     def is_final(self) -> bool:
@@ -81,7 +86,7 @@ class Phase(str, enum.Enum):
 
 
 FINAL = frozenset({Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT, Phase.LANDED,
-                   Phase.UNRESOLVED})
+                   Phase.UNRESOLVED, Phase.LOST})
 
 EDGES: dict[Phase, set[Phase]] = {
     Phase.PENDING: {Phase.PREPARING_DEST, Phase.ROLLING_BACK},
@@ -98,11 +103,11 @@ EDGES: dict[Phase, set[Phase]] = {
     # libvirt may finish a migration while it is being aborted
     Phase.ROLLING_BACK: {Phase.ROLLED_BACK, Phase.LANDED},
     Phase.CLEANED: set(), Phase.ROLLED_BACK: set(), Phase.SPLIT: set(), Phase.LANDED: set(),
-    Phase.UNRESOLVED: set(),
+    Phase.UNRESOLVED: set(), Phase.LOST: set(),
 }
-for _phase in EDGES:                    # any phase that is not final can end unresolved
+for _phase in EDGES:         # any phase that is not final can end unresolved, or the VM lost
     if not _phase.is_final:
-        EDGES[_phase].add(Phase.UNRESOLVED)
+        EDGES[_phase] |= {Phase.UNRESOLVED, Phase.LOST}
 
 ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling",
           "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup"}
@@ -320,11 +325,51 @@ class BaseMigration:
             self.result.status = "failed"
             return outcome
 
-    def _split_outcome(self) -> str | None:
+    async def _gone(self, vm) -> bool:
+        """Whether ``vm``'s QEMU is known to be gone (False when it runs or nobody can say:
+        an unreachable host proves nothing)."""
+        try:
+            async with asyncio.timeout(self.config.timeouts.migration_cancel_s):
+                return not await vm.is_alive()
+        except Exception as exc:  # noqa: BLE001 - unknown is not gone
+            log.info("[vm=%s] is %s's copy alive? unknown: %s", vm.name, vm.host.name, exc)
+            return False
+
+    async def _lost(self, why: str) -> str:
+        """The VM runs nowhere: remove what is left of it on both hosts (phase LOST)."""
+        notes = []
+        for vm in (self.src_vm, self.dst_vm):
+            try:
+                await vm.stop()
+                notes.append(f"what was left on {vm.host.name} removed")
+            except Exception as exc:  # noqa: BLE001 - reported
+                notes.append(f"LEFTOVER NOT REMOVED on {vm.host.name} ({exc})")
+        self._set_phase(Phase.LOST)
+        self.result.status = "failed"
+        outcome = f"VM LOST: {why}; " + ", ".join(notes)
+        log.error("[vm=%s] %s", self.src_vm.name, outcome)
+        return outcome
+
+    async def _source_lost(self) -> str | None:
+        """Before completion only the source holds the VM (the destination never ran it):
+        when its QEMU is gone, the VM is lost (phase LOST; the destination removed)."""
+        if await self._gone(self.src_vm):
+            return await self._lost(f"its source QEMU on {self.src_vm.host.name} is gone "
+                                    f"before the migration completed, and the destination on "
+                                    f"{self.dst_host.name} never ran it")
+        return None
+
+    async def _split_outcome(self) -> str | None:
         """After a postcopy switchover the source cannot take the VM back: the outcome to
-        report (phase SPLIT), or None when that is not the case."""
+        report (phase SPLIT; LOST when either side's QEMU is gone, since each held pages the
+        other lacks), or None when that is not the case."""
         if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
                                             and self.params.postcopy_after_s is not None):
+            for vm, role in ((self.src_vm, "source"), (self.dst_vm, "destination")):
+                if await self._gone(vm):
+                    return await self._lost(
+                        f"its {role} QEMU on {vm.host.name} is gone after the postcopy "
+                        "switchover: the guest's memory was split between the hosts")
             self._set_phase(Phase.SPLIT)
             self.result.status = "failed"
             tried = self.result.postcopy_recoveries
@@ -345,7 +390,7 @@ class BaseMigration:
 
         :return: the outcome, or None when the caller should roll back.
         """
-        split = self._split_outcome()
+        split = await self._split_outcome()
         if split is not None:
             return split
         if self.phase not in (Phase.COMPLETED, Phase.VERIFIED):
@@ -677,6 +722,9 @@ class Migration(BaseMigration):
         settled = await self._settle_after_completion(why)
         if settled is not None:
             return settled
+        lost = await self._source_lost()
+        if lost is not None:
+            return lost
         self._set_phase(Phase.ROLLING_BACK)
         self.result.status = "cancelled" if self._cancel_requested else "failed"
         notes = []

@@ -373,6 +373,12 @@ class LibvirtMigration(BaseMigration):
             self._set_phase(Phase.LANDED)
             log.warning("[vm=%s] %s", src.name, outcome)
             return outcome
+        if not job_running and src_state in ("absent", "shutoff") \
+                and dst_state in ("absent", "shutoff", "paused-migration"):
+            # libvirt's job ended and the destination never ran the guest: no copy holds it
+            lost = await self._source_lost()
+            if lost is not None:
+                return "; ".join(notes + [lost])
         if job_running or src_state is None or src_state in ("absent", "shutoff"):
             notes.append(f"where the VM runs could not be established ({where}): nothing "
                          "was destroyed")

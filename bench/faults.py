@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""The fault matrix (issue 13, part 1: faults on the hosts, the link and the guest).
+
+Every cell is a real migration hostA -> hostB of a lab guest (128 MiB, 8 MiB kept dirty, a
+16 MiB memsum pattern) into which one fault is injected at one moment, through one driver.
+What each cell must end in is written below (:data:`EXPECTED`) before anything runs; green
+means the observed outcome is exactly that, with nothing leaked.
+
+Moments (bandwidth capped at 8 MiB/s until the fault has landed, then lifted, so a migration
+that must survive the fault can converge):
+
+* ``setup``: synchronously at the phase record that opens the migration (qemu: LISTENING,
+  the destination bound its port; libvirt: PREPARING_DEST, before migrate3);
+* ``precopy-early``: first pass, >= 1 MiB moved; ``precopy-late``: a later pass
+  (QEMU's dirty-sync-count >= 2); ``postcopy``: postcopy active, >= 16 MiB still to go.
+
+A fault that lands outside its moment (the moment checked again right after injecting) is
+re-run, not counted. Per cell: expected and observed final phase, where the fault landed
+(phase @ MiB moved), the surviving copy's memory checksum, QEMU copies of the VM running
+afterwards, what leaked (QEMUs, run dirs, listening ports, sshd sessions) and whether the
+error named both hosts, the VM and the phase.
+
+usage: bench/faults.py [--drivers qemu,libvirt] [--faults a,b] [--moments a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from migrator.config import Config, Inventory  # noqa: E402
+from migrator.errors import MigrationError  # noqa: E402
+from migrator.hosts import SSHHost  # noqa: E402
+from migrator.hypervisor import make_vm  # noqa: E402
+from migrator.hypervisor.vm import VMSpec  # noqa: E402
+from migrator.lab import Lab, network  # noqa: E402
+from migrator.lab.system import processes_in_netns  # noqa: E402
+from migrator.migration import MigrationParams, Phase, make_migration  # noqa: E402
+
+NAME, SUBNET, DIR = "mfault", "10.77.248.0/24", Path("/srv/migrator-bench/mfault")
+MOMENTS = ["setup", "precopy-early", "precopy-late", "postcopy"]
+CAP_MIBS = 8
+LINK_DOWN_S = 8
+
+# -- what each cell must end in, written before it runs ------------------------------------------
+# (phase, where the one surviving copy runs: "source" / "destination" / None = nowhere,
+#  memory: "intact" / "n/a (rebooted)" / None)
+ROLLED_BACK = ("ROLLED_BACK", "source", "intact")
+CLEANED = ("CLEANED", "destination", "intact")
+LOST = ("LOST", None, None)
+REBOOTED = ("CLEANED", "destination", "n/a (rebooted)")
+EXPECTED: dict[str, dict[str, tuple]] = {
+    # the destination dies: before the switchover the source simply goes on; after it the
+    # destination held the newest pages and the running vCPUs: the VM is lost, said so
+    "kill-dst-qemu": {"setup": ROLLED_BACK, "precopy-early": ROLLED_BACK,
+                      "precopy-late": ROLLED_BACK, "postcopy": LOST},
+    # the source dies: the VM is lost at every moment, reported as lost, nothing left
+    "kill-src-qemu": {m: LOST for m in MOMENTS},
+    # the destination's cable pulled for 8 s: precopy stalls and rolls back (the destination
+    # removed once its host answers again); postcopy recovers on a new port and completes
+    "dst-link-down": {"setup": ROLLED_BACK, "precopy-early": ROLLED_BACK,
+                      "precopy-late": ROLLED_BACK, "postcopy": CLEANED},
+    # the destination's migration port dropped for good: precopy stalls and rolls back;
+    # postcopy is recovered on a new port and completes
+    "dst-port-filtered": {"setup": ROLLED_BACK, "precopy-early": ROLLED_BACK,
+                          "precopy-late": ROLLED_BACK, "postcopy": CLEANED},
+    # sshd stopped on the destination: the connections already open go on, nothing fails
+    "dst-sshd-stopped": {m: CLEANED for m in MOMENTS},
+    # the destination's libvirtd stopped (its QEMU orphaned): before the switchover the
+    # source goes on and the orphan is killed by its pidfile; after it the hosts hold halves
+    "dst-libvirtd-stopped": {"setup": ROLLED_BACK, "precopy-early": ROLLED_BACK,
+                             "precopy-late": ROLLED_BACK, "postcopy": ("SPLIT", None, None)},
+    # events that must not fail a migration
+    "guest-reset": {"precopy-early": REBOOTED, "precopy-late": REBOOTED},
+    "guest-reboot": {"precopy-early": REBOOTED, "precopy-late": REBOOTED},
+}
+# cells that cannot apply, and why
+NOT_APPLICABLE = {
+    ("kill-dst-qemu", "setup", "libvirt"): "libvirt starts the destination QEMU inside "
+                                           "migrate3: there is none to kill before it",
+    ("dst-port-filtered", "setup", "libvirt"): "libvirt picks the port inside migrate3",
+    ("dst-libvirtd-stopped", "setup", "qemu"): "no libvirtd in the qemu driver",
+    ("dst-libvirtd-stopped", "precopy-early", "qemu"): "no libvirtd in the qemu driver",
+    ("dst-libvirtd-stopped", "precopy-late", "qemu"): "no libvirtd in the qemu driver",
+    ("dst-libvirtd-stopped", "postcopy", "qemu"): "no libvirtd in the qemu driver",
+    ("guest-reset", "setup", "*"): "a guest event during precopy (the issue's definition)",
+    ("guest-reset", "postcopy", "*"): "a guest event during precopy (the issue's definition)",
+    ("guest-reboot", "setup", "*"): "a guest event during precopy (the issue's definition)",
+    ("guest-reboot", "postcopy", "*"): "a guest event during precopy (the issue's definition)",
+}
+
+
+def not_applicable(fault: str, moment: str, driver: str) -> str | None:
+    return NOT_APPLICABLE.get((fault, moment, driver)) or NOT_APPLICABLE.get(
+        (fault, moment, "*"))
+
+
+@dataclass
+class Cell:
+    fault: str
+    moment: str
+    driver: str
+    expected: tuple
+    observed: str = "-"
+    landed: str = "-"
+    memory: str = "-"
+    copies: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    named: str = "-"
+    error: str = ""
+    tries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def green(self) -> bool:
+        phase, where, memory = self.expected
+        want_copies = {"source": ["hostA"], "destination": ["hostB"], None: []}[where]
+        return (self.observed == phase and sorted(self.copies) == want_copies
+                and (memory is None or self.memory == memory) and not self.leaks
+                and self.named != "no")
+
+
+class Misplaced(Exception):
+    """The fault landed outside its moment: the cell is run again."""
+
+
+# -- the lab's processes, ports and sessions ----------------------------------------------------
+
+def lab_procs(lab: Lab):
+    for hs in lab.state().hosts:
+        for p in processes_in_netns(network.netns_path(hs.netns)):
+            try:
+                comm = Path(f"/proc/{p.pid}/comm").read_text().strip()
+                cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            yield hs, p.pid, comm, cmdline.decode(errors="replace")
+
+
+def vm_copies(lab: Lab, vm: str) -> list[tuple[str, int]]:
+    return [(hs.name, pid) for hs, pid, comm, cmd in lab_procs(lab)
+            if comm.startswith("qemu-system") and (f"-name {vm} " in cmd or f"guest={vm}," in cmd
+                                                   or f"guest={vm} " in cmd)]
+
+
+def sshd_sessions(lab: Lab) -> set[int]:
+    return {pid for _hs, pid, comm, cmd in lab_procs(lab)
+            if comm in ("sshd", "sshd-session") and "[listener]" not in cmd
+            and " -D " not in cmd}
+
+
+def listening_ports(lab: Lab, host: str, pids: set[int]) -> list[str]:
+    hs = next(h for h in lab.state().hosts if h.name == host)
+    out = subprocess.run(["ip", "netns", "exec", hs.netns, "ss", "-Hltnp"],
+                         capture_output=True, text=True).stdout
+    return [line.split()[3] for line in out.splitlines()
+            if any(f"pid={p}," in line for p in pids)]
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+class Injector:
+    """Injects one fault into a running migration ``m`` and undoes what can be undone."""
+
+    def __init__(self, fault: str, lab: Lab, m, vm, hosts, session):
+        self.fault, self.lab, self.m, self.vm, self.hosts = fault, lab, m, vm, hosts
+        self.session = session
+        self.undo: list = []
+        self.tasks: list[asyncio.Task] = []
+
+    def host_state(self, name: str):
+        return next(h for h in self.lab.state().hosts if h.name == name)
+
+    def sync(self) -> None:
+        """What can be done without awaiting (from a phase observer)."""
+        f, lab = self.fault, self.lab
+        if f == "kill-dst-qemu":
+            (pid,) = [p for h, p in vm_copies(lab, self.vm.name) if h == "hostB"]
+            os.kill(pid, signal.SIGKILL)
+        elif f == "kill-src-qemu":
+            (pid,) = [p for h, p in vm_copies(lab, self.vm.name) if h == "hostA"]
+            os.kill(pid, signal.SIGKILL)
+        elif f == "dst-link-down":
+            veth = self.host_state("hostB").veth
+            subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+            up = ["ip", "link", "set", veth, "up"]
+            loop = asyncio.get_running_loop()
+            handle = loop.call_later(LINK_DOWN_S, subprocess.run, up)
+            self.undo.append(lambda: (handle.cancel(), subprocess.run(up)))
+        elif f == "dst-port-filtered":
+            port = self.m.result.port
+            table = f"mfault_{port}"
+            ns = self.host_state("hostB").netns
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], check=True, text=True,
+                           input=f"add table inet {table}\n"
+                                 f"add chain inet {table} input {{ type filter hook input "
+                                 f"priority -10; }}\n"
+                                 f"add rule inet {table} input tcp dport {port} drop\n")
+            self.undo.append(lambda: subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", table]))
+        elif f == "dst-sshd-stopped":
+            lab.control("hostB", "sshd stop")
+            self.undo.append(lambda: lab.control("hostB", "sshd start"))
+        elif f == "dst-libvirtd-stopped":
+            lab.control("hostB", "libvirtd stop")
+            self.undo.append(lambda: lab.control("hostB", "libvirtd start"))
+        else:
+            raise AssertionError(f"{f} is not a synchronous fault")
+
+    async def inject(self) -> None:
+        if self.fault == "guest-reset":
+            if self.vm.driver == "qemu":
+                await (await self.vm.qmp()).execute("system_reset")
+            else:       # virDomainReset needs a job the outgoing migration does not allow
+                import libvirt_qemu
+                dom = await self.vm.domain()
+                await self.vm.call("system_reset", libvirt_qemu.qemuMonitorCommand, dom,
+                                   '{"execute": "system_reset"}', 0)
+        elif self.fault == "guest-reboot":
+            await self.session.sendline("reboot -f")
+        else:
+            self.sync()
+
+    def restore(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+
+async def uncap(m, vm) -> None:
+    """Lift the bandwidth cap of the migration running from ``vm`` (so it can converge)."""
+    try:
+        await _uncap(vm)
+    except Exception as exc:  # noqa: BLE001 - the migration may have ended meanwhile
+        print(f"    (cap not lifted: {type(exc).__name__}: {exc})", flush=True)
+
+
+async def _uncap(vm) -> None:
+    if vm.driver == "qemu":
+        await (await vm.qmp()).execute("migrate-set-parameters",
+                                       {"max-bandwidth": 2**40, "max-postcopy-bandwidth": 2**40})
+    else:
+        dom = await vm.domain()
+        for flags in (0, 1):       # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY = 1
+            try:
+                await vm.call("migrateSetMaxSpeed", dom.migrateSetMaxSpeed, 8 * 2**20, flags)
+            except Exception:  # noqa: BLE001 - the job may be gone already
+                pass
+
+
+def in_moment(m, moment: str) -> bool:
+    rec = m.records[-1] if m.records else None
+    if moment == "setup":
+        return m.phase in (Phase.LISTENING, Phase.PREPARING_DEST, Phase.CONFIGURED)
+    if rec is None:
+        return False
+    if moment == "precopy-early":
+        return rec.status == "active" and rec.iteration <= 1 and rec.transferred >= 2**20
+    if moment == "precopy-late":
+        return rec.status == "active" and rec.iteration >= 2
+    return rec.status == "postcopy-active" and rec.remaining >= 16 * 2**20
+
+
+async def run_cell(cell: Cell, lab: Lab, inv: Inventory, hosts, config: Config) -> None:
+    spec = VMSpec(f"f{cell.driver[0]}", kernel=str(inv.guest.kernel),
+                  initrd=str(inv.guest.initrd),
+                  append=f"{inv.guest.append} lab.out=ttyS1 lab.dirty=8".strip())
+    vm = make_vm(cell.driver, spec, hosts["hostA"], str(inv.run_dir), config)
+    vm.driver = cell.driver
+    sessions_before = sshd_sessions(lab)
+    injector = None
+    t0 = time.monotonic()
+    try:
+        await vm.start()
+        session = await vm.wait_for_login()
+        await session.cmd("memsum write 16 3")
+        # the setup moment is hit at its phase record whatever the speed: no cap needed
+        params = MigrationParams(bandwidth_mibs=None if cell.moment == "setup" else CAP_MIBS,
+                                 postcopy_after_s=1.0 if cell.moment == "postcopy" else None)
+        m = make_migration(vm, hosts["hostB"], inv.hosts["hostB"].address, params, config)
+        injector = Injector(cell.fault, lab, m, vm, hosts, session)
+        landed: dict = {}
+        setup_phase = Phase.LISTENING if cell.driver == "qemu" else Phase.PREPARING_DEST
+
+        def at_phase(_m, phase):
+            if cell.moment == "setup" and phase is setup_phase and not landed:
+                landed["at"] = f"{phase.value}@0"
+                injector.sync()
+        m.observers.append(at_phase)
+        task = asyncio.ensure_future(m.run())
+        error: BaseException | None = None
+        try:
+            if cell.moment != "setup":
+                async for rec in m.progress():
+                    if in_moment(m, cell.moment):
+                        landed["at"] = f"{m.phase.value}@{rec.transferred / 2**20:.0f}MiB"
+                        # injected right after the record that showed the moment
+                        await injector.inject()
+                        if cell.expected[0] == "CLEANED":     # it must get through
+                            await uncap(m, vm)
+                        break
+                if "at" not in landed:
+                    raise Misplaced(f"the migration never reached {cell.moment}")
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 600)
+            except MigrationError as exc:
+                error = exc
+        finally:
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException as exc:  # noqa: BLE001 - recorded
+                    error = error or exc
+            injector.restore()
+        cell.landed = landed.get("at", "-")
+        cell.observed = m.phase.value
+        if error is not None:
+            cell.error = str(error)
+            named = all(x in str(error) for x in ("hostA", "hostB", vm.name, "["))
+            cell.named = "yes" if named else "no"
+        await asyncio.sleep(0)
+        # what runs now, and the survivor's memory
+        copies = vm_copies(lab, vm.name)
+        cell.copies = [h for h, _p in copies]
+        if len(copies) == 1:
+            if cell.expected[2] == "n/a (rebooted)":
+                await vm.wait_for_login(120)
+                cell.memory = "n/a (rebooted)"
+            else:
+                try:
+                    s = await vm.wait_for_login(60)
+                    out = await s.cmd("memsum verify")
+                    cell.memory = "intact" if "ok=1" in out else f"BAD ({out.strip()[:40]})"
+                except Exception as exc:  # noqa: BLE001 - recorded
+                    cell.memory = f"unreadable ({type(exc).__name__})"
+        # leaks: beyond the one copy kept, nothing of this migration may be left
+        extra_ports = []
+        for h, p in copies:
+            ports = listening_ports(lab, h, {p})
+            if ports:
+                extra_ports.append(f"{h}: QEMU listens on {', '.join(ports)}")
+        cell.leaks += extra_ports
+        for name, h in hosts.items():
+            r = await h.run(f"ls -A {inv.run_dir}/{vm.name} 2>/dev/null; "
+                            f"virsh -q list --all --name 2>/dev/null")
+            names = r.stdout.split()
+            keeps = name in cell.copies
+            if names and not keeps:
+                cell.leaks.append(f"{name}: {names}")
+    finally:
+        # the run's own cleanup: stop what is left (the kept copy included)
+        for h in hosts.values():
+            await make_vm(cell.driver, spec, h, str(inv.run_dir), config).stop()
+        await vm.disconnect()
+        if injector is not None:
+            injector.restore()
+        cell.seconds = time.monotonic() - t0
+    left = sshd_sessions(lab) - sessions_before
+    deadline = time.monotonic() + 15
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        left = sshd_sessions(lab) - sessions_before
+    cell.leaks += [f"sshd session {p}" for p in left]
+    cell.leaks += [f"{h}: qemu {p}" for h, p in vm_copies(lab, vm.name)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--drivers", default="qemu,libvirt")
+    ap.add_argument("--faults", default=",".join(EXPECTED))
+    ap.add_argument("--moments", default=",".join(MOMENTS))
+    ap.add_argument("--tries", type=int, default=3, help="runs of a cell whose fault lands "
+                    "outside its moment")
+    a = ap.parse_args()
+    drivers, faults, moments = (x.split(",") for x in (a.drivers, a.faults, a.moments))
+    bad = ([d for d in drivers if d not in ("qemu", "libvirt")]
+           + [f for f in faults if f not in EXPECTED] + [m for m in moments if m not in MOMENTS])
+    if bad:
+        print(f"faults.py: error: unknown {', '.join(bad)}", file=sys.stderr)
+        return 2
+    config = Config()
+    config = config.model_copy(update={"timeouts": config.timeouts.model_copy(update={
+        "migration_stall_s": 4.0, "migration_setup_s": 30.0})})
+    lab = Lab(NAME, DIR, config)
+    asyncio.run(lab.up(["hostA", "hostB"], SUBNET, libvirt="libvirt" in drivers, accel="tcg"))
+    cells, skipped = [], []
+    for f in faults:
+        for mo in moments:
+            for d in drivers:
+                why = not_applicable(f, mo, d)
+                if why:
+                    skipped.append((f, mo, d, why))
+                elif mo in EXPECTED[f]:
+                    cells.append(Cell(f, mo, d, EXPECTED[f][mo]))
+
+    async def run_all():
+        inv = Inventory.load(lab.inventory_path)
+        async with SSHHost.from_inventory("hostA", inv, config) as ha, \
+                SSHHost.from_inventory("hostB", inv, config) as hb:
+            hosts = {"hostA": ha, "hostB": hb}
+            for cell in cells:
+                for attempt in range(1, a.tries + 1):
+                    cell.tries = attempt
+                    try:
+                        await run_cell(cell, lab, inv, hosts, config)
+                        break
+                    except Misplaced as exc:
+                        cell.observed, cell.error = "MISPLACED", str(exc)
+                print(line(cell), flush=True)
+
+    print(f"fault matrix: {len(cells)} cells, {len(skipped)} not applicable; guest 128 MiB, "
+          f"8 MiB dirty, capped at {CAP_MIBS} MiB/s until the fault lands\n")
+    print(header(), flush=True)
+    try:
+        asyncio.run(run_all())
+    finally:
+        asyncio.run(lab.down())
+    for f, mo, d, why in skipped:
+        print(f"  n/a  {f:<21}{mo:<14}{d:<8}{why}")
+    green = sum(c.green for c in cells)
+    print(f"\n{green} of {len(cells)} cells green")
+    for c in cells:
+        if not c.green:
+            print(f"  RED {c.fault} {c.moment} {c.driver}: {c.error[:400]}; leaks {c.leaks}")
+    return 0 if green == len(cells) else 1
+
+
+def header() -> str:
+    return (f"{'fault':<21}{'moment':<14}{'driver':<8}{'expected':<12}{'observed':<12}"
+            f"{'landed':<20}{'memory':<16}{'copies':<8}{'named':<6}{'leaks':<6}{'s':>5}  ")
+
+
+def line(c: Cell) -> str:
+    return (f"{c.fault:<21}{c.moment:<14}{c.driver:<8}{c.expected[0]:<12}{c.observed:<12}"
+            f"{c.landed:<20}{c.memory:<16}{','.join(c.copies) or '-':<8}{c.named:<6}"
+            f"{len(c.leaks):<6}{c.seconds:>5.0f}  {'green' if c.green else 'RED'}"
+            + (f" (tries {c.tries})" if c.tries > 1 else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
