@@ -83,6 +83,18 @@ EXPECTED: dict[str, dict[str, tuple]] = {
     "guest-reset": {"precopy-early": REBOOTED, "precopy-late": REBOOTED},
     "guest-reboot": {"precopy-early": REBOOTED, "precopy-late": REBOOTED},
 }
+# where a driver must end differently, and why. These two were corrected after the first run
+# of the matrix (2026-11-30), which had expected the qemu driver's outcome for both:
+# * an 8 s link flap during libvirt's setup is ridden out: migrate3's Prepare waits on TCP
+#   and libvirt's keepalive (5 s x 5) outlasts it, where the qemu driver's stall detection
+#   (4 s in this bench) rolls back;
+# * libvirt opens a new connection to the destination's libvirtd at setup (migrate3 needs
+#   one), which a stopped sshd refuses: the migration cannot start, the source goes on.
+DRIVER_EXPECTED = {
+    ("dst-link-down", "setup", "libvirt"): CLEANED,
+    ("dst-sshd-stopped", "setup", "libvirt"): ROLLED_BACK,
+}
+
 # cells that cannot apply, and why
 NOT_APPLICABLE = {
     ("kill-dst-qemu", "setup", "libvirt"): "libvirt starts the destination QEMU inside "
@@ -400,7 +412,8 @@ def main() -> int:
                 if why:
                     skipped.append((f, mo, d, why))
                 elif mo in EXPECTED[f]:
-                    cells.append(Cell(f, mo, d, EXPECTED[f][mo]))
+                    cells.append(Cell(f, mo, d, DRIVER_EXPECTED.get((f, mo, d),
+                                                                    EXPECTED[f][mo])))
 
     async def run_all():
         inv = Inventory.load(lab.inventory_path)

@@ -95,7 +95,8 @@ EDGES: dict[Phase, set[Phase]] = {
     Phase.CONFIGURED: {Phase.LISTENING, Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.LISTENING: {Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.MIGRATING: {Phase.POSTCOPY, Phase.COMPLETED, Phase.ROLLING_BACK},
-    Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT},
+    # libvirt: a source its hypervisor resumed never handed the guest over
+    Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT, Phase.ROLLING_BACK},
     # after completion: the destination is checked; a precopy source can still take the VM
     # back while the destination does not run it
     Phase.COMPLETED: {Phase.VERIFIED, Phase.SPLIT, Phase.LANDED, Phase.ROLLING_BACK},

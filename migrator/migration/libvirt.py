@@ -129,7 +129,7 @@ class LibvirtMigration(BaseMigration):
             job = partial(sdom.migrate3, dconn, params, flags)
         self._t_migrate = time.monotonic()
         self._job = src_conn.submit(job, also=(await self.dst_vm.connection(),))
-        self._job.add_done_callback(lambda _: self._pulse())     # wakes the loop below
+        self._job.add_done_callback(self._job_done)     # wakes the loop below
         self._set_phase(Phase.MIGRATING)
         moved, moved_at = -1, time.monotonic()
         async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
@@ -199,9 +199,17 @@ class LibvirtMigration(BaseMigration):
             return
         if self.result.port is None and stats.get("memory_processed", 0) > 0:
             self.result.port = await self._find_port()
+        status = "active"
+        if self.phase is Phase.POSTCOPY:
+            # asked for is not done: QEMU switches at its next iteration, and libvirt pauses
+            # the source with reason post-copy once it did
+            state, reason = await self.src_vm.call("state", sdom.state)
+            if state == libvirt.VIR_DOMAIN_PAUSED and reason in (
+                    libvirt.VIR_DOMAIN_PAUSED_POSTCOPY, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED):
+                status = "postcopy-active"
         self._add_record(ProgressRecord(
             t=time.monotonic() - self._t_migrate,
-            status="postcopy-active" if self.phase is Phase.POSTCOPY else "active",
+            status=status,
             transferred=stats.get("memory_processed", stats.get("data_processed", 0)),
             remaining=stats.get("memory_remaining", 0), total=stats.get("memory_total", 0),
             dirty_pages_rate=stats.get("memory_dirty_rate", 0),
@@ -288,6 +296,14 @@ class LibvirtMigration(BaseMigration):
                                              timeout=self.config.timeouts.libvirt_call_s)
             self._callbacks.append((conn, cbid))
 
+    def _job_done(self, job: asyncio.Future) -> None:
+        """migrate3 returned or failed: wake whoever waits. Its error is taken here too, so a
+        job that ends after the run stopped waiting for it (a SPLIT or UNRESOLVED run whose
+        libvirt kept going) is not reported as an exception nobody retrieved."""
+        if not job.cancelled() and job.exception() is not None:
+            log.info("[vm=%s] migrate3 ended: %s", self.src_vm.name, job.exception())
+        self._pulse()
+
     def _job_completed(self, stats: dict) -> None:
         self._completed_stats = dict(stats)
         self._pulse()
@@ -336,12 +352,25 @@ class LibvirtMigration(BaseMigration):
           guest, so the source is resumed and the destination removed: ROLLED_BACK;
         * the source cannot be asked, or runs nothing: UNRESOLVED, nothing destroyed.
         """
-        settled = await self._settle_after_completion(why)
+        timeouts = self.config.timeouts
+        if self.phase is Phase.POSTCOPY and self._job is not None and not self._job.done():
+            # libvirt's client side still drives the migration and decides on its own what
+            # to do with each side (Finish3 and Confirm3, cancelled): let it end before
+            # saying where the VM is (a side it stopped makes the VM LOST, not SPLIT)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
+            except (TimeoutError, libvirt.libvirtError):
+                pass
+        resumed = False
+        if self.phase is Phase.POSTCOPY and self._job is not None and self._job.done():
+            # the switch is asked for, not known done: a source libvirt resumed never handed
+            # the guest over (QEMU had not switched yet, or the destination never started it)
+            resumed = await self._ask(self.src_vm) == "running"
+        settled = None if resumed else await self._settle_after_completion(why)
         if settled is not None:
             return settled
         self._set_phase(Phase.ROLLING_BACK)
         self.result.status = "cancelled" if self._cancel_requested else "failed"
-        timeouts = self.config.timeouts
         notes: list[str] = []
         src = self.src_vm
         job_running = False
