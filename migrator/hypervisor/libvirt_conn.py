@@ -245,7 +245,11 @@ class LibvirtConnection:
             with conn._lock:
                 conn._running.add(fut)
             fut.add_done_callback(conn._call_done)
-        return asyncio.wrap_future(fut)
+        result = asyncio.wrap_future(fut)
+        # a call given up on (timed out, or a migration job the run stopped waiting for) may
+        # fail later: its error is logged here, never as "exception was never retrieved"
+        result.add_done_callback(_log_abandoned)
+        return result
 
     async def call(self, what: str, fn: Callable[..., Any], *args: Any,
                    timeout: float) -> Any:
@@ -349,6 +353,11 @@ def _close_orphan(fut: concurrent.futures.Future) -> None:
         raw.close()
     except libvirt.libvirtError:
         pass
+
+
+def _log_abandoned(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("libvirt call ended with %s", fut.exception())
 
 
 __all__ = ["LibvirtConnection", "LibvirtError", "ensure_event_loop", "open_connections"]
