@@ -86,8 +86,8 @@ EXPECTED: dict[str, dict[str, tuple]] = {
 # where a driver must end differently, and why. These two were corrected after the first run
 # of the matrix (2026-11-30), which had expected the qemu driver's outcome for both:
 # * an 8 s link flap during libvirt's setup is ridden out: migrate3's Prepare waits on TCP
-#   and libvirt's keepalive (every 5 s, 3 missed: ~20 s) outlasts it, where the qemu driver's stall detection
-#   (4 s in this bench) rolls back;
+#   and libvirt's keepalive (every 5 s, 3 missed: ~20 s) outlasts it, where the qemu
+#   driver's stall detection (4 s in this bench) rolls back;
 # * libvirt opens a new connection to the destination's libvirtd at setup (migrate3 needs
 #   one), which a stopped sshd refuses: the migration cannot start, the source goes on.
 DRIVER_EXPECTED = {
