@@ -213,7 +213,18 @@ class _LibvirtProbe:
             if running and reason == libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED:
                 return Copy(self.host.name, "running", "postcopy-paused", self)
             return Copy(self.host.name, "running" if running else "inmigrate", "none", self)
-        migration = await self._qemu_migration(dom)
+        try:
+            migration = await self._qemu_migration(dom)
+        except Exception:
+            # a source whose migration completed is shut off by libvirt at any moment,
+            # between the state read above and this question too: then it is no copy
+            again = await self.vm.domain()           # a transient one is gone altogether
+            if again is None:
+                return None
+            if await self.vm.call("isActive", again.isActive):
+                raise
+            await self.vm.call("undefine", again.undefine)
+            return None
         if state == libvirt.VIR_DOMAIN_PAUSED and reason in (
                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED):
             status = "postmigrate"       # its vCPUs run on the destination since the switch
