@@ -315,18 +315,24 @@ async def test_postcopy_link_lost_without_recovery_is_reported_split(make_vm, ho
     await vm.stop()
 
 
-async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inventory,
-                                                              config):
-    """After the switchover the source cannot take the VM back; when the link breaks (the
-    destination's port dropped by nftables) the engine pauses both sides and resumes over a
-    new connection (migrate-recover), and the guest's memory arrives intact."""
+async def _postcopy_to_hostb(make_vm, hosts, inventory, config) -> Migration:
+    """A dirtying guest holding a memsum pattern, and its postcopy migration to hostB (8 MiB/s,
+    switched after 0.5 s; a stall is noticed after 2 s), not started yet."""
     vm = await make_vm(extra="lab.dirty=32")
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 4")
     quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
         update={"migration_stall_s": 2.0})})
-    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
-                  MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5), quick)
+    return Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                     MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5), quick)
+
+
+async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inventory,
+                                                              config):
+    """After the switchover the source cannot take the VM back; when the link breaks (the
+    destination's port dropped by nftables) the engine pauses both sides and resumes over a
+    new connection (migrate-recover), and the guest's memory arrives intact."""
+    m = await _postcopy_to_hostb(make_vm, hosts, inventory, config)
     async with running(m.run()) as task:
         async for record in m.progress():        # postcopy running, many pages still to go
             if record.status == "postcopy-active" and record.remaining > 16 * 2**20:
@@ -357,13 +363,7 @@ async def test_postcopy_recovery_while_the_destination_main_thread_waits_for_a_p
     does the same when it delivers an interrupt onto a missing stack page) and blocks, holding
     QEMU's big lock, until the page comes. No in-band command is answered then, so recovery
     drives the destination out of band and still heals the link; the read completes after."""
-    vm = await make_vm(extra="lab.dirty=32")
-    session = await vm.wait_for_login()
-    await session.cmd("memsum write 16 4")
-    quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
-        update={"migration_stall_s": 2.0})})
-    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
-                  MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5), quick)
+    m = await _postcopy_to_hostb(make_vm, hosts, inventory, config)
     async with running(m.run()) as task:
         async for record in m.progress():
             if record.status == "postcopy-active" and record.remaining > 64 * 2**20:
