@@ -23,8 +23,9 @@ import pytest_asyncio
 from migrator.config import Config, Inventory
 from migrator.lab import Lab
 from migrator.lab import network
-from migrator.lab import hostproc
-from migrator.lab.system import Proc, is_alive, processes_in_netns
+from migrator.lab.processes import host_processes, is_qemu
+from migrator.lab.processes import sshd_sessions as lab_sshd_sessions
+from migrator.lab.system import Proc, is_alive
 
 TEST_BASE = Path("/srv/migrator-test")
 SESSION_LAB = "mtest"
@@ -136,37 +137,28 @@ def pytest_runtest_makereport(item, call):
 
 # -- what a test may leave behind: nothing ------------------------------------------------------
 
-def lab_host_processes(lab):
-    """(host, Proc, comm, cmdline) of every live process in the lab hosts' namespaces."""
-    for hs in lab.state().hosts:
-        for p in processes_in_netns(network.netns_path(hs.netns)):
-            try:
-                comm = Path(f"/proc/{p.pid}/comm").read_text().strip()
-                cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue                     # ended in between
-            yield hs.name, p, comm, cmdline.decode(errors="replace").strip()
-
-
 def lab_processes(lab) -> list[str]:
     """QEMUs and host-side participants (migrate-sync) still running in lab hosts, each
     named by host, command, pid and command line."""
-    return [f"{host}: {comm} pid {p.pid} ({cmdline[:160]})"
-            for host, p, comm, cmdline in lab_host_processes(lab)
-            if comm.startswith("qemu-system") or "migrate-sync" in cmdline]
+    return [p.describe() for p in host_processes(lab)
+            if is_qemu(p) or "migrate-sync" in p.cmdline]
 
 
 def sshd_sessions(lab) -> dict[Proc, str]:
-    """The session processes of the lab hosts' sshds (one or more per SSH connection, shown
-    as ``sshd: root@notty`` and the like), each with a description naming host, pid and
-    command line. The listening sshd itself is not one: it is the process the host's init
-    recorded, and OpenSSH titles it ``[listener]``."""
-    listeners = {name: hostproc.daemon_proc(lab.host_dir(name), "sshd")
-                 for name in (hs.name for hs in lab.state().hosts)}
-    return {p: f"{host}: sshd session pid {p.pid} ({cmdline[:160]})"
-            for host, p, comm, cmdline in lab_host_processes(lab)
-            if comm in ("sshd", "sshd-session") and "[listener]" not in cmdline
-            and (listeners[host] is None or p.pid != listeners[host].pid)}
+    """The lab hosts' sshd session processes (see :func:`migrator.lab.processes.sshd_sessions`),
+    each with a description naming host, pid and command line."""
+    return {p.proc: p.describe() for p in lab_sshd_sessions(lab)}
+
+
+async def drop_tcp_port(host, port: int) -> str:
+    """Drop every TCP segment to ``port`` on ``host`` (nftables, in its namespace); return the
+    table's name (``nft delete table inet NAME`` lifts it)."""
+    table = f"mtest_block_{port}"
+    await host.run("nft -f -", check=True, stdin=(
+        f"add table inet {table}\n"
+        f"add chain inet {table} input {{ type filter hook input priority -10; }}\n"
+        f"add rule inet {table} input tcp dport {port} drop\n"))
+    return table
 
 
 async def settled(probe, timeout_s: float = 30, interval_s: float = 0.1):
@@ -220,8 +212,8 @@ async def clear_leftovers(lab, inventory, dirs) -> None:
     """Kill every QEMU and participant in the lab hosts (stopped ones too), empty ``dirs`` on
     every host and remove every libvirt domain."""
     from migrator.hosts import SSHHost, quote
-    for _host, p, comm, cmdline in lab_host_processes(lab):
-        if comm.startswith("qemu-system") or "migrate-sync" in cmdline:
+    for p in host_processes(lab):
+        if is_qemu(p) or "migrate-sync" in p.cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
     await settled(lambda: lab_processes(lab))

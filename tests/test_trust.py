@@ -23,6 +23,7 @@ from migrator.hosts import SSHHost
 from migrator.hypervisor import make_vm
 from migrator.hypervisor.qemu import QemuVM
 from migrator.hypervisor.vm import VMSpec
+from migrator.lab.processes import host_processes
 from migrator.migration import MigrationParams, Phase, make_migration
 from migrator.migration.engine import EDGES, FINAL
 
@@ -211,9 +212,7 @@ async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab
         assert open_connections() == []
 
     def rpc_streams():
-        from .conftest import lab_host_processes
-        return [f"{host}: {cmdline[:100]}" for host, _p, _comm, cmdline in
-                lab_host_processes(lab) if "virt-ssh-helper" in cmdline]
+        return [p.describe() for p in host_processes(lab) if "virt-ssh-helper" in p.cmdline]
     assert await settled(rpc_streams, 15) == []
 
     def new_sessions():
