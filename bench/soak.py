@@ -12,7 +12,10 @@ open fds, the lab hosts' sshd sessions and this process's libvirt connections (w
 OpenSSH transport each is an ``ssh`` child of this process). "Flat" means fds, sessions and
 connections equal at start and end, and RSS growth < 5 MiB over the soak; "start" is after
 the first hop, which opens what the VM keeps for its life (its QMP connection) and loads
-what the first migration needs.
+what the first migration needs. For postcopy, the switch is asked for at the first progress
+poll; the "postcopy" column counts the hops whose guest really ran on the destination before
+all its pages had arrived (QEMU's postcopy-active event; libvirt's post-copy suspend event):
+a hop whose precopy converged first is checked all the same, but did not test postcopy.
 
 usage: bench/soak.py [--hops 200] [--drivers qemu,libvirt] [--modes precopy,multifd,postcopy]
 """
@@ -32,14 +35,14 @@ from migrator.config import Config, Inventory  # noqa: E402
 from migrator.hosts import SSHHost  # noqa: E402
 from migrator.hypervisor import make_vm  # noqa: E402
 from migrator.hypervisor.vm import VMSpec  # noqa: E402
-from migrator.lab import Lab, network  # noqa: E402
-from migrator.lab.system import processes_in_netns  # noqa: E402
+from migrator.lab import Lab  # noqa: E402
+from migrator.lab import processes  # noqa: E402
 from migrator.migration import MigrationParams, make_migration  # noqa: E402
 from migrator.migration.oracles import dirtier_report, wait_tick_after  # noqa: E402
 
 NAME, SUBNET, DIR = "msoak", "10.77.249.0/24", Path("/srv/migrator-bench/msoak")
 MODES = {"precopy": dict(), "multifd": dict(multifd_channels=2),
-         "postcopy": dict(postcopy_after_s=0.2)}
+         "postcopy": dict(postcopy_after_s=0)}
 EVERY = 50
 RSS_FLAT_MIB = 5
 
@@ -73,18 +76,7 @@ def libvirt_connections() -> int:
 
 def sshd_sessions(lab: Lab) -> int:
     """sshd session processes in the lab hosts (the listeners excluded)."""
-    n = 0
-    for hs in lab.state().hosts:
-        for p in processes_in_netns(network.netns_path(hs.netns)):
-            try:
-                comm = Path(f"/proc/{p.pid}/comm").read_text().strip()
-                cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if comm in ("sshd", "sshd-session") and b"[listener]" not in cmdline \
-                    and b"-D" not in cmdline:
-                n += 1
-    return n
+    return len(processes.sshd_sessions(lab))
 
 
 def sample(lab: Lab, hop: int) -> dict:
@@ -99,7 +91,7 @@ async def soak(driver: str, mode: str, hops: int, lab: Lab, inv: Inventory,
                   initrd=str(inv.guest.initrd),
                   append=f"{inv.guest.append} lab.out=ttyS1 lab.dirty=32".strip())
     vm = make_vm(driver, spec, hosts["hostA"], str(inv.run_dir), config)
-    samples, failure, walls = [], None, []
+    samples, failure, walls, switched = [], None, [], 0
     try:
         await vm.start()
         session = await vm.wait_for_login()
@@ -115,6 +107,7 @@ async def soak(driver: str, mode: str, hops: int, lab: Lab, inv: Inventory,
                 r = await make_migration(vm, hosts[dst], inv.hosts[dst].address, params,
                                          config).run()
                 walls.append(time.monotonic() - t0)
+                switched += bool(r.postcopy_switched)
                 # the VM object follows the guest to its new host
                 await wait_tick_after(vm, tick, 30)
                 session = await vm.wait_for_login()
@@ -137,7 +130,7 @@ async def soak(driver: str, mode: str, hops: int, lab: Lab, inv: Inventory,
     finally:
         await vm.stop()
     return {"driver": driver, "mode": mode, "samples": samples, "failure": failure,
-            "hops": len(walls), "walls": walls}
+            "hops": len(walls), "walls": walls, "switched": switched}
 
 
 def fmt(s: dict) -> str:
@@ -177,7 +170,7 @@ def main() -> int:
     finally:
         asyncio.run(lab.down())
     print(f"\n{'driver':<8}{'mode':<10}{'hops ok':>8}{'s/hop':>7}{'RSS hop1':>10}"
-          f"{'RSS end':>9}{'fds':>9}{'sessions':>10}{'libvirt':>9}  verdict")
+          f"{'RSS end':>9}{'fds':>9}{'sessions':>10}{'libvirt':>9}{'postcopy':>10}  verdict")
     ok = True
     for r in results:
         # the baseline is taken after the first hop: it opens what a VM keeps for its life
@@ -192,7 +185,8 @@ def main() -> int:
         print(f"{r['driver']:<8}{r['mode']:<10}{r['hops']:>8}{per_hop:>7.2f}"
               f"{first['rss']:>10.1f}{last['rss']:>9.1f}"
               f"{first['fds']:>4}->{last['fds']:<4}{first['sessions']:>4}->{last['sessions']:<5}"
-              f"{first['libvirt']:>3}->{last['libvirt']:<4}  "
+              f"{first['libvirt']:>3}->{last['libvirt']:<4}"
+              f"{r['switched'] if r['mode'] == 'postcopy' else '-':>10}  "
               f"{'green' if green else 'RED'}{'' if flat else ' (not flat)'}")
         if r["failure"]:
             print(f"    {r['failure']}")

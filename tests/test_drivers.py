@@ -17,12 +17,11 @@ from migrator.hosts import SSHHost
 from migrator.hypervisor import make_vm
 from migrator.hypervisor.libvirt_uri import host_uri
 from migrator.hypervisor.vm import VMSpec
-from migrator.lab import network
-from migrator.lab.system import processes_in_netns
+from migrator.lab.processes import host_processes, is_qemu
 from migrator.migration import MigrationParams, Phase, make_migration
 from migrator.migration.oracles import dirtier_report
 
-from .conftest import running
+from .conftest import drop_tcp_port, running
 
 #: libvirt twice: managed (migrate3, the controller drives both daemons) and peer-to-peer
 #: (migrateToURI3, the source daemon drives the destination itself)
@@ -40,16 +39,9 @@ async def hosts(inventory, config):
 
 async def leftovers(lab, hosts, inventory) -> list[str]:
     found = []
-    for hs in lab.state().hosts:
-        for p in processes_in_netns(network.netns_path(hs.netns)):
-            try:
-                comm = open(f"/proc/{p.pid}/comm").read().strip()
-                if comm == "qemu-system-x86":
-                    found.append(f"{hs.name}: qemu {p.pid}")
-                elif comm in ("ssh", "virt-ssh-helper"):    # a libvirt connection left open
-                    found.append(f"{hs.name}: {comm} {p.pid}")
-            except OSError:
-                pass
+    # a QEMU, or a libvirt connection left open (its ssh or virt-ssh-helper)
+    found += [p.describe() for p in host_processes(lab)
+              if is_qemu(p) or p.comm in ("ssh", "virt-ssh-helper")]
     for h in hosts.values():
         r = await h.run(f"ls -A {inventory.run_dir}; virsh -q list --all --name")
         found += [f"{h.name}: {x}" for x in r.stdout.split()]
@@ -128,6 +120,7 @@ async def test_there_and_back_with_a_session_and_sane_stats(vm, hosts, inventory
         assert r.transferred_bytes > 16 * 2**20 and r.iterations >= 1
         assert r.throughput_mbps > 0 and r.wall_s > 0 and r.run_s >= r.wall_s
         assert r.port is not None or vm.driver == "libvirt"
+        assert r.postcopy_switched is None          # no postcopy asked for
         phases = [p for p, _, _ in r.phases]
         assert phases[0] == "PENDING" and phases[-3:] == ["COMPLETED", "VERIFIED", "CLEANED"]
         if vm.driver == "libvirt":             # libvirt's figures without its own RPCs
@@ -153,6 +146,99 @@ async def test_cancel_midway_keeps_the_vm_on_its_source(vm, hosts, inventory):
     assert "destination removed from hostB" in info.value.outcome
     await alive_on(vm, "hostA")
     assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    await vm.stop()
+
+
+@pytest.mark.parametrize("guest_args", ["lab.dirty=32"])
+@pytest.mark.parametrize("vm, how", [("qemu", "interrupt"), ("libvirt", "cancel")],
+                         indirect=["vm"])
+async def test_stopped_after_the_postcopy_switch_the_postcopy_is_finished(vm, how, hosts,
+                                                                         inventory):
+    """``cancel()``, or the caller's task cancelled (Ctrl-C), after the switchover: nothing
+    can be rolled back (the destination runs the guest and holds its newest pages), so the
+    postcopy is finished and the VM lands whole on the destination (phase LANDED), said so."""
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 5")
+    m = migration(vm, hosts, inventory, "hostB", postcopy_after_s=0, bandwidth_mibs=8)
+    async with running(m.run()) as task:
+        async for record in m.progress():
+            if record.status == "postcopy-active" and record.remaining > 8 * 2**20:
+                break
+        else:
+            pytest.fail(f"postcopy ended before it could be stopped: {await task}")
+        if how == "cancel":
+            m.cancel("the test cancels it")
+            with pytest.raises(MigrationError,
+                               match=r"\[POSTCOPY\]: cancelled: the test cancels it") as info:
+                await task
+            outcome = info.value.outcome
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            outcome = m.result.error
+    assert m.phase is Phase.LANDED and m.result.phase == "LANDED", (m.phase, outcome)
+    assert "the VM runs on hostB" in outcome and "NOT" not in outcome, outcome
+    assert m.result.postcopy_switched is True
+    await alive_on(vm, "hostB")
+    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(vm)) is None:
+            await asyncio.sleep(0.2)
+    assert report[1] == 0, f"stale pages after postcopy: {report}"
+    await vm.stop()
+
+
+@pytest.mark.parametrize("guest_args", ["lab.dirty=32"])
+@pytest.mark.parametrize("vm", ["libvirt"], indirect=True)
+async def test_libvirt_postcopy_stalled_link(vm, hosts, inventory, caplog):
+    """The destination's migration port dropped (nftables) after the switchover, so nothing
+    breaks, it just stops. Where libvirt can resume a postcopy, the stall is recovered
+    (abortJobFlags POSTCOPY, the destination's dead connection closed, migrate3 with
+    POSTCOPY_RESUME on a new port) with the port still dropped. Where it cannot (libvirt
+    11.3.0's destination daemon crashes on a resume), the stall is waited out, never
+    failed: the link comes back, TCP goes on, the migration completes. Either way the guest's
+    memory arrives intact and no page is stale. (The qemu driver's recovery:
+    test_migration.py.)"""
+    from migrator.migration.libvirt import _RESUME_BROKEN
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 4")
+    quick = vm.config.model_copy(update={"timeouts": vm.config.timeouts.model_copy(
+        update={"migration_stall_s": 2.0})})
+    m = make_migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                       MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5), quick)
+    async with running(m.run()) as task:
+        async for record in m.progress():        # postcopy running, many pages still to go
+            if record.status == "postcopy-active" and record.remaining > 16 * 2**20 \
+                    and m.result.port is not None:
+                break
+        else:
+            pytest.fail(f"postcopy ended before the link could be cut: {await task}")
+        old_port = m.result.port
+        broken = _RESUME_BROKEN.get(m._dst_version)
+        table = await drop_tcp_port(hosts["hostB"], old_port)
+        try:
+            if broken:       # waited out: the link comes back once the stall is noticed
+                async with asyncio.timeout(60):
+                    while "waited for until the migration's timeout" not in caplog.text:
+                        await m.wait_changed()
+                await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+                table = None
+            r = await task
+        finally:
+            if table is not None:
+                await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    assert r.status == "completed" and r.postcopy_switched is True, r
+    if broken:
+        assert r.postcopy_recoveries == 0, r
+    else:
+        assert r.postcopy_recoveries == 1 and r.port != old_port, r
+    await alive_on(vm, "hostB")
+    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(vm)) is None:
+            await asyncio.sleep(0.2)
+    assert report[1] == 0, f"stale pages after postcopy: {report}"
     await vm.stop()
 
 
@@ -217,6 +303,7 @@ async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
     m = migration(vm, hosts, inventory, "hostB", postcopy_after_s=0, bandwidth_mibs=32)
     r = await m.run()
     assert r.status == "completed" and "POSTCOPY" in [p for p, _, _ in r.phases]
+    assert r.postcopy_switched is True, r
     if vm.driver == "libvirt":      # libvirt itself says the guest ran in postcopy
         import libvirt
         assert ("dst", "lifecycle", libvirt.VIR_DOMAIN_EVENT_RESUMED,

@@ -8,10 +8,11 @@ import pytest
 from migrator.errors import ConfigError, MigrationError
 from migrator.hosts import SSHHost
 from migrator.hypervisor.qemu import QemuVM, VMSpec, qemu_argv, vm_paths
+from migrator.lab.processes import host_processes, is_qemu
 from migrator.migration import EDGES, Migration, MigrationParams, Phase
 from migrator.migration.oracles import dirtier_report, wait_tick_after
 
-from .conftest import gather_owned, running
+from .conftest import drop_tcp_port, gather_owned, running
 
 
 @pytest.fixture
@@ -23,18 +24,12 @@ async def hosts(inventory):
 
 
 async def _leftovers(hosts, inventory, lab) -> list[str]:
-    from migrator.lab import network
-    from migrator.lab.system import processes_in_netns
     found = []
     for h in hosts.values():
         r = await h.run(f"ls -A {inventory.run_dir}")
         if r.stdout.strip():
             found.append(f"{h.name}: run dir holds {r.stdout.split()}")
-    for hs in lab.state().hosts:
-        qemus = [p.pid for p in processes_in_netns(network.netns_path(hs.netns))
-                 if open(f"/proc/{p.pid}/comm").read().strip() == "qemu-system-x86"]
-        if qemus:
-            found.append(f"{hs.name}: qemu pids {qemus}")
+    found += [p.describe() for p in host_processes(lab) if is_qemu(p)]
     return found
 
 
@@ -277,15 +272,6 @@ async def test_postcopy_switch_completes_with_memory_intact(make_vm, hosts, inve
     await dst.stop()
 
 
-async def _block(host, port: int) -> str:
-    table = f"mtest_block_{port}"
-    await host.run("nft -f -", check=True, stdin=(
-        f"add table inet {table}\n"
-        f"add chain inet {table} input {{ type filter hook input priority -10; }}\n"
-        f"add rule inet {table} input tcp dport {port} drop\n"))
-    return table
-
-
 async def test_postcopy_link_lost_without_recovery_is_reported_split(make_vm, hosts, inventory,
                                                                      config):
     """With recovery off, a postcopy failure is what it is: SPLIT, the destination kept."""
@@ -300,7 +286,7 @@ async def test_postcopy_link_lost_without_recovery_is_reported_split(make_vm, ho
         async for record in m.progress():
             if m.phase is Phase.POSTCOPY and record.status == "postcopy-active":
                 break
-        table = await _block(hosts["hostB"], m.result.port)
+        table = await drop_tcp_port(hosts["hostB"], m.result.port)
         try:
             with pytest.raises(MigrationError, match=r"\[POSTCOPY\]: stalled") as info:
                 await task
@@ -340,13 +326,13 @@ async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inv
         else:
             pytest.fail(f"postcopy ended before the link could be cut: {await task}")
         old_port = m.result.port
-        table = await _block(hosts["hostB"], old_port)
+        table = await drop_tcp_port(hosts["hostB"], old_port)
         try:
             r = await task
         finally:
             await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
     assert r.status == "completed" and r.postcopy_recoveries == 1, r
-    assert r.port != old_port
+    assert r.postcopy_switched is True and r.port != old_port
     session = await m.dst_vm.wait_for_login()
     assert "ok=1" in await session.cmd("memsum verify")
     async with asyncio.timeout(30):
@@ -370,7 +356,7 @@ async def test_postcopy_recovery_while_the_destination_main_thread_waits_for_a_p
                 break
         else:
             pytest.fail(f"postcopy ended before the link could be cut: {await task}")
-        table = await _block(hosts["hostB"], m.result.port)
+        table = await drop_tcp_port(hosts["hostB"], m.result.port)
         try:
             dst = await m.dst_vm.qmp()
             async with running(dst.execute("pmemsave", {

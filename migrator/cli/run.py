@@ -73,7 +73,8 @@ def run_main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(_run(plan, args))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("migrate-run: interrupted; every VM was rolled back and stopped, see "
+        print("migrate-run: interrupted; every migration was rolled back (or, past its "
+              "postcopy switchover, finished) and every VM stopped, see "
               f"{plan['out_dir']}", file=sys.stderr)
         return 130
     except MigratorError as exc:

@@ -151,6 +151,10 @@ class MigrationResult:
     iterations: int | None = None
     postcopy_requests: int | None = None
     postcopy_recoveries: int = 0         #: postcopy links recovered (migrate-recover)
+    #: postcopy asked for: did the guest really run on the destination before all its pages
+    #: had arrived (QEMU's MIGRATION event postcopy-active; libvirt's post-copy suspend
+    #: event)? False: precopy converged before the switch. None: no postcopy asked for
+    postcopy_switched: bool | None = None
     max_cpu_throttle: int = 0
     wall_s: float | None = None          #: 'migrate' issued -> completed seen
     run_s: float | None = None           #: the whole run(): destination start to cleanup
@@ -190,6 +194,7 @@ class BaseMigration:
         #: called with (migration, new phase) on every transition, e.g. to show progress
         self.observers: list[Callable[["BaseMigration", Phase], None]] = []
         self._cancel_requested: str | None = None
+        self._interrupted = False           # the caller's task was cancelled
         self._t_migrate: float | None = None
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
                                       "pending", Phase.PENDING.value, driver=self.driver,
@@ -217,7 +222,9 @@ class BaseMigration:
                               self.phase.value, message, outcome)
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the migration to stop; ``run()`` then rolls back and raises MigrationError."""
+        """Ask the migration to stop; ``run()`` then rolls back and raises MigrationError.
+        After the postcopy switchover nothing can be rolled back: a healthy postcopy is
+        finished first and the VM lands on the destination (phase LANDED)."""
         self._cancel_requested = reason
         self._pulse()
 
@@ -261,6 +268,7 @@ class BaseMigration:
             await self._run_phases()
         except asyncio.CancelledError:
             failed_in = self.phase
+            self._interrupted = True
             why = "interrupted: the controller's task was cancelled"
             outcome = await shielded(self._guarded_rollback(why))
             self.result.status = "cancelled"
@@ -364,6 +372,8 @@ class BaseMigration:
         """After a postcopy switchover the source cannot take the VM back: the outcome to
         report (phase SPLIT; LOST when either side's QEMU is gone, since each held pages the
         other lacks), or None when that is not the case."""
+        if self.phase is Phase.POSTCOPY and await self._finish_postcopy():
+            return None         # it completed: the caller settles it as landed
         if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
                                             and self.params.postcopy_after_s is not None):
             for vm, role in ((self.src_vm, "source"), (self.dst_vm, "destination")):
@@ -380,6 +390,21 @@ class BaseMigration:
                     "time(s): once the link is back, migrate-recover on the destination and "
                     "'migrate' with resume on the source can still finish it")
         return None
+
+    def _stop_asked(self) -> bool:
+        """The migration is being stopped on purpose (``cancel()``, or the caller's task
+        cancelled), not because something broke."""
+        return self._cancel_requested is not None or self._interrupted
+
+    async def _finish_postcopy(self) -> bool:
+        """A failure or stop after the postcopy switchover, which cannot be undone: finish the
+        postcopy when the driver can, so that the VM lands whole on the destination.
+
+        :return: True when the migration completed and the destination runs the VM (phase
+            VERIFIED); False when it cannot be finished (the caller reports SPLIT or LOST).
+            Never raises.
+        """
+        return False
 
     async def _settle_after_completion(self, why: str) -> str | None:
         """A failure after COMPLETED or VERIFIED: ask both sides where the VM runs.
@@ -668,7 +693,12 @@ class Migration(BaseMigration):
 
         def ts(ev):
             return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
-        stops = [ts(e) for e in src.events.clear() if e["event"] == "STOP"]
+        src_events = src.events.clear()
+        stops = [ts(e) for e in src_events if e["event"] == "STOP"]
+        if self.params.postcopy_after_s is not None:
+            self.result.postcopy_switched = any(
+                e["event"] == "MIGRATION" and e["data"].get("status") == "postcopy-active"
+                for e in src_events)
         resumes = [ts(e) for e in dst.events.clear() if e["event"] == "RESUME"]
         if stops and resumes:
             self.result.downtime_events_ms = round((resumes[0] - stops[-1]) * 1000, 1)
@@ -705,6 +735,43 @@ class Migration(BaseMigration):
 
     def _source_can_resume(self, src_state: str) -> bool:
         return src_state in ("postmigrate", "finish-migrate", "paused", "running")
+
+    async def _finish_postcopy(self) -> bool:
+        """Stopped on purpose after the switchover: let a healthy postcopy complete (it moves
+        on without the controller; bounded by the migration's timeout, and given up when no
+        byte moves for ``migration_stall_s`` or QEMU leaves postcopy-active), then verify."""
+        if not self._stop_asked():
+            return False        # broken (recovery was tried meanwhile): SPLIT or LOST
+        timeouts = self.config.timeouts
+        log.warning("[vm=%s %s->%s] stopped after the postcopy switchover, which cannot be "
+                    "undone: finishing the postcopy", self.src_vm.name, self.src_vm.host.name,
+                    self.dst_host.name)
+        try:
+            async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
+                src = await self.src_vm.qmp()
+                moved, moved_at = -1, time.monotonic()
+                while (info := await src.execute("query-migrate"))["status"] != "completed":
+                    if info["status"] != "postcopy-active":
+                        log.warning("[vm=%s] postcopy not finished: QEMU went %r",
+                                    self.src_vm.name, info["status"])
+                        return False
+                    self._record(info)
+                    if self.records[-1].transferred != moved:
+                        moved, moved_at = self.records[-1].transferred, time.monotonic()
+                    elif time.monotonic() - moved_at >= timeouts.migration_stall_s:
+                        log.warning("[vm=%s] postcopy not finished: no bytes moved for %g s",
+                                    self.src_vm.name, timeouts.migration_stall_s)
+                        return False
+                    await asyncio.sleep(timeouts.progress_interval_s)
+                self.result.wall_s = time.monotonic() - self._t_migrate
+                self._set_phase(Phase.COMPLETED)
+                self._final_figures(info)
+                await self._verify(src, await self.dst_vm.qmp())
+                return True
+        except (Exception, TimeoutError) as exc:  # noqa: BLE001 - not finished: said so
+            log.warning("[vm=%s] postcopy not finished: %s: %s", self.src_vm.name,
+                        type(exc).__name__, exc)
+            return False
 
     async def _clean_source(self) -> str:
         try:

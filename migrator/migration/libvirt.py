@@ -30,6 +30,7 @@ from functools import partial
 
 import libvirt
 
+from ..errors import HostError
 from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
 from ..hypervisor.libvirt_uri import remote_uri
@@ -40,6 +41,18 @@ log = logging.getLogger(__name__)
 
 _EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
            libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION)
+
+
+_POSTCOPY_FAILED = ((libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
+                    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED))
+
+
+#: libvirt versions whose destination daemon crashes on a postcopy resume, and why. 11.3.0:
+#: qemuMigrationDstPrepareResume passes a NULL fd pointer down to qemuProcessIncomingDefNew,
+#: which dereferences it (SIGSEGV in libvirt_driver_qemu.so; found in this project's fault
+#: matrix on Debian's 11.3.0-2~bpo12+1; upstream later passes the fd by value, -1)
+_RESUME_BROKEN = {11_003_000: "libvirt 11.3.0 crashes the destination's libvirtd on a "
+                              "postcopy resume (NULL fd in qemuMigrationDstPrepareResume)"}
 
 
 class LibvirtMigration(BaseMigration):
@@ -57,6 +70,8 @@ class LibvirtMigration(BaseMigration):
         self.events: list[tuple[str, str, int, int, float]] = []
         self._callbacks: list[tuple[object, int]] = []    # (LibvirtConnection, id)
         self._p2p_uri = ""          # the destination's URI as the source's libvirtd opens it
+        self._waiting_out = False   # a postcopy stall this libvirt cannot recover: waited for
+        self._dst_version = 0       # the destination's libvirt (getLibVersion)
 
     # -- what libvirt is asked ----------------------------------------------------------------
 
@@ -100,6 +115,7 @@ class LibvirtMigration(BaseMigration):
             if sdom is None:
                 raise self._error(f"no domain {src.name} on {src.host.name}")
             dconn = await self.dst_vm.conn()
+            self._dst_version = await self.dst_vm.call("getLibVersion", dconn.getLibVersion)
             flags, params = self.flags_and_params()
             if self.params.downtime_limit_ms is not None:
                 await src.call("migrateSetMaxDowntime", sdom.migrateSetMaxDowntime,
@@ -133,13 +149,40 @@ class LibvirtMigration(BaseMigration):
         self._set_phase(Phase.MIGRATING)
         moved, moved_at = -1, time.monotonic()
         async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
-            while not self._job.done():
+            while True:
+                if self._job.done():
+                    if (not self._job.cancelled() and self._job.exception() is not None
+                            and self._can_recover() and await self._postcopy_failed(self.src_vm)
+                            and self._resume_blocked() is None):
+                        # libvirt saw the link break itself and kept both sides paused
+                        await self._recover_postcopy(sdom, dconn, flags, params,
+                                                     f"migrate3 failed: {self._job.exception()}")
+                        moved, moved_at = -1, time.monotonic()
+                        continue
+                    break
                 if self._cancel_requested:
                     raise self._error(f"cancelled: {self._cancel_requested}")
                 await self._poll(sdom)
                 now = time.monotonic()
                 if self.records and self.records[-1].transferred != moved:
                     moved, moved_at = self.records[-1].transferred, now
+                elif now - moved_at >= timeouts.migration_stall_s and self._can_recover():
+                    # past the switchover the source cannot take the VM back: recover, or
+                    # where this libvirt cannot, wait (a link that comes back lets TCP go
+                    # on; the migration's timeout bounds the wait)
+                    blocked = self._resume_blocked()
+                    if blocked is None:
+                        await self._recover_postcopy(sdom, dconn, flags, params,
+                                                     f"no bytes moved for "
+                                                     f"{timeouts.migration_stall_s:g} s")
+                        moved, moved_at = -1, time.monotonic()
+                        continue
+                    if not self._waiting_out:
+                        self._waiting_out = True
+                        log.warning("[vm=%s %s->%s] postcopy stalled for %g s; not recovered "
+                                    "(%s): waited for until the migration's timeout",
+                                    self.src_vm.name, self.src_vm.host.name,
+                                    self.dst_host.name, timeouts.migration_stall_s, blocked)
                 elif now - moved_at >= timeouts.migration_stall_s:
                     raise self._error(f"stalled: no bytes moved for "
                                       f"{timeouts.migration_stall_s:g} s at {moved} bytes "
@@ -175,6 +218,90 @@ class LibvirtMigration(BaseMigration):
             stats = await self.dst_vm.call("completed job stats", ddom.jobStats,
                                            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         self._final_figures(stats)
+
+    # -- postcopy recovery -----------------------------------------------------------------
+
+    def _can_recover(self) -> bool:
+        return (self.phase is Phase.POSTCOPY and bool(self.records)
+                and self.records[-1].status == "postcopy-active"
+                and self.result.postcopy_recoveries < self.params.postcopy_recoveries)
+
+    def _resume_blocked(self) -> str | None:
+        """Why this destination's libvirt cannot resume a postcopy, or None when it can."""
+        return _RESUME_BROKEN.get(self._dst_version)
+
+    async def _state_reason(self, vm: LibvirtVM) -> tuple[int, int] | None:
+        """``vm``'s domain (state, reason); (SHUTOFF, 0) when there is no domain; None when
+        its libvirtd cannot be asked."""
+        try:
+            dom = await vm.domain()
+            if dom is None:
+                return libvirt.VIR_DOMAIN_SHUTOFF, 0
+            return tuple(await vm.call("state", dom.state))
+        except Exception as exc:  # noqa: BLE001 - unknown, said so by None
+            log.info("[vm=%s] state on %s unknown: %s", vm.name, vm.host.name, exc)
+            return None
+
+    async def _postcopy_failed(self, vm: LibvirtVM) -> bool:
+        """libvirt marks a domain whose postcopy broke (paused or running) post-copy failed."""
+        return await self._state_reason(vm) in _POSTCOPY_FAILED
+
+    async def _recover_postcopy(self, sdom, dconn, flags: int, params: dict, why: str) -> None:
+        """libvirt's postcopy recovery (libvirt >= 8.5):
+
+        1. the source paused: ``abortJobFlags(VIR_DOMAIN_ABORT_JOB_POSTCOPY)`` (QMP
+           ``migrate-pause``), unless libvirt saw the break itself;
+        2. the destination made to notice: libvirt offers no way to pause an incoming
+           postcopy and its incoming job keeps the monitor to itself (Finish3 waits there
+           with no timeout), so a destination whose QEMU still waits on a dead connection
+           (a dropped link breaks nothing until TCP gives up) has that connection closed by
+           the kernel (``ss -K``, SOCK_DESTROY): its QEMU pauses itself, libvirt marks it
+           running/post-copy failed and migrate3 returns;
+        3. ``migrate3`` again with VIR_MIGRATE_POSTCOPY_RESUME: the destination's libvirt
+           runs ``migrate-recover`` on a port it allocates anew, and the source resumes.
+
+        :raise MigrationError: a step failed or did not end within ``migration_cancel_s``
+            (the caller reports SPLIT, or LOST when a side is gone).
+        """
+        timeouts = self.config.timeouts
+        src, dst = self.src_vm, self.dst_vm
+        log.warning("[vm=%s %s->%s] postcopy stuck (%s): recovering", src.name,
+                    src.host.name, self.dst_host.name, why)
+        self.result.postcopy_recoveries += 1
+        step = "pausing the source"
+        try:
+            async with asyncio.timeout(timeouts.migration_cancel_s):
+                if not await self._postcopy_failed(src):
+                    await src.call("abortJobFlags", sdom.abortJobFlags,
+                                   libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+                step = "closing the destination's dead migration connection"
+                if not self._job.done() and self.result.port is not None:
+                    await self.dst_host.run(
+                        f"ss -K -tn state established src {quote(self.dst_address)} "
+                        f"sport = :{self.result.port}", check=True,
+                        timeout=timeouts.migration_cancel_s)
+                step = "waiting for the broken migrate3 to end"
+                try:
+                    await asyncio.shield(self._job)
+                except libvirt.libvirtError:
+                    pass                # what the broken job returns
+                step = "waiting for both sides to be post-copy failed"
+                while not (await self._postcopy_failed(src) and await self._postcopy_failed(dst)):
+                    await asyncio.sleep(timeouts.progress_interval_s)
+        except TimeoutError:
+            raise self._error(f"postcopy recovery stuck {step} for "
+                              f"{timeouts.migration_cancel_s:g} s") from None
+        except (LibvirtError, libvirt.libvirtError, HostError) as exc:
+            raise self._error(f"postcopy recovery: {step}: {exc}") from exc
+        self.result.port = None                 # a new one: found again by _poll
+        resume = flags | libvirt.VIR_MIGRATE_POSTCOPY | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+        if self.config.libvirt.p2p:
+            job = partial(sdom.migrateToURI3, self._p2p_uri, params, resume)
+        else:
+            job = partial(sdom.migrate3, dconn, params, resume)
+        self._job = (await src.connection()).submit(job, also=(await dst.connection(),))
+        self._job.add_done_callback(self._job_done)
+        log.warning("[vm=%s] postcopy resumed (migrate3 with POSTCOPY_RESUME)", src.name)
 
     async def _poll(self, sdom) -> None:
         timeouts = self.config.timeouts
@@ -262,6 +389,11 @@ class LibvirtMigration(BaseMigration):
         resumed = [t for side, kind, ev, _, t in self.events
                    if side == "dst" and kind == "lifecycle"
                    and ev == libvirt.VIR_DOMAIN_EVENT_RESUMED]
+        if self.params.postcopy_after_s is not None:
+            self.result.postcopy_switched = any(
+                side == "src" and kind == "lifecycle" and ev == libvirt.VIR_DOMAIN_EVENT_SUSPENDED
+                and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY
+                for side, kind, ev, detail, _t in self.events)
         if suspended and resumed:
             self.result.downtime_events_ms = round((resumed[-1] - suspended[-1]) * 1000, 1)
         self._set_phase(Phase.VERIFIED)
@@ -334,6 +466,78 @@ class LibvirtMigration(BaseMigration):
             return f"libvirt had removed the source domain from {src.host.name}"
         except Exception as exc:  # noqa: BLE001 - reported
             return f"SOURCE NOT CLEANED on {src.host.name} ({exc})"
+
+    def _job_succeeded(self) -> bool:
+        job = self._job
+        return (job is not None and job.done() and not job.cancelled()
+                and job.exception() is None)
+
+    async def _gone(self, vm) -> bool:
+        """libvirt stops and undefines the source itself once a postcopy completes: after the
+        switchover an absent source proves a loss only when the destination's libvirt says
+        the postcopy broke."""
+        if vm is self.src_vm and self.phase in (Phase.POSTCOPY, Phase.COMPLETED) \
+                and self.params.postcopy_after_s is not None \
+                and await self._state_reason(self.dst_vm) not in _POSTCOPY_FAILED:
+            return False
+        return await super()._gone(vm)
+
+    async def _split_outcome(self) -> str | None:
+        """After the switchover, with migrate3 failed and the destination's libvirtd not
+        answering, neither a split nor a loss can be told from a completion (its QEMU goes
+        on without its libvirtd): UNRESOLVED, nothing destroyed."""
+        if self.phase is Phase.POSTCOPY and not self._job_succeeded() \
+                and await self._state_reason(self.dst_vm) is None:
+            self._set_phase(Phase.UNRESOLVED)
+            self.result.status = "failed"
+            return (f"failed after the postcopy switchover and the destination's libvirtd on "
+                    f"{self.dst_host.name} cannot be asked: whether its QEMU completed the "
+                    "postcopy is unknown; both sides were kept as they are (migrate-run "
+                    "recover resolves it once that libvirtd answers)")
+        return await super()._split_outcome()
+
+    async def _finish_postcopy(self) -> bool:
+        """After the switchover migrate3 goes on without the controller: stopped on purpose,
+        wait for it (bounded by the migration's timeout); if it completed meanwhile, whatever
+        the failure, take that. Then verify as after a completion."""
+        job = self._job
+        if job is None:
+            return False
+        if not job.done() and self._stop_asked():
+            log.warning("[vm=%s %s->%s] stopped after the postcopy switchover, which cannot "
+                        "be undone: waiting for libvirt to finish the postcopy",
+                        self.src_vm.name, self.src_vm.host.name, self.dst_host.name)
+            try:
+                await asyncio.wait_for(asyncio.shield(job), self.config.timeouts.migration_for(
+                    self.src_vm.spec.mem_mib))
+            except (TimeoutError, libvirt.libvirtError):
+                pass
+        if not self._job_succeeded():
+            # migrate3 failed, yet libvirt may have completed the postcopy on both sides
+            # (a client-side step failed after QEMU finished): the domains tell
+            if not (await self._state_reason(self.dst_vm) == (
+                    libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED)
+                    and await self._ask(self.src_vm) in ("absent", "shutoff")):
+                return False
+        try:
+            self.result.wall_s = time.monotonic() - self._t_migrate
+            self._set_phase(Phase.COMPLETED)
+            stats = self._completed_stats
+            if stats is None:
+                try:
+                    ddom = (job.result() if self._job_succeeded() else None) \
+                        or await self.dst_vm.domain()
+                    stats = await self.dst_vm.call("completed job stats", ddom.jobStats,
+                                                   libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+                except LibvirtError as exc:     # the figures only: the VM is what counts
+                    log.info("[vm=%s] no completed job stats: %s", self.src_vm.name, exc)
+            self._final_figures(stats or {})
+            await self._verify()
+            return True
+        except Exception as exc:  # noqa: BLE001 - not finished: said so
+            log.warning("[vm=%s] postcopy not verified: %s: %s", self.src_vm.name,
+                        type(exc).__name__, exc)
+            return False
 
     async def _ask(self, vm: LibvirtVM) -> str | None:
         """``vm``'s domain state, or None when its libvirtd cannot be asked."""
