@@ -751,7 +751,8 @@ class Migration(BaseMigration):
                 src = await self.src_vm.qmp()
                 moved, moved_at = -1, time.monotonic()
                 while (info := await src.execute("query-migrate"))["status"] != "completed":
-                    if info["status"] != "postcopy-active":
+                    # "active": the switch is asked for and QEMU makes it at its next pass
+                    if info["status"] not in ("active", "postcopy-active", "device"):
                         log.warning("[vm=%s] postcopy not finished: QEMU went %r",
                                     self.src_vm.name, info["status"])
                         return False

@@ -459,7 +459,7 @@ class LibvirtMigration(BaseMigration):
     async def _clean_source(self) -> str:
         src = self.src_vm
         try:
-            if await src.status() not in ("absent", "shutoff"):
+            if await src.status() != "absent":     # a shut-off definition goes too
                 await src.stop()
                 return f"the source domain on {src.host.name} was removed"
             await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)
@@ -488,6 +488,19 @@ class LibvirtMigration(BaseMigration):
         on without its libvirtd): UNRESOLVED, nothing destroyed."""
         if self.phase is Phase.POSTCOPY and not self._job_succeeded() \
                 and await self._state_reason(self.dst_vm) is None:
+            if await self._state_reason(self.src_vm) == (libvirt.VIR_DOMAIN_SHUTOFF,
+                                                         libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED):
+                # the source's libvirt saw QEMU complete the postcopy (Confirm3 forces
+                # success then) and stopped the source: the destination holds it all
+                self._set_phase(Phase.COMPLETED)
+                notes = await self._clean_source()
+                await self._follow_to_destination()
+                self._set_phase(Phase.LANDED)
+                self.result.status = "failed"
+                return (f"the postcopy completed (the source's libvirt on "
+                        f"{self.src_vm.host.name} reports its domain shut off as migrated) "
+                        f"but the destination's libvirtd on {self.dst_host.name} cannot be "
+                        f"asked: the VM runs on {self.dst_host.name}; {notes}")
             self._set_phase(Phase.UNRESOLVED)
             self.result.status = "failed"
             return (f"failed after the postcopy switchover and the destination's libvirtd on "
