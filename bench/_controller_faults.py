@@ -83,8 +83,8 @@ CONTROLLER_EXPECTED: dict[str, dict[str, tuple]] = {
 }
 # moments of the host faults the controller rows do not repeat, and why
 CONTROLLER_NOT_APPLICABLE = {
-    "precopy-late": "the controller is stopped at a journal record, and records mark phases, "
-                    "not passes: a controller fault takes the same path in every pass",
+    "precopy-late": "controller faults land at journal records, which mark phases, not "
+                    "passes: a controller fault takes the same path in every precopy pass",
 }
 
 
