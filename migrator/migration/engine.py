@@ -35,7 +35,9 @@ names the VM, both hosts and the phase, with the original error chained.
 
 After a postcopy switchover the guest's memory is split between the hosts and the source can
 no longer resume it; such a failure ends in SPLIT and is reported as exactly that (the
-destination is *not* killed, since it holds the newest pages).
+destination is *not* killed, since it holds the newest pages). A stop asked for on purpose
+there (``cancel()``, the caller's task cancelled) finishes a healthy postcopy instead:
+POSTCOPY -> COMPLETED -> VERIFIED -> LANDED, the VM whole on the destination.
 """
 
 from __future__ import annotations
@@ -258,7 +260,8 @@ class BaseMigration:
         :return: the result record (``status == "completed"``, phase CLEANED).
         :raise MigrationError: on any failure, timeout or ``cancel()``; the VM then runs on
             its source and the destination is gone (phase ROLLED_BACK), or, after a postcopy
-            switchover, the outcome says the state is split (phase SPLIT).
+            switchover, the outcome says the state is split (phase SPLIT) or, for a
+            ``cancel()``, that the postcopy was finished first (phase LANDED).
         :raise asyncio.CancelledError: when the caller's task is cancelled, after the same
             rollback.
         """
