@@ -109,6 +109,16 @@ async def alive_on(vm, host: str) -> None:
     assert (await session.cmd("echo alive")).strip() == "alive"
 
 
+async def assert_whole_after_postcopy(vm, session) -> None:
+    """The guest's memsum pattern verifies through ``session`` (which followed the VM), and
+    the dirtier's first report on the VM's new host finds no stale page."""
+    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
+    async with asyncio.timeout(30):
+        while (report := await dirtier_report(vm)) is None:
+            await asyncio.sleep(0.2)          # the dirtier's first report on the destination
+    assert report[1] == 0, f"stale pages after postcopy: {report}"
+
+
 async def test_there_and_back_with_a_session_and_sane_stats(vm, hosts, inventory):
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 42")
@@ -185,11 +195,7 @@ async def test_stopped_after_the_postcopy_switch_the_postcopy_is_finished(vm, ho
     assert "the VM runs on hostB" in outcome and "NOT" not in outcome, outcome
     assert m.result.postcopy_switched is True
     await alive_on(vm, "hostB")
-    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
-    async with asyncio.timeout(30):
-        while (report := await dirtier_report(vm)) is None:
-            await asyncio.sleep(0.2)
-    assert report[1] == 0, f"stale pages after postcopy: {report}"
+    await assert_whole_after_postcopy(vm, session)
     await vm.stop()
 
 
@@ -238,11 +244,7 @@ async def test_libvirt_postcopy_stalled_link(vm, hosts, inventory, caplog):
     else:
         assert r.postcopy_recoveries == 1 and r.port != old_port, r
     await alive_on(vm, "hostB")
-    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
-    async with asyncio.timeout(30):
-        while (report := await dirtier_report(vm)) is None:
-            await asyncio.sleep(0.2)
-    assert report[1] == 0, f"stale pages after postcopy: {report}"
+    await assert_whole_after_postcopy(vm, session)
     await vm.stop()
 
 
@@ -312,11 +314,7 @@ async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
         import libvirt
         assert ("dst", "lifecycle", libvirt.VIR_DOMAIN_EVENT_RESUMED,
                 libvirt.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY) in [e[:4] for e in m.events]
-    assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
-    async with asyncio.timeout(30):
-        while (report := await dirtier_report(vm)) is None:
-            await asyncio.sleep(0.2)          # the dirtier's first report on the destination
-    assert report[1] == 0, f"stale pages after postcopy: {report}"
+    await assert_whole_after_postcopy(vm, session)
     await alive_on(vm, "hostB")
     await vm.stop()
 
