@@ -56,9 +56,6 @@ class Crash(MultihostMigration):
         await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1], worker=worker)
 '''
 
-CTL_MOMENTS = ["setup", "precopy", "postcopy"]
-BARRIERS = ["disks_prepared", "migration_finished", "all_done"]
-
 # -- what each cell must end in, written before it runs ------------------------------------------
 # (the migration's final phase in the run's report, or for recover what it did; where a copy
 #  runs after it all; memory of that copy)
