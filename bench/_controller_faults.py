@@ -1,7 +1,8 @@
 """The fault matrix's controller rows (issue 13): faults on ``migrate-run`` itself.
 
-Each cell is a real ``migrate-run`` of a one-migration scenario (vm1 hostA -> hostB holding a
-32 MiB memsum pattern, capped at 8 MiB/s) into which one fault lands at one moment:
+Each cell is a real ``migrate-run`` of ``test_recover``'s one-migration scenario
+(``tests/controller.py``: vm1 hostA -> hostB holding a 32 MiB memsum pattern), capped at
+8 MiB/s, into which one fault lands at one moment:
 
 * ``ctl-sigint``: Ctrl-C (SIGINT) to the controller;
 * ``ctl-sigkill-recover``: SIGKILL, then ``migrate-run recover``, which must keep exactly one
@@ -28,33 +29,18 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import tempfile
 from pathlib import Path
 
 from migrator.config import Config, Inventory
-from migrator.framework.journal import find_run, list_runs, read_journal
+from migrator.framework.journal import find_run
 from migrator.framework.recover import recover
 from migrator.hosts import SSHHost
 from migrator.hypervisor import VMSpec, make_vm
 from migrator.lab import Lab, processes
+from tests.controller import Controller
 
-BIN = Path(sys.executable).parent
 CAP_MIBS = 8
-
-SCENARIO = '''
-from migrator import MultihostMigration
-
-
-class Crash(MultihostMigration):
-    """vm1 from the first host to the second, holding a memory pattern (memsum)."""
-
-    async def migration_scenario(self):
-        async def worker(md):
-            for vm in md.vms:
-                await (await vm.wait_for_login()).cmd("memsum write 32 7")
-        await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1], worker=worker)
-'''
 
 # -- what each cell must end in, written before it runs ------------------------------------------
 # (the migration's final phase in the run's report, or for recover what it did; where a copy
@@ -91,63 +77,6 @@ def controller_cells(drivers: list[str]):
         for moment, expected in moments.items():
             for d in drivers:
                 yield fault, moment, d, expected
-
-
-class Controller:
-    """One ``migrate-run`` of :data:`SCENARIO`, as a process the bench stops and kills."""
-
-    def __init__(self, tmp: Path, lab: Lab, driver: str, args: list[str]):
-        self.state, self.results = tmp / "state", tmp / "results"
-        scenario = tmp / "crash.py"
-        scenario.write_text(SCENARIO)
-        self.log = tmp / "controller.out"
-        self.argv = [str(BIN / "migrate-run"), "-i", str(lab.inventory_path), "-o",
-                     str(self.results), "-m", "hostA,hostB", "-p", f"driver={driver}",
-                     "-p", f"journal.state_dir={self.state}",
-                     "-p", f"migration.bandwidth_mibs={CAP_MIBS}", *args, str(scenario)]
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with open(self.log, "wb") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def run_id(self) -> str | None:
-        runs = list_runs(self.state)
-        if runs:
-            return runs[0].run_id
-        done = list(self.results.glob("*/run.json"))
-        return done[0].parent.name if done else None
-
-    def journal(self) -> list[dict]:
-        found = list(self.results.glob("*/journal.jsonl"))
-        return read_journal(found[0]) if found else []
-
-    async def wait_stopped(self, timeout: float = 180) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"migrate-run ended ({self.proc.returncode}) before its "
-                                       f"stop point:\n{self.output()[-2000:]}")
-                stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    return
-                await asyncio.sleep(0.01)
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
-
-    async def wait(self, timeout: float = 600) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 def received(lab: Lab, host: str) -> int:
@@ -195,7 +124,8 @@ async def run_controller_cell(cell, lab: Lab, inv: Inventory, config: Config) ->
     else:
         stop, args = None, ["-p", "migration.postcopy_after_s=0"]
     with tempfile.TemporaryDirectory(prefix="mfault-ctl.") as tmp:
-        ctl = Controller(Path(tmp), lab, driver,
+        args += ["-p", f"migration.bandwidth_mibs={CAP_MIBS}"]
+        ctl = Controller(Path(tmp), lab.inventory_path, driver,
                          [*args, "-p", f"journal.stop_after={stop}"] if stop else args)
         await ctl.start()
         try:
@@ -204,12 +134,8 @@ async def run_controller_cell(cell, lab: Lab, inv: Inventory, config: Config) ->
                 landed = stop.split(":", 1)[1]
             else:       # the phase's record, then bytes flowing: injected while it runs
                 phase = "MIGRATING" if moment == "precopy" else "POSTCOPY"
-                async with asyncio.timeout(180):
-                    while not any(r.get("event") == "phase" and r.get("phase") == phase
-                                  for r in ctl.journal()):
-                        if ctl.proc.returncode is not None:
-                            raise RuntimeError(f"migrate-run ended:\n{ctl.output()[-2000:]}")
-                        await asyncio.sleep(0.01)
+                await ctl.wait_for(lambda r: r.get("event") == "phase"
+                                   and r.get("phase") == phase)
                 landed = f"{phase} + {await wait_received(lab, 2 * 2**20) / 2**20:.0f}MiB"
             if moment == "postcopy" and driver == "libvirt":
                 async with SSHHost.from_inventory("hostB", inv, config) as b:

@@ -14,116 +14,18 @@ import asyncio
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 
 from .conftest import BIN
+from .controller import Controller, recover_cli
 from migrator.config import Config
 from migrator.framework.journal import find_run, list_runs, read_journal
 from migrator.hosts import SSHHost
 from migrator.hypervisor import VMSpec, make_vm
 from migrator.lab import processes
 
-SCENARIO = '''
-from migrator import MultihostMigration
-
-
-class Crash(MultihostMigration):
-    """vm1 from the first host to the second, holding a memory pattern (memsum)."""
-
-    async def migration_scenario(self):
-        async def worker(md):
-            for vm in md.vms:
-                await (await vm.wait_for_login()).cmd("memsum write 32 7")
-        await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1], worker=worker)
-'''
-
 SLOW = ["-p", "migration.bandwidth_mibs=1"]     # 32 MiB of pattern take 30 s: still migrating
-
-
-class Controller:
-    """One ``migrate-run`` of the crash scenario, as a process the test kills."""
-
-    def __init__(self, tmp: Path, inventory, driver: str, args: list[str],
-                 machines: str = "hostA,hostB"):
-        self.state = tmp / "state"
-        self.results = tmp / "results"
-        self.scenario = tmp / "crash.py"
-        self.scenario.write_text(SCENARIO)
-        self.log = tmp / "controller.out"
-        self.argv = [str(BIN / "migrate-run"), "-i", str(inventory.source), "-o",
-                     str(self.results), "-m", machines, "-p", f"driver={driver}",
-                     "-p", f"journal.state_dir={self.state}", *args, str(self.scenario)]
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with open(self.log, "wb") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdout=out, stderr=asyncio.subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def run_id(self) -> str | None:
-        runs = list_runs(self.state)
-        return runs[0].run_id if runs else None
-
-    def journal(self) -> list[dict]:
-        run_id = self.run_id()
-        if run_id is None:
-            return []
-        entry = find_run(self.state, run_id)
-        return read_journal(entry.journal_path) if entry.journal_path.exists() else []
-
-    async def wait_for(self, match, timeout: float = 180, count: int = 1) -> dict:
-        """The ``count``-th journal record ``match`` accepts (polled every 5 ms)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                hits = [rec for rec in self.journal() if match(rec)]
-                if len(hits) >= count:
-                    return hits[count - 1]
-                assert self.proc.returncode is None, \
-                    f"migrate-run ended ({self.proc.returncode}) before the record:\n" \
-                    + self.output()
-                await asyncio.sleep(0.005)
-
-    async def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def wait_stopped(self, timeout: float = 180) -> None:
-        """Wait until the controller stopped itself at ``journal.stop_after``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                assert self.proc.returncode is None, \
-                    f"migrate-run ended ({self.proc.returncode}) before its stop point:\n" \
-                    + self.output()
-                stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    return
-                await asyncio.sleep(0.01)
-
-    async def killed_while_migrating(self) -> None:
-        """Start, and SIGKILL once the journal says MIGRATING (SLOW: it lasts ~30 s)."""
-        await self.start()
-        try:
-            await self.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
-            await self.kill()
-        finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            await self.kill()
-
-
-async def recover_cli(ctl: Controller, *args: str, timeout: float = 300):
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "migrate-run"), "recover", "-p", f"journal.state_dir={ctl.state}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode, out.decode(), err.decode()
 
 
 def vm_processes(lab, vm: str) -> list[str]:
@@ -181,7 +83,7 @@ async def test_sigkill_then_recover_keeps_exactly_one_copy_intact(
     pairs = len(keepers)
     stop = "barrier:migration_finished" if target == "barrier" else \
         f"phase:{target}@{pairs}"
-    ctl = Controller(tmp_path, inventory, driver, [*args, "-p", f"journal.stop_after={stop}"],
+    ctl = Controller(tmp_path, inventory.source, driver, [*args, "-p", f"journal.stop_after={stop}"],
                      "hostA,hostB,hostC,hostD" if pairs == 2 else "hostA,hostB")
     await ctl.start()
     try:
@@ -228,7 +130,7 @@ async def test_libvirt_postcopy_running_on_the_destination_is_finished(lab, inve
     milliseconds, libvirt destroys the destination that never ran and keeps the source's job
     forever: recovery reports that one unresolved. The kill here waits for the destination's
     running/post-copy state, so it lands where a real crash most likely does.)"""
-    ctl = Controller(tmp_path, inventory, "libvirt",
+    ctl = Controller(tmp_path, inventory.source, "libvirt",
                      ["-p", "migration.postcopy_after_s=0", "-p", "migration.bandwidth_mibs=4"])
     await ctl.start()
     try:
@@ -254,7 +156,7 @@ async def test_libvirt_postcopy_running_on_the_destination_is_finished(lab, inve
 
 async def test_recover_refuses_a_live_run_and_a_run_being_recovered(lab, inventory, tmp_path,
                                                                      no_leaks):
-    ctl = Controller(tmp_path, inventory, "qemu", SLOW)
+    ctl = Controller(tmp_path, inventory.source, "qemu", SLOW)
     await ctl.start()
     try:
         await ctl.wait_for(lambda r: r.get("event") == "phase" and r["phase"] == "MIGRATING")
@@ -293,7 +195,7 @@ async def test_recover_refuses_a_live_run_and_a_run_being_recovered(lab, invento
 async def test_a_new_run_recovers_the_dead_run_on_its_hosts_first(lab, inventory, tmp_path,
                                                                    no_leaks):
     (tmp_path / "dead").mkdir()
-    ctl = Controller(tmp_path / "dead", inventory, "qemu", SLOW)
+    ctl = Controller(tmp_path / "dead", inventory.source, "qemu", SLOW)
     await ctl.killed_while_migrating()
     dead = ctl.run_id()
     assert vm_processes(lab, "vm1") == ["hostA", "hostB"]     # both copies left running
@@ -314,7 +216,7 @@ async def test_a_new_run_recovers_the_dead_run_on_its_hosts_first(lab, inventory
 
 async def test_a_controller_whose_disk_is_lost_is_recovered_from_the_hosts(
         lab, inventory, tmp_path, no_leaks):
-    ctl = Controller(tmp_path, inventory, "qemu", SLOW)
+    ctl = Controller(tmp_path, inventory.source, "qemu", SLOW)
     await ctl.killed_while_migrating()
     run_id = ctl.run_id()
     shutil.rmtree(ctl.state)                      # the journal's index and the results too
@@ -332,7 +234,7 @@ async def test_a_controller_whose_disk_is_lost_is_recovered_from_the_hosts(
 
 async def test_an_unreachable_host_leaves_the_vm_unresolved_and_untouched(lab, inventory,
                                                                           tmp_path, no_leaks):
-    ctl = Controller(tmp_path, inventory, "qemu", SLOW)
+    ctl = Controller(tmp_path, inventory.source, "qemu", SLOW)
     await ctl.killed_while_migrating()
     run_id = ctl.run_id()
     lab.control("hostB", "sshd stop")
