@@ -215,11 +215,17 @@ class HostSync:
         self.ws.close()
 
 
-def _serve_stdin(session: HostSync) -> None:
+def _serve_stdin(session: HostSync) -> threading.Event:
     """Forward each line of stdin (a JSON request: barrier, exchange or abort, with the id its
     sender chose) to the server as this member; when stdin ends (the controller closed it, or
     its SSH session died), close the link cleanly and exit 0, whatever the main thread does.
-    A line that is not a JSON object is answered with an error line, never sent on."""
+    A line that is not a JSON object is answered with an error line, never sent on.
+
+    :return: set once stdin has ended, before the link is closed: the main thread, woken by
+        that close in the middle of a read, must then exit 0 too, not as a lost link (3).
+    """
+    ended = threading.Event()
+
     def watch() -> None:
         buf = b""
         try:
@@ -240,9 +246,11 @@ def _serve_stdin(session: HostSync) -> None:
                     session.ws.send_text(encode(request))
         except (OSError, SyncError):
             pass
+        ended.set()
         session.close()
         os._exit(0)
     threading.Thread(target=watch, name="stdin", daemon=True).start()
+    return ended
 
 
 def _token(args) -> str:
@@ -305,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"migrate-sync: {args.member} is a member of run {args.run} at "
                       f"{args.url}", flush=True)
                 if args.until_stdin_eof:
-                    _serve_stdin(session)
-                    session.serve(sys.stdout)
+                    stdin_ended = _serve_stdin(session)
+                    try:
+                        session.serve(sys.stdout)
+                    except SyncConnectionError:
+                        if stdin_ended.is_set():    # the link closed because stdin ended
+                            return 0
+                        raise
                 session.wait_closed()
                 return 3
             if args.cmd == "abort":

@@ -754,8 +754,10 @@ class Migration(BaseMigration):
                 src = await self.src_vm.qmp()
                 moved, moved_at = -1, time.monotonic()
                 while (info := await src.execute("query-migrate"))["status"] != "completed":
-                    # "active": the switch is asked for and QEMU makes it at its next pass
-                    if info["status"] not in ("active", "postcopy-active", "device"):
+                    # "setup" or "active": the switch is asked for (with postcopy_after_s=0
+                    # already while QEMU sets up) and QEMU makes it at its next pass
+                    if info["status"] not in ("setup", "active", "postcopy-active", "device",
+                                              "wait-unplug"):
                         log.warning("[vm=%s] postcopy not finished: QEMU went %r",
                                     self.src_vm.name, info["status"])
                         return False
