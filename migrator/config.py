@@ -124,6 +124,17 @@ class Timeouts(_Strict):
     disk_prepare_s: float = Field(120.0, gt=0)
     """Preparing the run's disks (qcow2 overlays on shared storage) and the storage check."""
 
+    loop_stall_warn_s: float = Field(3.0, gt=0)
+    """The event loop not answering for longer than this is reported as a warning naming
+    the file and line it was blocked at: a blocking call (``time.sleep``) in async scenario
+    code freezes every migration, barrier and progress line in flight. The loop's own work
+    takes milliseconds; a loaded two-core machine stays well under a second."""
+
+    worker_cancel_s: float = Field(10.0, gt=0)
+    """A ``def`` callback or hook (run in a worker thread) that is cancelled: how long its
+    thread is given to return. Its calls into migrator raise CancelledError at once; code
+    that never calls back cannot be stopped, and is reported with where it runs."""
+
     def migration_for(self, mem_mib: int) -> float:
         """The migration timeout for a guest of ``mem_mib``: ``migration_s`` plus
         ``migration_s_per_gib`` per GiB."""

@@ -39,6 +39,8 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="comma-separated host names, in the order meant; repeat to append")
     p.add_argument("--all", action="store_true", dest="all_hosts",
                    help="one scenario instance over all hosts instead of pairs")
+    p.add_argument("-a", dest="autoserv_args", action="append", default=[], metavar="all",
+                   help="autoserv's spelling: -a all is --all")
     p.add_argument("-i", "--inventory", help="inventory file (default: $MIGRATOR_INVENTORY, "
                    "else the default lab's); an Ansible inventory works too")
     p.add_argument("-c", "--config", help="config file (YAML)")
@@ -64,7 +66,13 @@ def run_main(argv: list[str] | None = None) -> int:
             import importlib
             module = importlib.import_module(f".{SUBCOMMANDS[name][0]}", __package__)
             return module.main(argv)
-    args = _run_parser().parse_args(argv)
+    parser = _run_parser()
+    args = parser.parse_args(argv)
+    for value in args.autoserv_args:
+        if value != "all":
+            parser.error(f"-a {value}: the only autoserv argument is 'all' (one instance "
+                         "over all hosts, as --all)")
+        args.all_hosts = True
     setup_logging(args.verbose)
     try:
         plan = _run_plan(args)
@@ -86,20 +94,19 @@ def _run_plan(args) -> dict:
     from pathlib import Path
 
     from ..config import load_any_inventory
-    from ..framework import RunContext, group_hosts, load_scenario
+    from ..framework import RunContext, group_hosts
+    from ..framework.scenario import make_instances
     hosts = [h.strip() for group in args.machines for h in group.split(",") if h.strip()]
     config = Config.load(args.config, overrides(args.param))
     inventory = load_any_inventory(args.inventory)
     for h in hosts:
         inventory.host(h)
     groups = group_hosts(hosts, args.all_hosts)
-    cls = load_scenario(args.scenario)
     ctx = RunContext(config, inventory, say=stamp(time.monotonic()))
-    instances = [cls(group, context=ctx,
-                     name="all" if args.all_hosts else f"pair{i + 1}")
-                 for i, group in enumerate(groups)]
     out_dir = Path(args.results or config.report.results_dir) / ctx.run_id
-    return {"ctx": ctx, "instances": instances, "hosts": hosts, "cls": cls,
+    names = ["all"] if args.all_hosts else [f"pair{i + 1}" for i in range(len(groups))]
+    instances = make_instances(args.scenario, groups, names, ctx, out_dir)
+    return {"ctx": ctx, "instances": instances, "hosts": hosts, "cls": type(instances[0]),
             "out_dir": out_dir, "scenario": args.scenario}
 
 

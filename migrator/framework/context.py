@@ -9,13 +9,14 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from syncserver.server import SyncServer
 
 from ..config import Config, Inventory
 from ..errors import ConfigError
 from .journal import RunJournal
+from .loopwatch import LoopStallWatch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,36 @@ class RunContext:
         self.instances: list[InstanceRecord] = []
         #: the run's journal (:mod:`.journal`), open while the run runs
         self.journal: RunJournal | None = None
+        #: what went wrong without failing the run (a blocked event loop), for the report
+        self.warnings: list[str] = []
+        self._watch: LoopStallWatch | None = None
+        self._watchers = 0
+        self._code_files: set[str] = set()
+
+    def warn(self, text: str) -> None:
+        """A warning of the run: said, logged, and kept for the report."""
+        self.warnings.append(text)
+        log.warning("%s", text)
+        self.say(f"WARNING: {text}")
+
+    @contextlib.asynccontextmanager
+    async def loop_watch(self, code_files: set[str]) -> AsyncIterator[None]:
+        """One :class:`LoopStallWatch` for the run while any instance runs; a stall is
+        reported at the line in ``code_files`` (the scenarios' sources) it happened."""
+        self._code_files |= code_files
+        if self._watch is None:
+            watch = LoopStallWatch(self.config.timeouts.loop_stall_warn_s, self.warn,
+                                   lambda path: path in self._code_files)
+            await watch.__aenter__()
+            self._watch = watch
+        self._watchers += 1
+        try:
+            yield
+        finally:
+            self._watchers -= 1
+            if self._watchers == 0 and self._watch is not None:
+                watch, self._watch = self._watch, None
+                await watch.__aexit__(None, None, None)
 
     def open_journal(self, hosts: list[str], path: str | os.PathLike | None = None) -> None:
         """Take the run's lock and write the journal's head: everything ``recover`` needs

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..blocking import BlockingInWorkers, on_loop
 from ..errors import ScenarioError
 from ..migration import BaseMigration, MigrationParams, MigrationResult, Phase
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(eq=False)
-class MigrationData:
+class MigrationData(BlockingInWorkers):
     """One ``migrate(vms, src, dst)`` call.
 
     ``vms`` are the VM objects (they follow their VM to the destination), ``vm_ports`` the
@@ -76,6 +77,7 @@ class MigrationData:
 
     # -- for hooks -----------------------------------------------------------------------------
 
+    @on_loop
     def cancel(self, reason: str = "cancelled by the scenario", vm: str | None = None) -> None:
         """Cancel the running migration of ``vm`` (default: all of this call's): each one
         rolls back, keeping its VM on the source."""

@@ -8,12 +8,16 @@ import hashlib
 import logging
 import re
 from pathlib import PurePosixPath
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from ..blocking import BlockingInWorkers
 from ..config import Config, Inventory
 from ..errors import ConfigError, ScenarioError
 from ..hosts import SSHHost, quote
 from ..hypervisor import GuestVM, VMSpec, make_vm
+
+if TYPE_CHECKING:
+    from .context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,7 @@ DEFAULT_VM_NAME = re.compile(r"^vm[0-9]{1,3}$")
 LAB_GUEST_ARGS = "lab.out=ttyS1"
 
 
-class Env:
+class Env(BlockingInWorkers):
     """VM specs and VM objects of one scenario instance.
 
     :param run_dir: the per-run directory on hosts holding VM sockets (``<run_dir>/<vm>/``).
@@ -31,10 +35,14 @@ class Env:
     """
 
     def __init__(self, config: Config, inventory: Inventory, run_dir: str,
-                 disk_dir: str | None, record: Callable[..., None] | None = None):
+                 disk_dir: str | None, record: Callable[..., None] | None = None,
+                 say: Callable[[str], None] | None = None):
         self.config, self.inventory = config, inventory
         self.run_dir, self.disk_dir = run_dir, disk_dir
         self._record = record or (lambda event, **fields: None)   # the run's journal
+        self._say = say or (lambda line: log.info("%s", line))
+        #: what ``vm.migrate(dst)`` calls for the VMs started here (set by the framework)
+        self.migrate_hook = None
         self._vms: dict[str, GuestVM] = {}
         self._busy: dict[str, str] = {}
         for name in config.vms:
@@ -95,19 +103,30 @@ class Env:
             raise ScenarioError(f"VM {name!r} is not running in this run (migrate() starts "
                                 "VMs on their source)") from None
 
-    async def ensure_running(self, name: str, host: SSHHost) -> GuestVM:
+    async def ensure_running(self, name: str, host: SSHHost,
+                             restart_elsewhere: bool = False) -> GuestVM:
         """The VM ``name`` running on ``host``: started there (and logged in) if it is not
         running yet.
 
-        :raise ScenarioError: the VM runs on another host.
+        :param restart_elsewhere: when the VM runs on another host, stop it there and boot
+            it afresh on ``host`` (Autotest's preparation of a migration's source), instead
+            of failing. Said on the run's output and in the journal.
+        :raise ScenarioError: the VM runs on another host (and not ``restart_elsewhere``).
         :raise GuestError: it did not start or boot.
         """
         vm = self._vms.get(name)
         if vm is not None and vm.pid is not None:
-            if vm.host.name != host.name:
+            if vm.host.name == host.name:
+                return vm
+            if not restart_elsewhere:
                 raise ScenarioError(f"VM {name!r} runs on {vm.host.name}, not on {host.name}")
-            return vm
+            self._say(f"VM {name} runs on {vm.host.name}: stopped there, to boot afresh on "
+                      f"{host.name} (restart_vm_on_source: Autotest's preparation of a "
+                      "migration's source)")
+            await vm.stop()
+            self._record("vm", vm=name, host=vm.host.name, state="stopped")
         vm = make_vm(self.config.driver, self.spec(name), host, self.run_dir, self.config)
+        vm.migrate_hook = self.migrate_hook
         self._vms[name] = vm
         log.info("[vm=%s host=%s] starting", name, host.name)
         self._record("vm", vm=name, host=host.name, state="starting",
@@ -132,6 +151,10 @@ class Env:
         for n in names:
             self._busy[n] = mig_id
 
+    def holder(self, name: str) -> str | None:
+        """The id of the migrate() call that holds VM ``name`` now, if one does."""
+        return self._busy.get(name)
+
     def release(self, names: list[str]) -> None:
         for n in names:
             self._busy.pop(n, None)
@@ -148,6 +171,23 @@ class Env:
                 problems.append(f"{vm.name} on {vm.host.name}: not stopped ({exc})")
         await asyncio.gather(*(stop(vm) for vm in self._vms.values()))
         return problems
+
+
+def instance_run_dir(context: "RunContext") -> str:
+    """The run's directory on every host (VM sockets, pid files)."""
+    return f"{context.inventory.run_dir}/{context.run_id}"
+
+
+def instance_env(context: "RunContext", name: str) -> Env:
+    """The VMs of scenario instance ``name`` of ``context``'s run.
+
+    :raise ConfigError: a declared VM cannot boot.
+    """
+    shared = context.inventory.shared_dir
+    return Env(context.config, context.inventory, instance_run_dir(context),
+               f"{shared}/migrator-runs/{context.run_id}/{name}" if shared else None,
+               record=lambda event, **fields: context.record(event, instance=name, **fields),
+               say=lambda line: context.say(f"[{name}] {line}"))
 
 
 def auto_mac(run: str, vm: str) -> str:

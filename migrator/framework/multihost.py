@@ -28,93 +28,95 @@ Failure: the first failing migration of the instance cancels every other migrati
 an error from a hook or callback keeps its type and gets a note naming the step, the
 migration, the hosts and the VMs. A handle's error that the scenario never awaited fails the
 run when the scenario ends.
+
+Plain ``def`` or ``async def``: the scenario, every hook and every callback may be either.
+A ``def`` one runs in a worker thread, where the same objects' coroutine methods block
+(:mod:`migrator.blocking`): Autotest's ``def worker(mig_data)`` with
+``vm.wait_for_login().cmd(...)``, ``mig.join()`` and ``time.sleep()`` run unchanged. In
+``async def`` code every call that waits needs ``await``; a ``migrate_wait``, ``join``,
+``barrier`` or ``exchange`` that was never awaited fails the run naming its line, and a
+blocking call that stalls the event loop is reported naming its line
+(``timeouts.loop_stall_warn_s``).
+
+Autotest's constructor ``TestX(test, params, env)`` works in a control file
+(:mod:`.controlfile`): such an instance gets Autotest's VM preparation
+(:attr:`MultihostMigration.restart_vm_on_source`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from ..aio import shielded
+from ..blocking import BlockingInWorkers, is_async, on_loop, run_in_worker
 from ..config import Config, Inventory, load_inventory
 from ..errors import ConfigError, HostError, MigrationError, ScenarioError
 from ..hosts import SSHHost, quote
 from ..migration import BaseMigration, MigrationParams, Phase, make_migration
 from .context import InstanceRecord, MigrationRecord, RunContext, local_address_towards
 from .data import MigrationData
-from .env import Env, prepare_overlays
+from .env import Env, instance_env, instance_run_dir, prepare_overlays
+from .failures import describe, first_error, first_of
+from .handle import MigrationHandle, current_instance, must_await, unawaited
 from .journal import controller_identity, owner_file
+from .params import Params
+from .progress import Progress
 from .sync import HostsSync
 
 log = logging.getLogger(__name__)
 
-Callback = Callable[[MigrationData], Awaitable[Any]]
+#: a ``def`` or ``async def`` taking the call's MigrationData
+Callback = Callable[[MigrationData], Any]
 
-
-class MigrationHandle:
-    """A started ``migrate()`` call. ``await handle`` returns its :class:`MigrationData`
-    or raises its error."""
-
-    def __init__(self, mig_data: MigrationData, owner: "MultihostMigration"):
-        self.mig_data = mig_data
-        self._owner = owner
-        self.error: BaseException | None = None
-        self.retrieved = False
-        #: cancelled because a sibling failed (not a root cause)
-        self.collateral = False
-        self._done = asyncio.Event()
-        self.task: asyncio.Task | None = None
-
-    def __repr__(self) -> str:
-        state = "running" if not self._done.is_set() else ("failed" if self.error else "done")
-        return f"<MigrationHandle {self.mig_data} {state}>"
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self, reason: str) -> None:
-        """Cancel its migrations (they roll back) and mark the call failed with ``reason``."""
-        if not self.done():
-            self.mig_data.cancel(reason)
-            if not self.mig_data.migrations and self.task is not None:
-                self.task.cancel(reason)
-
-    def __await__(self):
-        return self._wait().__await__()
-
-    async def _wait(self) -> MigrationData:
-        await self._done.wait()
-        self.retrieved = True
-        if self.error is not None:
-            self._owner._handled(self)
-            raise self.error
-        return self.mig_data
-
-
-class MultihostMigration:
+class MultihostMigration(BlockingInWorkers):
     """Base class of scenarios; see the module docstring.
 
-    :param hosts: host names (or :class:`SSHHost` objects), in the order typed.
+    :param hosts: host names (or :class:`SSHHost` objects), in the order typed; or, in a
+        control file, Autotest's ``(test, params, env)`` (:mod:`.controlfile`).
     :param context: the run this instance belongs to; default: a run of its own.
     :param name: the instance's name in reports (e.g. ``pair1``).
+    :raise ConfigError: fewer than two hosts, a host twice or unknown, a driver the
+        inventory does not offer.
     """
 
-    def __init__(self, hosts: Sequence[str | SSHHost], *, config: Config | None = None,
-                 inventory: Inventory | None = None, context: RunContext | None = None,
-                 name: str = "main"):
+    #: when a ``migrate()`` names a VM that runs on another host than the call's source:
+    #: False, the call fails; True, the VM is stopped there and booted afresh on the source
+    #: (Autotest's preparation: each migrate() starts from a VM on its source). True for an
+    #: instance made by a control file, Autotest's way.
+    restart_vm_on_source: bool = False
+
+    def __init__(self, hosts: Sequence[str | SSHHost], *autotest_args: Any,
+                 config: Config | None = None, inventory: Inventory | None = None,
+                 context: RunContext | None = None, name: str = "main"):
+        from .controlfile import ControlTest
+        env: Env | None = None
+        self._control: ControlTest | None = None
+        if isinstance(hosts, ControlTest):              # TestX(test, params, env)
+            control = hosts
+            env = control.adopt(self, autotest_args)
+            hosts, context, name = control.hosts, control.context, control.name
+            self._control = control
+            self.restart_vm_on_source = True
+        elif autotest_args:
+            raise ConfigError(f"{type(self).__name__}(hosts, ...): unexpected arguments "
+                              f"{autotest_args!r} (Autotest's (test, params, env) form is for "
+                              "control files run by migrate-run)")
         self._own_context = context is None
         if context is None:
             context = RunContext(config or Config(), inventory or load_inventory())
         self.context = context
-        self.params: Config = context.config
-        self.config = self.params
+        self.config = context.config
         self.inventory = context.inventory
         self.name = name
         names = [h if isinstance(h, str) else h.name for h in hosts]
+        #: the config as Autotest's ``params``: ``self.params.get("hosts")``, dotted keys
+        self.params = Params(self.config, names)
         if len(names) < 2:
             raise ConfigError(f"a migration needs at least 2 hosts, got {names}")
         if len(set(names)) != len(names):
@@ -130,17 +132,16 @@ class MultihostMigration:
                                                                     self.config)
             for h in hosts]
         self.login_timeout = self.config.timeouts.guest_boot_s
-        self.run_dir = f"{self.inventory.run_dir}/{context.run_id}"
-        shared = self.inventory.shared_dir
-        self.env = Env(self.config, self.inventory, self.run_dir,
-                       f"{shared}/migrator-runs/{context.run_id}/{name}" if shared else None,
-                       record=lambda event, **fields: context.record(event, instance=name,
-                                                                     **fields))
+        self.run_dir = instance_run_dir(context)
+        self.env = env or instance_env(context, name)
+        self.env.migrate_hook = self._migrate_vm
         self.sync: HostsSync | None = None
         self.record = InstanceRecord(name, names)
         self._handles: list[MigrationHandle] = []
         self._tg: asyncio.TaskGroup | None = None
         self._count = 0
+        #: coroutines of calls that must be awaited, with where they were made
+        self._must_await: list[tuple[Any, str, str]] = []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {[h.name for h in self.hosts]}>"
@@ -151,7 +152,7 @@ class MultihostMigration:
         """What the scenario does. Override it."""
         raise NotImplementedError(f"{type(self).__name__} does not define migration_scenario()")
 
-    # -- hooks (override as needed) ------------------------------------------------------------
+    # -- hooks (override as needed; each may be a def, run in a worker thread) -----------------
 
     async def before_migration(self, mig_data: MigrationData) -> None:
         """After the worker, before the migrations start."""
@@ -160,7 +161,7 @@ class MultihostMigration:
         """Migrate every VM of ``mig_data`` concurrently (and run :meth:`post_migration`
         while they are in flight). The first failure cancels the others."""
         await first_error([*(self._migrate_one(mig_data, vm) for vm in mig_data.vms),
-                           self.post_migration(mig_data)])
+                           self._call(self.post_migration, mig_data, "post_migration")])
 
     async def migrate_vms_dest(self, mig_data: MigrationData) -> None:
         """Runs on the destination's side while :meth:`migrate_vms_src` runs: fault injection
@@ -204,20 +205,29 @@ class MultihostMigration:
         raise ConfigError(f"{name!r} is not a host of {self.name} "
                           f"({', '.join(h.name for h in self.hosts)})")
 
+    @on_loop
     def migrate(self, vms: Sequence[str] | str, srchost: str | SSHHost, dsthost: str | SSHHost,
                 worker: Callback | None = None, check_worker: Callback | None = None,
                 params_append: dict[str, Any] | None = None) -> MigrationHandle:
         """Start migrating ``vms`` from ``srchost`` to ``dsthost`` now; return the handle.
 
+        :param worker: run on the VMs before the migration (``def`` or ``async def``,
+            taking the call's MigrationData); ``check_worker`` after it.
         :param params_append: migration parameters for this call over the run's
             (``{"bandwidth_mibs": 8}``).
-        :raise ConfigError: bad VM names, hosts or parameters (before anything starts).
+        :raise ConfigError: bad VM names, hosts, callbacks or parameters (before anything
+            starts).
         """
-        if self._tg is None:
-            raise ScenarioError("migrate() is for migration_scenario(), inside run()")
         names = [vms] if isinstance(vms, str) else list(vms)
         if not names:
             raise ConfigError("migrate() needs at least one VM")
+        for what, fn in (("worker", worker), ("check_worker", check_worker)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"migrate({', '.join(names)}): {what} must be a function "
+                                  f"(def or async def) or None, not {type(fn).__name__} "
+                                  f"{fn!r}")
+        if self._tg is None:
+            raise ScenarioError("migrate() is for migration_scenario(), inside run()")
         src, dst = self.host(srchost), self.host(dsthost)
         if src is dst:
             raise ConfigError(f"migrate(): source and destination are both {src.name}")
@@ -237,6 +247,7 @@ class MultihostMigration:
         self._handles.append(handle)
         return handle
 
+    @must_await
     async def migrate_wait(self, vms: Sequence[str] | str, srchost: str | SSHHost,
                            dsthost: str | SSHHost, worker: Callback | None = None,
                            check_worker: Callback | None = None,
@@ -244,6 +255,7 @@ class MultihostMigration:
         """:meth:`migrate` and wait for it."""
         return await self.migrate(vms, srchost, dsthost, worker, check_worker, params_append)
 
+    @must_await
     async def barrier(self, name: str, hosts: Sequence[str | SSHHost] | None = None,
                       timeout: float | None = None) -> None:
         """All ``hosts`` (default: every host of the instance) meet at barrier ``name``.
@@ -255,15 +267,52 @@ class MultihostMigration:
                             hosts=[h.name for h in members])
         await self.sync.barrier(name, members, timeout)
 
+    @must_await
+    async def exchange(self, name: str, data: Mapping[str | SSHHost, Any],
+                       hosts: Sequence[str | SSHHost] | None = None,
+                       timeout: float | None = None) -> dict[str, Any]:
+        """The sync server's data exchange (Autotest's ``SyncData``): every host of
+        ``hosts`` (default: the instance's) arrives at exchange ``name`` through its own
+        participant, carrying its piece of ``data`` (``{host: JSON value}``; a host left out
+        carries None), and all wait for each other.
+
+        :return: ``{host: value}`` of every member, as the sync server gathered it.
+        :raise ConfigError: ``data`` names a host that is not a member.
+        :raise BarrierError: naming the hosts that were missing or lost.
+        """
+        members = [self.host(h) for h in (hosts or self.hosts)]
+        pieces = {self.host(h).name: value for h, value in data.items()}
+        strangers = sorted(set(pieces) - {m.name for m in members})
+        if strangers:
+            raise ConfigError(f"exchange {name!r}: data for {', '.join(strangers)}, which "
+                              f"is not among its hosts {[m.name for m in members]}")
+        self.context.record("exchange", instance=self.name, name=name,
+                            hosts=[h.name for h in members])
+        return await self.sync.exchange(name, members, pieces, timeout)
+
     # -- run -----------------------------------------------------------------------------------
 
-    async def run(self) -> InstanceRecord:
-        """Prepare, run the scenario, meet at "all_done", clean up (always).
+    def run(self) -> Awaitable[InstanceRecord] | None:
+        """Prepare, run the scenario, meet at "all_done", clean up (always): ``await
+        mig.run()``.
 
-        :return: the instance's record (status ``passed``).
-        :raise: the scenario's first error, unchanged (with notes naming where it happened);
-            ``asyncio.CancelledError`` when cancelled, after cleanup.
+        In a control file being loaded (Autotest's ``mig.run()`` at its end) this only says
+        that the instance is to run, and returns None: ``migrate-run`` runs it.
+
+        :return: (awaited) the instance's record (status ``passed``).
+        :raise: (awaited) the scenario's first error, unchanged (with notes naming where it
+            happened); ``asyncio.CancelledError`` when cancelled, after cleanup.
         """
+        if self._control is not None and self._control.loading:
+            self._control.run_asked = True
+            return None
+        return self._run()
+
+    async def _run(self) -> InstanceRecord:
+        async with self.context.loop_watch(self._code_files()):
+            return await self._run_watched()
+
+    async def _run_watched(self) -> InstanceRecord:
         ctx = self.context
         own_server = ctx.server is None
         rec = self.record
@@ -282,10 +331,10 @@ class MultihostMigration:
             return rec
         except BaseException as exc:
             # the TaskGroup wraps the scenario's error in a group: raise the error itself
-            leaf = _first_of(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            leaf = first_of(exc) if isinstance(exc, BaseExceptionGroup) else exc
             rec.status = ("interrupted" if isinstance(leaf, (asyncio.CancelledError,
                                                              KeyboardInterrupt)) else "failed")
-            rec.error, rec.error_type = _describe(leaf), type(leaf).__name__
+            rec.error, rec.error_type = describe(leaf), type(leaf).__name__
             if leaf is exc:
                 raise
             raise leaf
@@ -299,8 +348,30 @@ class MultihostMigration:
                 if self._own_context:
                     ctx.close_journal(rec.cleanup_problems)
 
+    def _code_files(self) -> set[str]:
+        """The source files of this scenario's own classes (a blocked loop is reported at
+        the line in them)."""
+        files = set()
+        for cls in type(self).__mro__:
+            if cls.__module__.split(".")[0] not in ("migrator", "builtins"):
+                try:
+                    files.add(inspect.getfile(cls))
+                except (TypeError, OSError):
+                    pass
+        return files
+
     async def _scenario(self) -> None:
-        await self.migration_scenario()
+        current_instance.set(self)     # this task's context: its tasks and worker threads
+        try:
+            await self._call(self.migration_scenario, None, "migration_scenario")
+        finally:
+            unawaited = self._unawaited()
+        if unawaited:
+            raise ScenarioError(
+                f"[{self.name}] never awaited: {'; '.join(unawaited)}. In an async def "
+                "migration_scenario each call that waits needs await (await "
+                "self.migrate_wait(...), await handle.join()); or write migration_scenario as "
+                "a plain def: it then runs in a worker thread, where these calls block")
         # migrations the scenario started and never awaited still belong to it
         for handle in list(self._handles):
             await handle._done.wait()
@@ -424,17 +495,23 @@ class MultihostMigration:
             self.context.say(f"[{md.mig_id}] {','.join(md.vm_names)}: {md.src.name} -> "
                              f"{md.dst.name}")
             md.vms = [await self._step("starting the VMs", md,
-                                       self.env.ensure_running(n, md.src))
+                                       self.env.ensure_running(n, md.src,
+                                                               self.restart_vm_on_source))
                       for n in md.vm_names]
             if worker is not None:
-                await self._step("worker", md, worker(md))
-            await self._step("before_migration", md, self.before_migration(md))
-            await self._step("migration", md, first_error([self.migrate_vms_src(md),
-                                                           self.migrate_vms_dest(md)]))
-            await self._step("check_vms_src", md, self.check_vms_src(md))
-            await self._step("check_vms_dst", md, self.check_vms_dst(md))
+                await self._step("worker", md, self._call(worker, md, "worker"))
+            await self._step("before_migration", md,
+                             self._call(self.before_migration, md, "before_migration"))
+            await self._step("migration", md, first_error([
+                self._call(self.migrate_vms_src, md, "migrate_vms_src"),
+                self._call(self.migrate_vms_dest, md, "migrate_vms_dest")]))
+            await self._step("check_vms_src", md,
+                             self._call(self.check_vms_src, md, "check_vms_src"))
+            await self._step("check_vms_dst", md,
+                             self._call(self.check_vms_dst, md, "check_vms_dst"))
             if check_worker is not None:
-                await self._step("check_worker", md, check_worker(md))
+                await self._step("check_worker", md, self._call(check_worker, md,
+                                                                "check_worker"))
             await self.barrier(f"migration_finished:{md.mig_id}", md.hosts,
                                self.config.timeouts.migration_finished_for(
                                    max(vm.spec.mem_mib for vm in md.vms)))
@@ -445,7 +522,7 @@ class MultihostMigration:
             raise
         except Exception as exc:  # noqa: BLE001 - kept for the awaiting scenario
             handle.error = exc
-            self.context.say(f"[{md.mig_id}] FAILED: {_describe(exc)}")
+            self.context.say(f"[{md.mig_id}] FAILED: {describe(exc)}")
             for other in self._handles:
                 if other is not handle and not other.done():
                     other.collateral = True
@@ -455,6 +532,43 @@ class MultihostMigration:
                 self.env.release(md.vm_names)
             md._end()
             handle._done.set()
+
+    async def _call(self, fn: Callable, md: MigrationData | None, step: str) -> Any:
+        """``fn(md)`` (``fn()`` without ``md``): awaited if it is a coroutine function, else
+        run in a worker thread (:func:`migrator.blocking.run_in_worker`)."""
+        args = () if md is None else (md,)
+        if is_async(fn):
+            return await fn(*args)
+        where = f"{step} of migration {md}" if md is not None else f"{step} of {self.name}"
+        return await run_in_worker(fn, *args, name=where,
+                                   grace_s=self.config.timeouts.worker_cancel_s)
+
+    def _unawaited(self) -> list[str]:
+        """The calls that had to be awaited and never were (see :mod:`.handle`)."""
+        return unawaited(self._must_await)
+
+    async def _migrate_vm(self, vm, dst: str | SSHHost, vm_ports=None):
+        """``vm.migrate(dst)``: one VM of the ``migrate()`` call that holds it, now."""
+        mig_id = self.env.holder(vm.name)
+        handle = next((h for h in self._handles
+                       if h.mig_data.mig_id == mig_id and not h.done()), None)
+        if handle is None:
+            raise ScenarioError(f"vm.migrate(): {vm.name} is in no migrate() call of "
+                                f"{self.name} now; vm.migrate() is a step of one (a "
+                                f"migrate_vms_src hook): start one with "
+                                f"self.migrate([{vm.name!r}], src, dst)")
+        md = handle.mig_data
+        if self.host(dst).name != md.dst.name:
+            raise ConfigError(f"vm.migrate(): {md} goes to {md.dst.name}, not to "
+                              f"{self.host(dst).name}")
+        if vm_ports and vm_ports.get(vm.name):
+            raise ConfigError(f"vm.migrate(): a port for {vm.name} cannot be chosen: the "
+                              "destination picks its own when it listens (mig_data.vm_ports "
+                              "then shows it)")
+        if vm.name in md.migrations:
+            raise ScenarioError(f"vm.migrate(): {vm.name} was migrated in {md} already")
+        await self._migrate_one(md, vm)
+        return md.results[vm.name]
 
     async def _step(self, step: str, md: MigrationData, aw: Awaitable[Any]) -> Any:
         try:
@@ -469,7 +583,7 @@ class MultihostMigration:
         mig = make_migration(vm, md.dst, entry.migration_address or entry.address, md.params,
                              self.config)
         md._track(mig)
-        reporter = _Progress(self.context, md, mig)
+        reporter = Progress(self.context, md, mig)
 
         def journal(m: BaseMigration, phase: Phase) -> None:   # before the step it names
             extra = {"port": m.result.port} if phase is Phase.LISTENING else {}
@@ -496,66 +610,3 @@ class MultihostMigration:
         for rec in self.context.migrations:
             if rec.mig_id == handle.mig_data.mig_id:
                 rec.handled = True
-
-
-class _Progress:
-    """Progress lines for one migration: every phase, and a progress line at most every
-    ``report.progress_interval_s``."""
-
-    def __init__(self, ctx: RunContext, md: MigrationData, mig: BaseMigration):
-        self.ctx, self.md, self.mig = ctx, md, mig
-        self.tag = f"[{md.mig_id} {mig.src_vm.name} {md.src.name}->{md.dst.name}]"
-
-    def on_phase(self, mig: BaseMigration, phase: Phase) -> None:
-        extra = ""
-        if phase is Phase.LISTENING:
-            extra = f" port {mig.result.port}"
-        self.ctx.say(f"{self.tag} {phase.value}{extra}")
-
-    async def follow(self) -> None:
-        interval = self.ctx.config.report.progress_interval_s
-        last = 0.0
-        async for r in self.mig.progress():
-            if r.t - last >= interval and r.status == "active":
-                last = r.t
-                self.ctx.say(f"{self.tag}   {r.t:6.2f} s iteration {r.iteration:<3} sent "
-                             f"{r.transferred / 2**20:7.1f} MiB remaining "
-                             f"{r.remaining / 2**20:6.1f} MiB {r.mbps:7.0f} Mbit/s"
-                             + (f" throttle {r.cpu_throttle}%" if r.cpu_throttle else ""))
-
-
-async def first_error(aws: Sequence[Awaitable[Any]]) -> list[Any]:
-    """Run ``aws`` concurrently in a task group; the first failure cancels the rest and is
-    raised as itself (not as an ExceptionGroup); later failures are added as notes."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(_as_coro(aw)) for aw in aws]
-    except BaseExceptionGroup as eg:
-        raise _first_of(eg) from None
-    return [t.result() for t in tasks]
-
-
-async def _as_coro(aw: Awaitable[Any]) -> Any:
-    return await aw
-
-
-def _first_of(eg: BaseExceptionGroup) -> BaseException:
-    leaves = _leaves(eg)
-    first = leaves[0]
-    for other in leaves[1:]:
-        first.add_note(f"also failed: {type(other).__name__}: {other}")
-    return first
-
-
-def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
-    return out
-
-
-def _describe(exc: BaseException) -> str:
-    notes = getattr(exc, "__notes__", None) or []
-    text = str(exc) or type(exc).__name__
-    return "; ".join([f"{type(exc).__name__}: {text}" if not isinstance(exc, MigrationError)
-                      else text, *notes])

@@ -1,5 +1,6 @@
-"""Finding a scenario: a Python file defining one ``MultihostMigration`` subclass, or the name
-of a ready one in ``scenarios/``."""
+"""Finding a scenario: a Python file defining one ``MultihostMigration`` subclass (or an
+Autotest control file that also makes and runs it, :mod:`.controlfile`), or the name of a
+ready one in ``scenarios/``."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
+import types
 from pathlib import Path
 
 from ..errors import ConfigError
+from .context import RunContext
+from .controlfile import ControlTest
 from .multihost import MultihostMigration
 
 #: ready scenarios: ``scenarios/`` next to the package (a source checkout or editable
@@ -22,11 +27,10 @@ def ready_scenarios() -> list[str]:
     return sorted(p.stem for p in READY_DIR.glob("*.py") if not p.name.startswith("_"))
 
 
-def load_scenario(what: str) -> type[MultihostMigration]:
-    """The scenario class in file ``what``, or in the ready scenario named ``what``.
+def scenario_path(what: str) -> Path:
+    """The file of scenario ``what``: a path, or the name of a ready one.
 
-    :raise ConfigError: no such file or scenario, the file does not import, or it defines
-        no (or several) ``MultihostMigration`` subclasses.
+    :raise ConfigError: no such file or ready scenario.
     """
     path = Path(what)
     if not path.suffix and not path.exists():
@@ -36,19 +40,85 @@ def load_scenario(what: str) -> type[MultihostMigration]:
                               f"({', '.join(ready_scenarios()) or 'none found'})")
     elif not path.is_file():
         raise ConfigError(f"scenario file {what} does not exist")
-    name = f"migrator_scenario_{path.stem}"
+    return path
+
+
+def load_scenario(what: str) -> type[MultihostMigration]:
+    """The scenario class in file ``what``, or in the ready scenario named ``what``.
+
+    :raise ConfigError: no such file or scenario, the file does not import, or it defines
+        no (or several) ``MultihostMigration`` subclasses.
+    """
+    path = scenario_path(what)
+    return _the_class(_execute(path, f"migrator_scenario_{path.stem}", {}), path)
+
+
+def make_instances(what: str, groups: list[list[str]], names: list[str], ctx: RunContext,
+                   outputdir: Path | None = None) -> list[MultihostMigration]:
+    """One instance of scenario ``what`` per host group, as ``migrate-run`` runs them.
+
+    The file is executed once per instance with Autotest's control-file names set
+    (:mod:`.controlfile`): a file whose last lines make the instance
+    (``mig = TestX(test, params, env); mig.run()``) gives that one; otherwise its class is
+    made here, with Autotest's ``(test, params, env)`` if its constructor takes those.
+
+    :raise ConfigError: as :func:`load_scenario`, or the file made more than one instance,
+        or bad hosts or VMs (before anything starts).
+    """
+    path = scenario_path(what)
+    instances = []
+    for group, name in zip(groups, names):
+        control = ControlTest(ctx, group, name, outputdir)
+        module = _execute(path, f"migrator_scenario_{path.stem}_{name}", control.namespace())
+        control.loading = False
+        cls = _the_class(module, path)
+        if control.instances:
+            instances.append(control.instances[0])
+        elif _takes_autotest_args(cls):
+            instances.append(cls(control, control.params, control.env))
+        else:
+            instances.append(cls(group, context=ctx, name=name))
+    return instances
+
+
+def _takes_autotest_args(cls: type) -> bool:
+    try:
+        names = list(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[1:4] == ["test", "params", "env"]
+
+
+def _execute(path: Path, name: str, namespace: dict) -> types.ModuleType:
+    """Execute scenario file ``path`` as module ``name``, with ``namespace`` set first.
+
+    :raise ConfigError: it raised, naming the file's line.
+    """
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    vars(module).update(namespace)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise ConfigError(f"scenario {path} does not load: {type(exc).__name__}: {exc}") \
+        mine = os.path.realpath(path)
+        lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__)
+                 if os.path.realpath(f.filename) == mine]
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        raise ConfigError(f"scenario {where} does not load: {type(exc).__name__}: {exc}") \
             from exc
+    return module
+
+
+def _the_class(module: types.ModuleType, path: Path) -> type[MultihostMigration]:
+    """The one MultihostMigration subclass ``module`` defines.
+
+    :raise ConfigError: none, or several.
+    """
     found = [obj for obj in vars(module).values()
              if inspect.isclass(obj) and issubclass(obj, MultihostMigration)
-             and obj is not MultihostMigration and obj.__module__ == name]
+             and obj is not MultihostMigration and obj.__module__ == module.__name__]
     if len(found) != 1:
         what_found = ", ".join(c.__name__ for c in found) or "none"
         raise ConfigError(f"scenario {path} must define exactly one MultihostMigration "

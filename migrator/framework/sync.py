@@ -154,27 +154,48 @@ class HostsSync:
         :raise BarrierError: naming the hosts that were missing, lost, or could not arrive
             (the error of the first such host is chained).
         """
+        await self._meet("barrier", name, hosts, timeout)
+
+    async def exchange(self, name: str, hosts: Sequence[SSHHost], data: dict[str, Any],
+                       timeout: float | None = None) -> dict[str, Any]:
+        """A barrier carrying data: each host of ``hosts`` arrives at exchange ``name`` with
+        ``data[host]`` (JSON; None if absent), sent as that host by its participant.
+
+        :return: ``{host: data}`` of every member, as the sync server gathered it.
+        :raise BarrierError: as :meth:`barrier`.
+        """
+        answers = await self._meet("exchange", name, hosts, timeout, data)
+        return answers[hosts[0].name]["result"]["data"]
+
+    async def _meet(self, op: str, name: str, hosts: Sequence[SSHHost],
+                    timeout: float | None, data: dict[str, Any] | None = None
+                    ) -> dict[str, dict]:
+        """Every host arrives at round ``op``/``name`` through its participant; the answers
+        by host. :raise BarrierError: see :meth:`barrier`."""
         timeout = timeout or self.config.timeouts.barrier_s
-        gen = self._generations[name] = self._generations.get(name, 0) + 1
+        gen = self._generations[(op, name)] = self._generations.get((op, name), 0) + 1
         members = [h.name for h in hosts]
-        request: dict[str, Any] = {"op": "barrier", "name": name, "members": ",".join(members),
+        request: dict[str, Any] = {"op": op, "name": name, "members": ",".join(members),
                                    "timeout": timeout, "generation": gen}
+        answers: dict[str, dict] = {}
 
         async def arrive(host: SSHHost) -> tuple[str, Exception | None, str]:
+            mine = request if data is None else {**request, "data": data.get(host.name)}
             try:
-                answer = await self._ask(host, request,
+                answer = await self._ask(host, mine,
                                          timeout + self.config.timeouts.host_cleanup_s)
             except HostError as exc:
-                await self._abort(name, f"{host.name} could not arrive: {exc.message}")
+                await self._abort(name, f"{host.name} could not arrive: {exc.message}", op)
                 return host.name, exc, f"could not arrive ({exc.message})"
             if answer.get("ok"):
+                answers[host.name] = answer
                 return host.name, None, ""
             return host.name, None, str(error_from_json(answer.get("error") or {}))
 
         outcomes = await asyncio.gather(*(arrive(h) for h in hosts))
         failed = [(n, exc, why) for n, exc, why in outcomes if why]
         if not failed:
-            return
+            return answers
         # blame hosts that could not arrive first, then whom the server names
         blamed = [n for n, exc, _ in failed if exc is not None]
         cause = next((exc for _, exc, _ in failed if exc is not None), None)
@@ -186,9 +207,9 @@ class HostsSync:
             text += "; participants lost: " + "; ".join(f"{n}: {w}" for n, w in lost.items())
         raise BarrierError(name, blamed, text) from cause
 
-    async def _abort(self, name: str, reason: str) -> None:
+    async def _abort(self, name: str, reason: str, kind: str = "barrier") -> None:
         try:
-            await self._controller.abort(name, reason)
+            await self._controller.abort(name, reason, kind)
         except SyncError as exc:
             log.warning("could not abort barrier %s: %s", name, exc)
 

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import re
 
+from ..blocking import BlockingInWorkers
 from ..errors import GuestError
 
 _CSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
@@ -30,7 +31,7 @@ class ConsoleCommandError(GuestError):
         self.command, self.status, self.output = command, status, output
 
 
-class SerialConsole:
+class SerialConsole(BlockingInWorkers):
     """A session on one serial console. ``host``/``vm`` name it in errors."""
 
     def __init__(self, reader, writer, *, host: str, vm: str,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from ..blocking import on_loop
 from ..config import Config
 from .console import ConsoleCommandError, SerialConsole
 
@@ -36,6 +37,7 @@ class GuestSession(SerialConsole):
         """Like a host's ``run``: ``(exit status, output)``, never raising for the status."""
         return await self.cmd(command, timeout, check=False)
 
+    @on_loop
     def close(self) -> None:
         self.writer.close()
 

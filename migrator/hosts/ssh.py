@@ -32,6 +32,7 @@ from typing import Iterable, Mapping
 
 import asyncssh
 
+from ..blocking import BlockingInWorkers
 from ..config import Config, Inventory, load_inventory
 from ..errors import (CommandError, HostAuthError, HostConnectError, HostError, HostKeyError)
 from .result import CmdResult
@@ -60,7 +61,7 @@ def _signal_number(name: str) -> int:
         return -1
 
 
-class SSHHost:
+class SSHHost(BlockingInWorkers):
     """A host reached over SSH. Cheap to build; connects on first use.
 
     :param hostname: the host's name, as the user typed it (used in every message); also the
@@ -451,7 +452,7 @@ class SSHHost:
             raise HostError(self.name, f"cannot forward to {remote_path}: {exc}") from exc
 
 
-class RemoteProcess:
+class RemoteProcess(BlockingInWorkers):
     """A long-running command started by :meth:`SSHHost.spawn`."""
 
     def __init__(self, host: SSHHost, command: str, proc: asyncssh.SSHClientProcess, pgid: int):

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from ..blocking import BlockingInWorkers
 from ..hosts.ssh import SSHHost, quote
 
 _MAC = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")
@@ -98,7 +99,7 @@ def vm_paths(run_dir: str | os.PathLike, vm: str) -> VMPaths:
 
 
 
-class GuestVM:
+class GuestVM(BlockingInWorkers):
     """The driver-independent half of a VM: identity, console session, status lines.
 
     Subclasses implement start/stop/status/is_alive/hardreset and call
@@ -113,6 +114,8 @@ class GuestVM:
         self.config = config or Config()
         self.paths = vm_paths(run_dir, spec.name)
         self._session = None
+        #: set by the framework that started the VM: what :meth:`migrate` calls
+        self.migrate_hook = None
 
     @property
     def name(self) -> str:
@@ -138,6 +141,27 @@ class GuestVM:
             self._session = await self.console()
         await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s)
         return self._session
+
+    async def migrate(self, dst, vm_ports=None):
+        """Migrate this VM to ``dst``, as one step of the framework's ``migrate()`` call that
+        holds it (for a ``migrate_vms_src`` hook that migrates a subset of its VMs; the seed's
+        ``vm.migrate(mig_data.dst, mig_data.vm_ports)``). Returns the migration's result.
+
+        ``vm_ports`` is accepted for Autotest's signature; the destination picks its own port
+        when it listens (``mig_data.vm_ports`` shows it), so a port given for this VM is
+        refused.
+
+        :raise ScenarioError: the VM was not started by a framework run, or is in no
+            ``migrate()`` call now, or was migrated in this call already.
+        :raise ConfigError: ``dst`` is not the call's destination, or a port was given.
+        :raise MigrationError: the migration failed (rolled back).
+        """
+        if self.migrate_hook is None:
+            from ..errors import ScenarioError
+            raise ScenarioError(f"vm.migrate(): {self.name} was not started by a "
+                                "MultihostMigration run (use migrator.migration."
+                                "make_migration for a VM of your own)")
+        return await self.migrate_hook(self, dst, vm_ports)
 
     def _close_session(self) -> None:
         """Close the console session but keep it, so :meth:`adopt` can re-attach it."""

@@ -38,6 +38,7 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
            "instances": [vars(i) for i in ctx.instances],
            "migrations": [{"mig_id": m.mig_id, "vm": m.vm, "src": m.src, "dst": m.dst,
                            "status": m.status, "passed": m.passed} for m in ctx.migrations],
+           "warnings": list(ctx.warnings),
            "config": ctx.config.model_dump(mode="json")}
     _write_json(out_dir / "run.json", run)
     (out_dir / "junit.xml").write_text(junit_xml(ctx, meta.get("scenario", "scenario")))
