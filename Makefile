@@ -26,6 +26,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/discriminating_case.py
 	$(PY) bench/run_vs_raw.py
 	$(PY) bench/drivers.py
+	$(PY) bench/guest_console.py
 
 lab-up: setup
 	$(LAB) up

@@ -16,6 +16,7 @@ _EXPORTS = {
     "LabError": "errors", "GuestError": "errors", "MigrationError": "errors",
     "BarrierError": "errors", "ScenarioError": "errors",
     "MultihostMigration": "framework", "MigrationData": "framework",
+    "GuestHost": "guest.host",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

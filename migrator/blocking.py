@@ -15,10 +15,18 @@ code on the loop.
 What can go wrong:
 
 * a worker thread is cancelled (the run is interrupted, a sibling migration failed): its
-  calls in flight are cancelled and every later call raises :class:`asyncio.CancelledError`
-  in the thread; code that never calls into migrator again (a ``while True: time.sleep()``)
-  cannot be stopped -- Python cannot kill a thread -- and is reported with where it runs;
-* a call from a worker thread whose loop has ended raises :class:`RuntimeError`.
+  calls in flight are cancelled -- each runs its own cleanup to the end on the loop (a
+  migration rolls back) before the thread hears of it -- and every later call raises
+  :class:`asyncio.CancelledError` in the thread; code that never calls into migrator again
+  (a ``while True: time.sleep()``) cannot be stopped -- Python cannot kill a thread -- and is
+  reported with where it runs;
+* a ``def`` that raises ``StopIteration`` gets a RuntimeError (a future cannot carry it), one
+  that raises ``SystemExit`` or ``KeyboardInterrupt`` a ScenarioError naming it: neither may
+  escape into the event loop and skip the run's cleanup;
+* a call from a worker thread whose loop has ended raises :class:`RuntimeError`;
+* threads you start yourself are not worker threads: there these methods return coroutines,
+  as everywhere outside migrator's workers (hand them to the loop with
+  ``asyncio.run_coroutine_threadsafe``, or run the code as a ``def`` callback).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import sys
 import threading
 from typing import Any, Callable
 
+from .errors import ScenarioError
+
 log = logging.getLogger(__name__)
 
 _local = threading.local()      # .call: the WorkerCall this worker thread runs
@@ -46,68 +56,72 @@ class WorkerCall:
         self.name, self.loop = name, loop
         self.thread: threading.Thread | None = None
         self.cancelled = False
-        self._inflight: set[concurrent.futures.Future] = set()
-        self._lock = threading.Lock()
+        #: the calls in flight, as tasks on the loop (owned here: see :func:`run_in_worker`)
+        self.tasks: set[asyncio.Task] = set()
 
     def run(self, coro) -> Any:
-        """Run ``coro`` on the loop; block this (worker) thread until it ends."""
-        with self._lock:
+        """Run ``coro`` as a task on the loop; block this (worker) thread until the task has
+        ended (when cancelled: after its own cleanup)."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
+
+        def start() -> None:                        # on the loop
             if self.cancelled:
                 coro.close()
-                raise asyncio.CancelledError(f"{self.name} was cancelled")
-            try:
-                fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-            except RuntimeError:            # the loop is closed
-                coro.close()
-                raise RuntimeError(f"{self.name}: the run's event loop has ended") from None
-            self._inflight.add(fut)
-        try:
-            return fut.result()
-        except concurrent.futures.CancelledError:
-            raise asyncio.CancelledError(f"{self.name} was cancelled") from None
-        finally:
-            with self._lock:
-                self._inflight.discard(fut)
+                result.set_exception(asyncio.CancelledError(f"{self.name} was cancelled"))
+                return
+            task = self.loop.create_task(coro)
+            self.tasks.add(task)
+            task.add_done_callback(ended)
+
+        def ended(task: asyncio.Task) -> None:      # on the loop
+            self.tasks.discard(task)
+            if task.cancelled():
+                result.set_exception(asyncio.CancelledError(f"{self.name} was cancelled"))
+            elif task.exception() is not None:
+                result.set_exception(task.exception())
+            else:
+                result.set_result(task.result())
+
+        try:        # the task runs in a copy of this thread's context (the instance's)
+            self.loop.call_soon_threadsafe(start, context=contextvars.copy_context())
+        except RuntimeError:                        # the loop is closed
+            coro.close()
+            raise RuntimeError(f"{self.name}: the run's event loop has ended") from None
+        return result.result()
 
     def cancel(self) -> None:
         """(On the loop.) Cancel the calls in flight and refuse the next ones."""
-        with self._lock:
-            self.cancelled = True
-            inflight = list(self._inflight)
-        for fut in inflight:
-            fut.cancel()
+        self.cancelled = True
+        for task in list(self.tasks):
+            task.cancel()
 
     def where(self) -> str:
         """``file:line (function)`` where the worker thread's own code is now, or ``"?"``."""
         frame = sys._current_frames().get(self.thread.ident) if self.thread else None
-        return code_site(frame)
+        return code_site(frame)[0]
 
 
 _STDLIB_DIR = os.path.dirname(threading.__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _is_library(path: str) -> bool:
-    return (path.startswith(_PACKAGE_DIR) or path.startswith("<")
-            or (path.startswith(_STDLIB_DIR) and "-packages" not in path))
-
-
-def code_site(frame, is_user_file: Callable[[str], bool] = lambda path: False) -> str:
-    """Where a thread stopped in its caller's code: ``file:line (function)`` of the
-    innermost frame of ``frame``'s stack in a file ``is_user_file`` accepts, else the
-    innermost one outside the standard library and migrator, else ``"?"``."""
-    fallback = None
+def code_site(frame, is_user_file: Callable[[str], bool] = lambda path: False
+              ) -> tuple[str, bool]:
+    """Whose code a thread is in: ``("file:line (function)", theirs)`` of the innermost frame
+    of ``frame``'s stack that is neither the standard library nor an installed package;
+    ``theirs`` is False when that frame is migrator's own. A file ``is_user_file`` accepts
+    is theirs wherever it lies. ``("?", False)`` when there is none."""
     while frame is not None:
         path = frame.f_code.co_filename
+        where = f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
         if is_user_file(path):
-            fallback = frame
-            break
-        if fallback is None and not _is_library(path):
-            fallback = frame
+            return where, True
+        if path.startswith(_PACKAGE_DIR):
+            return where, False
+        if not (path.startswith("<") or "-packages" in path or path.startswith(_STDLIB_DIR)):
+            return where, True
         frame = frame.f_back
-    if fallback is None:
-        return "?"
-    return f"{fallback.f_code.co_filename}:{fallback.f_lineno} ({fallback.f_code.co_name})"
+    return "?", False
 
 
 def worker_call() -> WorkerCall | None:
@@ -200,8 +214,15 @@ async def run_in_worker(fn: Callable, *args: Any, name: str, grace_s: float = 10
         _local.call = call
         try:
             result, error = context.run(fn, *args), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+        except (StopIteration, StopAsyncIteration) as exc:   # a future cannot carry these
+            result, error = None, RuntimeError(f"{name} raised {type(exc).__name__}")
+            error.__cause__ = exc
+        except (Exception, asyncio.CancelledError) as exc:  # handed to the awaiting task
             result, error = None, exc
+        except BaseException as exc:  # noqa: BLE001 - SystemExit must not reach the loop
+            result, error = None, ScenarioError(f"{name} raised {type(exc).__name__}"
+                                                f"{f': {exc}' if str(exc) else ''}")
+            error.__cause__ = exc
         finally:
             _local.call = None
         try:
@@ -217,6 +238,10 @@ async def run_in_worker(fn: Callable, *args: Any, name: str, grace_s: float = 10
         result = await asyncio.shield(done)
     except asyncio.CancelledError:
         call.cancel()
+        # its calls on the loop end first (each bounded by its own timeouts: a migration's
+        # rollback), so nothing it started outlives it; then the thread is given grace_s
+        if call.tasks:
+            await asyncio.wait(list(call.tasks))
         try:
             async with asyncio.timeout(grace_s):
                 await asyncio.shield(done)

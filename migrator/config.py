@@ -124,6 +124,9 @@ class Timeouts(_Strict):
     disk_prepare_s: float = Field(120.0, gt=0)
     """Preparing the run's disks (qcow2 overlays on shared storage) and the storage check."""
 
+    guest_probe_s: float = Field(5.0, gt=0)
+    """A guest used as a host is up when its console's shell answers within this."""
+
     loop_stall_warn_s: float = Field(3.0, gt=0)
     """The event loop not answering for longer than this is reported as a warning naming
     the file and line it was blocked at: a blocking call (``time.sleep``) in async scenario
@@ -147,11 +150,15 @@ class Timeouts(_Strict):
 
 
 class Limits(_Strict):
-    """Bounds on concurrency."""
+    """Bounds on concurrency and sizes."""
 
     ssh_channels_per_host: int = Field(8, ge=1)
     """Concurrent command/SFTP channels on one host's connection. OpenSSH's sshd allows 10
     sessions per connection by default (MaxSessions); 8 leaves room for interactive use."""
+
+    console_file_mib: float = Field(4.0, gt=0)
+    """The largest file a guest used as a host sends or receives over its serial console
+    (base64, some hundred KiB/s under TCG); a larger one is refused before it starts."""
 
 
 class LabDefaults(_Strict):
@@ -205,6 +212,25 @@ class MigrationSettings(_Strict):
         return self
 
 
+class LoginSettings(_Strict):
+    """How to log in on a VM's serial console when it asks (``vms.<name>.login``)."""
+
+    user: str = "root"
+    password: str = ""
+    prompt: str | None = None
+    """The shell prompt, a regular expression (default: a line ending in ``# `` or ``$ ``)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+
 class VMSettings(_Strict):
     """A VM of a run (``vms.<name>.*``). Unset boot fields come from the inventory's guest."""
 
@@ -220,6 +246,9 @@ class VMSettings(_Strict):
     mac: str | None = None
     """A virtio NIC with this MAC, or ``auto``: a locally administered MAC derived from the
     run id and the VM's name (unique per run, the same on every host)."""
+    login: LoginSettings | None = None
+    """User, password and prompt, for a guest whose console asks for a login (the lab guest
+    does with ``append: "... lab.login=USER lab.password=PASSWORD"``)."""
 
 
 class SyncSettings(_Strict):

@@ -4,6 +4,7 @@ awaits that were forgotten and handles of another instance. The same paths with 
 tests/test_seed.py."""
 
 import asyncio
+import copy
 import inspect
 import logging
 import sys
@@ -114,6 +115,62 @@ async def test_a_cancelled_worker_stops_at_its_next_call_and_a_stuck_one_is_name
     assert f"{__file__}:{line_of('@stuck')} (stuck)" in caplog.text
 
 
+async def test_a_cancelled_worker_returns_after_its_call_on_the_loop_has_cleaned_up():
+    """A worker blocked in a call (a migration, say) is cancelled: the call's own cleanup
+    (a rollback) runs to its end on the loop before the worker is said to be cancelled."""
+    steps: list[str] = []
+
+    class Slow(BlockingInWorkers):
+        async def work(self):
+            steps.append("started")
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.3)            # the rollback
+                steps.append("cleaned up")
+                raise
+
+    def worker(obj):
+        try:
+            obj.work()
+        except asyncio.CancelledError:
+            steps.append("worker saw the cancellation")
+            raise
+
+    task = asyncio.ensure_future(run_in_worker(worker, Slow(), name="slow"))
+    while not steps:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert steps == ["started", "cleaned up", "worker saw the cancellation"]
+
+
+async def test_what_a_def_raises_never_escapes_into_the_loop():
+    def empty(_):
+        return next(iter([]))
+
+    def leaves(_):
+        sys.exit(3)
+    with pytest.raises(RuntimeError, match="^stop raised StopIteration$"):
+        await asyncio.wait_for(run_in_worker(empty, None, name="stop"), 10)
+    with pytest.raises(ScenarioError, match="^exit raised SystemExit: 3$"):
+        await asyncio.wait_for(run_in_worker(leaves, None, name="exit"), 10)
+
+
+async def test_a_def_override_calls_its_async_base_with_super():
+    class Base(BlockingInWorkers):
+        async def hook(self, x):
+            await asyncio.sleep(0)
+            return x + 1
+
+    class Mine(Base):
+        def hook(self, x):                          # Autotest's style: a def override
+            return super().hook(x) * 10
+
+    assert await run_in_worker(Mine().hook, 1, name="hook") == 20
+
+
 async def test_a_blocked_event_loop_is_reported_with_the_line_that_blocked_it():
     warnings: list[str] = []
     async with LoopStallWatch(0.2, warnings.append, lambda path: path == __file__) as watch:
@@ -163,6 +220,14 @@ def test_a_control_file_is_executed_once_per_instance_with_its_own_names():
     assert all_hosts[0].params.get("hosts") == HOSTS
 
 
+def test_a_native_scenario_file_is_executed_once(tmp_path):
+    ctx = RunContext(Config(), inventory())
+    pairs = make_instances("ping_pong", [HOSTS[:2], HOSTS[2:]], ["pair1", "pair2"], ctx)
+    assert type(pairs[0]) is type(pairs[1]) and not pairs[0].restart_vm_on_source
+    assert [i.params.get("hosts") for i in pairs] == [HOSTS[:2], HOSTS[2:]]
+    assert copy.copy(pairs[0].params).get("hosts") == HOSTS[:2]
+
+
 def test_a_control_file_that_fails_to_load_names_its_line(tmp_path):
     bad = tmp_path / "typo.py"
     bad.write_text(SEED.read_text().replace("super(TestMultihostMigration, self)",
@@ -209,6 +274,7 @@ class Nothing(MultihostMigration):
 async def test_a_wait_that_was_never_awaited_is_named_with_its_line():
     ctx = RunContext(Config(), inventory())
     inst = Nothing(HOSTS[:2], context=ctx)
+    inst._scenario_task = asyncio.current_task()        # as if this were its scenario
     inst.migrate_wait(["vm1"], "hostA", "hostB")        # @forgot: no await
     coro = inst.barrier("b")                            # @barrier
     await asyncio.sleep(0)

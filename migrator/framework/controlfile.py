@@ -75,7 +75,7 @@ class ControlTest:
             from one execution.
         """
         cls = type(instance).__name__
-        if len(args) != 2 or args[1] is not self.env:
+        if len(args) != 2 or args[0] is not self.params or args[1] is not self.env:
             raise ConfigError(f"{cls}(test, params, env): pass the control file's own test, "
                               "params and env")
         if self.instances:

@@ -40,7 +40,16 @@ class MigrationData(BlockingInWorkers):
     def vm_ports(self) -> dict[str, int]:
         """``{vm: port}`` of each destination that listens (QMP: once LISTENING; libvirt: once
         data flows, found from the destination QEMU's socket)."""
-        return {n: m.result.port for n, m in self.migrations.items() if m.result.port}
+        return {n: m.result.port for n, m in list(self.migrations.items()) if m.result.port}
+
+    @property
+    def moved(self) -> list["GuestVM"]:
+        """The VMs the checks after the call look at: the ones it migrated (a
+        ``migrate_vms_src`` hook may migrate a subset with ``vm.migrate``; the others stay
+        where they are), or every VM when none went through the engine (a hook that moves
+        them its own way)."""
+        migrated = [vm for vm in self.vms if vm.name in self.migrations]
+        return migrated or list(self.vms)
 
     @property
     def hosts(self) -> list["SSHHost"]:

@@ -79,8 +79,12 @@ class Env(BlockingInWorkers):
         mac = decl.mac if decl else None
         if mac == "auto":
             mac = auto_mac(self.run_dir, name)
+        login = decl.login if decl else None
         try:
             return VMSpec(name, mem_mib=mem, vcpus=decl.vcpus if decl else 1, mac=mac,
+                          login_user=login.user if login else None,
+                          login_password=login.password if login else None,
+                          prompt=login.prompt if login else None,
                           kernel=str(kernel) if kernel else None,
                           initrd=str(initrd) if initrd else None, append=append,
                           accel=self.inventory.accel, disk=disk,

@@ -3,8 +3,9 @@ scenario freezes every migration in flight, every barrier and every progress lin
 
 :class:`LoopStallWatch` ticks on the loop; a watchdog thread notices when the ticks stop for
 longer than ``bound_s`` and takes where the loop's thread is at that moment (the innermost
-frame in the scenario's own code, else the innermost one outside asyncio). When the loop
-runs again it reports once, with how long it was blocked::
+frame that is neither the standard library nor an installed package). When that frame is the
+scenario's (not migrator's own: an fsync, a crypto step, which are only logged), the run
+reports it once the loop runs again, with how long it was blocked::
 
     WARNING: the event loop was blocked for 20.0 s by seed.py:41 (migration_scenario):
     a blocking call in async code (time.sleep?) freezes every migration in flight; await
@@ -55,10 +56,7 @@ class LoopStallWatch:
     async def __aexit__(self, *exc) -> None:
         self._stop.set()
         self._ticker.cancel()
-        try:
-            await self._ticker
-        except asyncio.CancelledError:
-            pass
+        await asyncio.wait([self._ticker])     # never swallows a cancellation of the caller
         # joined in a thread: the watchdog wakes at least every bound_s / 4
         await asyncio.to_thread(self._thread.join)
         self._report()          # a stall that ended the watched code
@@ -84,8 +82,19 @@ class LoopStallWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.bound_s / 4):
-            if self._where is None and time.monotonic() - self._beat > self.bound_s:
-                frame = sys._current_frames().get(self._loop_thread)
-                self._where = code_site(frame, self.is_user_file)
+            beat = self._beat
+            if self._where is not None or time.monotonic() - beat <= self.bound_s:
+                continue
+            where, theirs = code_site(sys._current_frames().get(self._loop_thread),
+                                      self.is_user_file)
+            if self._beat != beat:      # the loop ticked meanwhile: it was not blocked there
+                continue
+            if theirs:
+                self._where = where
                 log.warning("the event loop has been blocked for over %g s, at %s",
-                            self.bound_s, self._where)
+                            self.bound_s, where)
+            else:       # migrator's own (an fsync, a crypto step) or a stopped process
+                log.warning("the event loop has been blocked for over %g s in migrator's own "
+                            "code, at %s", self.bound_s, where)
+                while self._beat == beat and not self._stop.wait(self.bound_s / 4):
+                    pass

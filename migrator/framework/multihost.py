@@ -17,7 +17,7 @@ closed; also when the scenario fails and when the task is cancelled (Ctrl-C).
 
 One ``migrate()`` call (a :class:`MigrationHandle`, awaitable) goes::
 
-    VMs started on src if not running -> worker(mig_data) -> before_migration
+    VMs started on src if not running (together) -> worker(mig_data) -> before_migration
     -> migrate_vms_src || migrate_vms_dest      (src: one engine migration per VM, concurrent,
                                                  and post_migration while they are in flight)
     -> check_vms_src, check_vms_dst -> check_worker(mig_data) -> pair barrier
@@ -140,8 +140,10 @@ class MultihostMigration(BlockingInWorkers):
         self._handles: list[MigrationHandle] = []
         self._tg: asyncio.TaskGroup | None = None
         self._count = 0
-        #: coroutines of calls that must be awaited, with where they were made
+        #: coroutines of calls that must be awaited, with where they were made (only those
+        #: of the scenario's own task: see :func:`.handle.must_await`)
         self._must_await: list[tuple[Any, str, str]] = []
+        self._scenario_task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {[h.name for h in self.hosts]}>"
@@ -171,9 +173,10 @@ class MultihostMigration(BlockingInWorkers):
         """Runs while the migrations are in flight (change speed or downtime here)."""
 
     async def check_vms_src(self, mig_data: MigrationData) -> None:
-        """After the migrations: nothing of the VMs is left on the source (the run directory
-        of a VM lives exactly as long as the VM on that host, whatever the driver)."""
-        dirs = " ".join(quote(f"{self.run_dir}/{n}") for n in mig_data.vm_names)
+        """After the migrations: nothing of the VMs (:attr:`MigrationData.moved`) is left on
+        the source (the run directory of a VM lives exactly as long as the VM on that host,
+        whatever the driver)."""
+        dirs = " ".join(quote(f"{self.run_dir}/{vm.name}") for vm in mig_data.moved)
         r = await mig_data.src.run(f'for d in {dirs}; do test -e "$d" && echo "$d"; done; true',
                                    check=True)
         if r.stdout.strip():
@@ -181,8 +184,9 @@ class MultihostMigration(BlockingInWorkers):
                                 f"{r.stdout.split()}")
 
     async def check_vms_dst(self, mig_data: MigrationData) -> None:
-        """After the migrations: each VM runs on the destination and its guest answers."""
-        for vm in mig_data.vms:
+        """After the migrations: each VM (:attr:`MigrationData.moved`) runs on the
+        destination and its guest answers."""
+        for vm in mig_data.moved:
             if vm.host.name != mig_data.dst.name:
                 raise ScenarioError(f"{vm.name} is on {vm.host.name}, not on {mig_data.dst.name}")
             status = await vm.status()
@@ -276,7 +280,8 @@ class MultihostMigration(BlockingInWorkers):
         participant, carrying its piece of ``data`` (``{host: JSON value}``; a host left out
         carries None), and all wait for each other.
 
-        :return: ``{host: value}`` of every member, as the sync server gathered it.
+        :return: ``{host: value}`` of every member, as the sync server gathered it, in the
+            order of ``hosts``.
         :raise ConfigError: ``data`` names a host that is not a member.
         :raise BarrierError: naming the hosts that were missing or lost.
         """
@@ -362,6 +367,7 @@ class MultihostMigration(BlockingInWorkers):
 
     async def _scenario(self) -> None:
         current_instance.set(self)     # this task's context: its tasks and worker threads
+        self._scenario_task = asyncio.current_task()
         try:
             await self._call(self.migration_scenario, None, "migration_scenario")
         finally:
@@ -494,10 +500,10 @@ class MultihostMigration(BlockingInWorkers):
             claimed = True
             self.context.say(f"[{md.mig_id}] {','.join(md.vm_names)}: {md.src.name} -> "
                              f"{md.dst.name}")
-            md.vms = [await self._step("starting the VMs", md,
-                                       self.env.ensure_running(n, md.src,
-                                                               self.restart_vm_on_source))
-                      for n in md.vm_names]
+            # booted side by side (the first that fails stops the others)
+            md.vms = await self._step("starting the VMs", md, first_error([
+                self.env.ensure_running(n, md.src, self.restart_vm_on_source)
+                for n in md.vm_names]))
             if worker is not None:
                 await self._step("worker", md, self._call(worker, md, "worker"))
             await self._step("before_migration", md,

@@ -9,7 +9,9 @@
 
 A key that is not a config section is looked up under ``scenario`` (free-form values set
 with ``-p scenario.KEY=VALUE`` or the config file's ``scenario:`` mapping), where Autotest
-users keep what its flat ``params`` held.
+users keep what its flat ``params`` held. The config's own sections come first: Autotest's
+``params.get("vms")`` (a string of names) is migrator's ``vms`` mapping here; read such a
+key as ``params.get("scenario.vms")``. Params are read-only: the config is the run's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Params:
         self._config, self._hosts = config, list(hosts)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):        # copy/pickle probe before __init__ ran
+            raise AttributeError(name)
         return getattr(self._config, name)
 
     def __repr__(self) -> str:

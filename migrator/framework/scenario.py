@@ -4,6 +4,7 @@ ready one in ``scenarios/``."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import os
@@ -57,15 +58,19 @@ def make_instances(what: str, groups: list[list[str]], names: list[str], ctx: Ru
                    outputdir: Path | None = None) -> list[MultihostMigration]:
     """One instance of scenario ``what`` per host group, as ``migrate-run`` runs them.
 
-    The file is executed once per instance with Autotest's control-file names set
-    (:mod:`.controlfile`): a file whose last lines make the instance
+    A scenario file is executed once and its class made per group. An Autotest control
+    file (:func:`is_control_file`) is executed once per instance with the control-file names
+    set (:mod:`.controlfile`), as autoserv did: one whose last lines make the instance
     (``mig = TestX(test, params, env); mig.run()``) gives that one; otherwise its class is
-    made here, with Autotest's ``(test, params, env)`` if its constructor takes those.
+    made here with Autotest's ``(test, params, env)``.
 
     :raise ConfigError: as :func:`load_scenario`, or the file made more than one instance,
         or bad hosts or VMs (before anything starts).
     """
     path = scenario_path(what)
+    if not is_control_file(path):
+        cls = load_scenario(str(path))
+        return [cls(group, context=ctx, name=name) for group, name in zip(groups, names)]
     instances = []
     for group, name in zip(groups, names):
         control = ControlTest(ctx, group, name, outputdir)
@@ -79,6 +84,33 @@ def make_instances(what: str, groups: list[list[str]], names: list[str], ctx: Ru
         else:
             instances.append(cls(group, context=ctx, name=name))
     return instances
+
+
+_CONTROL_NAMES = {"test", "params", "env", "virt_utils"}
+
+
+def is_control_file(path: Path) -> bool:
+    """Whether the file is written as an Autotest control file: code that runs when it loads
+    (not inside a function) reads ``test``, ``params``, ``env`` or ``virt_utils``, or a
+    constructor takes ``(self, test, params, env)``. Undecidable (a syntax error): False,
+    and loading it says what is wrong."""
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (SyntaxError, ValueError, OSError):
+        return False
+
+    def loads_at_load_time(node: ast.AST) -> bool:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if node.name == "__init__" and \
+                    [a.arg for a in node.args.args[1:4]] == ["test", "params", "env"]:
+                return True
+            return any(loads_at_load_time(d) for d in node.decorator_list)
+        if isinstance(node, ast.Lambda):
+            return False
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            return node.id in _CONTROL_NAMES
+        return any(loads_at_load_time(child) for child in ast.iter_child_nodes(node))
+    return loads_at_load_time(tree)
 
 
 def _takes_autotest_args(cls: type) -> bool:

@@ -161,11 +161,13 @@ class HostsSync:
         """A barrier carrying data: each host of ``hosts`` arrives at exchange ``name`` with
         ``data[host]`` (JSON; None if absent), sent as that host by its participant.
 
-        :return: ``{host: data}`` of every member, as the sync server gathered it.
+        :return: ``{host: data}`` of every member, as the sync server gathered it, in the
+            order of ``hosts``.
         :raise BarrierError: as :meth:`barrier`.
         """
         answers = await self._meet("exchange", name, hosts, timeout, data)
-        return answers[hosts[0].name]["result"]["data"]
+        gathered = answers[hosts[0].name]["result"]["data"]
+        return {h.name: gathered.get(h.name) for h in hosts}      # in the members' order
 
     async def _meet(self, op: str, name: str, hosts: Sequence[SSHHost],
                     timeout: float | None, data: dict[str, Any] | None = None

@@ -22,6 +22,46 @@ DEFAULT_PROMPT = re.compile(r"(^|\n)[^\n]*[#$] ")
 _counter = itertools.count(1)
 
 
+#: what a getty prints when it wants a user name, and ``login`` for the password
+LOGIN_PROMPT = re.compile(r"(^|\n)[^\n]*login: $")
+PASSWORD_PROMPT = re.compile(r"(^|\n)[^\n]*[Pp]assword: $")
+_LOGIN_REFUSED = re.compile(r"Login incorrect|Authentication failure|Permission denied")
+
+
+class ConsoleTimeout(GuestError):
+    """Nothing the console waited for came in time (the guest is busy, hung or down).
+
+    ``started``: for a command, whether the shell had begun it (its begin marker came):
+    False means the shell never took the line, so nothing runs that could be interrupted."""
+
+    started = False
+
+
+class ConsoleLock:
+    """One user of a console at a time (a command's line and its output must not interleave
+    with another's). The task that holds it may take it again: a sequence of commands holds
+    it across them, and each command takes it too."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if self._owner is task and task is not None:
+            self._depth += 1
+            return
+        await self._lock.acquire()
+        self._owner, self._depth = task, 1
+
+    async def __aexit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+
 class ConsoleCommandError(GuestError):
     """A console command exited non-zero; ``status`` and ``output`` carry what it did."""
 
@@ -35,9 +75,11 @@ class SerialConsole(BlockingInWorkers):
     """A session on one serial console. ``host``/``vm`` name it in errors."""
 
     def __init__(self, reader, writer, *, host: str, vm: str,
-                 prompt: re.Pattern[str] = DEFAULT_PROMPT):
+                 prompt: re.Pattern[str] = DEFAULT_PROMPT, lock: ConsoleLock | None = None):
         self.reader, self.writer = reader, writer
         self.host, self.vm, self.prompt = host, vm, prompt
+        #: the console's one user at a time (shared by every session its VM opens)
+        self.lock = lock or ConsoleLock()
         self.buffer = ""
         """What was read and not yet consumed by a ``read_until``."""
         self.transcript: list[str] = []
@@ -62,19 +104,56 @@ class SerialConsole(BlockingInWorkers):
                     await self._read_more()
         except TimeoutError:
             tail = self.buffer.strip().splitlines()[-3:]
-            raise GuestError(self.host, self.vm, f"no {regex.pattern!r} on the serial console "
-                             f"within {timeout:g} s; last output: {tail!r}") from None
+            raise ConsoleTimeout(self.host, self.vm, f"no {regex.pattern!r} on the serial "
+                                 f"console within {timeout:g} s; last output: {tail!r}") \
+                from None
         self.buffer = self.buffer[match.end():]
         return match
 
     async def sendline(self, line: str = "") -> None:
-        self.writer.write((line + "\n").encode())
-        await self.writer.drain()
+        async with self.lock:
+            self.writer.write((line + "\n").encode())
+            await self.writer.drain()
 
-    async def wait_for_shell(self, timeout: float) -> None:
-        """Wait for the shell prompt, poking the console once so an idle shell re-prompts."""
+    async def wait_for_shell(self, timeout: float, user: str | None = None,
+                             password: str | None = None) -> None:
+        """Wait for the shell prompt, poking the console once so an idle shell re-prompts;
+        log in on the way if the console asks (``login:``, then ``Password:``).
+
+        :raise GuestError: the console asks for a login and no ``user`` is given, or the
+            login is refused (wrong password?).
+        :raise ConsoleTimeout: no prompt within ``timeout``.
+        """
+        async with self.lock:
+            await self._wait_for_shell(timeout, user, password)
+
+    async def _wait_for_shell(self, timeout: float, user: str | None,
+                              password: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        either = re.compile(f"(?P<login>{LOGIN_PROMPT.pattern})|(?P<shell>{self.prompt.pattern})")
+        # a prompt still unread from before (the one after the last command) says nothing
+        # about now: only one printed after this poke counts (after a reboot, the new boot's)
+        self.buffer = ""
         await self.sendline()
-        await self.read_until(self.prompt, timeout)
+        match = await self.read_until(either, timeout)
+        if match.group("shell") is not None:
+            return
+        if user is None:
+            raise GuestError(self.host, self.vm, "the console asks for a login, and the VM's "
+                             "config has none (vms.<vm>.login: {user, password})")
+        await self.sendline(user)
+        answer = re.compile(f"(?P<password>{PASSWORD_PROMPT.pattern})|"
+                            f"(?P<shell>{self.prompt.pattern})")
+        match = await self.read_until(answer, max(1.0, deadline - loop.time()))
+        if match.group("password") is not None:
+            await self.sendline(password or "")
+            after = re.compile(f"(?P<refused>{_LOGIN_REFUSED.pattern})|"
+                               f"(?P<login>{LOGIN_PROMPT.pattern})|(?P<shell>{self.prompt.pattern})")
+            match = await self.read_until(after, max(1.0, deadline - loop.time()))
+            if match.group("shell") is None:
+                raise GuestError(self.host, self.vm, f"logging in as {user!r}: refused "
+                                 "(wrong password?)")
 
     async def cmd(self, command: str, timeout: float, check: bool = True) -> tuple[int, str]:
         """Run one shell line ``command`` in the guest; return (exit status, output).
@@ -85,17 +164,25 @@ class SerialConsole(BlockingInWorkers):
         by the tty into the first one's output.
 
         :raise ConsoleCommandError: when ``check`` and the status is not 0.
-        :raise GuestError: on timeout or a closed console.
+        :raise ConsoleTimeout: on timeout (``started`` says whether the shell began it).
+        :raise GuestError: a closed console.
         """
         if "\n" in command:
             raise ValueError("console commands are one shell line")
         n = next(_counter) * 1000
         body = command.rstrip()
         sep = " " if body.endswith("&") and not body.endswith("&&") else "; "
-        await self.sendline(f"echo __MB$(({n}+1))__; {body}{sep}echo __ME$(({n}+2))_$?__")
-        await self.read_until(rf"__MB{n + 1}__\n", timeout)
-        match = await self.read_until(rf"(?s)(.*?)__ME{n + 2}_(\d+)__\n", timeout)
-        output, status = match.group(1), int(match.group(2))
+        async with self.lock:
+            await self.sendline(f"echo __MB$(({n}+1))__; {body}{sep}echo __ME$(({n}+2))_$?__")
+            await self.read_until(rf"__MB{n + 1}__\n", timeout)
+            try:
+                # the marker alone (a literal: one pass over the buffer per read), and the
+                # output is what came before it
+                match = await self.read_until(rf"__ME{n + 2}_(\d+)__\n", timeout)
+            except ConsoleTimeout as exc:
+                exc.started = True
+                raise
+        output, status = match.string[:match.start()], int(match.group(1))
         # The end marker proves the command is done; the prompt that follows is not waited
         # for (it is consumed by the next command's begin marker). The next line sent is
         # typed at a finished shell, so the tty cannot echo it into this command's output.

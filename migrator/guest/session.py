@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..blocking import on_loop
 from ..config import Config
 from .console import ConsoleCommandError, SerialConsole
@@ -17,8 +19,10 @@ from .console import ConsoleCommandError, SerialConsole
 class GuestSession(SerialConsole):
     """A shell on a guest's serial console. Timeouts default to the config's."""
 
-    def __init__(self, reader, writer, *, host: str, vm: str, config: Config | None = None):
-        super().__init__(reader, writer, host=host, vm=vm)
+    def __init__(self, reader, writer, *, host: str, vm: str, config: Config | None = None,
+                 prompt: str | None = None, lock=None):
+        super().__init__(reader, writer, host=host, vm=vm, lock=lock,
+                         **({"prompt": re.compile(prompt)} if prompt else {}))
         self.config = config or Config()
 
     async def cmd(self, command: str, timeout: float | None = None,  # type: ignore[override]

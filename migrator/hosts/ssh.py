@@ -32,7 +32,7 @@ from typing import Iterable, Mapping
 
 import asyncssh
 
-from ..blocking import BlockingInWorkers
+from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config, Inventory, load_inventory
 from ..errors import (CommandError, HostAuthError, HostConnectError, HostError, HostKeyError)
 from .result import CmdResult
@@ -470,6 +470,7 @@ class RemoteProcess(BlockingInWorkers):
         except (asyncssh.Error, OSError):
             return ""
 
+    @on_loop
     def write(self, text: str) -> None:
         """Send ``text`` to its standard input.
 

@@ -52,6 +52,12 @@ class VMSpec:
     """Give the VM a virtio NIC with this MAC (``02:...``: locally administered). Its backend
     is user-mode networking, restricted (qemu driver) and inside the host's namespace, so the
     NIC carries the MAC across migrations without opening a path off the machine."""
+    login_user: str | None = None
+    """Who logs in when the serial console asks (``login:``), with ``login_password``."""
+    login_password: str | None = None
+    prompt: str | None = None
+    """The guest shell's prompt, a regular expression (default: a line ending in ``# `` or
+    ``$ ``)."""
 
     def __post_init__(self) -> None:
         if not _VM_NAME.match(self.name):
@@ -65,6 +71,12 @@ class VMSpec:
         if self.mac is not None and not _MAC.match(self.mac):
             raise ValueError(f"{self.name}: bad MAC {self.mac!r} (six lowercase hex pairs, "
                              "unicast: the first octet even)")
+        if self.prompt is not None:
+            try:
+                re.compile(self.prompt)
+            except re.error as exc:
+                raise ValueError(f"{self.name}: bad prompt pattern {self.prompt!r}: {exc}") \
+                    from None
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,8 @@ class GuestVM(BlockingInWorkers):
         self.config = config or Config()
         self.paths = vm_paths(run_dir, spec.name)
         self._session = None
+        #: one user of the serial console at a time: shared by every session of this object
+        self.console_lock = None
         #: set by the framework that started the VM: what :meth:`migrate` calls
         self.migrate_hook = None
 
@@ -123,10 +137,14 @@ class GuestVM(BlockingInWorkers):
 
     async def console(self):
         """A new :class:`~migrator.guest.session.GuestSession` on the serial console."""
+        from ..guest.console import ConsoleLock
         from ..guest.session import GuestSession
+        if self.console_lock is None:
+            self.console_lock = ConsoleLock()
         reader, writer = await self.host.open_unix_connection(self.paths.serial)
         return GuestSession(reader, writer, host=self.host.name, vm=self.name,
-                            config=self.config)
+                            config=self.config, prompt=self.spec.prompt,
+                            lock=self.console_lock)
 
     async def wait_for_login(self, timeout: float | None = None):
         """The VM's guest session, once the guest's shell answers on the serial console.
@@ -134,12 +152,16 @@ class GuestVM(BlockingInWorkers):
         The console socket serves one client at a time, so the VM keeps one session and
         returns it again (reopened if it was closed).
 
-        :raise GuestError: no shell prompt within ``timeout`` (default
+        Logs in as the spec's ``login_user`` when the console asks for a login.
+
+        :raise ConsoleTimeout: no shell prompt within ``timeout`` (default
             ``config.timeouts.guest_boot_s``).
+        :raise GuestError: a login is asked for and none is configured, or it was refused.
         """
         if self._session is None or self._session.writer.is_closing():
             self._session = await self.console()
-        await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s)
+        await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s,
+                                           self.spec.login_user, self.spec.login_password)
         return self._session
 
     async def migrate(self, dst, vm_ports=None):
@@ -173,6 +195,8 @@ class GuestVM(BlockingInWorkers):
         console (now on ``self.host``), so callers keep the session objects they hold."""
         old_session = self._session
         self._session, other._session = other._session, None
+        if self._session is not None and old_session is None:
+            self.console_lock = self._session.lock
         if old_session is not None:
             if self._session is not None:
                 self._session.close()

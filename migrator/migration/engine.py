@@ -52,6 +52,7 @@ from typing import AsyncIterator, Callable
 from qemu.qmp import ExecuteError, QMPError
 
 from ..aio import shielded
+from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import MigrationError
 from ..hosts.ssh import SSHHost, quote
@@ -170,7 +171,7 @@ class MigrationResult:
         return asdict(self)
 
 
-class BaseMigration:
+class BaseMigration(BlockingInWorkers):
     """The phase machine, progress stream, cancel and result record every driver's migration
     shares. A driver implements :meth:`_run_phases` (PENDING -> ... -> CLEANED) and
     :meth:`_rollback`; :meth:`run` wraps them with the failure guarantees.
@@ -223,6 +224,7 @@ class BaseMigration:
         return MigrationError(self.src_vm.host.name, self.dst_host.name, self.src_vm.name,
                               self.phase.value, message, outcome)
 
+    @on_loop
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the migration to stop; ``run()`` then rolls back and raises MigrationError.
         After the postcopy switchover nothing can be rolled back: a healthy postcopy is

@@ -6,13 +6,16 @@
 #   lab.rate=MIB_S        limit the dirtier to MIB_S MiB/s (default 0: no limit)
 #   lab.out=DEV           where TICK/DIRTY lines go (default: the console), e.g. ttyS1
 #   lab.hostname=NAME     the guest's hostname (default: lab-guest)
-# It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then runs a shell on the console.
+#   lab.login=USER        ask for a login on the console (getty, login) instead of giving a
+#   lab.password=PASSWORD   shell at once: USER (root, or a user of uid 1000) with PASSWORD
+# It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then runs a shell (or a login) on
+# the console.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
-TICK=1 DIRTY=0 RATE=0 OUT=/dev/console NAME=lab-guest
+TICK=1 DIRTY=0 RATE=0 OUT=/dev/console NAME=lab-guest LOGIN= PASSWORD=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     lab.tick=*) TICK=${arg#lab.tick=} ;;
@@ -20,6 +23,8 @@ for arg in $(cat /proc/cmdline); do
     lab.rate=*) RATE=${arg#lab.rate=} ;;
     lab.out=*) OUT=/dev/${arg#lab.out=} ;;
     lab.hostname=*) NAME=${arg#lab.hostname=} ;;
+    lab.login=*) LOGIN=${arg#lab.login=} ;;
+    lab.password=*) PASSWORD=${arg#lab.password=} ;;
   esac
 done
 hostname "$NAME"
@@ -32,10 +37,30 @@ fi
 if [ "$DIRTY" != 0 ]; then
   dirtier "$DIRTY" "$RATE" > "$OUT" 2>&1 &
 fi
+if [ -n "$LOGIN" ]; then
+  mkdir -p /etc /root
+  echo "root:x:0:0:root:/root:/bin/sh" > /etc/passwd
+  echo "root:x:0:" > /etc/group
+  HASH=$(mkpasswd -m sha512 "$PASSWORD")
+  if [ "$LOGIN" = root ]; then
+    echo "root:$HASH:19000:0:99999:7:::" > /etc/shadow
+  else
+    mkdir -p "/home/$LOGIN"
+    echo "$LOGIN:x:1000:1000:$LOGIN:/home/$LOGIN:/bin/sh" >> /etc/passwd
+    echo "$LOGIN:x:1000:" >> /etc/group
+    { echo "root:*:19000:0:99999:7:::"; echo "$LOGIN:$HASH:19000:0:99999:7:::"; } > /etc/shadow
+    chown 1000:1000 "/home/$LOGIN"
+  fi
+  chmod 600 /etc/shadow
+fi
 echo "LAB-READY uptime=$(cut -d' ' -f1 /proc/uptime) mem=$(awk '/MemTotal/{print $2}' /proc/meminfo)kB"
 # PID 1 stays this minimal init: it reaps orphans (daemons such as the memsum holder are
 # reparented to it) and respawns the console shell if it exits. The shell must not be PID 1:
 # orphans would become its children and its 'wait' would block on them forever.
 while :; do
-  setsid cttyhack sh
+  if [ -n "$LOGIN" ]; then
+    setsid getty -L 115200 ttyS0 vt100
+  else
+    setsid cttyhack sh
+  fi
 done
