@@ -158,7 +158,8 @@ class Limits(_Strict):
 
     console_file_mib: float = Field(4.0, gt=0)
     """The largest file a guest used as a host sends or receives over its serial console
-    (base64, some hundred KiB/s under TCG); a larger one is refused before it starts."""
+    (base64: some tens of KiB/s under TCG, a MiB in about 30 s); a larger one is refused
+    before it starts."""
 
 
 class LabDefaults(_Strict):

@@ -53,7 +53,9 @@ _ids = itertools.count(1)
 #: and run() wraps a command in about 100 more
 _LINE_MAX = 800
 #: a console moves base64 at least this fast (bytes/s): timeouts of transfers grow with size
-_MIN_RATE = 20_000
+_MIN_RATE = 10_000
+#: bytes sent to the guest per base64 -d (256 KiB encoded: well under the tty's 640 KiB)
+_BLOCK = 192 * 1024
 
 
 class GuestHost(BlockingInWorkers):
@@ -185,11 +187,11 @@ class GuestHost(BlockingInWorkers):
     async def _stream(self, session, data: bytes, path: str, what: str) -> None:
         """Write ``data`` to ``path`` in the guest, checked with sha256 (under the lock).
 
-        ``base64 -d`` reads the console itself: the lines are streamed without echo and a
-        Ctrl-D on a line of its own ends them. The ready marker, printed by the same command
-        line, says the shell has read that line, so nothing streamed is taken for a command;
-        if ``base64 -d`` stops early (no space, a bad path), ``cat`` swallows the rest, so
-        no line of it ever reaches the shell.
+        In blocks of :data:`_BLOCK` bytes, each appended by one ``base64 -d`` that reads the
+        console itself: its lines are streamed without echo and a Ctrl-D on a line of its own
+        ends them. The guest's serial driver takes whatever comes, and the tty layer drops
+        what is over its buffer's limit (640 KiB) when the reader lags: a block stays well
+        under it, and the next is sent once the guest has decoded the last one.
 
         :raise GuestError: the file cannot be written, or its copy differs.
         """
@@ -198,37 +200,57 @@ class GuestHost(BlockingInWorkers):
         status, out = await session.cmd(f"( : > {target} )", timeout, check=False)
         if status != 0:
             raise self._error(f"{what}: cannot write {path}: {out.strip()}")
-        n = next(_ids) * 1000
-        encoded = base64.b64encode(data)
-        await session.sendline(f"stty -echo; echo __SR$(({n}+1))__; base64 -d > {target}; "
-                               f"s=$?; [ $s = 0 ] || cat > /dev/null; "
-                               f"echo __SE$(({n}+2))_${{s}}__; stty echo")
         try:
-            await session.read_until(rf"__SR{n + 1}__\n", timeout)
-            async with asyncio.timeout(self._transfer_s(len(data))):
-                for i in range(0, len(encoded), 76 * 64):
-                    block = encoded[i:i + 76 * 64]
-                    session.writer.write(b"".join(block[j:j + 76] + b"\n"
-                                                  for j in range(0, len(block), 76)))
-                    await session.writer.drain()
-            session.writer.write(b"\x04")
-            await session.writer.drain()
-            match = await session.read_until(rf"__SE{n + 2}_(\d+)__\n", timeout)
+            for i in range(0, len(data), _BLOCK):
+                status = await self._stream_block(session, data[i:i + _BLOCK], target)
+                if status != "0":
+                    raise self._error(f"{what}: base64 -d in the guest exited {status} "
+                                      f"at byte {i}")
         except BaseException:
-            # end the stream (the reader swallows what is left), bounded; then tidy up
             try:
-                session.writer.write(b"\n\x04")
-                await session.read_until(rf"__SE{n + 2}_(\d+)__\n", timeout)
                 await session.cmd(f"stty echo; rm -f {target}", timeout, check=False)
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise
         got = (await session.cmd(f"sha256sum {target}", timeout, check=False))[1].split()[:1]
         digest = hashlib.sha256(data).hexdigest()
-        if match.group(1) != "0" or got != [digest]:
+        if got != [digest]:
             await session.cmd(f"rm -f {target}", timeout, check=False)
-            raise self._error(f"{what}: the copy in the guest differs (base64 -d exit "
-                              f"{match.group(1)}, sha256 {got} != {digest})")
+            raise self._error(f"{what}: the copy in the guest differs (sha256 {got} != "
+                              f"{digest})")
+
+    async def _stream_block(self, session, block: bytes, target: str) -> str:
+        """Append ``block`` to ``target`` through ``base64 -d``; its exit status.
+
+        The ready marker, printed by the same command line, says the shell has read that
+        line, so nothing streamed is taken for a command; if ``base64 -d`` stops early (no
+        space left), ``cat`` swallows the rest, so no line of it ever reaches the shell.
+        """
+        timeout = self.config.timeouts.guest_cmd_s
+        n = next(_ids) * 1000
+        encoded = base64.b64encode(block)
+        await session.sendline(f"stty -echo; echo __SR$(({n}+1))__; base64 -d >> {target}; "
+                               f"s=$?; [ $s = 0 ] || cat > /dev/null; "
+                               f"echo __SE$(({n}+2))_${{s}}__; stty echo")
+        try:
+            await session.read_until(rf"__SR{n + 1}__\n", timeout)
+            # one bound for the block: the writes return once buffers take them, the end
+            # marker once the guest has decoded its last line
+            whole = self._transfer_s(len(encoded))
+            async with asyncio.timeout(whole):
+                session.writer.write(b"".join(encoded[j:j + 76] + b"\n"
+                                              for j in range(0, len(encoded), 76)) + b"\x04")
+                await session.writer.drain()
+                match = await session.read_until(rf"__SE{n + 2}_(\d+)__\n", whole)
+        except BaseException:
+            # end the stream (the reader swallows what is left), bounded
+            try:
+                session.writer.write(b"\n\x04")
+                await session.read_until(rf"__SE{n + 2}_(\d+)__\n", timeout)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        return match.group(1)
 
     async def send_file(self, src: str | os.PathLike, dest: str) -> None:
         """Copy the local file ``src`` to ``dest`` in the guest (checked with sha256).
