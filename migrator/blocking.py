@@ -102,7 +102,8 @@ class WorkerCall:
 
 
 _STDLIB_DIR = os.path.dirname(threading.__file__)
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: migrator's own source directory (frames in it are migrator's, not a scenario's)
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def code_site(frame, is_user_file: Callable[[str], bool] = lambda path: False
@@ -116,7 +117,7 @@ def code_site(frame, is_user_file: Callable[[str], bool] = lambda path: False
         where = f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
         if is_user_file(path):
             return where, True
-        if path.startswith(_PACKAGE_DIR):
+        if path.startswith(PACKAGE_DIR):
             return where, False
         if not (path.startswith("<") or "-packages" in path or path.startswith(_STDLIB_DIR)):
             return where, True

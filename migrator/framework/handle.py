@@ -13,11 +13,10 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..blocking import BlockingInWorkers, on_loop, worker_call
+from ..blocking import PACKAGE_DIR, BlockingInWorkers, on_loop, worker_call
 from ..errors import ScenarioError
 from .data import MigrationData
 
@@ -61,12 +60,10 @@ def must_await(fn: Callable) -> Callable:
 def _caller_site() -> str:
     """``file:line`` of the innermost frame outside migrator (the scenario's call)."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
         frame = frame.f_back
     return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class MigrationHandle(BlockingInWorkers):
