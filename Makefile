@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 LAB     := $(VENV)/bin/migrate-lab
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lab-up lab-down clean
+.PHONY: setup demo test matrix bench lab-up lab-down clean
 
 setup:                       ## packages (QEMU 10, libvirt 11.3 from bookworm-backports), venv, guest image
 	bash scripts/setup.sh
@@ -17,6 +17,9 @@ demo: setup                  ## lab up, then the ping_pong scenario hostA <-> ho
 
 test: setup                  ## the whole suite, against its own lab (never the demo's)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+matrix: setup                ## the fault matrices' every case (make test runs their representative ones)
+	$(PY) -m pytest --matrix -m matrix $(PYTEST_ARGS)
 
 bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/lab_updown.py

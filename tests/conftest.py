@@ -33,9 +33,28 @@ SESSION_SUBNET = "10.77.240.0/24"
 BIN = Path(sys.executable).parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--matrix", action="store_true",
+                     help="also run the whole of each fault matrix (cases marked 'matrix'; "
+                          "'make matrix'), not only its representative cases")
+
+
 def pytest_configure(config):
     if os.geteuid() != 0:
         pytest.exit("the test suite needs root (it builds network-namespace labs)", returncode=2)
+    config.addinivalue_line("markers", "matrix: a case of a fault matrix beyond its "
+                            "representative ones; run with --matrix (make matrix)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ``--matrix``, a matrix's extra cases are deselected (not skipped: they are
+    not part of ``make test``, whose time budget they would exceed)."""
+    if config.getoption("--matrix"):
+        return
+    extra = [i for i in items if i.get_closest_marker("matrix")]
+    if extra:
+        config.hook.pytest_deselected(items=extra)
+        items[:] = [i for i in items if not i.get_closest_marker("matrix")]
 
 
 @dataclass
