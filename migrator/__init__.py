@@ -16,7 +16,8 @@ _EXPORTS = {
     "LabError": "errors", "GuestError": "errors", "MigrationError": "errors",
     "BarrierError": "errors", "ScenarioError": "errors",
     "MultihostMigration": "framework", "MigrationData": "framework",
-    "GuestHost": "guest.host",
+    "GuestHost": "guest.host", "ParallelVMTasks": "framework.tasks",
+    "TaskResults": "framework.tasks",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -161,6 +161,17 @@ class Limits(_Strict):
     (base64: some tens of KiB/s under TCG, a MiB in about 30 s); a larger one is refused
     before it starts."""
 
+    vm_launches_per_host: int = Field(2, ge=1)
+    """QEMU launches at once on one host (``qemu -daemonize``; libvirt's define and create):
+    the critical section DTS guarded with a lock around VM creation. Every start of a run
+    takes it, whatever started it (parallel VM tasks, a ``migrate()``'s side-by-side
+    starts, a migration's destination)."""
+
+    vm_boots_per_host: int = Field(4, ge=1)
+    """VMs between launch and an answering console shell at once on one host. A TCG boot is
+    CPU-bound (about 2 s of one core for the lab guest); more at once only stretch each
+    toward ``timeouts.guest_boot_s``."""
+
 
 class LabDefaults(_Strict):
     """Defaults for ``migrate-lab up`` when the command line does not say."""
@@ -244,12 +255,38 @@ class VMSettings(_Strict):
     image: Path | None = None
     """A base qcow2 image on shared storage: the run gives the VM its own overlay over it."""
     extra_args: list[str] = []
+    """More QEMU arguments (qemu driver only), e.g. ``["-device", "virtio-rng-pci"]``."""
+    qemu: str | None = None
+    """The QEMU binary on the hosts (default: ``qemu-system-x86_64`` from PATH)."""
+    cpu_model: str | None = None
+    """QEMU's ``-cpu`` model (default: ``qemu64`` under TCG, ``host`` under KVM)."""
+    cpu_affinity: str | None = None
+    """Host CPUs QEMU's threads may run on, as ``taskset -c`` takes them (``0-1``, ``0,2``);
+    the destination of a migration gets the same."""
+    hugepages: bool = False
+    """Back guest memory with the host's hugetlbfs (``/dev/hugepages``, preallocated); a host
+    with too few free huge pages refuses the start."""
     mac: str | None = None
     """A virtio NIC with this MAC, or ``auto``: a locally administered MAC derived from the
     run id and the VM's name (unique per run, the same on every host)."""
     login: LoginSettings | None = None
     """User, password and prompt, for a guest whose console asks for a login (the lab guest
     does with ``append: "... lab.login=USER lab.password=PASSWORD"``)."""
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*",
+                                                  value):
+            raise ValueError(f"{value!r} is not a CPU list (as taskset -c takes: 0-1,3)")
+        return value
+
+    @field_validator("cpu_model")
+    @classmethod
+    def _cpu_model(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*", value):
+            raise ValueError(f"{value!r} is not a QEMU CPU model")
+        return value
 
 
 class SyncSettings(_Strict):

@@ -11,7 +11,7 @@ import time
 import traceback
 
 from ..config import Config
-from ..errors import MigratorError
+from ..errors import ConfigError, MigratorError
 from .common import Parser, fail, overrides, setup_logging, stamp
 
 
@@ -51,7 +51,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("scenario", help="a scenario file, or the name of a ready one "
                                     "(ping_pong, concurrent, ring, cancel_then_migrate, "
-                                    "dest_block)")
+                                    "dest_block); or a task list (.yaml: parallel VM tasks "
+                                    "over all the hosts)")
     return p
 
 
@@ -101,13 +102,25 @@ def _run_plan(args) -> dict:
     inventory = load_any_inventory(args.inventory)
     for h in hosts:
         inventory.host(h)
-    groups = group_hosts(hosts, args.all_hosts)
     ctx = RunContext(config, inventory, say=stamp(time.monotonic()))
     out_dir = Path(args.results or config.report.results_dir) / ctx.run_id
+    path = Path(args.scenario)
+    if path.suffix in (".yaml", ".yml"):
+        from ..framework.tasklist import load_task_list
+        if args.all_hosts:
+            raise ConfigError(f"{path}: --all (-a all) is for scenarios; a task list runs "
+                              "over all the hosts of -m already")
+        if len(set(hosts)) != len(hosts):
+            raise ConfigError(f"a host is named twice in {hosts}")
+        tasks = load_task_list(path, hosts, ctx)
+        return {"ctx": ctx, "instances": [tasks], "runs": [tasks.execute], "hosts": hosts,
+                "cls": type(tasks), "out_dir": out_dir, "scenario": str(path)}
+    groups = group_hosts(hosts, args.all_hosts)
     names = ["all"] if args.all_hosts else [f"pair{i + 1}" for i in range(len(groups))]
     instances = make_instances(args.scenario, groups, names, ctx, out_dir)
-    return {"ctx": ctx, "instances": instances, "hosts": hosts, "cls": type(instances[0]),
-            "out_dir": out_dir, "scenario": args.scenario}
+    return {"ctx": ctx, "instances": instances, "runs": [i.run for i in instances],
+            "hosts": hosts, "cls": type(instances[0]), "out_dir": out_dir,
+            "scenario": args.scenario}
 
 
 async def _run(plan: dict, args) -> int:
@@ -152,7 +165,7 @@ async def _run(plan: dict, args) -> int:
             first.address, (first.ssh or ctx.inventory.ssh).port)
         await ctx.start_server(bind)
         try:
-            outcomes = await asyncio.gather(*(i.run() for i in instances),
+            outcomes = await asyncio.gather(*(run() for run in plan["runs"]),
                                             return_exceptions=True)
         finally:
             await ctx.stop_server()

@@ -15,6 +15,7 @@ from syncserver.server import SyncServer
 
 from ..config import Config, Inventory
 from ..errors import ConfigError
+from .gates import HostGates
 from .journal import RunJournal
 from .loopwatch import LoopStallWatch
 
@@ -75,6 +76,10 @@ class RunContext:
         self.server: SyncServer | None = None
         self.migrations: list[MigrationRecord] = []
         self.instances: list[InstanceRecord] = []
+        #: parallel VM tasks' results (:class:`~.tasks.TaskResult`), in the order added
+        self.tasks: list = []
+        #: per-host bounds on VM starts, shared by every instance of the run
+        self.gates = HostGates(config.limits)
         #: the run's journal (:mod:`.journal`), open while the run runs
         self.journal: RunJournal | None = None
         #: what went wrong without failing the run (a blocked event loop), for the report
@@ -162,7 +167,8 @@ class RunContext:
         """True when every instance passed and every migration completed or was an outcome
         its scenario expected."""
         return (bool(self.instances) and all(i.status == "passed" for i in self.instances)
-                and all(m.passed for m in self.migrations))
+                and all(m.passed for m in self.migrations)
+                and all(t.status == "passed" for t in self.tasks))
 
 
 def local_address_towards(address: str, port: int) -> str:

@@ -11,10 +11,11 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable
 
 from ..blocking import BlockingInWorkers
-from ..config import Config, Inventory
+from ..config import Config, Inventory, VMSettings
 from ..errors import ConfigError, ScenarioError
 from ..hosts import SSHHost, quote
 from ..hypervisor import GuestVM, VMSpec, make_vm
+from .gates import HostGates
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -30,34 +31,54 @@ LAB_GUEST_ARGS = "lab.out=ttyS1"
 class Env(BlockingInWorkers):
     """VM specs and VM objects of one scenario instance.
 
+    A VM's identity (its *key*) is its name, unique in the instance
+    (:class:`~.multihost.MultihostMigration`); with ``per_host`` it is ``HOST/NAME``, the
+    host it was started on and its name, so ``vm0`` may run on every host
+    (:class:`~.tasks.ParallelVMTasks`). The key names its overlay on shared storage, its
+    ``auto`` MAC and its journal records; a name is still unique *on a host* (its run
+    directory, its libvirt domain): :meth:`place` refuses a second.
+
     :param run_dir: the per-run directory on hosts holding VM sockets (``<run_dir>/<vm>/``).
     :param disk_dir: per-run directory on shared storage for the VMs' overlays.
+    :param gates: the run's per-host start bounds (default: this Env's own).
     """
 
     def __init__(self, config: Config, inventory: Inventory, run_dir: str,
                  disk_dir: str | None, record: Callable[..., None] | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, *, per_host: bool = False,
+                 gates: HostGates | None = None):
         self.config, self.inventory = config, inventory
         self.run_dir, self.disk_dir = run_dir, disk_dir
+        self.per_host = per_host
+        self.gates = gates or HostGates(config.limits)
         self._record = record or (lambda event, **fields: None)   # the run's journal
         self._say = say or (lambda line: log.info("%s", line))
         #: what ``vm.migrate(dst)`` calls for the VMs started here (set by the framework)
         self.migrate_hook = None
         self._vms: dict[str, GuestVM] = {}
         self._busy: dict[str, str] = {}
+        #: (host, VM name) -> the key of the VM that holds that name on that host
+        self._placed: dict[tuple[str, str], str] = {}
         for name in config.vms:
             self.spec(name)          # every declared VM must be bootable: fail before start
 
-    def overlay_path(self, name: str) -> str:
-        return str(PurePosixPath(self.disk_dir or "/") / f"{name}.qcow2")
+    def key(self, name: str, host: str) -> str:
+        """The identity of VM ``name`` started on ``host``: ``name``, or ``host/name`` with
+        ``per_host``."""
+        return f"{host}/{name}" if self.per_host else name
 
-    def spec(self, name: str) -> VMSpec:
-        """The spec of VM ``name``.
+    def overlay_path(self, key: str) -> str:
+        return str(PurePosixPath(self.disk_dir or "/") / f"{key}.qcow2")
+
+    def spec(self, name: str, key: str | None = None, decl: VMSettings | None = None) -> VMSpec:
+        """The spec of VM ``name`` (identity ``key``, default ``name``), from ``decl`` or
+        else its declaration under ``vms``.
 
         :raise ConfigError: an undeclared name that is not ``vmN``, or a VM that cannot boot
             (no kernel and no image, image without shared storage).
         """
-        decl = self.config.vms.get(name)
+        key = key or name
+        decl = decl or self.config.vms.get(name)
         if decl is None and not DEFAULT_VM_NAME.match(name):
             raise ConfigError(f"unknown VM {name!r}: declare it under 'vms' in the config "
                               "(undeclared names vm1, vm2, ... are default lab guests)")
@@ -72,13 +93,13 @@ class Env(BlockingInWorkers):
             if self.disk_dir is None:
                 raise ConfigError(f"VM {name!r} has an image but the inventory has no "
                                   "shared_dir for its overlay")
-            disk = self.overlay_path(name)
+            disk = self.overlay_path(key)
         if not kernel and not disk:
             raise ConfigError(f"VM {name!r}: no kernel and no image (the inventory has no "
                               "guest section; declare one for it)")
         mac = decl.mac if decl else None
         if mac == "auto":
-            mac = auto_mac(self.run_dir, name)
+            mac = auto_mac(self.run_dir, key)
         login = decl.login if decl else None
         try:
             return VMSpec(name, mem_mib=mem, vcpus=decl.vcpus if decl else 1, mac=mac,
@@ -88,7 +109,11 @@ class Env(BlockingInWorkers):
                           kernel=str(kernel) if kernel else None,
                           initrd=str(initrd) if initrd else None, append=append,
                           accel=self.inventory.accel, disk=disk,
-                          extra_args=tuple(decl.extra_args) if decl else ())
+                          extra_args=tuple(decl.extra_args) if decl else (),
+                          **({"qemu": decl.qemu} if decl and decl.qemu else {}),
+                          cpu_model=decl.cpu_model if decl else None,
+                          cpu_affinity=decl.cpu_affinity if decl else None,
+                          hugepages=decl.hugepages if decl else False)
         except ValueError as exc:
             raise ConfigError(f"VM {name!r}: {exc}") from None
 
@@ -96,29 +121,73 @@ class Env(BlockingInWorkers):
         """``{vm: base image}`` of the declared VMs that boot from a disk image."""
         return {n: str(d.image) for n, d in self.config.vms.items() if d.image}
 
-    def get_vm(self, name: str) -> GuestVM:
-        """The VM object of ``name``: it refers to the VM wherever it runs now.
+    def get_vm(self, name: str, host: str | None = None) -> GuestVM:
+        """The VM object of ``name``: it refers to the VM wherever it runs now. With
+        ``per_host``, ``host`` says which: the VM started there (its key), else the VM of
+        that name running there now; without ``host``, the only VM of that name.
 
-        :raise ScenarioError: the VM has not been started in this run.
+        :raise ScenarioError: the VM has not been started in this run (or, ``host``
+            omitted, several VMs have that name).
         """
+        if not self.per_host:
+            key = name
+        elif host is not None:
+            key = self.key(name, host)
+            if key not in self._vms:
+                key = self._placed.get((host, name), key)
+        else:
+            keys = [k for k, vm in self._vms.items() if vm.name == name]
+            if len(keys) > 1:
+                raise ScenarioError(f"VM {name!r} runs on several hosts "
+                                    f"({', '.join(sorted(keys))}): name the host")
+            key = keys[0] if keys else name
         try:
-            return self._vms[name]
+            return self._vms[key]
         except KeyError:
-            raise ScenarioError(f"VM {name!r} is not running in this run (migrate() starts "
-                                "VMs on their source)") from None
+            where = f" on {host}" if host else ""
+            raise ScenarioError(f"VM {name!r}{where} is not running in this run "
+                                "(migrate() starts VMs on their source)") from None
+
+    def place(self, host: str, name: str, key: str) -> None:
+        """VM ``key`` is to hold the name ``name`` on ``host`` (it starts or lands there).
+
+        :raise ScenarioError: another VM of this run holds that name there.
+        """
+        holder = self._placed.get((host, name))
+        if holder is not None and holder != key:
+            raise ScenarioError(
+                f"{key}: {host} already runs a VM named {name} ({holder}); a VM name is "
+                f"unique on its host (its run dir {self.run_dir}/{name}, its libvirt domain "
+                f"{name})")
+        self._placed[(host, name)] = key
+
+    def unplace(self, host: str, name: str, key: str) -> None:
+        """VM ``key`` no longer holds ``name`` on ``host``."""
+        if self._placed.get((host, name)) == key:
+            del self._placed[(host, name)]
+
+    def key_of(self, vm: GuestVM) -> str:
+        """The identity of a VM object of this Env."""
+        return next((k for k, v in self._vms.items() if v is vm), vm.name)
 
     async def ensure_running(self, name: str, host: SSHHost,
-                             restart_elsewhere: bool = False) -> GuestVM:
+                             restart_elsewhere: bool = False,
+                             decl: VMSettings | None = None) -> GuestVM:
         """The VM ``name`` running on ``host``: started there (and logged in) if it is not
-        running yet.
+        running yet, within the run's per-host gates (:mod:`.gates`).
 
         :param restart_elsewhere: when the VM runs on another host, stop it there and boot
             it afresh on ``host`` (Autotest's preparation of a migration's source), instead
             of failing. Said on the run's output and in the journal.
-        :raise ScenarioError: the VM runs on another host (and not ``restart_elsewhere``).
+        :param decl: its settings (default: its declaration under ``vms``).
+        :raise ScenarioError: the VM runs on another host (and not ``restart_elsewhere``);
+            another VM holds that name on ``host``.
         :raise GuestError: it did not start or boot.
+        :raise CommandError: its overlay could not be made.
         """
-        vm = self._vms.get(name)
+        key = self.key(name, host.name)
+        ids = {"key": key} if self.per_host else {}
+        vm = self._vms.get(key)
         if vm is not None and vm.pid is not None:
             if vm.host.name == host.name:
                 return vm
@@ -128,17 +197,32 @@ class Env(BlockingInWorkers):
                       f"{host.name} (restart_vm_on_source: Autotest's preparation of a "
                       "migration's source)")
             await vm.stop()
-            self._record("vm", vm=name, host=vm.host.name, state="stopped")
-        vm = make_vm(self.config.driver, self.spec(name), host, self.run_dir, self.config)
-        vm.migrate_hook = self.migrate_hook
-        self._vms[name] = vm
-        log.info("[vm=%s host=%s] starting", name, host.name)
-        self._record("vm", vm=name, host=host.name, state="starting",
-                     driver=self.config.driver, run_dir=str(vm.paths.dir), disk=vm.spec.disk,
-                     mac=vm.spec.mac)
-        await vm.start()
-        self._record("vm", vm=name, host=host.name, state="started", pid=vm.pid)
-        await vm.wait_for_login(self.config.timeouts.guest_boot_s)
+            self.unplace(vm.host.name, name, key)
+            self._record("vm", vm=name, host=vm.host.name, state="stopped", **ids)
+        spec = self.spec(name, key, decl)
+        self.place(host.name, name, key)
+        vm = None
+        try:
+            vm = make_vm(self.config.driver, spec, host, self.run_dir, self.config)
+            vm.migrate_hook = self.migrate_hook
+            self._vms[key] = vm
+            async with self.gates.boot(host.name):
+                if decl is not None and decl.image and self.per_host:
+                    await prepare_overlay(host, str(decl.image), spec.disk, name,
+                                          self.config.timeouts.disk_prepare_s)
+                log.info("[vm=%s host=%s] starting", name, host.name)
+                self._record("vm", vm=name, host=host.name, state="starting",
+                             driver=self.config.driver, run_dir=str(vm.paths.dir),
+                             disk=spec.disk, mac=spec.mac, **ids)
+                async with self.gates.launch(host.name):
+                    await vm.start()
+                self._record("vm", vm=name, host=host.name, state="started", pid=vm.pid,
+                             **ids)
+                await vm.wait_for_login(self.config.timeouts.guest_boot_s)
+        except BaseException:
+            if vm is None or vm.pid is None:        # never ran: the name is free again
+                self.unplace(host.name, name, key)
+            raise
         return vm
 
     def claim(self, names: list[str], mig_id: str) -> None:
@@ -167,13 +251,15 @@ class Env(BlockingInWorkers):
         """Stop every VM of this instance; return the problems (never raises)."""
         problems: list[str] = []
 
-        async def stop(vm: GuestVM) -> None:
+        async def stop(key: str, vm: GuestVM) -> None:
             try:
                 await vm.stop()
-                self._record("vm", vm=vm.name, host=vm.host.name, state="stopped")
+                self.unplace(vm.host.name, vm.name, key)
+                self._record("vm", vm=vm.name, host=vm.host.name, state="stopped",
+                             **({"key": key} if self.per_host else {}))
             except Exception as exc:  # noqa: BLE001 - cleanup goes on; reported
                 problems.append(f"{vm.name} on {vm.host.name}: not stopped ({exc})")
-        await asyncio.gather(*(stop(vm) for vm in self._vms.values()))
+        await asyncio.gather(*(stop(k, vm) for k, vm in self._vms.items()))
         return problems
 
 
@@ -182,7 +268,7 @@ def instance_run_dir(context: "RunContext") -> str:
     return f"{context.inventory.run_dir}/{context.run_id}"
 
 
-def instance_env(context: "RunContext", name: str) -> Env:
+def instance_env(context: "RunContext", name: str, per_host: bool = False) -> Env:
     """The VMs of scenario instance ``name`` of ``context``'s run.
 
     :raise ConfigError: a declared VM cannot boot.
@@ -191,7 +277,8 @@ def instance_env(context: "RunContext", name: str) -> Env:
     return Env(context.config, context.inventory, instance_run_dir(context),
                f"{shared}/migrator-runs/{context.run_id}/{name}" if shared else None,
                record=lambda event, **fields: context.record(event, instance=name, **fields),
-               say=lambda line: context.say(f"[{name}] {line}"))
+               say=lambda line: context.say(f"[{name}] {line}"), per_host=per_host,
+               gates=context.gates)
 
 
 def auto_mac(run: str, vm: str) -> str:
@@ -211,8 +298,22 @@ async def prepare_overlays(host: SSHHost, env: Env, timeout: float) -> None:
         return
     lines = [f"mkdir -p {quote(env.disk_dir)}"]
     for name, base in images.items():
-        why = quote(f"base image {base} of VM {name} is not readable")
-        lines.append(f"{{ test -r {quote(base)} || {{ echo {why} >&2; false; }}; }}")
-        lines.append(f"qemu-img create -q -f qcow2 -F qcow2 -b {quote(base)} "
-                     f"{quote(env.overlay_path(name))}")
+        lines += _overlay_lines(base, env.overlay_path(name), name)
     await host.run(" && ".join(lines), timeout=timeout, check=True)
+
+
+async def prepare_overlay(host: SSHHost, base: str, path: str, name: str,
+                          timeout: float) -> None:
+    """One VM's overlay ``path`` over ``base`` (its directory made), made on ``host``.
+
+    :raise CommandError: the base image is missing or qemu-img failed (names the image).
+    """
+    lines = [f"mkdir -p {quote(str(PurePosixPath(path).parent))}",
+             *_overlay_lines(base, path, name)]
+    await host.run(" && ".join(lines), timeout=timeout, check=True)
+
+
+def _overlay_lines(base: str, path: str, name: str) -> list[str]:
+    why = quote(f"base image {base} of VM {name} is not readable")
+    return [f"{{ test -r {quote(base)} || {{ echo {why} >&2; false; }}; }}",
+            f"qemu-img create -q -f qcow2 -F qcow2 -b {quote(base)} {quote(path)}"]

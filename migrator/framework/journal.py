@@ -362,11 +362,12 @@ def hosts_of(events: list[dict[str, Any]]) -> dict[str, str]:
 def last_phases(events: list[dict[str, Any]],
                 instance: str | None = None) -> dict[str, dict[str, Any]]:
     """The last ``phase`` record of each VM (its latest migration), of one instance if
-    given (the pairs of a run may each have a ``vm1``)."""
+    given (the pairs of a run may each have a ``vm1``), by the VM's identity: its ``key``
+    (``HOST/NAME``, parallel VM tasks) where the record has one, else its name."""
     out: dict[str, dict[str, Any]] = {}
     for e in events:
         if e.get("event") == "phase" and (instance is None or e.get("instance") == instance):
-            out[e["vm"]] = e
+            out[e.get("key", e["vm"])] = e
     return out
 
 

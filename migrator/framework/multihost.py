@@ -47,26 +47,23 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
-import os
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from ..aio import shielded
 from ..blocking import BlockingInWorkers, is_async, on_loop, run_in_worker
 from ..config import Config, Inventory, load_inventory
-from ..errors import ConfigError, HostError, MigrationError, ScenarioError
+from ..errors import ConfigError, MigrationError, ScenarioError
 from ..hosts import SSHHost, quote
-from ..migration import BaseMigration, MigrationParams, Phase, make_migration
-from .context import InstanceRecord, MigrationRecord, RunContext, local_address_towards
+from ..migration import MigrationParams
+from . import hostprep
+from .context import InstanceRecord, RunContext, local_address_towards
 from .data import MigrationData
 from .env import Env, instance_env, instance_run_dir, prepare_overlays
 from .failures import describe, first_error, first_of
 from .handle import MigrationHandle, current_instance, must_await, unawaited
-from .journal import controller_identity, owner_file
 from .params import Params
-from .progress import Progress
 from .sync import HostsSync
 
 log = logging.getLogger(__name__)
@@ -391,8 +388,9 @@ class MultihostMigration(BlockingInWorkers):
         async with asyncio.TaskGroup() as tg:               # connect: errors name the host
             for h in self.hosts:
                 tg.create_task(h.connect())
-        await self._claim_run_dirs()
-        await self._check_shared_storage()
+        await hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir)
+        await hostprep.check_shared_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
+                                            bool(self.env.images()))
         if self.env.images():
             ctx.record("resource", kind="overlays", host=self.hosts[0].name,
                        path=self.env.disk_dir)
@@ -409,51 +407,6 @@ class MultihostMigration(BlockingInWorkers):
         ctx.say(f"[{self.name}] hosts {', '.join(h.name for h in self.hosts)} ready "
                 f"(sync {ctx.sync_url}, run dir {self.run_dir})")
 
-    async def _claim_run_dirs(self) -> None:
-        """``<run_dir>/<run-id>.owner.json`` on every host, naming the run and its
-        controller: the hosts' own copy of whose VMs they hold (see :mod:`.journal`)."""
-        ctx = self.context
-        owner = json.dumps({"run_id": ctx.run_id, "instance": self.name,
-                            "hosts": [h.name for h in self.hosts],
-                            "driver": self.config.driver,
-                            "controller": controller_identity(),
-                            "journal": str(ctx.journal.path) if ctx.journal else None,
-                            "state_dir": str(self.config.journal.state_dir)})
-        ctx.record("instance", instance=self.name, hosts=[h.name for h in self.hosts])
-        for h in self.hosts:
-            ctx.record("resource", kind="run_dir", host=h.name, path=self.run_dir)
-        path = owner_file(str(self.inventory.run_dir), ctx.run_id)
-        await asyncio.gather(*(h.run(f"mkdir -p {quote(str(self.inventory.run_dir))} && cat > "
-                                     f"{quote(path)}", stdin=owner,
-                                     check=True, timeout=self.config.timeouts.host_cleanup_s)
-                               for h in self.hosts))
-
-    async def _check_shared_storage(self) -> None:
-        """A token written on the first host must be readable on every host.
-
-        :raise ConfigError: shared storage missing (when VMs need it) or not shared.
-        """
-        shared = self.inventory.shared_dir
-        if shared is None:
-            if self.env.images():
-                raise ConfigError("VMs with images need the inventory's shared_dir")
-            return
-        token = f"{self.context.run_id}.{self.name}"
-        probe = f"{shared}/.migrator-probe-{token}"
-        first = self.hosts[0]
-        r = await first.run(f"printf %s {quote(token)} > {quote(probe)}")
-        if not r.ok:
-            raise ConfigError(f"shared storage {shared} is not writable on {first.name}: "
-                              f"{r.stderr.strip()}")
-        try:
-            reads = await asyncio.gather(*(h.run(f"cat {quote(probe)}") for h in self.hosts))
-            bad = [h.name for h, r in zip(self.hosts, reads) if r.stdout != token]
-            if bad:
-                raise ConfigError(f"shared storage {shared} is not shared: a file written on "
-                                  f"{first.name} is not seen on {', '.join(bad)}")
-        finally:
-            await first.run(f"rm -f {quote(probe)}")
-
     async def _cleanup(self, own_server: bool) -> list[str]:
         """Undo everything; return the problems met (never raises)."""
         problems: list[str] = []
@@ -465,24 +418,9 @@ class MultihostMigration(BlockingInWorkers):
             problems.append(f"stopping the VMs took over {limit:g} s")
         if self.sync is not None:
             await self.sync.stop()
-        disk_dir = self.env.disk_dir if self.env.images() else None
-        keep = self.config.report.keep_disks
-
-        owner = owner_file(str(self.inventory.run_dir), self.context.run_id)
-
-        async def tidy(h: SSHHost, first: bool) -> None:
-            cmd = f"rm -rf {quote(self.run_dir)} {quote(owner)}"
-            if first and disk_dir and not keep:      # and the run's dir once it is empty
-                cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
-                        f"{quote(os.path.dirname(disk_dir))}")
-            try:
-                r = await h.run(cmd, timeout=self.config.timeouts.host_cleanup_s)
-                if not r.ok:
-                    problems.append(f"{h.name}: {cmd!r} failed: {r.stderr.strip()}")
-            except HostError as exc:
-                problems.append(f"{h.name}: not cleaned up ({exc.message})")
-            await h.close()
-        await asyncio.gather(*(tidy(h, i == 0) for i, h in enumerate(self.hosts)))
+        problems += await hostprep.tidy_hosts(
+            self.context, self.hosts, self.run_dir,
+            self.env.disk_dir if self.env.images() else None)
         if own_server:
             await self.context.stop_server()
         for p in problems:
@@ -586,30 +524,8 @@ class MultihostMigration(BlockingInWorkers):
 
     async def _migrate_one(self, md: MigrationData, vm) -> None:
         entry = self.inventory.host(md.dst.name)
-        mig = make_migration(vm, md.dst, entry.migration_address or entry.address, md.params,
-                             self.config)
-        md._track(mig)
-        reporter = Progress(self.context, md, mig)
-
-        def journal(m: BaseMigration, phase: Phase) -> None:   # before the step it names
-            extra = {"port": m.result.port} if phase is Phase.LISTENING else {}
-            self.context.record("phase", instance=self.name, mig_id=md.mig_id, vm=vm.name,
-                                src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
-        mig.observers += [journal, reporter.on_phase]
-        try:
-            async with asyncio.TaskGroup() as tg:
-                shower = tg.create_task(reporter.follow())
-                try:
-                    result = await mig.run()
-                finally:
-                    shower.cancel()
-            md.results[vm.name] = result
-        finally:
-            r = mig.result
-            md.results.setdefault(vm.name, r)
-            self.context.migrations.append(MigrationRecord(
-                self.name, md.mig_id, vm.name, md.src.name, md.dst.name, r.status, r.error,
-                r.to_json()))
+        await hostprep.migrate_one(self.context, self.name, md, vm,
+                                   entry.migration_address or entry.address)
 
     def _handled(self, handle: MigrationHandle) -> None:
         """The scenario received ``handle``'s error: its migrations count as expected."""

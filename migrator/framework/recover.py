@@ -299,9 +299,10 @@ class _RunRecovery:
         self.outcomes: list[VMOutcome] = []
         self.notes: list[str] = []
         self._instance: str | None = None       # the instance being resolved (None: all)
+        self._key: str | None = None            # the VM's identity, when not its name
 
     def _last_phase(self, vm: str) -> dict[str, Any]:
-        return last_phases(self.events, self._instance).get(vm, {})
+        return last_phases(self.events, self._instance).get(self._key or vm, {})
 
     def instances(self) -> dict[str, list[str]]:
         """instance -> its hosts (one group of all hosts for a journal without them)."""
@@ -316,6 +317,19 @@ class _RunRecovery:
                 names.append(e["vm"])
         return names
 
+    def vm_keys(self, instance: str, only_one: bool) -> dict[str, tuple[str, set[str]]]:
+        """VMs whose identity is (host, name) (parallel VM tasks: ``vm0`` on every host):
+        key -> (name, the hosts its records name: where it started, where it migrated)."""
+        keys: dict[str, tuple[str, set[str]]] = {}
+        for e in self.events:
+            if e.get("event") not in ("vm", "phase") or "key" not in e:
+                continue
+            if not (only_one or e.get("instance") == instance):
+                continue
+            name, hosts = keys.setdefault(e["key"], (e["vm"], set()))
+            hosts.update(h for h in (e.get("host"), e.get("src"), e.get("dst")) if h)
+        return keys
+
     async def run(self) -> list[VMOutcome]:
         try:
             reachable = await self._connect()
@@ -324,16 +338,28 @@ class _RunRecovery:
             for instance, names in groups.items():
                 hosts = {n: reachable[n] for n in names if n in reachable}
                 lost = [n for n in names if n not in reachable]
-                vms = self.vm_names(instance, len(groups) == 1)
-                vms += sorted({v for n in hosts for v in found.get(n, [])} - set(vms))
-                for vm in vms:
+                keyed = self.vm_keys(instance, len(groups) == 1)
+                if keyed:           # each (host, name) VM on the hosts its records name
+                    plan = [(key, name, {h: hosts[h] for h in sorted(where) if h in hosts})
+                            for key, (name, where) in keyed.items()]
+                    claimed = {(h, name) for _k, name, where in plan for h in where}
+                    plan += [(f"{h}/{v}", v, {h: hosts[h]}) for h in hosts
+                             for v in found.get(h, []) if (h, v) not in claimed]
+                else:
+                    vms = self.vm_names(instance, len(groups) == 1)
+                    vms += sorted({v for n in hosts for v in found.get(n, [])} - set(vms))
+                    plan = [(None, vm, hosts) for vm in vms]
+                for key, vm, its_hosts in plan:
                     if lost:        # a copy may be there: deciding without it could make two
                         self.outcomes.append(VMOutcome(
-                            self.run_id, vm, problem=f"{vm}: {', '.join(lost)} unreachable: "
-                            "it may hold a copy; nothing was touched"))
+                            self.run_id, key or vm, problem=f"{key or vm}: "
+                            f"{', '.join(lost)} unreachable: it may hold a copy; nothing was "
+                            "touched"))
                         continue
                     self._instance = instance if len(groups) > 1 else None
-                    self.outcomes.append(await self._resolve(vm, hosts, found))
+                    self._key = key
+                    self.outcomes.append(await self._resolve(vm, its_hosts, found))
+                self._key = None
             await self._end_participants(reachable)
             await self._tidy(reachable)
         finally:
@@ -404,7 +430,7 @@ class _RunRecovery:
 
     async def _resolve(self, vm: str, hosts: dict[str, SSHHost],
                        found: dict[str, list[str]]) -> VMOutcome:
-        out = VMOutcome(self.run_id, vm)
+        out = VMOutcome(self.run_id, self._key or vm)
         copies: list[Copy] = []
         try:
             copies = await self._copies(vm, hosts, found)

@@ -61,7 +61,13 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
     dom = ET.Element("domain", type="qemu" if spec.accel == "tcg" else "kvm")
     ET.SubElement(dom, "name").text = spec.name
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.mem_mib)
-    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
+    vcpu = ET.SubElement(dom, "vcpu")
+    vcpu.text = str(spec.vcpus)
+    if spec.cpu_affinity:
+        vcpu.set("cpuset", spec.cpu_affinity)
+    if spec.hugepages:
+        backing = ET.SubElement(dom, "memoryBacking")
+        ET.SubElement(backing, "hugepages")
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
     if spec.kernel:
@@ -71,9 +77,9 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
         ET.SubElement(os_, "cmdline").text = spec.append
     else:
         ET.SubElement(os_, "boot", dev="hd")
-    if spec.accel == "tcg":
+    if spec.accel == "tcg" or spec.cpu_model:
         cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact", check="none")
-        ET.SubElement(cpu, "model", fallback="forbid").text = "qemu64"
+        ET.SubElement(cpu, "model", fallback="forbid").text = spec.cpu_model or "qemu64"
     else:
         ET.SubElement(dom, "cpu", mode="host-passthrough")
     ET.SubElement(dom, "on_poweroff").text = "destroy"

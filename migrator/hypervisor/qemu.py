@@ -23,12 +23,16 @@ __all__ = ["QemuVM", "VMSpec", "VMPaths", "vm_paths", "qemu_argv", "start_vm", "
 def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
               paused: bool = False) -> list[str]:
     """The QEMU command line for ``spec`` (TCG: ``-cpu qemu64``; KVM: ``-cpu host``)."""
-    accel = (["-accel", "tcg", "-cpu", "qemu64"] if spec.accel == "tcg"
-             else ["-accel", "kvm", "-cpu", "host"])
+    default_cpu = "qemu64" if spec.accel == "tcg" else "host"
+    accel = ["-accel", spec.accel, "-cpu", spec.cpu_model or default_cpu]
     argv = [spec.qemu, "-name", spec.name, "-msg", "timestamp=on", *accel,
             "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", "pc",
             # no -no-reboot: it turns every reset, QMP system_reset included, into an exit
             "-nodefaults", "-no-user-config", "-display", "none"]
+    if spec.hugepages:
+        argv += ["-object", f"memory-backend-file,id=mem0,size={spec.mem_mib}M,"
+                            "mem-path=/dev/hugepages,prealloc=on,share=off",
+                 "-machine", "memory-backend=mem0"]
     if spec.kernel:
         argv += ["-kernel", spec.kernel, "-append", spec.append]
         if spec.initrd:
@@ -59,15 +63,23 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
 
     When this returns, QEMU's QMP and serial sockets are listening.
 
-    :raise GuestError: when QEMU refuses to start (its error output is in the message).
+    :raise GuestError: when QEMU refuses to start (its error output is in the message), or
+        a VM of that name already runs in that run directory on the host (it is left alone).
     """
     paths = vm_paths(run_dir, spec.name)
     ident = quote(identity_file(paths))
+    taskset = f"taskset -c {quote(spec.cpu_affinity)} " if spec.cpu_affinity else ""
+    # a live QEMU recorded in the VM's directory is never overwritten (its sockets, pid
+    # file and identity would be removed under it): a second VM of one name on one host
+    busy = quote(f"a VM named {spec.name} already runs in {paths.dir}")
     # the identity (pid + start time) is written in the same command as the start: a QEMU
     # that runs is always one stop_vm can find and tell from a process that reused its pid
-    cmd = (f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
+    cmd = (f"if [ -s {ident} ]; then read p was < {ident}; {_STARTTIME}; "
+           f"if [ -n \"$st\" ] && [ \"$st\" = \"$was\" ]; then echo {busy} >&2; exit 1; fi; "
+           f"fi; "
+           f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
            f"{quote(paths.pidfile)} {ident} {quote(paths.status_log)} && "
-           f"{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
+           f"{taskset}{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
            f" && p=$(cat {quote(paths.pidfile)}) && {_STARTTIME} && "
            f"echo \"$p $st\" > {ident} && echo $p")
     result = await host.run(cmd)

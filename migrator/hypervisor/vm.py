@@ -28,6 +28,7 @@ from ..hosts.ssh import SSHHost, quote
 
 _MAC = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CPU_LIST = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ class VMSpec:
     prompt: str | None = None
     """The guest shell's prompt, a regular expression (default: a line ending in ``# `` or
     ``$ ``)."""
+    cpu_model: str | None = None
+    """QEMU's ``-cpu`` model (default: ``qemu64`` under TCG, ``host`` under KVM)."""
+    cpu_affinity: str | None = None
+    """Host CPUs for QEMU's threads, a ``taskset -c`` list (qemu: QEMU is started under
+    ``taskset``; libvirt: ``<vcpu cpuset=...>``)."""
+    hugepages: bool = False
+    """Guest memory from the host's hugetlbfs (``/dev/hugepages``), preallocated."""
 
     def __post_init__(self) -> None:
         if not _VM_NAME.match(self.name):
@@ -71,6 +79,9 @@ class VMSpec:
         if self.mac is not None and not _MAC.match(self.mac):
             raise ValueError(f"{self.name}: bad MAC {self.mac!r} (six lowercase hex pairs, "
                              "unicast: the first octet even)")
+        if self.cpu_affinity is not None and not _CPU_LIST.match(self.cpu_affinity):
+            raise ValueError(f"{self.name}: bad CPU list {self.cpu_affinity!r} (as taskset "
+                             "-c takes: 0-1,3)")
         if self.prompt is not None:
             try:
                 re.compile(self.prompt)

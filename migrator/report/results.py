@@ -5,8 +5,11 @@
     results/<run-id>/run.json                   the run: hosts, scenario, verdict, instances
     results/<run-id>/migrations/<mig>-<vm>.json one record per migration (every engine metric,
                                                 phase timestamps, error)
+    results/<run-id>/tasks.json                 parallel VM tasks: one record per task (status,
+                                                duration, output, error, each command)
     results/<run-id>/junit.xml                  a testsuite per instance, a testcase per
-                                                migration plus one for the scenario itself
+                                                migration and per task, plus one for the
+                                                scenario itself
     results/<run-id>/run.log                    the debug log (written by the CLI)
 """
 
@@ -40,6 +43,10 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
                            "status": m.status, "passed": m.passed} for m in ctx.migrations],
            "warnings": list(ctx.warnings),
            "config": ctx.config.model_dump(mode="json")}
+    if ctx.tasks:
+        run["tasks"] = {status: len([t for t in ctx.tasks if t.status == status])
+                        for status in sorted({t.status for t in ctx.tasks})}
+        _write_json(out_dir / "tasks.json", [t.to_json() for t in ctx.tasks])
     _write_json(out_dir / "run.json", run)
     (out_dir / "junit.xml").write_text(junit_xml(ctx, meta.get("scenario", "scenario")))
     return out_dir
@@ -66,6 +73,20 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
             elif m.handled:
                 ET.SubElement(case, "system-out").text = (
                     f"{m.status}, as the scenario expected: {m.error}")
+        tasks = [t for t in ctx.tasks if t.instance == inst.instance]
+        for t in tasks:
+            case = ET.SubElement(suite, "testcase", classname=f"{scenario}.{inst.instance}",
+                                 name=f"#{t.index} {t.action} {t.host}/{t.vm}"
+                                      + (f"->{t.to}" if t.to else ""),
+                                 time=f"{t.duration_s:.3f}")
+            if t.status == "skipped":
+                ET.SubElement(case, "skipped", message=t.error or "skipped")
+            elif not t.passed:
+                failures += 1
+                ET.SubElement(case, "failure", message=t.error or t.status,
+                              type=t.status).text = t.error
+            if t.output:
+                ET.SubElement(case, "system-out").text = t.output[-4096:]
         case = ET.SubElement(suite, "testcase", classname=f"{scenario}.{inst.instance}",
                              name="scenario", time=f"{inst.duration_s:.3f}")
         if inst.status != "passed":
@@ -74,7 +95,7 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
                           type=inst.error_type or inst.status).text = inst.error
         if inst.cleanup_problems:
             ET.SubElement(case, "system-err").text = "\n".join(inst.cleanup_problems)
-        suite.set("tests", str(len(migs) + 1))
+        suite.set("tests", str(len(migs) + len(tasks) + 1))
         suite.set("failures", str(failures))
         suite.set("errors", "0")
         suite.set("time", f"{inst.duration_s:.3f}")
@@ -99,6 +120,9 @@ def summary_table(ctx: RunContext) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if ctx.tasks:
+        from ..framework.tasks import TaskResults
+        lines += ["", TaskResults(ctx.tasks).table(), ""]
     for inst in ctx.instances:
         lines.append(f"{inst.instance} ({','.join(inst.hosts)}): {inst.status} in "
                      f"{inst.duration_s:.1f} s" + (f": {inst.error}" if inst.error else ""))

@@ -1,0 +1,144 @@
+"""What every kind of run does on its hosts before and after its VMs: the run directory
+claimed (owner file for ``recover``), shared storage proven shared, one migration run with
+its journal records, progress lines and report record, and the hosts tidied at the end.
+
+Shared by :class:`~.multihost.MultihostMigration` and :class:`~.tasks.ParallelVMTasks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import ConfigError, HostError
+from ..hosts import SSHHost, quote
+from ..migration import BaseMigration, MigrationResult, Phase, make_migration
+from .context import MigrationRecord, RunContext
+from .data import MigrationData
+from .journal import controller_identity, owner_file
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..hypervisor import GuestVM
+
+log = logging.getLogger(__name__)
+
+
+async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: str,
+                         run_dir: str) -> None:
+    """``<run_dir>/<run-id>.owner.json`` on every host, naming the run and its controller:
+    the hosts' own copy of whose VMs they hold (see :mod:`.journal`); and the journal's
+    records of it.
+
+    :raise CommandError: a host's run directory cannot be written.
+    :raise HostError: a host cannot be reached.
+    """
+    config = ctx.config
+    owner = json.dumps({"run_id": ctx.run_id, "instance": instance,
+                        "hosts": [h.name for h in hosts], "driver": config.driver,
+                        "controller": controller_identity(),
+                        "journal": str(ctx.journal.path) if ctx.journal else None,
+                        "state_dir": str(config.journal.state_dir)})
+    ctx.record("instance", instance=instance, hosts=[h.name for h in hosts])
+    for h in hosts:
+        ctx.record("resource", kind="run_dir", host=h.name, path=run_dir)
+    root = str(ctx.inventory.run_dir)
+    path = owner_file(root, ctx.run_id)
+    await asyncio.gather(*(h.run(f"mkdir -p {quote(root)} && cat > {quote(path)}",
+                                 stdin=owner, check=True,
+                                 timeout=config.timeouts.host_cleanup_s)
+                           for h in hosts))
+
+
+async def check_shared_storage(ctx: RunContext, hosts: Sequence[SSHHost], token: str,
+                               needed: bool) -> None:
+    """A token written on the first host must be readable on every host.
+
+    :param needed: the run's VMs boot from images (their overlays live there).
+    :raise ConfigError: shared storage missing (when needed) or not shared.
+    """
+    shared = ctx.inventory.shared_dir
+    if shared is None:
+        if needed:
+            raise ConfigError("VMs with images need the inventory's shared_dir")
+        return
+    probe = f"{shared}/.migrator-probe-{token}"
+    first = hosts[0]
+    r = await first.run(f"printf %s {quote(token)} > {quote(probe)}")
+    if not r.ok:
+        raise ConfigError(f"shared storage {shared} is not writable on {first.name}: "
+                          f"{r.stderr.strip()}")
+    try:
+        reads = await asyncio.gather(*(h.run(f"cat {quote(probe)}") for h in hosts))
+        bad = [h.name for h, r in zip(hosts, reads) if r.stdout != token]
+        if bad:
+            raise ConfigError(f"shared storage {shared} is not shared: a file written on "
+                              f"{first.name} is not seen on {', '.join(bad)}")
+    finally:
+        await first.run(f"rm -f {quote(probe)}")
+
+
+async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,
+                     disk_dir: str | None) -> list[str]:
+    """Remove the run directory and owner file on every host, and ``disk_dir`` (the run's
+    overlays on shared storage, unless ``report.keep_disks``) through the first; close the
+    hosts. Return the problems met (never raises)."""
+    problems: list[str] = []
+    owner = owner_file(str(ctx.inventory.run_dir), ctx.run_id)
+    keep = ctx.config.report.keep_disks
+
+    async def tidy(h: SSHHost, first: bool) -> None:
+        cmd = f"rm -rf {quote(run_dir)} {quote(owner)}"
+        if first and disk_dir and not keep:      # and the run's dir once it is empty
+            cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
+                    f"{quote(os.path.dirname(disk_dir))}")
+        try:
+            r = await h.run(cmd, timeout=ctx.config.timeouts.host_cleanup_s)
+            if not r.ok:
+                problems.append(f"{h.name}: {cmd!r} failed: {r.stderr.strip()}")
+        except HostError as exc:
+            problems.append(f"{h.name}: not cleaned up ({exc.message})")
+        await h.close()
+    await asyncio.gather(*(tidy(h, i == 0) for i, h in enumerate(hosts)))
+    return problems
+
+
+async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "GuestVM",
+                      dst_address: str, key: str | None = None) -> MigrationResult:
+    """Migrate ``vm`` to ``md.dst`` through the engine: a journal record before each phase
+    (``recover`` reads them; with ``key``, the VM's identity when it is not its name), progress
+    lines, and the run's :class:`MigrationRecord` whatever the outcome.
+
+    :return: the result (status ``completed``).
+    :raise MigrationError: the migration failed (rolled back; its record says how).
+    :raise asyncio.CancelledError: cancelled (rolled back or, past the postcopy switchover,
+        finished first).
+    """
+    mig = make_migration(vm, md.dst, dst_address, md.params, ctx.config)
+    md._track(mig)
+    reporter = Progress(ctx, md, mig)
+
+    def journal(m: BaseMigration, phase: Phase) -> None:   # before the step it names
+        extra = {"port": m.result.port} if phase is Phase.LISTENING else {}
+        if key is not None:
+            extra["key"] = key
+        ctx.record("phase", instance=instance, mig_id=md.mig_id, vm=vm.name,
+                   src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
+    mig.observers += [journal, reporter.on_phase]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            shower = tg.create_task(reporter.follow())
+            try:
+                result = await mig.run()
+            finally:
+                shower.cancel()
+        md.results[vm.name] = result
+        return result
+    finally:
+        r = mig.result
+        md.results.setdefault(vm.name, r)
+        ctx.migrations.append(MigrationRecord(instance, md.mig_id, vm.name, md.src.name,
+                                              md.dst.name, r.status, r.error, r.to_json()))
