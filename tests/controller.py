@@ -37,18 +37,21 @@ class Crash(MultihostMigration):
 
 
 class Controller:
-    """One ``migrate-run`` of :data:`SCENARIO` in ``tmp`` (its state dir, results, output).
+    """One ``migrate-run`` of :data:`SCENARIO` (or of ``scenario``, a file: a task list...)
+    in ``tmp`` (its state dir, results, output).
 
     It runs in a session of its own, so a signal meant for the test or the bench (a Ctrl-C
     at the terminal) never reaches it, and only the signals sent here do.
     """
 
     def __init__(self, tmp: Path, inventory_path: Path, driver: str, args: list[str],
-                 machines: str = "hostA,hostB"):
+                 machines: str = "hostA,hostB", scenario: Path | None = None):
         self.state = tmp / "state"
         self.results = tmp / "results"
-        self.scenario = tmp / "crash.py"
-        self.scenario.write_text(SCENARIO)
+        if scenario is None:                      # the default: SCENARIO
+            scenario = tmp / "crash.py"
+            scenario.write_text(SCENARIO)
+        self.scenario = scenario
         self.log = tmp / "controller.out"
         self.argv = [str(BIN / "migrate-run"), "-i", str(inventory_path), "-o",
                      str(self.results), "-m", machines, "-p", f"driver={driver}",

@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 
 async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: str,
-                         run_dir: str) -> None:
+                         run_dir: str, per_host: bool = False) -> None:
     """``<run_dir>/<run-id>.owner.json`` on every host, naming the run and its controller:
     the hosts' own copy of whose VMs they hold (see :mod:`.journal`); and the journal's
-    records of it.
+    records of it. ``per_host``: the instance's VMs are identified by (host, name), so
+    ``recover`` resolves a VM on the hosts its records name, not on every host.
 
     :raise CommandError: a host's run directory cannot be written.
     :raise HostError: a host cannot be reached.
@@ -41,8 +42,10 @@ async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: st
                         "hosts": [h.name for h in hosts], "driver": config.driver,
                         "controller": controller_identity(),
                         "journal": str(ctx.journal.path) if ctx.journal else None,
-                        "state_dir": str(config.journal.state_dir)})
-    ctx.record("instance", instance=instance, hosts=[h.name for h in hosts])
+                        "state_dir": str(config.journal.state_dir),
+                        **({"per_host": True} if per_host else {})})
+    ctx.record("instance", instance=instance, hosts=[h.name for h in hosts],
+               **({"per_host": True} if per_host else {}))
     for h in hosts:
         ctx.record("resource", kind="run_dir", host=h.name, path=run_dir)
     root = str(ctx.inventory.run_dir)

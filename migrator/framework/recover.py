@@ -317,6 +317,12 @@ class _RunRecovery:
                 names.append(e["vm"])
         return names
 
+    @property
+    def per_host(self) -> set[str]:
+        """The instances whose VMs are identified by (host, name)."""
+        return {e["instance"] for e in self.events
+                if e.get("event") == "instance" and e.get("per_host")}
+
     def vm_keys(self, instance: str, only_one: bool) -> dict[str, tuple[str, set[str]]]:
         """VMs whose identity is (host, name) (parallel VM tasks: ``vm0`` on every host):
         key -> (name, the hosts its records name: where it started, where it migrated)."""
@@ -339,7 +345,9 @@ class _RunRecovery:
                 hosts = {n: reachable[n] for n in names if n in reachable}
                 lost = [n for n in names if n not in reachable]
                 keyed = self.vm_keys(instance, len(groups) == 1)
-                if keyed:           # each (host, name) VM on the hosts its records name
+                if keyed or instance in self.per_host:
+                    # each (host, name) VM on the hosts its records name; a run dir no
+                    # record names is the VM of that name started on that host
                     plan = [(key, name, {h: hosts[h] for h in sorted(where) if h in hosts})
                             for key, (name, where) in keyed.items()]
                     claimed = {(h, name) for _k, name, where in plan for h in where}
@@ -738,6 +746,8 @@ async def adopt_from_hosts(config: Config, inventory: Inventory,
                     continue                       # empty or torn: nothing to adopt from it
                 known.setdefault("instances", {})[owner.get("instance", "main")] = \
                     owner.get("hosts", [])
+                if owner.get("per_host"):
+                    known.setdefault("per_host_instances", set()).add(owner.get("instance", "main"))
     finally:
         await asyncio.gather(*(h.close() for h in hosts))
     me = controller_identity()["machine"]
@@ -761,7 +771,9 @@ async def adopt_from_hosts(config: Config, inventory: Inventory,
                 "config": config.model_dump(mode="json"), "rebuilt_from_hosts": True}
         journal = RunJournal.create(run_id, config.journal.state_dir, None, head)
         for instance, members in sorted(owner["instances"].items()):
-            journal.record("instance", instance=instance, hosts=members)
+            journal.record("instance", instance=instance, hosts=members,
+                           **({"per_host": True} if instance in owner.get("per_host_instances", ())
+                              else {}))
         journal.detach()
         adopted.append(run_id)
     return adopted

@@ -623,7 +623,7 @@ class ParallelVMTasks(BlockingInWorkers):
         if not up:
             return
         try:
-            await hostprep.claim_run_dirs(ctx, up, self.name, self.run_dir)
+            await hostprep.claim_run_dirs(ctx, up, self.name, self.run_dir, per_host=True)
             images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                          for t in self._tasks)
             await hostprep.check_shared_storage(ctx, up, f"{ctx.run_id}.{self.name}", images)

@@ -9,8 +9,10 @@ read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
+from typing import Iterator
 
 from ..blocking import BlockingInWorkers
 from ..errors import GuestError
@@ -60,6 +62,19 @@ class ConsoleLock:
         if self._depth == 0:
             self._owner = None
             self._lock.release()
+
+    @contextlib.contextmanager
+    def lent_to(self, helper: asyncio.Task) -> Iterator[None]:
+        """While the holder awaits ``helper`` (a cleanup run as a task of its own, e.g.
+        under :func:`migrator.aio.shielded`), ``helper`` holds the lock in its place: it
+        may take it (and no one else can) without waiting for the holder that waits for
+        it."""
+        holder = self._owner
+        self._owner = helper
+        try:
+            yield
+        finally:
+            self._owner = holder
 
 
 class ConsoleCommandError(GuestError):

@@ -35,11 +35,13 @@ import base64
 import binascii
 import hashlib
 import itertools
+import logging
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..aio import shielded
 from ..blocking import BlockingInWorkers
 from ..errors import CommandError, GuestError, HostError
 from ..hosts import CmdResult, quote
@@ -48,6 +50,7 @@ from .console import ConsoleTimeout
 if TYPE_CHECKING:
     from ..hypervisor import GuestVM
 
+log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 #: longer lines are staged as a script: busybox's line editor keeps about 1022 characters,
 #: and run() wraps a command in about 100 more
@@ -103,7 +106,8 @@ class GuestHost(BlockingInWorkers):
         n = next(_ids)
         out, err = f"/tmp/.migrator-out.{n}", f"/tmp/.migrator-err.{n}"
         what = f"run {command[:60]!r}"
-        async with await self._console_lock():
+        lock = await self._console_lock()
+        async with lock:
             session = await self._session()
             line = command
             script = None
@@ -122,6 +126,14 @@ class GuestHost(BlockingInWorkers):
                                       f"{timeout:g} s") from None
                 await self._interrupt(session)
                 status, timed_out = -1, True
+            except asyncio.CancelledError:
+                # the caller gave up on it (fail_fast, Ctrl-C): it must not run on. The
+                # shielded cleanup is a task of its own: it holds the console in our place
+                abandon = asyncio.ensure_future(
+                    self._abandon(session, f"rm -f {out} {err} {script or ''}"))
+                with lock.lent_to(abandon):
+                    await shielded(abandon)
+                raise
             duration = time.monotonic() - t0
             try:
                 sizes = await session.cmd(f"stat -c %s {out} {err}",
@@ -161,6 +173,16 @@ class GuestHost(BlockingInWorkers):
                               f"{size} bytes (other output on the console? kernel messages "
                               "and the lab guest's TICK lines belong elsewhere: lab.out)")
         return data
+
+    async def _abandon(self, session, tidy: str) -> None:
+        """A command whose caller was cancelled: interrupted, its files removed; a console
+        that does not answer is only logged (the VM's stop follows)."""
+        try:
+            await self._interrupt(session)
+            await session.cmd(tidy, self.config.timeouts.guest_cmd_s, check=False)
+        except GuestError as exc:
+            log.warning("[vm=%s host=%s] an abandoned command: %s", self.vm.name,
+                        self.vm.host.name, exc)
 
     async def _interrupt(self, session) -> None:
         """Ctrl-C the command in the foreground, then wait until the shell answers again.
