@@ -17,7 +17,7 @@ starts' CPU seconds > 1.2 x the sequential ones' (the bound then is looser than 
 from uncontended boots). Lab of its own (mpvm, 10.77.239.0/24, /srv/migrator-bench),
 torn down afterwards.
 
-usage: bench/parallel_vms.py [--sizes 4,8,16] [--driver qemu]
+usage: bench/parallel_vms.py [--sizes 4,8,16] [--driver qemu] [-p limits.vm_boots_per_host=2]
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ async def one_pass(inv: Inventory, config: Config, n: int, max_vm: int | None) -
             "cpu": [t.cpu_s or 0.0 for t in starts], "ctl": ctl}
 
 
-async def bench(lab: Lab, sizes: list[int], driver: str) -> list[dict]:
+async def bench(lab: Lab, sizes: list[int], driver: str, sets: dict) -> list[dict]:
     inv = Inventory.load(lab.inventory_path)
-    config = Config.load(None, {"driver": driver})
+    config = Config.load(None, {"driver": driver, **sets})
     rows = []
     for n in sizes:
         seq = await one_pass(inv, config, n, 1)
@@ -85,17 +85,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="4,8,16")
     ap.add_argument("--driver", default="qemu", choices=("qemu", "libvirt"))
+    ap.add_argument("-p", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key for both passes (limits.vm_boots_per_host=2)")
     a = ap.parse_args()
+    sets = dict(s.split("=", 1) for s in a.sets)
     sizes = [int(s) for s in a.sizes.split(",")]
     if any(s % len(HOSTS) or s < len(HOSTS) for s in sizes):
         ap.error(f"each size must be a multiple of {len(HOSTS)} (VMs spread over 4 hosts)")
     lab = Lab(NAME, DIR, Config())
     asyncio.run(lab.up(HOSTS, SUBNET, accel="tcg", libvirt=a.driver == "libvirt"))
     try:
-        rows = asyncio.run(bench(lab, sizes, a.driver))
+        rows = asyncio.run(bench(lab, sizes, a.driver, sets))
     finally:
         asyncio.run(lab.down())
-    cfg = Config()
+    cfg = Config.load(None, sets)
     print(f"\nVM starts (launch + boot to a console shell) over 4 hosts, {a.driver} driver, "
           f"TCG, {rows[0]['cores']} cores; limits.vm_launches_per_host="
           f"{cfg.limits.vm_launches_per_host}, vm_boots_per_host={cfg.limits.vm_boots_per_host}"

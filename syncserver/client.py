@@ -202,6 +202,21 @@ class SyncClient:
             timeout + self._grace_s)
         return result["data"]
 
+    async def send(self, key: str, data: Any) -> None:
+        """Set the run's ``key`` to ``data`` (JSON; the last send wins): every ``wait`` for it,
+        now or later, gets it (LAVA's ``lava-send``)."""
+        await self._request({"op": "send", "name": key, "data": data}, self._grace_s)
+
+    async def wait(self, key: str, timeout: float) -> Any:
+        """The value of the run's ``key``, once a member sent it (LAVA's ``lava-wait``).
+
+        :raise BarrierTimeout: nobody sent it within ``timeout`` (naming lost members).
+        :raise SyncConnectionError: the server is unreachable or stopped answering.
+        """
+        result = await self._request({"op": "wait", "name": key, "timeout": timeout},
+                                     timeout + self._grace_s)
+        return result["data"]
+
     async def abort(self, name: str, reason: str, kind: str = "barrier") -> dict:
         """Abort the open round of ``name`` for everyone (or the next round, if none is
         open): each waiter gets :class:`BarrierAborted` naming this member and ``reason``."""

@@ -6,6 +6,9 @@ scripts in test shells join the same barriers as the controller::
     migrate-sync barrier NAME --members hostA,hostB --timeout 30
     migrate-sync exchange NAME --members hostA,hostB --data '{"port": 4444}' --timeout 30
     migrate-sync abort NAME --reason "disk full"
+    migrate-sync sync NAME [--members a,b,c]     # LAVA's lava-sync ($MIGRATE_SYNC_GROUP)
+    migrate-sync send KEY=VALUE [KEY=VALUE ...]  # LAVA's lava-send: returns at once
+    migrate-sync wait KEY [--timeout S]          # LAVA's lava-wait: prints the value
     migrate-sync member          # stay connected as this host's participant until killed
     migrate-sync member --until-stdin-eof   # ... serving JSON requests from stdin
 
@@ -285,6 +288,20 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--generation", type=int, help="pin the round (default: current)")
         if name == "exchange":
             s.add_argument("--data", required=True, help="this member's data, as JSON")
+    y = sub.add_parser("sync", help="LAVA's lava-sync: wait until every member of the group "
+                                    "arrived at NAME (a barrier, one round per call)")
+    y.add_argument("name")
+    y.add_argument("--members", default=os.environ.get("MIGRATE_SYNC_GROUP"),
+                   help="comma-separated member names (default: $MIGRATE_SYNC_GROUP)")
+    y.add_argument("--timeout", type=float,
+                   default=float(os.environ.get("MIGRATE_SYNC_TIMEOUT") or 3600))
+    snd = sub.add_parser("send", help="LAVA's lava-send: set KEY=VALUE for the run's members "
+                                      "(returns at once)")
+    snd.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    w = sub.add_parser("wait", help="LAVA's lava-wait: print KEY's value once a member sent it")
+    w.add_argument("key")
+    w.add_argument("--timeout", type=float,
+                   default=float(os.environ.get("MIGRATE_SYNC_TIMEOUT") or 3600))
     a = sub.add_parser("abort")
     a.add_argument("name")
     a.add_argument("--reason", required=True)
@@ -327,6 +344,28 @@ def main(argv: list[str] | None = None) -> int:
                                           "reason": args.reason, "kind": args.kind}, 30)
                 print(json.dumps(result))
                 return 0
+            if args.cmd == "send":
+                for pair in args.pairs:
+                    key, eq, value = pair.partition("=")
+                    if not eq:
+                        print(f"migrate-sync: send {pair!r}: KEY=VALUE expected",
+                              file=sys.stderr)
+                        return 2
+                    session.request({"op": "send", "name": key, "data": value}, 30)
+                return 0
+            if args.cmd == "wait":
+                result = session.request({"op": "wait", "name": args.key,
+                                          "timeout": args.timeout}, args.timeout + 10)
+                data = result["data"]
+                print(data if isinstance(data, str) else json.dumps(data))
+                return 0
+            if args.cmd == "sync":
+                if not args.members:
+                    print("migrate-sync: sync: --members (or $MIGRATE_SYNC_GROUP) is required",
+                          file=sys.stderr)
+                    return 2
+                args.cmd, args.generation = "barrier", None
+                args.name = f"sync.{args.name}"
             members = [m.strip() for m in args.members.split(",") if m.strip()]
             payload = {"op": args.cmd, "name": args.name, "members": ",".join(members),
                        "timeout": args.timeout, "generation": args.generation}

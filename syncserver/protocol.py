@@ -15,6 +15,13 @@ Requests (client -> server), each with a client-chosen integer ``id``::
 where M is a list of member names, or the same names as one comma-separated string (the
 compact form the clients send).
     {"v": 1, "id": 9, "op": "abort",    "name": N, "reason": TEXT, "kind": "barrier"|"exchange"?}
+    {"v": 1, "id": 10, "op": "send",    "name": K, "data": ANY}
+    {"v": 1, "id": 11, "op": "wait",    "name": K, "timeout": S}
+
+``send``/``wait`` are the run's key-value messages (LAVA's ``lava-send KEY=VAL`` and
+``lava-wait KEY``): ``send`` sets key K (the last send wins) and is answered at once;
+``wait`` is answered with ``{"data": V, "from": MEMBER}`` once K is set (at once if it is),
+else fails with ``BarrierTimeout`` after S seconds, naming the run's lost members if any.
 
 Answers (server -> client)::
 
@@ -40,7 +47,7 @@ MAX_MEMBERS = 10_000                 #: largest member list of one barrier
 MAX_NAME = 200                       #: longest run, member or barrier name
 MAX_TIMEOUT_S = 7 * 24 * 3600.0      #: a week: longer is surely a mistake
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/#+-]{0,199}$")
-OPS = ("barrier", "exchange", "abort")
+OPS = ("barrier", "exchange", "abort", "send", "wait")
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -183,6 +190,14 @@ def join_members(members) -> str:
     return ",".join(members)
 
 
+def _timeout(timeout: Any) -> float:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) \
+            or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ProtocolError(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
+                            status=400)
+    return float(timeout)
+
+
 def parse_request(text: str | bytes) -> dict:
     """Validate one request; return it with normalised fields.
 
@@ -207,7 +222,16 @@ def parse_request(text: str | bytes) -> dict:
     if op not in OPS:
         raise ProtocolError(f"unknown op {op!r} (known: {', '.join(OPS)})", status=400, id=rid)
     try:
-        out = {"id": rid, "op": op, "name": check_name(msg.get("name"), "barrier name")}
+        out = {"id": rid, "op": op, "name": check_name(
+            msg.get("name"), "key" if op in ("send", "wait") else "barrier name")}
+        if op == "send":
+            if "data" not in msg:
+                raise ProtocolError("a send needs 'data'", status=400)
+            out["data"] = msg["data"]
+            return out
+        if op == "wait":
+            out["timeout"] = _timeout(msg.get("timeout"))
+            return out
         if op == "abort":
             reason = msg.get("reason", "")
             if not isinstance(reason, str) or len(reason) > 4096:
@@ -219,12 +243,7 @@ def parse_request(text: str | bytes) -> dict:
             out.update(reason=reason, kind=kind)
             return out
         out["members"] = parse_members(msg.get("members"))
-        timeout = msg.get("timeout")
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) \
-                or not 0 < timeout <= MAX_TIMEOUT_S:
-            raise ProtocolError(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
-                                status=400)
-        out["timeout"] = float(timeout)
+        out["timeout"] = _timeout(msg.get("timeout"))
         generation = msg.get("generation")
         if generation is not None and (not isinstance(generation, int)
                                        or isinstance(generation, bool) or generation < 1):

@@ -90,6 +90,9 @@ class Run:
     history: dict[tuple[str, str], dict[int, Instance]] = field(default_factory=dict)
     persistent: dict[str, int] = field(default_factory=dict)    # member -> live connections
     lost: dict[str, str] = field(default_factory=dict)          # member -> why
+    #: send/wait: key -> (value, who sent it); key -> the waits not answered yet
+    values: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    value_waiters: dict[str, list[Waiter]] = field(default_factory=dict)
     connections: int = 0
     last_activity: float = field(default_factory=time.monotonic)
 
@@ -148,6 +151,15 @@ class Registry:
         run = self.run(conn.run_id)
         run.connections -= 1
         reason = f"member {conn.member} lost its connection ({why})"
+        for key, waiters in list(run.value_waiters.items()):      # its waits end with it
+            for w in [w for w in waiters if w.conn is conn]:
+                waiters.remove(w)
+                if not w.future.done():
+                    w.future.set_exception(BarrierAborted(
+                        f"wait {key!r}: {reason}", barrier=key, kind="wait",
+                        by=conn.member, reason=reason, lost=True))
+            if not waiters:
+                del run.value_waiters[key]
         for inst in run.open_instances():
             w = inst.waiters.get(conn.member)
             if w is not None and w.conn is conn:
@@ -200,6 +212,49 @@ class Registry:
                  else f"the next round is {next_gen}")
         raise MembershipError(f"{kind} {name!r}: generation {generation} asked for, but "
                               f"{where}", barrier=name, generation=generation)
+
+    # -- key-value messages -----------------------------------------------------------------
+
+    def send(self, conn: Connection, key: str, data: Any) -> dict:
+        """Set ``key`` to ``data`` in the run (the last send wins); answer its waiters."""
+        run = self.run(conn.run_id)
+        run.values[key] = (data, conn.member)
+        result = Result({"data": data, "from": conn.member})
+        for w in run.value_waiters.pop(key, []):
+            if not w.future.done():
+                w.future.set_result(result)
+        return {"name": key}
+
+    async def wait(self, conn: Connection, key: str, timeout: float) -> dict:
+        """``key``'s value once it is sent (at once if it was).
+
+        :raise BarrierTimeout: nobody sent it within ``timeout`` (naming the run's lost
+            members: one of them may have been meant to).
+        """
+        run = self.run(conn.run_id)
+        if key in run.values:
+            data, sender = run.values[key]
+            return Result({"data": data, "from": sender})
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(conn, loop.create_future(), loop.time() + timeout, timeout)
+        run.value_waiters.setdefault(key, []).append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter.future
+        except TimeoutError:
+            self.counters.timeouts += 1
+            gone = (" (members gone: " + "; ".join(f"{m}: {why}" for m, why in
+                                                   sorted(run.lost.items())) + ")"
+                    if run.lost else "")
+            raise BarrierTimeout(f"wait {key!r}: nobody sent it within {timeout:g} s{gone}",
+                                 barrier=key, kind="wait", missing=[], timeout=timeout) \
+                from None
+        finally:
+            waiters = run.value_waiters.get(key)
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del run.value_waiters[key]
 
     async def join(self, conn: Connection, kind: str, name: str, members: list[str],
                    timeout: float, generation: int | None, data: Any = None) -> dict:

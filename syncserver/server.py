@@ -157,8 +157,11 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
 
     async def serve(req: dict) -> None:
         try:
-            result = await reg.join(conn, req["op"], req["name"], req["members"],
-                                    req["timeout"], req["generation"], req.get("data"))
+            if req["op"] == "wait":
+                result = await reg.wait(conn, req["name"], req["timeout"])
+            else:
+                result = await reg.join(conn, req["op"], req["name"], req["members"],
+                                        req["timeout"], req["generation"], req.get("data"))
         except SyncError as exc:
             await answer({"id": req["id"], "ok": False, "error": exc.to_json()})
             return
@@ -181,6 +184,9 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
                         continue
                     if req["op"] == "abort":
                         result = reg.abort(conn, req["kind"], req["name"], req["reason"])
+                        await answer({"id": req["id"], "ok": True, "result": result})
+                    elif req["op"] == "send":
+                        result = reg.send(conn, req["name"], req["data"])
                         await answer({"id": req["id"], "ok": True, "result": result})
                     else:
                         tg.create_task(serve(req))

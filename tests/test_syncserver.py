@@ -226,9 +226,10 @@ async def test_membership_errors_are_clear_and_do_not_hang(server):
 
 # -- lost members: real processes ----------------------------------------------------------------
 
-async def _spawn_cli(pyz, server, member, *args):
+async def _spawn_cli(pyz, server, member, *args, env_extra=None):
     proc = await asyncio.create_subprocess_exec(
-        "/usr/bin/python3", "-I", str(pyz), *args, env=cli_env(server, member),
+        "/usr/bin/python3", "-I", str(pyz), *args,
+        env={**cli_env(server, member), **(env_extra or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     return proc
 
@@ -774,3 +775,64 @@ async def test_lab_hosts_join_barriers_over_the_lab_network(lab, inventory):
             r = await h.run(f"python3 {p} --url {local.url} --run r --member hostA barrier b "
                             "--members hostA --timeout 5", env={"MIGRATE_SYNC_TOKEN": TOKEN})
             assert r.exit_status == 3 and "cannot reach sync server" in r.stderr
+
+
+# -- the multinode API: send / wait / sync (LAVA's lava-send, lava-wait, lava-sync) ----------
+
+async def test_send_and_wait_in_either_order_and_a_wait_that_times_out_names_the_lost(server,
+                                                                                       pyz):
+    a, b = await clients(server, ["a", "b"])
+    try:
+        early = asyncio.ensure_future(b.wait("ip", timeout=30))      # waits before the send
+        async with asyncio.timeout(30):
+            while not server.registry.runs["run1"].value_waiters.get("ip"):
+                await asyncio.sleep(0.005)
+        await a.send("ip", "10.0.0.5")
+        assert await early == "10.0.0.5"
+        assert await b.wait("ip", timeout=1) == "10.0.0.5"             # after: at once
+        await a.send("ip", {"v": 6})                                   # the last send wins
+        assert await b.wait("ip", timeout=1) == {"v": 6}
+        # a persistent member that is lost is named by a wait that then times out
+        member = await _spawn_cli(pyz, server, "server-1", "member")
+        assert b"server-1 is a member" in await asyncio.wait_for(member.stdout.readline(), 30)
+        member.send_signal(signal.SIGKILL)
+        await member.wait()
+        async with asyncio.timeout(30):
+            while "server-1" not in server.registry.runs["run1"].lost:
+                await asyncio.sleep(0.005)
+        with pytest.raises(BarrierTimeout) as info:
+            await b.wait("never", timeout=0.3)
+        assert str(info.value).startswith("wait 'never': nobody sent it within 0.3 s (members "
+                                          "gone: server-1: member server-1 lost its connection")
+        # a waiter whose connection closes is dropped, not kept
+        dropped = await _spawn_cli(pyz, server, "c", "wait", "nothing", "--timeout", "600")
+        async with asyncio.timeout(30):
+            while not server.registry.runs["run1"].value_waiters.get("nothing"):
+                await asyncio.sleep(0.005)
+        dropped.send_signal(signal.SIGKILL)
+        await dropped.wait()
+        async with asyncio.timeout(30):
+            while server.registry.runs["run1"].value_waiters.get("nothing"):
+                await asyncio.sleep(0.005)
+    finally:
+        await close_all([a, b])
+
+
+async def test_migrate_sync_send_wait_and_sync_on_the_command_line(server, pyz):
+    group = {"MIGRATE_SYNC_GROUP": "host,server-1,client-1"}
+    waiting = await _spawn_cli(pyz, server, "client-1", "wait", "server.ready")
+    sender = await _spawn_cli(pyz, server, "server-1", "send", "server.ready=yes", "port=80")
+    assert (await sender.communicate())[1] == b"" and sender.returncode == 0
+    out, err = await waiting.communicate()
+    assert waiting.returncode == 0 and out == b"yes\n", err
+    syncs = [await _spawn_cli(pyz, server, m, "sync", "done", env_extra=group)
+             for m in ("host", "server-1", "client-1")]
+    outs = [await p.communicate() for p in syncs]
+    assert [p.returncode for p in syncs] == [0, 0, 0], outs
+    lonely = await _spawn_cli(pyz, server, "host", "sync", "again", "--timeout", "0.3",
+                              env_extra=group)
+    _, err = await lonely.communicate()
+    assert lonely.returncode == 1 and b"missing client-1, server-1" in err, err
+    bad = await _spawn_cli(pyz, server, "host", "send", "novalue")
+    _, err = await bad.communicate()
+    assert bad.returncode == 2 and err == b"migrate-sync: send 'novalue': KEY=VALUE expected\n"

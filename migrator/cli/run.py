@@ -51,8 +51,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("scenario", help="a scenario file, or the name of a ready one "
                                     "(ping_pong, concurrent, ring, cancel_then_migrate, "
-                                    "dest_block); or a task list (.yaml: parallel VM tasks "
-                                    "over all the hosts)")
+                                    "dest_block); or a .yaml: a task list (parallel VM "
+                                    "tasks over all the hosts) or a VM group job")
     return p
 
 
@@ -106,15 +106,24 @@ def _run_plan(args) -> dict:
     out_dir = Path(args.results or config.report.results_dir) / ctx.run_id
     path = Path(args.scenario)
     if path.suffix in (".yaml", ".yml"):
-        from ..framework.tasklist import load_task_list
+        from ..framework.tasklist import load_task_list, read_yaml_plan
         if args.all_hosts:
             raise ConfigError(f"{path}: --all (-a all) is for scenarios; a task list runs "
                               "over all the hosts of -m already")
         if len(set(hosts)) != len(hosts):
             raise ConfigError(f"a host is named twice in {hosts}")
-        tasks = load_task_list(path, hosts, ctx)
-        return {"ctx": ctx, "instances": [tasks], "runs": [tasks.execute], "hosts": hosts,
-                "cls": type(tasks), "out_dir": out_dir, "scenario": str(path)}
+        data = read_yaml_plan(path)
+        if "vm_group" in data:
+            from ..framework.vmgroup import load_group_job
+            job = load_group_job(path, data, hosts, ctx)
+        elif "tasks" in data:
+            job = load_task_list(path, hosts, ctx, data)
+        else:
+            raise ConfigError(f"{path}: a YAML file is a task list (top-level 'tasks') or a "
+                              "VM group job ('vm_group'); it has: "
+                              f"{', '.join(map(str, data)) or 'nothing'}")
+        return {"ctx": ctx, "instances": [job], "runs": [job.execute], "hosts": hosts,
+                "cls": type(job), "out_dir": out_dir, "scenario": str(path)}
     groups = group_hosts(hosts, args.all_hosts)
     names = ["all"] if args.all_hosts else [f"pair{i + 1}" for i in range(len(groups))]
     instances = make_instances(args.scenario, groups, names, ctx, out_dir)

@@ -40,7 +40,8 @@ def read_yaml_plan(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a task list is a YAML mapping with 'tasks'")
+        raise ConfigError(f"{path}: a YAML file to run is a mapping: a task list ('tasks') "
+                          "or a VM group job ('vm_group')")
     return data
 
 

@@ -365,6 +365,9 @@ class ParallelVMTasks(BlockingInWorkers):
         self._prepared = False
         self._closed = False
         self._abort: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._running = 0                       # run_tasks() calls in progress
+        self._preparing: asyncio.Lock | None = None
         self._stop_reason: str | None = None
         self._t0: float | None = None
         self._guests: dict[str, GuestHost] = {}
@@ -532,29 +535,44 @@ class ParallelVMTasks(BlockingInWorkers):
             stay until :meth:`close`).
         :raise ScenarioError: called after :meth:`close`.
         """
+        await self.run_tasks([t for t in self._tasks if t.status == "pending"])
+        return self.results()
+
+    async def run_tasks(self, tasks: Sequence[TaskResult]) -> None:
+        """Run these added tasks (those still pending), as :meth:`run` runs all: one chain
+        per VM, the chains concurrently. Several calls may run at once (a VM group runs each
+        VM's timeline with one).
+
+        :raise asyncio.CancelledError: cancelled (running tasks say ``cancelled``).
+        :raise ScenarioError: called after :meth:`close`.
+        """
         if self._closed:
             raise ScenarioError(f"{self.name}: run() after close()")
-        pending = [t for t in self._tasks if t.status == "pending"]
+        pending = [t for t in tasks if t.status == "pending"]
         if not pending:
-            return self.results()
+            return
         if self._t0 is None:
             self._t0 = time.monotonic()
             self.record.started = time.time()
             if self.record not in self.context.instances:
                 self.context.instances.append(self.record)
         await self._prepare()
-        self._abort, self._stop_reason = asyncio.Event(), None
-        slots = asyncio.Semaphore(self.max_vm) if self.max_vm else None
+        if self._abort is None or not self._running:
+            self._abort, self._stop_reason = asyncio.Event(), None
+        if self._slots is None and self.max_vm:
+            self._slots = asyncio.Semaphore(self.max_vm)
+        slots = self._slots
         chains: dict[str, list[TaskResult]] = {}
         for t in pending:
             chains.setdefault(self.env.key(t.vm, t.host), []).append(t)
+        self._running += 1
         try:
             async with asyncio.TaskGroup() as tg:
-                for key, tasks in chains.items():
-                    tg.create_task(self._chain(tasks, slots), name=f"tasks {key}")
+                for key, chain in chains.items():
+                    tg.create_task(self._chain(chain, slots), name=f"tasks {key}")
         finally:
+            self._running -= 1
             self._conclude()
-        return self.results()
 
     def results(self) -> TaskResults:
         """Every task's result so far, by host, VM and action."""
@@ -606,9 +624,14 @@ class ParallelVMTasks(BlockingInWorkers):
     async def _prepare(self) -> None:
         """Once: connect every host (an unreachable one fails only its tasks), the journal
         (own run), run dirs claimed, shared storage proven when a VM boots from an image."""
-        if self._prepared:
-            return
-        self._prepared = True
+        if self._preparing is None:
+            self._preparing = asyncio.Lock()
+        async with self._preparing:             # concurrent run_tasks(): prepared once
+            if not self._prepared:
+                self._prepared = True           # close() tidies whatever was begun
+                await self._prepare_once()
+
+    async def _prepare_once(self) -> None:
         ctx = self.context
         if self._own_context and ctx.journal is None:
             ctx.open_journal([h.name for h in self.hosts])
@@ -767,13 +790,19 @@ class ParallelVMTasks(BlockingInWorkers):
                            f"output (exit 0, last line {last!r})")
             else:
                 c.status = "passed"
-            if not c.passed:
+            if not c.passed and not task.spec.get("keep_going"):
                 break
         for c in task.commands:
             if c.status in ("skipped", "running"):
                 c.status = "skipped"
         task.output = "".join(c.stdout + c.stderr for c in task.commands)
         bad = next((c for c in task.commands if c.status not in ("passed", "skipped")), None)
+        if task.spec.get("keep_going") and bad is not None:
+            failed = [c for c in task.commands if c.status not in ("passed", "skipped")]
+            if len(failed) > 1:
+                bad = CommandResult(bad.index, bad.command, bad.expect, bad.timeout_s,
+                                    bad.status, error=f"{bad.error} (and {len(failed) - 1} "
+                                    "more commands did not pass)")
         if bad is None:
             task.status = "passed"
         else:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import re
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
 from ..blocking import BlockingInWorkers
 from ..errors import GuestError
@@ -98,6 +98,11 @@ class SerialConsole(BlockingInWorkers):
         self.buffer = ""
         """What was read and not yet consumed by a ``read_until``."""
         self.transcript: list[str] = []
+        #: (pattern of a request line, its answerer): lines the guest prints to ask the
+        #: controller something (:mod:`.multinode`) are cut from what is read and answered
+        #: (the answerer returns the bytes to type back, or None for a line not meant for it)
+        self.requests: tuple[re.Pattern[str],
+                             Callable[[re.Match[str]], Awaitable[bytes | None]]] | None = None
 
     async def _read_more(self) -> None:
         data = await self.reader.read(65536)
@@ -115,8 +120,12 @@ class SerialConsole(BlockingInWorkers):
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         try:
             async with asyncio.timeout(timeout):
+                if self.requests is not None:
+                    await self._answer_requests()
                 while (match := regex.search(self.buffer)) is None:
                     await self._read_more()
+                    if self.requests is not None:
+                        await self._answer_requests()
         except TimeoutError:
             tail = self.buffer.strip().splitlines()[-3:]
             raise ConsoleTimeout(self.host, self.vm, f"no {regex.pattern!r} on the serial "
@@ -124,6 +133,23 @@ class SerialConsole(BlockingInWorkers):
                 from None
         self.buffer = self.buffer[match.end():]
         return match
+
+    async def _answer_requests(self) -> None:
+        """Cut each complete request line out of the buffer and type its answer."""
+        pattern, answer = self.requests
+        pos = 0
+        while (m := pattern.search(self.buffer, pos)) is not None:
+            # cut first: a request whose answer is cancelled (the command's timeout, which
+            # then interrupts the asker) is not asked again by the next read
+            self.buffer = self.buffer[:m.start()] + self.buffer[m.end():]
+            reply = await answer(m)
+            if reply is None:                     # not ours: it stays in the output
+                self.buffer = self.buffer[:m.start()] + m.group(0) + self.buffer[m.start():]
+                pos = m.end()
+                continue
+            pos = m.start()
+            self.writer.write(reply)
+            await self.writer.drain()
 
     async def sendline(self, line: str = "") -> None:
         async with self.lock:
