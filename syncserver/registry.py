@@ -114,6 +114,8 @@ class Registry:
 
     #: ended rounds kept per barrier name, so late arrivals still learn the outcome
     HISTORY = 64
+    #: keys (send/wait) one run may hold
+    MAX_KEYS = 10_000
 
     def __init__(self, on_release: Callable[[Instance], None] | None = None):
         self.runs: dict[str, Run] = {}
@@ -218,6 +220,9 @@ class Registry:
     def send(self, conn: Connection, key: str, data: Any) -> dict:
         """Set ``key`` to ``data`` in the run (the last send wins); answer its waiters."""
         run = self.run(conn.run_id)
+        if key not in run.values and len(run.values) >= self.MAX_KEYS:
+            raise MembershipError(f"send {key!r}: run {conn.run_id} holds {self.MAX_KEYS} keys "
+                                  "already (the most a run keeps)", barrier=key)
         run.values[key] = (data, conn.member)
         result = Result({"data": data, "from": conn.member})
         for w in run.value_waiters.pop(key, []):

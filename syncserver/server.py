@@ -186,8 +186,13 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
                         result = reg.abort(conn, req["kind"], req["name"], req["reason"])
                         await answer({"id": req["id"], "ok": True, "result": result})
                     elif req["op"] == "send":
-                        result = reg.send(conn, req["name"], req["data"])
-                        await answer({"id": req["id"], "ok": True, "result": result})
+                        try:
+                            result = reg.send(conn, req["name"], req["data"])
+                        except SyncError as exc:
+                            await answer({"id": req["id"], "ok": False,
+                                          "error": exc.to_json()})
+                        else:
+                            await answer({"id": req["id"], "ok": True, "result": result})
                     else:
                         tg.create_task(serve(req))
                 elif msg.type is WSMsgType.BINARY:

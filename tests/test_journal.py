@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,36 @@ def test_migrate_run_help_lists_the_subcommands_and_a_scenario_still_is_the_defa
     bad = subprocess.run([str(BIN / "migrate-run"), "-m", "hostA,hostB", "-i", "/nonexistent",
                           "ping_pong"], capture_output=True, text=True)
     assert bad.returncode == 2 and "nonexistent" in bad.stderr, bad.stderr
+
+
+def test_recover_by_host_and_name_looks_only_where_each_vm_can_be():
+    """Parallel VM tasks' VMs are (host, name): each is resolved on the hosts its last
+    records name. hostB/vm0 left for hostC (done); hostA/vm0 was then moving into hostB: the
+    vm0 run dir on hostB is hostA/vm0's, never hostB/vm0's."""
+    from migrator.config import Config, Inventory
+    from migrator.framework.journal import RunEntry
+    from migrator.framework.recover import _RunRecovery
+    inv = Inventory.model_validate({"hosts": {h: {"address": f"192.0.2.{i}"} for i, h in
+                                              enumerate(["hostA", "hostB", "hostC"], 1)}})
+    head = {"event": "run", "hosts": {h: e.address for h, e in inv.hosts.items()},
+            "driver": "qemu", "run_root": "/run/migrator",
+            "inventory": inv.model_dump(mode="json"), "config": Config().model_dump(mode="json")}
+
+    def phase(key, src, dst, p):
+        return {"event": "phase", "instance": "tasks", "key": key, "vm": "vm0", "src": src,
+                "dst": dst, "phase": p}
+    events = [head, {"event": "instance", "instance": "tasks", "per_host": True,
+                     "hosts": ["hostA", "hostB", "hostC"]}]
+    for h in ("hostA", "hostB"):
+        events.append({"event": "vm", "instance": "tasks", "key": f"{h}/vm0", "vm": "vm0",
+                       "host": h, "state": "started", "mem_mib": 256})
+    events += [phase("hostB/vm0", "hostB", "hostC", p) for p in
+               ("PREPARING_DEST", "MIGRATING", "COMPLETED", "CLEANED")]
+    events += [phase("hostA/vm0", "hostA", "hostB", p) for p in ("PREPARING_DEST", "MIGRATING")]
+    r = _RunRecovery(RunEntry("r1", Path("/nonexistent")), events, Config(), stop=False)
+    assert r.per_host == {"tasks"}
+    assert r.vm_keys("tasks", True) == {"hostA/vm0": ("vm0", {"hostA", "hostB"}),
+                                        "hostB/vm0": ("vm0", {"hostC"})}
+    # a migration that rolled back leaves the VM where it was
+    events.append(phase("hostA/vm0", "hostA", "hostB", "ROLLED_BACK"))
+    assert r.vm_keys("tasks", True)["hostA/vm0"] == ("vm0", {"hostA"})

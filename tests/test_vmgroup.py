@@ -77,15 +77,17 @@ timeout: 240
 vm_group:
   host: {role: host}
   auto_start_vms: false
-  vms: [{role: worker}]
+  vms: [{role: worker, launch_with: ['test "$MIGRATE_VM" = worker-1']}]
 actions:
   - test_shell:
       role: host
-      commands: [start-vms, start-vms, "migrate-sync send go=now", wait-vms]
+      commands: [start-vms, start-vms, "migrate-sync wait worker.ready",
+                 "migrate-vm worker-1 hostD", "migrate-vm worker-1 hostD",
+                 "migrate-sync send go=now", wait-vms]
   - test_shell:
       role: worker
-      commands: ["migrate-sync wait go", "migrate-sync wait nobody-sends-this"]
-      timeout: 3
+      commands: ["migrate-sync send worker.ready=1", "migrate-sync wait go"]
+  - test_shell: {role: worker, commands: ["migrate-sync wait nobody-sends-this"], timeout: 3}
   - test_shell: {role: host, commands: ["! wait-vms"]}
 """
 
@@ -117,15 +119,25 @@ async def test_vm_group_jobs_both_start_modes_multinode_and_a_migration(inventor
     assert out_a.index("hostA/host shell #2") > closed > out_a.index("hostA/host shell #1")
     assert host2["started_s"] > max(t["started_s"] + t["duration_s"] for t in shells
                                     if t["vm"] != "host")
-    # (b) the host started its VM (a second start-vms is a no-op), host -> VM worked, and
+    # (b) the host started its VM (a second start-vms is a no-op), migrated it (a second
+    # migrate-vm to where it is is refused, naming why), host -> VM worked, and
     # the worker's wait for a key nobody sends was interrupted at its 3 s; so wait-vms in
     # the first host shell failed naming it, and the second shell saw it fail too
     assert rc_b == 1, out_b + err_b
     (run_b,) = list((tmp_path / "b").iterdir())
     tb = json.loads((run_b / "tasks.json").read_text())
-    start, worker, h1, h2 = tb
+    start, worker, worker2, moved, h1, h2 = tb
     assert start["status"] == "passed" and start["host"] == "hostC"
-    assert [c["status"] for c in worker["commands"]] == ["passed", "timed_out"]
-    assert [c["status"] for c in h1["commands"]] == ["passed", "passed", "passed", "failed"]
-    assert "wait-vms: failed: hostC/worker-1 cmd #2" in h1["commands"][3]["stderr"]
+    # the worker's wait for "go" was in flight across its migration: answered on hostD
+    assert [c["status"] for c in worker["commands"]] == ["passed", "passed"]
+    assert [c["status"] for c in worker2["commands"]] == ["timed_out"]
+    assert (moved["action"], moved["to"], moved["status"]) == ("migration", "hostD", "passed")
+    assert [c["status"] for c in h1["commands"]] == \
+        ["passed", "passed", "passed", "passed", "failed", "passed", "failed"]
+    assert "migrate-vm: task #5 migration hostC/worker-1: worker-1 runs on hostD already" \
+        in h1["commands"][4]["stderr"]                     # the second one: refused, named
+    assert ("wait-vms: failed: hostC/worker-1 (now on hostD) cmd #1 'migrate-sync wait "
+            "nobody-sends-this'") in h1["commands"][6]["stderr"]
+    (mig,) = json.loads((run_b / "run.json").read_text())["migrations"]
+    assert (mig["vm"], mig["src"], mig["dst"]) == ("worker-1", "hostC", "hostD")
     assert h2["status"] == "passed"

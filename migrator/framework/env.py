@@ -213,7 +213,7 @@ class Env(BlockingInWorkers):
                 log.info("[vm=%s host=%s] starting", name, host.name)
                 self._record("vm", vm=name, host=host.name, state="starting",
                              driver=self.config.driver, run_dir=str(vm.paths.dir),
-                             disk=spec.disk, mac=spec.mac, **ids)
+                             disk=spec.disk, mac=spec.mac, mem_mib=spec.mem_mib, **ids)
                 async with self.gates.launch(host.name):
                     await vm.start()
                 self._record("vm", vm=name, host=host.name, state="started", pid=vm.pid,

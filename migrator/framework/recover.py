@@ -325,7 +325,8 @@ class _RunRecovery:
 
     def vm_keys(self, instance: str, only_one: bool) -> dict[str, tuple[str, set[str]]]:
         """VMs whose identity is (host, name) (parallel VM tasks: ``vm0`` on every host):
-        key -> (name, the hosts its records name: where it started, where it migrated)."""
+        key -> (name, the hosts that may hold a copy of it now, from its last records: where
+        it started, or both ends of its last migration until that ended)."""
         keys: dict[str, tuple[str, set[str]]] = {}
         for e in self.events:
             if e.get("event") not in ("vm", "phase") or "key" not in e:
@@ -333,7 +334,18 @@ class _RunRecovery:
             if not (only_one or e.get("instance") == instance):
                 continue
             name, hosts = keys.setdefault(e["key"], (e["vm"], set()))
-            hosts.update(h for h in (e.get("host"), e.get("src"), e.get("dst")) if h)
+            if e["event"] == "vm":
+                now = set() if e.get("state") == "stopped" else {e["host"]}
+            elif e.get("phase") == "PREPARING_DEST":
+                now = {e["src"], e["dst"]}
+            elif e.get("phase") in ("CLEANED", "LANDED"):
+                now = {e["dst"]}
+            elif e.get("phase") == "ROLLED_BACK":
+                now = {e["src"]}
+            else:
+                now = hosts | {e["src"], e["dst"]}
+            hosts.clear()
+            hosts.update(now)
         return keys
 
     async def run(self) -> list[VMOutcome]:
@@ -346,13 +358,24 @@ class _RunRecovery:
                 lost = [n for n in names if n not in reachable]
                 keyed = self.vm_keys(instance, len(groups) == 1)
                 if keyed or instance in self.per_host:
-                    # each (host, name) VM on the hosts its records name; a run dir no
-                    # record names is the VM of that name started on that host
+                    # each (host, name) VM on the hosts its last records name
                     plan = [(key, name, {h: hosts[h] for h in sorted(where) if h in hosts})
                             for key, (name, where) in keyed.items()]
                     claimed = {(h, name) for _k, name, where in plan for h in where}
-                    plan += [(f"{h}/{v}", v, {h: hosts[h]}) for h in hosts
-                             for v in found.get(h, []) if (h, v) not in claimed]
+                    # run dirs no record accounts for (a journal rebuilt from the hosts): a
+                    # name on one host is that host's VM; a name on several may be one VM
+                    # caught mid-migration, so those are resolved by name across them (two
+                    # running copies are then left alone, unresolved: never stopped)
+                    loose: dict[str, list[str]] = {}
+                    for h in hosts:
+                        for v in found.get(h, []):
+                            if (h, v) not in claimed:
+                                loose.setdefault(v, []).append(h)
+                    for v, where in sorted(loose.items()):
+                        if len(where) == 1:
+                            plan.append((f"{where[0]}/{v}", v, {where[0]: hosts[where[0]]}))
+                        else:
+                            plan.append((None, v, {h: hosts[h] for h in where}))
                 else:
                     vms = self.vm_names(instance, len(groups) == 1)
                     vms += sorted({v for n in hosts for v in found.get(n, [])} - set(vms))
@@ -492,6 +515,9 @@ class _RunRecovery:
         timeouts = self.config.timeouts
         declared = self.config.vms.get(vm)
         mem = declared.mem_mib if declared else self.config.lab.guest_mem_mib
+        for e in vm_records(self.events):       # its size as started (task lists, groups)
+            if e.get("mem_mib") and e.get("key", e["vm"]) == (self._key or vm):
+                mem = e["mem_mib"]
         postcopy_decided = self._last_phase(vm).get("phase") == "POSTCOPY"
         acted = False
         deadline = None

@@ -371,6 +371,7 @@ class ParallelVMTasks(BlockingInWorkers):
         self._stop_reason: str | None = None
         self._t0: float | None = None
         self._guests: dict[str, GuestHost] = {}
+        self._migrating: dict[str, asyncio.Lock] = {}
         self._migrations = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -404,7 +405,8 @@ class ParallelVMTasks(BlockingInWorkers):
                               f"({', '.join(names)})")
         return host
 
-    def add(self, action: str, config: dict[str, Any]) -> TaskResult:
+    def add(self, action: str, config: dict[str, Any], *,
+            at_run_time: bool = False) -> TaskResult:
         """Add a task (checked now; run by the next :meth:`run`). Returns its result
         record (status ``pending`` until it runs).
 
@@ -415,6 +417,8 @@ class ParallelVMTasks(BlockingInWorkers):
           the output, ``""`` expects nothing; timeouts in seconds);
         * ``migration``: ``{"name", "host" | "dut_id", "to" | "to_dut_id"}``.
 
+        :param at_run_time: checked against where the VMs run now, not against where the
+            tasks added so far will have put them (a migration asked for while tasks run).
         :raise ConfigError: one line naming the task: unknown action or key, bad host,
             a second start of one VM, a ``cmd`` or ``migration`` of a VM not started,
             unequal lists, a bad expect or timeout, bad ``virt_params``, an unreadable
@@ -446,7 +450,7 @@ class ParallelVMTasks(BlockingInWorkers):
         if action == "cmd":
             self._check_cmd(task, config, where)
         elif action == "migration":
-            self._check_migration(task, config, where, key)
+            self._check_migration(task, config, where, key, at_run_time)
         self._tasks.append(task)
         return task
 
@@ -507,8 +511,20 @@ class ParallelVMTasks(BlockingInWorkers):
         task.commands = [CommandResult(i, c, e, float(t)) for i, (c, e, t) in
                          enumerate(zip(*lists.values()), 1)]
 
-    def _check_migration(self, task: TaskResult, config: dict, where: str, key: str) -> None:
+    def _check_migration(self, task: TaskResult, config: dict, where: str, key: str,
+                         at_run_time: bool = False) -> None:
         dst = self._host_of(config, where, "to", "to_dut_id")
+        if at_run_time and key in self.env._vms:
+            now = self.env._vms[key].host.name
+            holder = self.env._placed.get((dst, task.vm))
+            if holder is not None and holder != key:
+                raise ConfigError(f"{where}: cannot migrate to {dst}: {dst} runs a VM named "
+                                  f"{task.vm} ({holder}); a VM name is unique on its host")
+            if dst == now:
+                raise ConfigError(f"{where}: {task.vm} runs on {dst} already")
+            task.to = dst
+            task.spec = {"params": MigrationParams(**self.config.migration.model_dump())}
+            return
         now = self._plan_where.get(key) or self.env.get_vm(task.vm, task.host).host.name
         if dst == now:
             raise ConfigError(f"{where}: {task.vm} is on {dst} by then already")
@@ -664,8 +680,9 @@ class ParallelVMTasks(BlockingInWorkers):
             problems.append(f"stopping the VMs took over {limit:g} s")
         images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                      for t in self._tasks)
+        # every host reached (preparation may have failed after claiming its run dir)
         problems += await hostprep.tidy_hosts(
-            self.context, [h for h in self.hosts if h.name not in self._host_errors],
+            self.context, [h for h in self.hosts if h.connected],
             self.run_dir, self.env.disk_dir if images else None)
         await asyncio.gather(*(h.close() for h in self.hosts))
         for p in problems:
@@ -729,6 +746,9 @@ class ParallelVMTasks(BlockingInWorkers):
                 task.status = "cancelled"
                 task.error = (f"{task.host}/{task.vm} {task.action}: cancelled "
                               f"({self._stop_reason or 'run interrupted'})")
+                for c in task.commands:
+                    if c.status == "running":
+                        c.status, c.error = "cancelled", task.error
             elif not work.cancelled() and work.exception() is not None:
                 exc = work.exception()
                 task.status = "failed"
@@ -810,8 +830,15 @@ class ParallelVMTasks(BlockingInWorkers):
 
     async def _migrate(self, task: TaskResult) -> None:
         key = self.env.key(task.vm, task.host)
+        lock = self._migrating.setdefault(key, asyncio.Lock())
+        async with lock:                                # one migration of a VM at a time
+            await self._migrate_now(task, key)
+
+    async def _migrate_now(self, task: TaskResult, key: str) -> None:
         vm = self.env.get_vm(task.vm, task.host)
         src, dst = vm.host, self._by_name[task.to]
+        if src.name == dst.name:                        # (an earlier migration rolled back)
+            raise ScenarioError(f"{key}: runs on {dst.name} already: nothing to migrate")
         self.env.place(dst.name, vm.name, key)          # ScenarioError: the name is taken
         mig_id = f"{self.name}-m{next(self._migrations)}"
         md = MigrationData([vm.name], src, dst, mig_id, task.spec["params"])

@@ -48,6 +48,7 @@ passes when every one passed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ from ..errors import ConfigError, HostError, MigratorError
 from ..guest import multinode
 from ..hosts import Installable, SSHHost, quote
 from .context import InstanceRecord, RunContext
-from .failures import describe
+from .failures import describe, first_of
 from .tasks import CommandResult, ParallelVMTasks, TaskResult
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class VMRole(VMSettings):
     role: str = Field(min_length=1)
     count: int = Field(1, ge=1)
     shell_prompt: str | None = None
+    launch_with: list[str] = []
+    """Commands run on the host before each VM of the role starts (LAVA's; its last command
+    there attached the console, which here is QEMU's socket: not needed)."""
     device_type: str | None = None           #: LAVA's; accepted, not used
 
 
@@ -115,7 +119,7 @@ class Migrate(_Strict):
     to: str
 
 
-_VM_ONLY = {"role", "count", "shell_prompt", "device_type"}
+_VM_ONLY = {"role", "count", "shell_prompt", "device_type", "launch_with"}
 
 
 def _one_line(exc: pydantic.ValidationError) -> str:
@@ -236,6 +240,8 @@ class VMGroupRun:
         self._t0 = 0.0
         self._clients: dict[str, SyncClient] = {}
         self._sync_run = f"{ctx.run_id}.group"
+        #: migrations a host shell asked for (migrate-vm), in the order asked
+        self.asked: list[TaskResult] = []
 
     # -- loading helpers -------------------------------------------------------------------------
 
@@ -292,21 +298,31 @@ class VMGroupRun:
                 raise MigratorError(
                     f"job {self.name!r}: its timeout of {self.job.timeout:g} s expired"
                     + (f"; running: {', '.join(running)}" if running else "")) from None
-        except MigratorError as exc:
-            self.record.status, self.record.error = "failed", describe(exc)
-            self.record.error_type = type(exc).__name__
-            ctx.say(f"[{self.name}] FAILED: {describe(exc)}")
+        except (MigratorError, SyncError, BaseExceptionGroup) as exc:
+            leaf = first_of(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            if isinstance(leaf, (asyncio.CancelledError, KeyboardInterrupt)) or \
+                    not isinstance(leaf, (MigratorError, SyncError)):
+                raise
+            self.record.status, self.record.error = "failed", describe(leaf)
+            self.record.error_type = type(leaf).__name__
+            ctx.say(f"[{self.name}] FAILED: {describe(leaf)}")
         except asyncio.CancelledError:
             self.record.status = self.record.error = "interrupted"
             raise
         finally:
-            await shielded(self._close_clients())
-            await self.tasks.close()
-            self._publish()
+            try:
+                await shielded(self._close_clients())
+            finally:
+                try:
+                    await self.tasks.close()
+                finally:
+                    self._finalise()
+                    self._publish()
         return self.record
 
     def _all(self) -> list[TaskResult]:
         return [*self.starts.values(), *(t for tl in self.timelines.values() for t in tl),
+                *self.asked,
                 *self.host_shells]
 
     def _publish(self) -> None:
@@ -327,6 +343,20 @@ class VMGroupRun:
             else:
                 self.record.status = "passed"
 
+    def _finalise(self) -> None:
+        """Every task ends with one final status, however the job ended."""
+        why = self.record.error or "the job ended first"
+        for t in self._all():
+            if t.status == "pending":
+                t.status = "skipped"
+                t.error = t.error or f"{t.host}/{t.vm} {t.action}: skipped ({why})"
+            elif t.status == "running":
+                t.status = "cancelled"
+                t.error = t.error or f"{t.host}/{t.vm} {t.action}: cancelled ({why})"
+            for c in t.commands:
+                if c.status == "running":
+                    c.status, c.error = "cancelled", t.error
+
     def _expire(self) -> None:
         for t in self._all():
             if t.status in ("pending", "running"):
@@ -346,7 +376,9 @@ class VMGroupRun:
         bin_dir, env = await self._install_host_bin(host)
 
         async def start_vms() -> None:
-            await self.tasks.run_tasks(list(self.starts.values()))
+            ready = [t for vm, t in self.starts.items()
+                     if await self._launch_with(host, vm, t)]
+            await self.tasks.run_tasks(ready)
             bad = [t for t in self.starts.values() if not t.passed]
             if bad:
                 start_error.append(f"{len(bad)} VM(s) did not start, first: {bad[0].error}")
@@ -361,25 +393,31 @@ class VMGroupRun:
             await start_vms()
 
         async def timeline(vm: str) -> None:
+            tasks = self.timelines[vm]
             try:
                 await started.wait()
-                tasks = self.timelines[vm]
                 if not self.starts[vm].passed:
                     for t in tasks:
                         self.tasks._skip(t, f"{vm} did not start")
                     return
                 if tasks:
-                    await self._attach_multinode(vm)
+                    try:
+                        await self._attach_multinode(vm)
+                    except (MigratorError, SyncError) as exc:
+                        why = f"{self.group_host}/{vm}: multinode shim: {describe(exc)}"
+                        for t in tasks:
+                            t.status, t.error = "failed", why
+                        return
                     await self.tasks.run_tasks(tasks)
             finally:
-                client = self._clients.pop(vm, None)       # its actions ended: it is gone
-                if client is not None:
-                    await client.close()
+                # its actions ended: it is gone (a sync still waiting for it fails now,
+                # naming it); a member that never connected is made gone the same way
+                await shielded(self._gone(vm))
 
         async def first_host_shell() -> None:
             if self.host_shells:
                 await self._run_host_shell(host, self.host_shells[0], bin_dir, env)
-            await self._client_close(self.host_member)
+            await shielded(self._gone(self.host_member))
 
         async def vms_done(vms: list[asyncio.Task]) -> None:
             """Every VM's actions ended: said to wait-vms (the host's shells)."""
@@ -389,7 +427,16 @@ class VMGroupRun:
                 "group.vms-done", "ok" if not failed and not start_error else
                 f"failed: {(failed[0].error if failed else start_error[0])}")
 
+        async def serve_migrate_vm() -> None:
+            """``migrate-vm NAME HOST`` from a host shell: request N is key
+            ``group.migrate.N`` (``NAME HOST``), answered at ``group.migrated.N``."""
+            for n in itertools.count(1):
+                asked = await controller.wait(f"group.migrate.{n}", self.job.timeout)
+                answer = await self._migrate_asked(str(asked), started)
+                await controller.send(f"group.migrated.{n}", answer)
+
         async with asyncio.TaskGroup() as tg:
+            migrations = tg.create_task(serve_migrate_vm(), name="migrate-vm")
             if self.job.vm_group.auto_start_vms:
                 tg.create_task(start_vms(), name="start-vms")
             else:
@@ -407,11 +454,49 @@ class VMGroupRun:
                 started.set()
                 ctx.say(f"[{self.name}] {why}")
             # LAVA: the host's first shell, done, waits until every VM's actions ended
+            await asyncio.gather(*vms)
+            migrations.cancel()             # no host shell can ask any more
         # the VMs closed; then the host's later shells (clean-up checks)
         problems = await self.tasks.env.stop_all()
         ctx.say(f"[{self.name}] VMs closed" + (f": {'; '.join(problems)}" if problems else ""))
         for shell in self.host_shells[1:]:
             await self._run_host_shell(host, shell, bin_dir, env)
+
+    async def _launch_with(self, host: SSHHost, vm: str, start: TaskResult) -> bool:
+        """Run the role's ``launch_with`` commands on the host before ``vm`` starts; False
+        (its start failed, naming the command) when one fails."""
+        for cmd in self.vm_roles[vm].launch_with:
+            try:
+                r = await host.run(cmd, timeout=self._left_s(), env={
+                    "MIGRATE_VM": vm, "MIGRATE_ROLE": self.members[vm],
+                    "MIGRATE_RUN_DIR": self.tasks.run_dir})
+                why = None if r.ok else (f"exit status {r.exit_status}: "
+                                         f"{(r.stderr or r.stdout).strip()[-200:]}")
+            except HostError as exc:
+                why = str(exc)
+            if why is not None:
+                start.status = "failed"
+                start.error = f"{host.name}/{vm} start: launch_with {cmd!r}: {why}"
+                self.context.say(f"[{self.name}] {start.error}")
+                return False
+        return True
+
+    async def _migrate_asked(self, asked: str, started: asyncio.Event) -> str:
+        """Run one ``migrate-vm NAME HOST``; the answer for the host shell (``ok`` or why
+        not)."""
+        name, _, to = asked.partition(" ")
+        if name not in self.vm_roles:
+            return (f"{name!r} is not a VM of this job ({', '.join(self.vm_roles)})")
+        if not started.is_set() or not self.starts[name].passed:
+            return f"{name} is not running (start-vms first)"
+        try:
+            task = self.tasks.add("migration", {"name": name, "host": self.group_host,
+                                                "to": to.strip()}, at_run_time=True)
+        except ConfigError as exc:
+            return str(exc)
+        self.asked.append(task)
+        await self.tasks.run_tasks([task])
+        return "ok" if task.passed else f"{task.error}"
 
     # -- members --------------------------------------------------------------------------------
 
@@ -424,10 +509,18 @@ class VMGroupRun:
         self._clients[member] = client
         return client
 
-    async def _client_close(self, member: str) -> None:
+    async def _gone(self, member: str) -> None:
+        """``member``'s part has ended: its persistent connection closes (a member that never
+        had one connects once), so the sync server counts it as gone."""
         client = self._clients.pop(member, None)
-        if client is not None:
-            await client.close()
+        try:
+            if client is None:
+                client = await self._client(member)
+                self._clients.pop(member, None)
+        except (SyncError, OSError) as exc:
+            log.warning("[%s] member %s: %s", self.name, member, exc)
+            return
+        await client.close()
 
     async def _close_clients(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
@@ -487,6 +580,14 @@ class VMGroupRun:
                           '[ "$v" = ok ] || { echo "start-vms: $v" >&2; exit 1; }\n'),
             "wait-vms": ('v=$(migrate-sync wait group.vms-done) || exit $?\n'
                          '[ "$v" = ok ] || { echo "wait-vms: $v" >&2; exit 1; }\n'),
+            "migrate-vm": (
+                '[ $# = 2 ] || { echo "usage: migrate-vm VM HOST" >&2; exit 2; }\n'
+                f'seq={quote(bin_dir)}/.seq\n'
+                'n=$(flock "$seq.lock" sh -c \'n=$(( $(cat "$1" 2>/dev/null || echo 0) + 1 ))'
+                '; echo $n > "$1"; echo $n\' sh "$seq") || exit 3\n'
+                'migrate-sync send "group.migrate.$n=$1 $2" >/dev/null || exit $?\n'
+                'v=$(migrate-sync wait "group.migrated.$n") || exit $?\n'
+                '[ "$v" = ok ] || { echo "migrate-vm: $v" >&2; exit 1; }\n'),
         }
         lines = [f"cat > {quote(bin_dir + '/' + name)} <<'MIGRATOR_EOF'\n#!/bin/sh\n{body}"
                  f"MIGRATOR_EOF\nchmod 755 {quote(bin_dir + '/' + name)}"
@@ -535,6 +636,8 @@ class VMGroupRun:
             unrun = [c for c in task.commands if c.status == "skipped"]
             if task.status == "running":
                 task.status = "failed" if failed else ("cancelled" if unrun else "passed")
+            if task.status == "cancelled" and not failed:
+                task.error = f"{label}: cancelled (the job ended first)"
             if failed:
                 task.error = failed[0].error + (
                     f" (and {len(failed) - 1} more commands did not pass)"

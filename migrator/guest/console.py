@@ -14,6 +14,8 @@ import itertools
 import re
 from typing import Awaitable, Callable, Iterator
 
+import asyncssh
+
 from ..blocking import BlockingInWorkers
 from ..errors import GuestError
 
@@ -105,8 +107,17 @@ class SerialConsole(BlockingInWorkers):
                              Callable[[re.Match[str]], Awaitable[bytes | None]]] | None = None
 
     async def _read_more(self) -> None:
-        data = await self.reader.read(65536)
+        reader = self.reader
+        try:
+            data = await reader.read(65536)
+        except (OSError, EOFError, asyncssh.Error):
+            if self.reader is reader:
+                raise GuestError(self.host, self.vm, "serial console lost (guest gone?)") \
+                    from None
+            data = b""
         if not data:
+            if self.reader is not reader:
+                return          # re-attached meanwhile (the VM migrated): read on from there
             raise GuestError(self.host, self.vm, "serial console closed (guest gone?)")
         text = _CSI.sub(b"", data).decode("utf-8", errors="replace")
         self.buffer += text

@@ -180,7 +180,7 @@ class GuestHost(BlockingInWorkers):
         try:
             await self._interrupt(session)
             await session.cmd(tidy, self.config.timeouts.guest_cmd_s, check=False)
-        except GuestError as exc:
+        except Exception as exc:  # noqa: BLE001 - the cancellation is what the caller gets
             log.warning("[vm=%s host=%s] an abandoned command: %s", self.vm.name,
                         self.vm.host.name, exc)
 

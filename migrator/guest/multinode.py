@@ -67,6 +67,9 @@ exit 3
 #: a complete request line (the terminal ends lines with CR LF)
 REQUEST = re.compile(r"<MN:(?P<nonce>[0-9a-f]{16}):(?P<id>[0-9]+):(?P<args>[A-Za-z0-9+/=]*)>\r*\n")
 
+#: the longest answer (base64) typed back: the tty's line buffer holds 4095 bytes
+MAX_ANSWER_B64 = 4000
+
 Handler = Callable[[str, list[str]], Awaitable[tuple[bool, str]]]
 
 
@@ -112,6 +115,10 @@ def serve(console: "SerialConsole", nonce: str, handler: Handler) -> None:
             except Exception as exc:  # noqa: BLE001 - answered to the guest, not lost
                 ok, text = False, f"migrate-sync: {exc}"
         b64 = base64.b64encode(text.encode()).decode()
+        if len(b64) > MAX_ANSWER_B64:       # one canonical tty line holds 4095 bytes
+            ok, b64 = False, base64.b64encode(
+                f"migrate-sync: the answer ({len(text.encode())} bytes) is too large for the "
+                f"console (at most {MAX_ANSWER_B64 * 3 // 4} bytes)".encode()).decode()
         return f"<MNR:{match.group('id')}:{'ok' if ok else 'err'}:{b64}>\n".encode()
 
     console.requests = (REQUEST, answer)

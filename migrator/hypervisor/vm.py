@@ -170,7 +170,10 @@ class GuestVM(BlockingInWorkers):
         :raise GuestError: a login is asked for and none is configured, or it was refused.
         """
         if self._session is None or self._session.writer.is_closing():
+            old = self._session
             self._session = await self.console()
+            if old is not None:         # what answers the guest's requests stays (multinode)
+                self._session.requests = old.requests
         await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s,
                                            self.spec.login_user, self.spec.login_password)
         return self._session
