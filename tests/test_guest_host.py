@@ -117,6 +117,19 @@ async def test_a_guest_is_used_like_a_host(guest, tmp_path, inventory, config):
     assert await g.is_up()
 
 
+async def test_a_command_reading_the_terminal_is_interrupted_and_the_console_goes_on(guest):
+    """A command past its timeout that reads the console's terminal itself, and ends at its
+    SIGINT trap only when its read returns (the multinode shim does this: it waits for the
+    controller's answer on /dev/tty): the resync line must not be typed into its read, or
+    the shell never answers (found as a 30 s 'console did not answer' in a VM group run)."""
+    await guest.wait_up()
+    reader = ("trap 'exit 130' INT; exec 3<>/dev/tty; while IFS= read -r l <&3; do :; done")
+    r = await guest.run(reader, timeout=1)
+    assert r.timed_out and r.aborted == 2, r
+    assert r.duration < 10                     # answered again in seconds, not at a timeout
+    assert (await guest.run("echo still here")).stdout == "still here\n"
+
+
 def test_a_vms_login_config_reaches_its_spec():
     config = Config.model_validate({"vms": {"vm1": {"login": {"user": "qe", "password": "pw",
                                                               "prompt": r"\$ $"}}}})

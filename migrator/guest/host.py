@@ -57,6 +57,8 @@ _ids = itertools.count(1)
 _LINE_MAX = 800
 #: a console moves base64 at least this fast (bytes/s): timeouts of transfers grow with size
 _MIN_RATE = 10_000
+#: how long the prompt may take to come back after a Ctrl-C, before an empty line is typed
+_PROMPT_AFTER_INTERRUPT_S = 2.0
 #: bytes sent to the guest per base64 -d (256 KiB encoded: well under the tty's 640 KiB)
 _BLOCK = 192 * 1024
 
@@ -187,10 +189,24 @@ class GuestHost(BlockingInWorkers):
     async def _interrupt(self, session) -> None:
         """Ctrl-C the command in the foreground, then wait until the shell answers again.
 
+        The resync line is typed only once the shell's prompt is back: typed while the
+        interrupted command still holds the terminal, a reader of it (the multinode shim's
+        ``read`` on /dev/tty, which ends at its SIGINT trap only once its ``read`` returns)
+        would take the line, and the shell would never answer it. A prompt that does not come
+        gets an empty line: it ends such a ``read``, and an idle shell just prompts again.
+
         :raise GuestError: it does not (the guest is hung).
         """
+        session.buffer = ""             # the command's output is in its files, not needed here
         session.writer.write(b"\x03")
         await session.writer.drain()
+        for _ in range(3):
+            try:
+                await session.read_until(session.prompt, _PROMPT_AFTER_INTERRUPT_S)
+                break
+            except ConsoleTimeout:
+                session.writer.write(b"\n")
+                await session.writer.drain()
         try:
             await session.cmd("true", self.config.timeouts.guest_cmd_s)
         except GuestError as exc:
