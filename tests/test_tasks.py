@@ -218,9 +218,10 @@ BAD_FILES = [
 ]
 
 
-@pytest.mark.parametrize("text, line", BAD_FILES, ids=[b[1][:30] for b in BAD_FILES])
-def test_a_bad_task_file_is_one_line_and_exit_2(tmp_path, capsys, text, line):
-    f = tmp_path / "tasks.yaml"
+def assert_refused_in_one_line(tmp_path, capsys, name: str, text: str, line: str) -> None:
+    """``migrate-run FILE`` with ``text`` in FILE: exit 2, one line holding ``line``
+    (``{dir}``: tmp_path), nothing started."""
+    f = tmp_path / name
     f.write_text(text + "\n")
     state = tmp_path / "state"
     rc = run_main(["-m", "hostA,hostB", "-i", str(write_inventory(tmp_path)), "-o",
@@ -229,6 +230,11 @@ def test_a_bad_task_file_is_one_line_and_exit_2(tmp_path, capsys, text, line):
     assert rc == 2 and err.count("\n") == 1, err
     assert line.format(dir=tmp_path) in err and err.startswith(f"migrate-run: error: {f}"), err
     assert not (tmp_path / "results").exists() and not state.exists()   # nothing started
+
+
+@pytest.mark.parametrize("text, line", BAD_FILES, ids=[b[1][:30] for b in BAD_FILES])
+def test_a_bad_task_file_is_one_line_and_exit_2(tmp_path, capsys, text, line):
+    assert_refused_in_one_line(tmp_path, capsys, "tasks.yaml", text, line)
 
 
 def test_the_example_task_list_loads_as_dts_would_run_it():

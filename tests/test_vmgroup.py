@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from migrator.cli.run import run_main
-
 from .test_framework import migrate_run
-from .test_tasks import write_inventory
+from .test_tasks import assert_refused_in_one_line
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "vm-group.example.yaml"
 
@@ -60,15 +58,7 @@ BAD_JOBS = [
 
 @pytest.mark.parametrize("text, line", BAD_JOBS, ids=[b[1][:40] for b in BAD_JOBS])
 def test_a_bad_job_is_one_line_and_exit_2(tmp_path, capsys, text, line):
-    f = tmp_path / "job.yaml"
-    f.write_text(text + "\n")
-    state = tmp_path / "state"
-    rc = run_main(["-m", "hostA,hostB", "-i", str(write_inventory(tmp_path)), "-o",
-                   str(tmp_path / "results"), "-p", f"journal.state_dir={state}", str(f)])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1, err
-    assert line.format(dir=tmp_path) in err and err.startswith(f"migrate-run: error: {f}"), err
-    assert not (tmp_path / "results").exists() and not state.exists()   # nothing started
+    assert_refused_in_one_line(tmp_path, capsys, "job.yaml", text, line)
 
 
 HOST_STARTS = """

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Sequence
 
+from ..config import Config
 from ..errors import ConfigError, HostError
 from ..hosts import SSHHost, quote
 from ..migration import BaseMigration, MigrationResult, Phase, make_migration
@@ -23,6 +24,7 @@ from .progress import Progress
 
 if TYPE_CHECKING:
     from ..hypervisor import GuestVM
+    from .env import Env
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,17 @@ async def check_shared_storage(ctx: RunContext, hosts: Sequence[SSHHost], token:
                               f"{first.name} is not seen on {', '.join(bad)}")
     finally:
         await first.run(f"rm -f {quote(probe)}")
+
+
+async def stop_vms(env: "Env", config: Config) -> list[str]:
+    """Stop every VM of ``env``, bounded (``host_cleanup_s`` + ``qemu_stop_s``); return the
+    problems met (never raises)."""
+    limit = config.timeouts.host_cleanup_s + config.timeouts.qemu_stop_s
+    try:
+        async with asyncio.timeout(limit):
+            return await env.stop_all()
+    except TimeoutError:
+        return [f"stopping the VMs took over {limit:g} s"]
 
 
 async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,

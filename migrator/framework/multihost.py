@@ -409,13 +409,7 @@ class MultihostMigration(BlockingInWorkers):
 
     async def _cleanup(self, own_server: bool) -> list[str]:
         """Undo everything; return the problems met (never raises)."""
-        problems: list[str] = []
-        limit = self.config.timeouts.host_cleanup_s + self.config.timeouts.qemu_stop_s
-        try:
-            async with asyncio.timeout(limit):
-                problems += await self.env.stop_all()
-        except TimeoutError:
-            problems.append(f"stopping the VMs took over {limit:g} s")
+        problems = await hostprep.stop_vms(self.env, self.config)
         if self.sync is not None:
             await self.sync.stop()
         problems += await hostprep.tidy_hosts(

@@ -671,13 +671,7 @@ class ParallelVMTasks(BlockingInWorkers):
                 self._host_errors.setdefault(h.name, describe(exc))
 
     async def _cleanup(self) -> list[str]:
-        problems: list[str] = []
-        limit = self.config.timeouts.host_cleanup_s + self.config.timeouts.qemu_stop_s
-        try:
-            async with asyncio.timeout(limit):
-                problems += await self.env.stop_all()
-        except TimeoutError:
-            problems.append(f"stopping the VMs took over {limit:g} s")
+        problems = await hostprep.stop_vms(self.env, self.config)
         images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                      for t in self._tasks)
         # every host reached (preparation may have failed after claiming its run dir)
