@@ -5,6 +5,7 @@ with ``-a all``; the same scenario made ``async def``, whose ``time.sleep(20)`` 
 naming its line; a ``def migrate_vms_src`` hook migrating with ``vm.migrate``, and
 ``self.exchange``. Without a lab: tests/test_blocking.py."""
 
+import asyncio
 import json
 import textwrap
 from pathlib import Path
@@ -46,15 +47,26 @@ def seed_migrations(migs: list[dict], instance: str, hosts: list[str]) -> None:
                             (f"{instance}-3", "vm2", src, dst, "completed")], mine
 
 
-async def test_the_autotest_seed_as_pasted_runs_on_four_hosts(inventory, tmp_path, no_leaks):
-    """Two pairs, the control file executed once for each. The worker starts dd on vm1 and
-    check_worker kills it on the destination (``killall -9 dd`` fails if dd is not running
-    there), so a green run proves the def callbacks ran on the right VMs. The scenario's
-    time.sleep(20) runs in its worker thread: the event loop is never blocked."""
-    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB,hostC,hostD",
-                                     str(SEED))
+async def test_the_autotest_seed_pasted_on_four_hosts_and_made_async_with_dash_a_all(
+        inventory, tmp_path, no_leaks):
+    """Two runs at once (each waits out the seed's ``time.sleep(20)``; runs are isolated):
+
+    (a) the seed as pasted: two pairs, the control file executed once for each. The worker
+    starts dd on vm1 and check_worker kills it on the destination (``killall -9 dd`` fails if
+    dd is not running there), so a green run proves the def callbacks ran on the right VMs.
+    The sleep runs in its worker thread: the event loop is never blocked.
+
+    (b) the seed made async, with ``-a all`` on two hosts: in async code the sleep blocks the
+    event loop (every migration in flight stops being driven): the run still passes, and
+    says where it was blocked."""
+    seed_async = seed_made_async(tmp_path / "seed_async.py")
+    (rc, out, err), (rc_b, out_b, err_b) = await asyncio.gather(
+        migrate_run(inventory, tmp_path / "a", "-m", "hostA,hostB,hostC,hostD", str(SEED)),
+        migrate_run(inventory, tmp_path / "b", "-a", "all", "-m", "hostA,hostB",
+                    str(seed_async)))
+    # (a)
     assert rc == 0, out + err
-    run, migs, junit = the_run(tmp_path)
+    run, migs, junit = the_run(tmp_path / "a")
     assert run["class"] == "TestMultihostMigration" and run["verdict"] == "passed"
     assert run["instances_hosts"] == {"pair1": ["hostA", "hostB"], "pair2": ["hostC", "hostD"]}
     seed_migrations(migs, "pair1", ["hostA", "hostB"])
@@ -62,17 +74,9 @@ async def test_the_autotest_seed_as_pasted_runs_on_four_hosts(inventory, tmp_pat
     assert run["warnings"] == [], run["warnings"]
     # vm1 and vm2 were on the destination when migrated again from the source: said so
     assert out.count("stopped there, to boot afresh on") == 4, out
-
-
-async def test_the_seed_made_async_runs_with_dash_a_all_and_its_sleep_is_reported(
-        inventory, tmp_path, no_leaks):
-    """In async code the seed's time.sleep(20) blocks the event loop (every migration in
-    flight stops being driven): the run still passes, and says where it was blocked."""
-    seed_async = seed_made_async(tmp_path / "seed_async.py")
-    rc, out, err = await migrate_run(inventory, tmp_path / "r", "-a", "all", "-m",
-                                     "hostA,hostB", str(seed_async))
-    assert rc == 0, out + err
-    run, migs, _ = the_run(tmp_path / "r")
+    # (b)
+    assert rc_b == 0, out_b + err_b
+    run, migs, _ = the_run(tmp_path / "b")
     assert run["instances_hosts"] == {"all": ["hostA", "hostB"]} and run["all_hosts"]
     seed_migrations(migs, "all", ["hostA", "hostB"])
     where = f"{seed_async}:{line_of(seed_async, 'time.sleep(20)')} (migration_scenario)"
@@ -80,7 +84,7 @@ async def test_the_seed_made_async_runs_with_dash_a_all_and_its_sleep_is_reporte
     assert "the event loop was blocked for " in warning and where in warning, warning
     seconds = float(warning.split("blocked for ")[1].split(" s ")[0])
     assert 19 < seconds < 40, warning
-    assert f"WARNING: {warning}" in out
+    assert f"WARNING: {warning}" in out_b
 
 
 async def test_a_def_hook_migrates_with_vm_migrate_and_hosts_exchange_data(

@@ -105,20 +105,89 @@ class SerialConsole(BlockingInWorkers):
         #: (the answerer returns the bytes to type back, or None for a line not meant for it)
         self.requests: tuple[re.Pattern[str],
                              Callable[[re.Match[str]], Awaitable[bytes | None]]] | None = None
+        #: following the VM through a migration (see :meth:`moving`): set when it ends
+        self._move: asyncio.Event | None = None
+        #: (reader, writer, host) of the destination's console, connected ahead
+        self._ahead: tuple | None = None
+        #: after the switchover: the destination's reader, taken when the source's ends
+        self._next_reader = None
+
+    # -- following the VM through a migration ------------------------------------------------
+    #
+    # The source's console ends when its QEMU does; the guest goes on printing on the
+    # destination's console, which keeps nothing for a client that is not connected yet.
+    # So the destination's console is connected ahead (``connect_ahead``, before the
+    # switchover), writes go there from the switchover on (``switch_ahead``), and the
+    # reader reads the source's console to its end (what the guest printed before the
+    # switchover) and then goes on with the destination's: nothing is lost in between.
+
+    @contextlib.contextmanager
+    def moving(self) -> Iterator[None]:
+        """While the VM migrates: the console closing is the source's QEMU ending, not the
+        guest gone; a read that meets it waits for the migration's end, then goes on on the
+        destination's console (or, when the VM did not move there, raises as usual)."""
+        self._move = move = asyncio.Event()
+        try:
+            yield
+        finally:
+            self._move = None
+            self.drop_ahead()
+            move.set()
+
+    @property
+    def moving_now(self) -> bool:
+        """Whether the VM is migrating (inside :meth:`moving`)."""
+        return self._move is not None
+
+    def connect_ahead(self, reader, writer, *, host: str) -> None:
+        """The destination's console, connected before the switchover (its output is not
+        read until the source's console ends)."""
+        self.drop_ahead()
+        self._ahead = (reader, writer, host)
+
+    def drop_ahead(self) -> None:
+        """Forget a destination console connected ahead (the VM did not move)."""
+        if self._ahead is not None:
+            self._ahead[1].close()
+            self._ahead = None
+
+    def switch_ahead(self) -> bool:
+        """The switchover happened: type on the destination's console from now on, read the
+        source's to its end and then the destination's. False when nothing was connected
+        ahead (the caller re-attaches)."""
+        if self._ahead is None:
+            return False
+        reader, writer, host = self._ahead
+        self._ahead = None
+        old_writer, self.writer, self.host = self.writer, writer, host
+        self._next_reader = (reader, old_writer)
+        return True
+
+    def _take_next_reader(self) -> None:
+        reader, old_writer = self._next_reader
+        self._next_reader = None
+        self.reader = reader
+        old_writer.close()
 
     async def _read_more(self) -> None:
         reader = self.reader
+        lost = False
         try:
             data = await reader.read(65536)
         except (OSError, EOFError, asyncssh.Error):
-            if self.reader is reader:
-                raise GuestError(self.host, self.vm, "serial console lost (guest gone?)") \
-                    from None
-            data = b""
+            lost, data = True, b""
         if not data:
             if self.reader is not reader:
                 return          # re-attached meanwhile (the VM migrated): read on from there
-            raise GuestError(self.host, self.vm, "serial console closed (guest gone?)")
+            if self._next_reader is None and self._move is not None:
+                await self._move.wait()         # the migration ends: moved or not
+                if self.reader is not reader:
+                    return
+            if self._next_reader is not None:
+                self._take_next_reader()        # the source's console read to its end
+                return
+            raise GuestError(self.host, self.vm, f"serial console {'lost' if lost else 'closed'}"
+                             " (guest gone?)")
         text = _CSI.sub(b"", data).decode("utf-8", errors="replace")
         self.buffer += text
         self.transcript.append(text)

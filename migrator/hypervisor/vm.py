@@ -18,13 +18,18 @@ socket ``serial.sock`` and the status file ``status.log``, so guest sessions wor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import Iterator
 
 from ..blocking import BlockingInWorkers
 from ..hosts.ssh import SSHHost, quote
+
+log = logging.getLogger(__name__)
 
 _MAC = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -137,6 +142,7 @@ class GuestVM(BlockingInWorkers):
         self.config = config or Config()
         self.paths = vm_paths(run_dir, spec.name)
         self._session = None
+        self._stopped_while_moving = False
         #: one user of the serial console at a time: shared by every session of this object
         self.console_lock = None
         #: set by the framework that started the VM: what :meth:`migrate` calls
@@ -199,9 +205,56 @@ class GuestVM(BlockingInWorkers):
                                 "make_migration for a VM of your own)")
         return await self.migrate_hook(self, dst, vm_ports)
 
-    def _close_session(self) -> None:
-        """Close the console session but keep it, so :meth:`adopt` can re-attach it."""
+    @contextlib.contextmanager
+    def console_moving(self) -> Iterator[None]:
+        """Around a migration of this VM (the migration engine): an open console session
+        follows the VM to its destination, and a read in flight is not ended by the source's
+        console closing (:meth:`SerialConsole.moving
+        <migrator.guest.console.SerialConsole.moving>`). A session this VM's ``stop`` left
+        open meanwhile is closed at the end when the VM did not move."""
+        session = self._session
+        if session is None:
+            yield
+            return
+        start_host, self._stopped_while_moving = session.host, False
+        try:
+            with session.moving():
+                yield
+        finally:
+            if self._stopped_while_moving and session.host == start_host:
+                session.close()
+            self._stopped_while_moving = False
+
+    async def connect_console_ahead(self, dst: "GuestVM") -> None:
+        """Before the switchover: connect ``dst``'s console for this VM's open session, so the
+        guest's output on the destination is read from its first byte. Never raises: without
+        it the session re-attaches after the migration and may miss what the guest printed
+        in between (said in the log)."""
+        session = self._session
+        if session is None or session.writer.is_closing():
+            return
+        try:
+            reader, writer = await dst.host.open_unix_connection(dst.paths.serial)
+        except Exception as exc:  # noqa: BLE001 - degraded, not failed: said so
+            log.warning("[vm=%s host=%s] console not connected ahead of the switchover (%s: "
+                        "%s): output in between may be missed", self.name, dst.host.name,
+                        type(exc).__name__, exc)
+            return
+        session.connect_ahead(reader, writer, host=dst.host.name)
+
+    def console_switchover(self) -> None:
+        """The VM runs on the destination now: an open session types there from now on."""
         if self._session is not None:
+            self._session.switch_ahead()
+
+    def _close_session(self) -> None:
+        """Close the console session but keep it, so :meth:`adopt` can re-attach it. While
+        the VM migrates, the session stays open: it follows the VM (the source's console
+        ends with its QEMU)."""
+        if self._session is not None:
+            if self._session.moving_now:
+                self._stopped_while_moving = True
+                return
             self._session.close()
 
     async def _take_session(self, other: "GuestVM") -> None:
@@ -214,8 +267,10 @@ class GuestVM(BlockingInWorkers):
         if old_session is not None:
             if self._session is not None:
                 self._session.close()
-            reader, writer = await self.host.open_unix_connection(self.paths.serial)
-            old_session.reattach(reader, writer, host=self.host.name)
+            old_session.switch_ahead()
+            if old_session.host != self.host.name:      # nothing connected ahead
+                reader, writer = await self.host.open_unix_connection(self.paths.serial)
+                old_session.reattach(reader, writer, host=self.host.name)
             self._session = old_session
 
     async def status_lines(self) -> list[str]:

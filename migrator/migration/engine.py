@@ -216,6 +216,8 @@ class BaseMigration(BlockingInWorkers):
                  self.dst_host.name, self.phase.value, phase.value)
         self.phase = phase
         self.history.append((phase, time.monotonic(), time.time()))
+        if phase in (Phase.POSTCOPY, Phase.COMPLETED):
+            self.src_vm.console_switchover()    # the guest runs on the destination now
         for observer in self.observers:
             observer(self, phase)
         self._pulse()
@@ -267,7 +269,10 @@ class BaseMigration(BlockingInWorkers):
         :raise asyncio.CancelledError: when the caller's task is cancelled, after the same
             rollback.
         """
-        t0 = time.monotonic()
+        with self.src_vm.console_moving():     # an open console session follows the VM
+            return await self._run(time.monotonic())
+
+    async def _run(self, t0: float) -> MigrationResult:
         timeouts = self.config.timeouts
         try:
             await self._run_phases()
@@ -479,6 +484,7 @@ class Migration(BaseMigration):
             self._set_phase(Phase.CONFIGURED)
             port = await self._listen(dst)
             self._set_phase(Phase.LISTENING)
+            await self.src_vm.connect_console_ahead(self.dst_vm)
         await self._migrate(src, dst, port)
         await self._verify(src, dst)
         await self.src_vm.stop()

@@ -72,6 +72,8 @@ class LibvirtMigration(BaseMigration):
         self._p2p_uri = ""          # the destination's URI as the source's libvirtd opens it
         self._waiting_out = False   # a postcopy stall this libvirt cannot recover: waited for
         self._dst_version = 0       # the destination's libvirt (getLibVersion)
+        self._dst_started = False   # the destination's domain started (its console exists)
+        self._console_ahead = False  # ... and the VM's open session connected to it
 
     # -- what libvirt is asked ----------------------------------------------------------------
 
@@ -162,6 +164,9 @@ class LibvirtMigration(BaseMigration):
                     break
                 if self._cancel_requested:
                     raise self._error(f"cancelled: {self._cancel_requested}")
+                if self._dst_started and not self._console_ahead:
+                    self._console_ahead = True
+                    await self.src_vm.connect_console_ahead(self.dst_vm)
                 await self._poll(sdom)
                 now = time.monotonic()
                 if self.records and self.records[-1].transferred != moved:
@@ -408,6 +413,9 @@ class LibvirtMigration(BaseMigration):
 
         def note(kind: str, event: int, detail: int) -> None:
             self.events.append((side, kind, event, detail, time.monotonic()))
+            if (side, kind, event) == ("dst", "lifecycle", libvirt.VIR_DOMAIN_EVENT_STARTED):
+                self._dst_started = True        # its console can be connected: wake the loop
+                self._pulse()
 
         def lifecycle(_c, d, event, detail, _o):
             if d.name() == self.src_vm.name:
