@@ -241,6 +241,8 @@ class GuestVM(BlockingInWorkers):
                         type(exc).__name__, exc)
             return
         session.connect_ahead(reader, writer, host=dst.host.name)
+        log.debug("[vm=%s host=%s] console connected ahead of the switchover", self.name,
+                  dst.host.name)
 
     def console_switchover(self) -> None:
         """The VM runs on the destination now: an open session types there from now on."""
