@@ -181,6 +181,9 @@ class LabDefaults(_Strict):
     subnet: str = "10.77.0.0/24"
     first_host_offset: int = Field(11, ge=2)
     """hostA gets network+11 (10.77.0.11), as in the recipe; the bridge gets network+1."""
+    guest_subnet: str | None = None
+    """The lab's guest network (VM NICs with ``network: bridge``); default: the lab subnet
+    moved up by 2^16 addresses (10.77.0.0/24 -> 10.78.0.0/24)."""
     run_tmpfs_mib: int = Field(64, ge=8)
     """Size of each host's private /run (sockets, pidfiles, VM run dirs)."""
     tmp_tmpfs_mib: int = Field(1024, ge=16)
@@ -269,6 +272,15 @@ class VMSettings(_Strict):
     mac: str | None = None
     """A virtio NIC with this MAC, or ``auto``: a locally administered MAC derived from the
     run id and the VM's name (unique per run, the same on every host)."""
+    network: str | None = None
+    """``none``, ``user`` (restricted user-mode networking) or ``bridge`` (a tap on the
+    inventory's ``guest_network.bridge`` on each host). Default: ``user`` with a MAC, else
+    ``none`` (a VM gets a network only when asked)."""
+    ip: str | None = None
+    """``network: bridge``: the guest's address, ``ADDRESS/PREFIX`` inside the inventory's
+    ``guest_network.subnet`` (the lab guest configures it from ``lab.ip=``), or ``auto``: the
+    next address of the run instance's range (``network.pools``); kept wherever the VM
+    migrates, probed during each migration (``network.probe``)."""
     login: LoginSettings | None = None
     """User, password and prompt, for a guest whose console asks for a login (the lab guest
     does with ``append: "... lab.login=USER lab.password=PASSWORD"``)."""
@@ -280,6 +292,44 @@ class VMSettings(_Strict):
                                                   value):
             raise ValueError(f"{value!r} is not a CPU list (as taskset -c takes: 0-1,3)")
         return value
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            if not re.fullmatch(r"[0-9a-f][02468ace](:[0-9a-f]{2}){5}", value):
+                raise ValueError(f"{value!r} is not a unicast MAC (six lowercase hex pairs "
+                                 "joined by ':', the first octet even) or auto")
+        return value
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("none", "user", "bridge"):
+            raise ValueError(f"{value!r}: network is none, user or bridge")
+        return value
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            try:
+                ipaddress.IPv4Interface(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not an IPv4 ADDRESS/PREFIX: {exc}") from None
+            if "/" not in value:
+                raise ValueError(f"{value!r}: give the prefix too (ADDRESS/PREFIX)")
+        return value
+
+    @model_validator(mode="after")
+    def _nic(self) -> "VMSettings":
+        if self.network in ("bridge", "user") and self.mac is None:
+            raise ValueError(f"network: {self.network} needs a mac (or mac: auto)")
+        if self.network == "none" and self.mac is not None:
+            raise ValueError("a mac with network: none (a NIC needs network: user or bridge)")
+        if self.ip is not None and self.network != "bridge":
+            raise ValueError("ip needs network: bridge")
+        return self
 
     @field_validator("cpu_model")
     @classmethod
@@ -341,6 +391,75 @@ def _default_state_dir() -> Path:
         Path("~/.local/state/migrator").expanduser()
 
 
+class AddressPool(_Strict):
+    """One range of MACs and IPs (``network.pools.<name>``): ``range_size`` consecutive
+    MACs from ``base_mac`` and IPs from ``base_ip``. A run instance owns one range."""
+
+    base_mac: str
+    base_ip: ipaddress.IPv4Address
+    range_size: int = Field(ge=1, le=65536)
+
+    @field_validator("base_mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        v = v.lower()
+        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", v):
+            raise ValueError(f"{v!r} is not a MAC (six hex pairs)")
+        first = int(v[:2], 16)
+        if first & 1:
+            raise ValueError(f"{v} is a multicast MAC (the first octet's low bit is set)")
+        if not first & 2:
+            raise ValueError(f"{v} is not locally administered (the first octet's second "
+                             "bit must be set: 02:..., 06:..., ...)")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> "AddressPool":
+        if int(self.base_mac.replace(":", ""), 16) % 2**40 + self.range_size > 2**40:
+            raise ValueError(f"{self.range_size} MACs from {self.base_mac} leave its first "
+                             "octet")
+        if int(self.base_ip) + self.range_size > 2**32:
+            raise ValueError(f"{self.range_size} addresses from {self.base_ip} overflow IPv4")
+        return self
+
+    def macs(self) -> range:
+        first = int(self.base_mac.replace(":", ""), 16)
+        return range(first, first + self.range_size)
+
+    def ips(self) -> range:
+        return range(int(self.base_ip), int(self.base_ip) + self.range_size)
+
+
+class NetworkSettings(_Strict):
+    """Guest networking (VMs with ``network: bridge`` and an address)."""
+
+    pools: dict[str, AddressPool] = {}
+    """Named address ranges (seed 004's per-queue MAC ranges, with IPs): each run instance
+    claims one on the guest network (on shared storage, so concurrent runs never share
+    one); its VMs with ``mac: auto`` / ``ip: auto`` take the next MAC/IP of it."""
+
+    probe: bool = True
+    """Measure the blackout of every migration of a VM with an address: ICMP echo from the
+    controller (its address on the inventory's guest network), in a process of its own."""
+    probe_interval_ms: float = Field(5.0, ge=1.0, le=1000.0)
+    """Time between two probes: the blackout's resolution."""
+    probe_tcp_port: int | None = Field(None, ge=1, le=65535)
+    """Also hold a TCP stream open across each migration, through an echo listener the
+    scenario runs in the guest on this port (the lab guest: ``nc -ll -p PORT -e cat &``)."""
+
+    @model_validator(mode="after")
+    def _disjoint_pools(self) -> "NetworkSettings":
+        names = list(self.pools)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                pa, pb = self.pools[a], self.pools[b]
+                for what, ra, rb in (("MACs", pa.macs(), pb.macs()),
+                                     ("addresses", pa.ips(), pb.ips())):
+                    if ra.start < rb.stop and rb.start < ra.stop:
+                        raise ValueError(f"pools {a} and {b} overlap in their {what}")
+        return self
+
+
 class JournalSettings(_Strict):
     """Where runs keep their crash-safe state (``journal.*``)."""
 
@@ -380,6 +499,7 @@ class Config(_Strict):
     sync: SyncSettings = SyncSettings()
     report: ReportSettings = ReportSettings()
     journal: JournalSettings = JournalSettings()
+    network: NetworkSettings = NetworkSettings()
     scenario: dict[str, Any] = {}
     """Free-form settings of the scenario being run (``-p scenario.rounds=5``)."""
 
@@ -389,6 +509,38 @@ class Config(_Strict):
         if v not in ("qemu", "libvirt"):
             raise ValueError(f"driver must be 'qemu' or 'libvirt', not {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_addresses(self) -> "Config":
+        """Two declared VMs never share a MAC or an address (within one run; pools keep
+        runs apart)."""
+        for attr in ("mac", "ip"):
+            seen: dict[str, str] = {}
+            for name, vm in self.vms.items():
+                value = getattr(vm, attr)
+                if value is None or value == "auto":
+                    continue
+                key = value.split("/")[0].lower()
+                if key in seen:
+                    raise ValueError(f"vms.{seen[key]} and vms.{name} have the same "
+                                     f"{'MAC' if attr == 'mac' else 'address'} {key}")
+                seen[key] = name
+                number = (int(key.replace(":", ""), 16) if attr == "mac"
+                          else int(ipaddress.IPv4Address(key)))
+                for pool_name, pool in self.network.pools.items():
+                    if number in (pool.macs() if attr == "mac" else pool.ips()):
+                        raise ValueError(f"vms.{name}: {key} is inside pool {pool_name} (give "
+                                         f"it one outside the pools, or {attr}: auto)")
+        if self.network.pools:
+            auto = [n for n, vm in self.vms.items() if vm.ip == "auto" or vm.mac == "auto"]
+            small = min(self.network.pools.items(), key=lambda kv: kv[1].range_size)
+            if len(auto) > small[1].range_size:
+                raise ValueError(f"{len(auto)} VMs take addresses from the pools "
+                                 f"({', '.join(auto)}) but pool {small[0]} holds "
+                                 f"{small[1].range_size}")
+        elif any(vm.ip == "auto" for vm in self.vms.values()):
+            raise ValueError("ip: auto needs address pools (network.pools)")
+        return self
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,
@@ -442,6 +594,26 @@ class HostEntry(_Strict):
     """Per-host SSH settings; fields not given here come from the inventory's ``ssh``."""
 
 
+class GuestNetwork(_Strict):
+    """The L2 segment the hosts' guest bridges share: VMs with ``network: bridge`` get their
+    addresses in ``subnet`` and keep them wherever they migrate."""
+
+    subnet: str
+    bridge: str = "gbr0"
+    """The bridge's name, the same on every host (a VM's NIC joins a bridge of this name
+    wherever it migrates)."""
+    controller_address: str | None = None
+    """The controller's own address on the segment (it probes guests from there); None: the
+    controller cannot reach guests (probes need a host or a peer guest)."""
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", v):
+            raise ValueError(f"{v!r} is not an interface name (at most 15 characters)")
+        return v
+
+
 class GuestImage(_Strict):
     """The kernel + initramfs guest that lab scenarios boot by default."""
 
@@ -457,6 +629,8 @@ class LabInfo(_Strict):
     dir: Path
     subnet: str
     bridge: str
+    guest_bridge: str | None = None
+    """The root namespace's guest bridge (the controller's side of the guest network)."""
 
 
 class Inventory(_Strict):
@@ -476,6 +650,7 @@ class Inventory(_Strict):
     accel: str = "tcg"
     drivers: list[str] = ["qemu"]
     lab: LabInfo | None = None
+    guest_network: GuestNetwork | None = None
     source: Path | None = Field(None, exclude=True)
     """The file this inventory was read from (not part of the format)."""
 
@@ -522,7 +697,30 @@ class Inventory(_Strict):
             seen[key] = name
         return self
 
+    @model_validator(mode="after")
+    def _guest_network(self) -> "Inventory":
+        gn = self.guest_network
+        if gn is not None:
+            try:
+                net = validate_subnet(gn.subnet)
+            except ConfigError as exc:
+                raise ValueError(f"guest_network: {exc}") from None
+            if gn.controller_address is not None:
+                try:
+                    inside = ipaddress.ip_address(gn.controller_address) in net
+                except ValueError as exc:
+                    raise ValueError(f"guest_network.controller_address: {exc}") from None
+                if not inside:
+                    raise ValueError(f"guest_network.controller_address "
+                                     f"{gn.controller_address} is not in {net}")
+        return self
+
     # -- lookups -------------------------------------------------------------------------------
+
+    def guest_bridge_of(self, host: str) -> str | None:
+        """The bridge ``host``'s VM NICs join (None: the inventory has no guest network)."""
+        self.host(host)
+        return self.guest_network.bridge if self.guest_network is not None else None
 
     def host(self, name: str) -> HostEntry:
         """The entry for ``name``. :raise ConfigError: naming the known hosts if unknown."""
@@ -690,6 +888,17 @@ def _ansible_ini(text: str, path: Path) -> tuple[dict[str, dict], dict]:
                 raise InventoryError(f"inventory {path} line {n}: {pair!r} is not key=value")
             hv[key] = yaml.safe_load(value)
     return hosts, all_vars
+
+
+def default_guest_subnet(lab_subnet: str) -> str:
+    """The lab subnet moved up by 2^16 addresses: 10.77.240.0/24 -> 10.78.240.0/24.
+
+    :raise ConfigError: the lab subnet is larger than a /16 (say ``--guest-subnet``)."""
+    net = validate_subnet(lab_subnet)
+    if net.prefixlen < 16:
+        raise ConfigError(f"lab subnet {net} is larger than a /16: give the guest network's "
+                          "subnet (--guest-subnet)")
+    return str(ipaddress.ip_network(f"{net.network_address + 2 ** 16}/{net.prefixlen}"))
 
 
 def validate_subnet(text: str) -> ipaddress.IPv4Network:

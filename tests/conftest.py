@@ -113,10 +113,14 @@ def assert_lab_gone(lab: Lab, state) -> None:
     for h in state.hosts:
         assert not network.netns_exists(h.netns), f"namespace {h.netns} left"
         assert not network.link_exists(h.veth), f"link {h.veth} left"
+        assert h.guest_veth and not network.link_exists(h.guest_veth), \
+            f"link {h.guest_veth} left"
         for ref in (h.init, h.sshd, h.libvirtd):
             if ref is not None:
                 assert not is_alive(ref.proc()), f"{h.name}: pid {ref.pid} still running"
     assert not network.link_exists(state.bridge), f"bridge {state.bridge} left"
+    assert state.guest_bridge and not network.link_exists(state.guest_bridge), \
+        f"bridge {state.guest_bridge} left"
 
 
 @pytest.fixture(scope="session")
@@ -217,6 +221,12 @@ async def no_leaks(lab, inventory):
                 problems.append(f"{name}: cannot list libvirt domains: {r.stderr.strip()}")
             elif r.stdout.split():
                 problems.append(f"{name}: libvirt domains left {r.stdout.split()}")
+            r = await h.run("ls /sys/class/net | grep -E '^(mg|vnet)' || true")
+            if r.stdout.split():                  # our taps (mg*), libvirt's (vnet*)
+                problems.append(f"{name}: taps left {r.stdout.split()}")
+    claims = inventory.shared_dir / "migrator-pools"
+    if claims.is_dir() and (held := sorted(str(p) for p in claims.glob("*/*"))):
+        problems.append(f"address range claims left {held}")
     # last, so the sessions of the checks above had their time to close too
     left = await settled(lambda: [d for p, d in sshd_sessions(lab).items()
                                   if p not in sessions_before])

@@ -7,6 +7,8 @@ domain defined anywhere.
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import subprocess
 from typing import AsyncIterator
 
@@ -19,6 +21,7 @@ from migrator.hypervisor.libvirt_uri import host_uri
 from migrator.hypervisor.vm import VMSpec
 from migrator.lab.processes import host_processes, is_qemu
 from migrator.migration import MigrationParams, Phase, make_migration
+from migrator.migration.blackout import BlackoutProbe
 from migrator.migration.oracles import dirtier_report
 
 from .conftest import drop_tcp_port, running
@@ -46,7 +49,9 @@ async def leftovers(lab, hosts, inventory) -> list[str]:
     found += [p.describe() for p in host_processes(lab)
               if is_qemu(p) or p.comm in ("ssh", "virt-ssh-helper")]
     for h in hosts.values():
-        r = await h.run(f"ls -A {inventory.run_dir}; virsh -q list --all --name")
+        # run dirs, libvirt domains, and taps (ours: mg*, libvirt's: vnet*)
+        r = await h.run(f"ls -A {inventory.run_dir}; virsh -q list --all --name; "
+                        "ls /sys/class/net | grep -E '^(mg|vnet)' || true")
         found += [f"{h.name}: {x}" for x in r.stdout.split()]
     return found
 
@@ -63,8 +68,15 @@ def vm_mac():
     return None
 
 
+@pytest.fixture
+def vm_net():
+    """The NIC's network: None (``network: user`` when a MAC is given), or ``bridge``: on the
+    lab's guest network, at :func:`guest_ip` (a test overrides this)."""
+    return None
+
+
 @pytest.fixture(params=DRIVERS)
-async def vm(request, lab, hosts, inventory, config, guest_args, vm_mac):
+async def vm(request, lab, hosts, inventory, config, guest_args, vm_mac, vm_net):
     """A lab guest started on hostA through the driver under test; afterwards nothing of it
     may be left on any host (also checked when the test failed: then it is cleaned first)."""
     driver, _, mode = request.param.partition("-")
@@ -74,7 +86,9 @@ async def vm(request, lab, hosts, inventory, config, guest_args, vm_mac):
     spec = VMSpec(f"c{request.param[0]}{len(mode)}", kernel=str(inventory.guest.kernel),
                   initrd=str(inventory.guest.initrd),
                   append=f"{inventory.guest.append} lab.out=ttyS1 {guest_args}".strip(),
-                  mac=vm_mac)
+                  mac=vm_mac, **({} if vm_net is None else dict(
+                      network=vm_net, bridge=inventory.guest_bridge_of("hostA"),
+                      ip=guest_ip(inventory))))
     the_vm = make_vm(driver, spec, hosts["hostA"], str(inventory.run_dir), config)
     the_vm.driver = driver
     await the_vm.start()
@@ -351,9 +365,64 @@ async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
     await vm.stop()
 
 
-@pytest.mark.parametrize("vm", DRIVERS_P2P_IN_MATRIX, indirect=True)
+GUEST_IP = 20          #: the bridged test guest's host number on the lab's guest subnet
+
+
+def guest_ip(inventory) -> str:
+    net = ipaddress.ip_network(inventory.guest_network.subnet)
+    return f"{net.network_address + GUEST_IP}/{net.prefixlen}"
+
+
+async def bridge_port_of(lab, inventory, mac: str) -> str | None:
+    """Which lab host's link the root guest bridge has learned ``mac`` on (its FDB)."""
+    out = subprocess.run(["bridge", "-j", "fdb", "show", "br", inventory.lab.guest_bridge],
+                         capture_output=True, text=True, check=True).stdout
+    ports = {h.guest_veth: h.name for h in lab.state().hosts}
+    return next((ports.get(e["ifname"]) for e in json.loads(out)
+                 if e.get("mac") == mac and e["ifname"] in ports), None)
+
+
+@pytest.mark.parametrize("vm", ["qemu", "libvirt"], indirect=True)
+@pytest.mark.parametrize("vm_mac, vm_net", [("02:6d:69:67:01:01", "bridge")])
+async def test_a_bridged_guest_keeps_mac_and_address_and_stays_reachable(
+        vm, hosts, inventory, lab, vm_mac, vm_net):
+    """``network: bridge``: the guest's NIC is a tap on its host's guest bridge (qemu: ours,
+    libvirt: its own), its address from ``lab.ip=``. Probed from the controller in a process
+    of its own (ICMP every 5 ms, and a TCP stream through ``nc -e cat`` in the guest) across a
+    migration there and back: the guest keeps MAC and address, the lab's guest bridge learns
+    its MAC on the destination's link (QEMU's announce after the switchover: verified, not
+    assumed), replies come after the switchover (from the destination: the source's vCPUs
+    never run again), and the TCP stream survives whole and in order."""
+    address = vm.spec.address
+    session = await vm.wait_for_login()
+    await session.cmd("nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &")
+    assert await bridge_port_of(lab, inventory, vm_mac) in ("hostA", None)
+    for dst in ("hostB", "hostA"):
+        async with BlackoutProbe(address, interval_ms=5, tcp_port=7000) as probe:
+            r = await migration(vm, hosts, inventory, dst).run()
+            await alive_on(vm, dst)             # the probe goes on a little after the switch
+        switchover = next(wall for phase, _t, wall in r.phases if phase == "COMPLETED")
+        report = probe.report(switchover)
+        assert report.replies_after_switchover and report.replies_after_switchover > 0, report
+        assert report.tcp_survived, report.tcp
+        assert report.blackout_ms is not None and report.received > 0, report
+        assert await bridge_port_of(lab, inventory, vm_mac) == dst
+        assert (await session.cmd("cat /sys/class/net/eth0/address")).strip() == vm_mac
+        assert f"inet {vm.spec.ip} " in await session.cmd("ip -4 addr show eth0")
+        if vm.driver == "qemu":                 # our tap moved: gone from the source
+            src = "hostA" if dst == "hostB" else "hostB"
+            assert not (await hosts[src].run(f"ip link show {vm.paths.tap}")).ok
+            assert (await hosts[dst].run(f"ip link show {vm.paths.tap}")).ok
+    await vm.stop()
+
+
+@pytest.mark.parametrize("vm", ["qemu", pytest.param("libvirt", marks=pytest.mark.matrix),
+                                pytest.param("libvirt-p2p", marks=pytest.mark.matrix)],
+                         indirect=True)
 @pytest.mark.parametrize("vm_mac", ["02:6d:69:67:00:01"])
 async def test_the_nic_keeps_its_mac_across_migrations(vm, hosts, inventory, vm_mac):
+    """``network: user`` (a MAC, no network given): the restricted user-mode NIC."""
+    assert vm.spec.network == "user"
     session = await vm.wait_for_login()
     for dst in ("hostB", "hostA"):
         assert (await session.cmd("cat /sys/class/net/eth0/address")).strip() == vm_mac

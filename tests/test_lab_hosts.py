@@ -116,8 +116,23 @@ async def test_no_route_off_the_lab(lab, inventory, ip_forward_before):
         r = await a.run("ip -6 addr show; cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; "
                         "cat /proc/sys/net/ipv4/ip_forward", check=True)
         assert r.stdout.split() == ["1", "0"]            # no IPv6 address at all, no forwarding
-    for link in [state.bridge, *(h.veth for h in state.hosts)]:
+    for link in [state.bridge, *(h.veth for h in state.hosts),
+                 state.guest_bridge, *(h.guest_veth for h in state.hosts)]:
         assert network.ipv6_disabled_root(link), link
+    # the guest network: the controller's address on it, the hosts only bridge (no address,
+    # no route: the host's routes above are its lab subnet's alone)
+    guest_net = inventory.guest_network
+    assert guest_net.subnet != SESSION_SUBNET and guest_net.bridge == "gbr0"
+    r = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", state.guest_bridge],
+                       capture_output=True, text=True, check=True)
+    (link,) = json.loads(r.stdout)
+    assert [f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]] == \
+        [state.guest_bridge_address] and guest_net.controller_address in \
+        state.guest_bridge_address
+    async with SSHHost.from_inventory("hostA", inventory) as a:
+        r = await a.run("ip -4 -o addr show dev gbr0; ip -o link show master gbr0",
+                        check=True)
+        assert "inet" not in r.stdout and "gveth0" in r.stdout, r.stdout
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == ip_forward_before
 
 

@@ -36,6 +36,8 @@ def _lab_parser() -> argparse.ArgumentParser:
     count.add_argument("--hosts", help="comma-separated host names, in this order")
     up.add_argument("--libvirt", action="store_true", help="run one libvirtd per host")
     up.add_argument("--subnet", help="lab subnet (default 10.77.0.0/24)")
+    up.add_argument("--guest-subnet", help="the guest network's subnet (VM NICs with network: "
+                    "bridge; default: the lab subnet + 2^16, e.g. 10.78.0.0/24)")
     up.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                     help="guest accelerator; auto probes KVM by booting a guest (default auto)")
 
@@ -144,10 +146,12 @@ async def _lab_command(args: argparse.Namespace) -> int:
         elif args.count is not None:
             from ..lab.lab import default_host_names
             hosts = default_host_names(args.count)
-        report = await lab.up(hosts, args.subnet, args.libvirt, args.accel, progress=say)
+        report = await lab.up(hosts, args.subnet, args.libvirt, args.accel, progress=say,
+                              guest_subnet=args.guest_subnet)
         st = report.state
         if not report.already_up:
-            say(f"lab {st.name} up: {len(st.hosts)} hosts on {st.subnet} in "
+            say(f"lab {st.name} up: {len(st.hosts)} hosts on {st.subnet}, guests on "
+                f"{st.guest_subnet}, in "
                 f"{report.seconds:.2f} s{' (recovered from a broken lab)' if report.recovered else ''}")
         print(f"inventory: {report.inventory}")
         print(f"ssh:       migrate-lab ssh{_name_opt(args)} {st.hosts[0].name}")
@@ -213,11 +217,14 @@ async def _status(lab, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"name": state.name, "phase": state.phase.value, "healthy": healthy,
                           "dir": state.dir, "subnet": state.subnet, "bridge": state.bridge,
+                          "guest_subnet": state.guest_subnet,
+                          "guest_bridge": state.guest_bridge,
                           "accel": state.accel, "libvirt": state.libvirt,
                           "hosts": [vars(h) | {"ok": h.ok} for h in health]}, indent=2))
         return 0 if healthy else 1
     print(f"lab {state.name}: {state.phase.value}{'' if healthy else ' (UNHEALTHY)'}  "
-          f"dir {state.dir}  subnet {state.subnet}  bridge {state.bridge}  accel {state.accel}")
+          f"dir {state.dir}  subnet {state.subnet}  bridge {state.bridge}  guests "
+          f"{state.guest_subnet or '-'} on {state.guest_bridge or '-'}  accel {state.accel}")
     cols = ["host", "address", "netns", "init", "sshd", "port22"] + (
         ["libvirtd"] if state.libvirt else [])
     rows = [[h.name, h.address] + ["yes" if v else "NO" for v in

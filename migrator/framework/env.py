@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import re
 from pathlib import PurePosixPath
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from ..blocking import BlockingInWorkers
 from ..config import Config, Inventory, VMSettings
 from ..errors import ConfigError, ScenarioError
+from .pools import AddressRange
 from ..hosts import SSHHost, quote
 from ..hypervisor import GuestVM, VMSpec, make_vm
 from .gates import HostGates
@@ -59,6 +61,10 @@ class Env(BlockingInWorkers):
         self._busy: dict[str, str] = {}
         #: (host, VM name) -> the key of the VM that holds that name on that host
         self._placed: dict[tuple[str, str], str] = {}
+        #: the instance's claimed address range (``network.pools``), and which index of it
+        #: each VM (by key) took: kept for the run, wherever the VM runs or reboots
+        self.address_range: AddressRange | None = None
+        self._address_index: dict[str, int] = {}
         for name in config.vms:
             self.spec(name)          # every declared VM must be bootable: fail before start
 
@@ -98,11 +104,17 @@ class Env(BlockingInWorkers):
             raise ConfigError(f"VM {name!r}: no kernel and no image (the inventory has no "
                               "guest section; declare one for it)")
         mac = decl.mac if decl else None
+        nic = self._nic(name, decl)
+        index = self._pool_index(key, decl)
         if mac == "auto":
-            mac = auto_mac(self.run_dir, key)
+            mac = auto_mac(self.run_dir, key) if index is None else self.address_range.mac(index)
+        if nic.get("ip") == "auto":
+            # before the range is claimed (the checks at start): an address of the right form
+            nic["ip"] = (self.address_range.ip(index) if self.address_range is not None
+                         else f"{next(iter(self.config.network.pools.values())).base_ip}/32")
         login = decl.login if decl else None
         try:
-            return VMSpec(name, mem_mib=mem, vcpus=decl.vcpus if decl else 1, mac=mac,
+            return VMSpec(name, mem_mib=mem, vcpus=decl.vcpus if decl else 1, mac=mac, **nic,
                           login_user=login.user if login else None,
                           login_password=login.password if login else None,
                           prompt=login.prompt if login else None,
@@ -116,6 +128,55 @@ class Env(BlockingInWorkers):
                           hugepages=decl.hugepages if decl else False)
         except ValueError as exc:
             raise ConfigError(f"VM {name!r}: {exc}") from None
+
+    def use_range(self, address_range: AddressRange | None) -> None:
+        """The instance's claimed address range: VMs with ``mac: auto`` / ``ip: auto`` take
+        the next MAC/IP of it."""
+        self.address_range = address_range
+
+    def _pool_index(self, key: str, decl: VMSettings | None) -> int | None:
+        """The index of the instance's range VM ``key`` holds (taken at its first start);
+        None when it takes nothing from a range.
+
+        :raise ConfigError: the range is used up."""
+        wants = decl is not None and (decl.mac == "auto" or decl.ip == "auto")
+        if not wants or self.address_range is None:
+            return None
+        if key not in self._address_index:
+            if len(self._address_index) >= self.address_range.size:
+                raise ConfigError(f"VM {key!r}: address range {self.address_range.name} is "
+                                  f"used up ({self.address_range.size} addresses)")
+            self._address_index[key] = len(self._address_index)
+        return self._address_index[key]
+
+    def _nic(self, name: str, decl: VMSettings | None) -> dict:
+        """The NIC's network, bridge and address of a declared VM (:class:`VMSpec` fields).
+
+        :raise ConfigError: a bridged VM without the inventory's guest network, or an
+            address outside its subnet."""
+        if decl is None or decl.network is None:
+            return {}
+        if decl.network != "bridge":
+            return {"network": decl.network}
+        gn = self.inventory.guest_network
+        if gn is None:
+            raise ConfigError(f"VM {name!r}: network: bridge needs the inventory's "
+                              "guest_network (subnet, bridge)")
+        if decl.ip is not None and decl.ip != "auto":
+            subnet = ipaddress.ip_network(gn.subnet)
+            address = ipaddress.IPv4Interface(decl.ip)
+            if address.network != subnet:
+                raise ConfigError(f"VM {name!r}: address {decl.ip} is not in the guest "
+                                  f"network {subnet}")
+            reserved = {subnet.network_address: "its network address",
+                        subnet.broadcast_address: "its broadcast address"}
+            if gn.controller_address:
+                reserved[ipaddress.IPv4Address(gn.controller_address)] = \
+                    "the controller's address"
+            if address.ip in reserved:
+                raise ConfigError(f"VM {name!r}: address {address.ip} is "
+                                  f"{reserved[address.ip]} on {subnet}")
+        return {"network": "bridge", "bridge": gn.bridge, "ip": decl.ip}
 
     def images(self) -> dict[str, str]:
         """``{vm: base image}`` of the declared VMs that boot from a disk image."""

@@ -8,6 +8,7 @@ Shared by :class:`~.multihost.MultihostMigration` and :class:`~.tasks.ParallelVM
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,10 @@ from typing import TYPE_CHECKING, Sequence
 from ..config import Config
 from ..errors import ConfigError, HostError
 from ..hosts import SSHHost, quote
+from ..hypervisor.qemu import remove_taps
 from ..migration import BaseMigration, MigrationResult, Phase, make_migration
+from ..migration.blackout import BlackoutProbe, switchover_time
+from . import pools
 from .context import MigrationRecord, RunContext
 from .data import MigrationData
 from .journal import controller_identity, owner_file
@@ -56,6 +60,39 @@ async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: st
                                  stdin=owner, check=True,
                                  timeout=config.timeouts.host_cleanup_s)
                            for h in hosts))
+
+
+async def check_guest_bridges(ctx: RunContext, hosts: Sequence[SSHHost],
+                              decls: Sequence = ()) -> None:
+    """Every host has the guest network's bridge, when a VM of the run needs it
+    (``network: bridge``; the config's VMs and ``decls``): checked before any VM starts.
+
+    :raise ConfigError: naming the hosts without it and the bridge.
+    """
+    if not any(d.network == "bridge" for d in [*ctx.config.vms.values(), *decls]):
+        return
+    gn = ctx.inventory.guest_network
+    if gn is None:
+        raise ConfigError("VMs with network: bridge need the inventory's guest_network "
+                          "(subnet, bridge)")
+    path = quote(f"/sys/class/net/{gn.bridge}/bridge")
+    found = await asyncio.gather(*(h.run(f"test -d {path}") for h in hosts))
+    missing = [h.name for h, r in zip(hosts, found) if not r.ok]
+    if missing:
+        raise ConfigError(f"no bridge {gn.bridge} on {', '.join(missing)} (guest_network."
+                          "bridge: VMs with network: bridge join it on every host)")
+
+
+async def release_range(ctx: RunContext, host: SSHHost,
+                        claim: "pools.Claim | None") -> list[str]:
+    """Give an instance's address range back (cleanup); the problems met (never raises)."""
+    if claim is None:
+        return []
+    try:
+        await pools.release(host, claim, ctx.run_id, ctx.config.timeouts.host_cleanup_s)
+    except Exception as exc:  # noqa: BLE001 - reported, recover frees it later
+        return [f"address range {claim.range.name} not released at {claim.path} ({exc})"]
+    return []
 
 
 async def check_shared_storage(ctx: RunContext, hosts: Sequence[SSHHost], token: str,
@@ -107,7 +144,7 @@ async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,
     keep = ctx.config.report.keep_disks
 
     async def tidy(h: SSHHost, first: bool) -> None:
-        cmd = f"rm -rf {quote(run_dir)} {quote(owner)}"
+        cmd = f"{remove_taps(run_dir)}; rm -rf {quote(run_dir)} {quote(owner)}"
         if first and disk_dir and not keep:      # and the run's dir once it is empty
             cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
                     f"{quote(os.path.dirname(disk_dir))}")
@@ -120,6 +157,40 @@ async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,
         await h.close()
     await asyncio.gather(*(tidy(h, i == 0) for i, h in enumerate(hosts)))
     return problems
+
+
+@contextlib.asynccontextmanager
+async def blackout_probe(ctx: RunContext, vm: "GuestVM", mig: BaseMigration):
+    """Around one migration of a VM with an address, when the controller is on the guest
+    network (``guest_network.controller_address``) and ``network.probe`` is on: the
+    blackout probe (:mod:`migrator.migration.blackout`), its report in the migration's
+    result (``blackout_ms``, ``blackout``). A probe that cannot start or report is a warning
+    and ``blackout.error`` in the record, never the migration's failure."""
+    settings, gn = ctx.config.network, ctx.inventory.guest_network
+    if not (settings.probe and vm.spec.address and gn is not None and gn.controller_address):
+        yield
+        return
+    probe = BlackoutProbe(vm.spec.address, settings.probe_interval_ms, settings.probe_tcp_port)
+    try:
+        await probe.__aenter__()
+    except Exception as exc:  # noqa: BLE001 - a measurement, never the migration's failure
+        mig.result.blackout = {"error": str(exc)}
+        ctx.warn(f"{vm.name}: no blackout measured: {exc}")
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            await probe.__aexit__(None, None, None)
+            report = probe.report(switchover_time(mig.result.phases or [
+                (p.value, 0.0, wall) for p, _m, wall in mig.history],
+                mig.result.postcopy_switched))
+            mig.result.blackout_ms = report.blackout_ms
+            mig.result.blackout = report.to_json()
+        except Exception as exc:  # noqa: BLE001 - as above
+            mig.result.blackout = {"error": str(exc)}
+            ctx.warn(f"{vm.name}: no blackout measured: {exc}")
 
 
 async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "GuestVM",
@@ -145,7 +216,7 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
                    src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
     mig.observers += [journal, reporter.on_phase]
     try:
-        async with asyncio.TaskGroup() as tg:
+        async with blackout_probe(ctx, vm, mig), asyncio.TaskGroup() as tg:
             shower = tg.create_task(reporter.follow())
             try:
                 result = await mig.run()

@@ -57,7 +57,7 @@ from ..config import Config, Inventory, load_inventory
 from ..errors import ConfigError, MigrationError, ScenarioError
 from ..hosts import SSHHost, quote
 from ..migration import MigrationParams
-from . import hostprep
+from . import hostprep, pools
 from .context import InstanceRecord, RunContext, local_address_towards
 from .data import MigrationData
 from .env import Env, instance_env, instance_run_dir, prepare_overlays
@@ -120,6 +120,7 @@ class MultihostMigration(BlockingInWorkers):
             raise ConfigError(f"a host is named twice in {names}")
         for n in names:
             self.inventory.host(n)                      # unknown host: ConfigError, now
+        pools.check_pools(self.config, self.inventory)
         if self.config.driver not in self.inventory.drivers:
             raise ConfigError(f"driver {self.config.driver!r}: the inventory's hosts offer "
                               f"{', '.join(self.inventory.drivers)} (a lab runs libvirtd with "
@@ -388,9 +389,12 @@ class MultihostMigration(BlockingInWorkers):
         async with asyncio.TaskGroup() as tg:               # connect: errors name the host
             for h in self.hosts:
                 tg.create_task(h.connect())
+        await hostprep.check_guest_bridges(ctx, self.hosts)
         await hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir)
         await hostprep.check_shared_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
                                             bool(self.env.images()))
+        self._claim = await pools.claim_range(ctx, self.name, self.hosts[0])
+        self.env.use_range(self._claim.range if self._claim else None)
         if self.env.images():
             ctx.record("resource", kind="overlays", host=self.hosts[0].name,
                        path=self.env.disk_dir)
@@ -410,6 +414,12 @@ class MultihostMigration(BlockingInWorkers):
     async def _cleanup(self, own_server: bool) -> list[str]:
         """Undo everything; return the problems met (never raises)."""
         problems = await hostprep.stop_vms(self.env, self.config)
+        claim = getattr(self, "_claim", None)
+        if claim is not None and problems:  # a VM that survived keeps its address
+            problems.append(f"address range {claim.range.name} kept claimed at {claim.path} "
+                            "(migrate-run recover frees it)")
+        elif claim is not None:
+            problems += await hostprep.release_range(self.context, self.hosts[0], claim)
         if self.sync is not None:
             await self.sync.stop()
         problems += await hostprep.tidy_hosts(

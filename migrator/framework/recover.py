@@ -49,6 +49,8 @@ from ..config import Config, Inventory
 from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
+from ..hypervisor.qemu import remove_taps
+from .pools import release_command
 from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
                       find_run, hosts_of, last_phases, list_runs, owner_file,
                       process_start_time, vm_records)
@@ -488,7 +490,8 @@ class _RunRecovery:
             for name in hosts:                    # run dirs of copies that are gone
                 if vm in found.get(name, ()) and (keep is None or name != keep.host
                                                   or self.stop_kept):
-                    await hosts[name].run(f"rm -rf {quote(self.run_dir + '/' + vm)}",
+                    vm_dir = f"{self.run_dir}/{vm}"
+                    await hosts[name].run(f"{remove_taps(vm_dir)}; rm -rf {quote(vm_dir)}",
                                           check=True)
                     found[name].remove(vm)
         except _Unresolved as exc:
@@ -628,13 +631,24 @@ class _RunRecovery:
             owner = owner_file(self.run_root, self.run_id)
             for name, h in hosts.items():
                 if name not in kept:
-                    await h.run(f"rm -rf {quote(self.run_dir)} {quote(owner)}", check=True)
+                    await h.run(f"{remove_taps(self.run_dir)}; rm -rf {quote(self.run_dir)} "
+                                f"{quote(owner)}", check=True)
             overlays = [e for e in self.events if e.get("event") == "resource"
                         and e.get("kind") == "overlays"]
             if overlays and not kept and not self.config.report.keep_disks:
                 first = hosts.get(overlays[0]["host"])
                 if first is not None:
                     await first.run(f"rm -rf {quote(overlays[0]['path'])}", check=True)
+            claims = [e for e in self.events if e.get("event") == "resource"
+                      and e.get("kind") == "pool_claim"]
+            for claim in claims if not kept else []:    # a kept VM keeps its address
+                h = hosts.get(claim["host"])
+                if h is None:
+                    self.notes.append(f"run {self.run_id}: address range claim "
+                                      f"{claim['path']} not released ({claim['host']} "
+                                      "not reached)")
+                    continue
+                await h.run(release_command(claim["path"], self.run_id), check=True)
         except MigratorError as exc:
             self.outcomes.append(VMOutcome(self.run_id, "-", problem=f"not cleaned: {exc}"))
 

@@ -62,7 +62,7 @@ from ..errors import ConfigError, HostError, MigratorError, ScenarioError
 from ..guest.host import GuestHost
 from ..hosts import SSHHost
 from ..migration import MigrationParams
-from . import hostprep
+from . import hostprep, pools
 from .context import InstanceRecord, RunContext
 from .data import MigrationData
 from .env import instance_env, instance_run_dir
@@ -345,6 +345,7 @@ class ParallelVMTasks(BlockingInWorkers):
             raise ConfigError(f"a host is named twice in {names}")
         for n in names:
             self.inventory.host(n)                       # unknown host: ConfigError, now
+        pools.check_pools(self.config, self.inventory)
         if max_vm is not None and (not isinstance(max_vm, int) or max_vm < 1):
             raise ConfigError(f"max_vm must be a whole number >= 1, not {max_vm!r}")
         self.max_vm, self.fail_fast = max_vm, fail_fast
@@ -662,16 +663,27 @@ class ParallelVMTasks(BlockingInWorkers):
         if not up:
             return
         try:
+            await hostprep.check_guest_bridges(
+                ctx, up, [t.spec["decl"] for t in self._tasks if t.spec.get("decl")])
             await hostprep.claim_run_dirs(ctx, up, self.name, self.run_dir, per_host=True)
             images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                          for t in self._tasks)
             await hostprep.check_shared_storage(ctx, up, f"{ctx.run_id}.{self.name}", images)
+            self._claim = await pools.claim_range(ctx, self.name, up[0])
+            self.env.use_range(self._claim.range if self._claim else None)
         except MigratorError as exc:
             for h in up:
                 self._host_errors.setdefault(h.name, describe(exc))
 
     async def _cleanup(self) -> list[str]:
         problems = await hostprep.stop_vms(self.env, self.config)
+        claim = getattr(self, "_claim", None)
+        reached = next((h for h in self.hosts if h.connected), None)
+        if claim is not None and not problems and reached is not None:
+            problems += await hostprep.release_range(self.context, reached, claim)
+        elif claim is not None:                 # recover frees it
+            problems.append(f"address range {claim.range.name} kept claimed at {claim.path}"
+                            " (a VM was not stopped, or no host answers)")
         images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                      for t in self._tasks)
         # every host reached (preparation may have failed after claiming its run dir)

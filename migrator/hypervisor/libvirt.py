@@ -74,7 +74,7 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
         ET.SubElement(os_, "kernel").text = spec.kernel
         if spec.initrd:
             ET.SubElement(os_, "initrd").text = spec.initrd
-        ET.SubElement(os_, "cmdline").text = spec.append
+        ET.SubElement(os_, "cmdline").text = spec.kernel_append()
     else:
         ET.SubElement(os_, "boot", dev="hd")
     if spec.accel == "tcg" or spec.cpu_model:
@@ -93,9 +93,11 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
         ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="none")
         ET.SubElement(disk, "source", file=spec.disk)
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
-    if spec.mac:
-        nic = ET.SubElement(devices, "interface", type="user")
+    if spec.network in ("user", "bridge"):
+        nic = ET.SubElement(devices, "interface", type=spec.network)
         ET.SubElement(nic, "mac", address=spec.mac)
+        if spec.network == "bridge":        # libvirt makes (and removes) the tap itself
+            ET.SubElement(nic, "source", bridge=spec.bridge)
         ET.SubElement(nic, "model", type="virtio")
     console = ET.SubElement(devices, "serial", type="unix")
     ET.SubElement(console, "source", mode="bind", path=paths.serial)

@@ -34,15 +34,18 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
                             "mem-path=/dev/hugepages,prealloc=on,share=off",
                  "-machine", "memory-backend=mem0"]
     if spec.kernel:
-        argv += ["-kernel", spec.kernel, "-append", spec.append]
+        argv += ["-kernel", spec.kernel, "-append", spec.kernel_append()]
         if spec.initrd:
             argv += ["-initrd", spec.initrd]
     if spec.disk:
         drive = spec.disk.replace(",", ",,")          # QEMU option syntax escapes commas
         argv += ["-drive", f"file={drive},if=none,id=disk0,format=qcow2,cache=none",
                  "-device", "virtio-blk-pci,drive=disk0" + ("" if spec.kernel else ",bootindex=0")]
-    if spec.mac:
+    if spec.network == "user":
         argv += ["-netdev", "user,id=net0,restrict=on",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
+    elif spec.network == "bridge":          # the tap start_vm made on the host's bridge
+        argv += ["-netdev", f"tap,id=net0,ifname={paths.tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
     argv += ["-chardev", f"socket,id=ser0,path={paths.serial},server=on,wait=off,"
                          f"logfile={paths.serial_log}",
@@ -74,19 +77,46 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
     busy = quote(f"a VM named {spec.name} already runs in {paths.dir}")
     # the identity (pid + start time) is written in the same command as the start: a QEMU
     # that runs is always one stop_vm can find and tell from a process that reused its pid
-    cmd = (f"if [ -s {ident} ]; then read p was < {ident}; {_STARTTIME}; "
-           f"if [ -n \"$st\" ] && [ \"$st\" = \"$was\" ]; then echo {busy} >&2; exit 1; fi; "
-           f"fi; "
-           f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
-           f"{quote(paths.pidfile)} {ident} {quote(paths.status_log)} && "
-           f"{taskset}{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
-           f" && p=$(cat {quote(paths.pidfile)}) && {_STARTTIME} && "
-           f"echo \"$p $st\" > {ident} && echo $p")
+    busy_check = (f"if [ -s {ident} ]; then read p was < {ident}; {_STARTTIME}; "
+                  f"if [ -n \"$st\" ] && [ \"$st\" = \"$was\" ]; then echo {busy} >&2; "
+                  f"exit 1; fi; fi")
+    prepare = (f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
+               f"{quote(paths.pidfile)} {ident} {quote(paths.status_log)}")
+    launch = (f"{taskset}{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
+              f" && p=$(cat {quote(paths.pidfile)}) && {_STARTTIME} && "
+              f"echo \"$p $st\" > {ident} && echo $p")
+    if spec.network == "bridge":
+        # the VM's tap, on the bridge, recorded in the run directory before QEMU opens it
+        # (a tap of that name left by a VM that is gone is replaced), removed again when
+        # QEMU does not start
+        tap, bridge, record = quote(paths.tap), quote(spec.bridge), quote(f"{paths.dir}/tap")
+        cmd = (f"{busy_check}; [ -d /sys/class/net/{bridge}/bridge ] || exit {_NO_BRIDGE}; "
+               f"{prepare} && {{ ip link del {tap} 2>/dev/null; "
+               f"ip tuntap add dev {tap} mode tap && echo {tap} > {record} && "
+               f"ip link set {tap} master {bridge} up && {launch}; }} "
+               f"|| {{ s=$?; ip link del {tap} 2>/dev/null; rm -f {record}; exit $s; }}")
+    else:
+        cmd = f"{busy_check}; {prepare} && {launch}"
     result = await host.run(cmd)
+    if result.exit_status == _NO_BRIDGE:
+        raise GuestError(host.name, spec.name, f"no bridge {spec.bridge} on {host.name} "
+                         "(network: bridge needs it on every host the VM runs on)")
     if not result.ok:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["?"]
         raise GuestError(host.name, spec.name, f"QEMU did not start: {detail[0]}")
     return int(result.stdout.split()[-1])
+
+
+#: the start command's exit status for a missing bridge (QEMU itself exits 1)
+_NO_BRIDGE = 93
+
+
+def remove_taps(run_dir: str) -> str:
+    """Shell: remove the taps recorded under ``run_dir`` (a run's, or one VM's directory)
+    before it is removed: a tap outlives its QEMU (made with ``ip tuntap``)."""
+    d = quote(run_dir)
+    return (f"for t in {d}/tap {d}/*/tap; do [ -s \"$t\" ] && ip link del \"$(cat \"$t\")\" "
+            "2>/dev/null; done; true")
 
 
 #: shell: ``st`` = the start time (clock ticks after boot) of process ``$p``: field 22 of
@@ -126,6 +156,7 @@ if [ -s "$ident" ]; then
     fi
   fi
 fi
+{remove_taps(str(paths.dir))}
 rm -rf "$d"
 """
     result = await host.run(script)

@@ -18,10 +18,14 @@ socket ``serial.sock`` and the status file ``status.log``, so guest sessions wor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
+import ipaddress
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterator
@@ -30,6 +34,8 @@ from ..blocking import BlockingInWorkers
 from ..hosts.ssh import SSHHost, quote
 
 log = logging.getLogger(__name__)
+#: the prober (a process of its own: see its module)
+PROBE_SCRIPT = PurePosixPath(__file__).with_name("probe_process.py")
 
 _MAC = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -55,9 +61,21 @@ class VMSpec:
     with cache=none, so the destination reads what the source wrote. Booted from when no
     kernel is given."""
     mac: str | None = None
-    """Give the VM a virtio NIC with this MAC (``02:...``: locally administered). Its backend
-    is user-mode networking, restricted (qemu driver) and inside the host's namespace, so the
-    NIC carries the MAC across migrations without opening a path off the machine."""
+    """Give the VM a virtio NIC with this MAC (``02:...``: locally administered), on
+    ``network``."""
+    network: str | None = None
+    """What the NIC is attached to: ``none`` (no NIC), ``user`` (QEMU's user-mode networking,
+    restricted: the guest reaches nothing and nothing reaches it; the NIC still carries its
+    MAC across migrations) or ``bridge`` (a tap on the host's ``bridge``: a real L2 segment,
+    see :attr:`ip`). Default: ``user`` when a MAC is given, else ``none``: a VM gets a path
+    to a network only when asked, and a NIC only when it has a MAC of its own."""
+    bridge: str | None = None
+    """The host bridge of ``network: bridge`` (every host of the VM's migrations has one of
+    this name: the lab's ``gbr0``, on real hosts e.g. ``br0``)."""
+    ip: str | None = None
+    """The guest's address on the bridge, ``ADDRESS/PREFIX``; the lab guest configures it
+    from ``lab.ip=`` on its kernel command line (added to ``append`` when a kernel is
+    booted). It keeps it wherever it migrates."""
     login_user: str | None = None
     """Who logs in when the serial console asks (``login:``), with ``login_password``."""
     login_password: str | None = None
@@ -84,6 +102,29 @@ class VMSpec:
         if self.mac is not None and not _MAC.match(self.mac):
             raise ValueError(f"{self.name}: bad MAC {self.mac!r} (six lowercase hex pairs, "
                              "unicast: the first octet even)")
+        if self.network is None:
+            object.__setattr__(self, "network", "user" if self.mac else "none")
+        if self.network not in ("none", "user", "bridge"):
+            raise ValueError(f"{self.name}: network must be none, user or bridge, not "
+                             f"{self.network!r}")
+        if self.network != "none" and not self.mac:
+            raise ValueError(f"{self.name}: network {self.network} needs a MAC")
+        if self.network == "none" and self.mac:
+            raise ValueError(f"{self.name}: a MAC without a network (network: user or bridge)")
+        if (self.network == "bridge") != (self.bridge is not None):
+            raise ValueError(f"{self.name}: a bridge is given with network: bridge, and only "
+                             "then")
+        if self.ip is not None:
+            if self.network != "bridge":
+                raise ValueError(f"{self.name}: an IP address needs network: bridge")
+            try:
+                ipaddress.IPv4Interface(self.ip)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: bad address {self.ip!r} (ADDRESS/PREFIX): "
+                                 f"{exc}") from None
+            if "/" not in self.ip:
+                raise ValueError(f"{self.name}: address {self.ip!r} needs its prefix "
+                                 "(ADDRESS/PREFIX)")
         if self.cpu_affinity is not None and not _CPU_LIST.match(self.cpu_affinity):
             raise ValueError(f"{self.name}: bad CPU list {self.cpu_affinity!r} (as taskset "
                              "-c takes: 0-1,3)")
@@ -93,6 +134,18 @@ class VMSpec:
             except re.error as exc:
                 raise ValueError(f"{self.name}: bad prompt pattern {self.prompt!r}: {exc}") \
                     from None
+
+    @property
+    def address(self) -> str | None:
+        """The guest's IP address on its bridge (without the prefix), if it has one."""
+        return self.ip.split("/")[0] if self.ip else None
+
+    def kernel_append(self) -> str:
+        """``append``, plus ``lab.ip=`` for a VM with an address (the lab guest reads it;
+        other kernels ignore an unknown parameter)."""
+        if self.ip and f"lab.ip={self.ip}" not in self.append.split():
+            return f"{self.append} lab.ip={self.ip}"
+        return self.append
 
 
 @dataclass(frozen=True)
@@ -106,6 +159,13 @@ class VMPaths:
     @property
     def serial(self) -> str:
         return str(self.dir / "serial.sock")
+
+    @property
+    def tap(self) -> str:
+        """The name of the VM's tap on its host (qemu driver, ``network: bridge``): derived
+        from the run directory and the VM's name, so the same on every host of a migration
+        and different for two runs on one host; at most 15 characters."""
+        return "mg" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:11]
 
     @property
     def serial_log(self) -> str:
@@ -151,6 +211,38 @@ class GuestVM(BlockingInWorkers):
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def address(self) -> str | None:
+        """The guest's IP address on its bridge (``spec.ip`` without the prefix), or None."""
+        return self.spec.address
+
+    async def wait_reachable(self, timeout: float | None = None) -> float:
+        """Wait until the guest answers ICMP echo from the controller (which must be on its
+        network: the lab's guest bridge); return the seconds it took.
+
+        :raise GuestError: the VM has no address, or no answer within ``timeout`` (default
+            ``timeouts.guest_boot_s``): naming VM, host, MAC and address.
+        """
+        from ..errors import GuestError
+        if self.address is None:
+            raise GuestError(self.host.name, self.name, "has no address (network: bridge "
+                             "with an ip)")
+        timeout = timeout or self.config.timeouts.guest_boot_s
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(PROBE_SCRIPT), "--first", f"{timeout:g}", self.address,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if proc.returncode == 0:
+            return float(out.split()[-1])
+        why = err.decode(errors="replace").strip() or f"no ICMP echo reply in {timeout:g} s"
+        raise GuestError(self.host.name, self.name, f"not reachable at {self.spec.ip} (MAC "
+                         f"{self.spec.mac}, bridge {self.spec.bridge}): {why}")
 
     async def console(self):
         """A new :class:`~migrator.guest.session.GuestSession` on the serial console."""

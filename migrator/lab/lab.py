@@ -4,8 +4,11 @@ What ``up`` makes, every name prefixed by the lab's name so two labs can coexist
 
 * a bridge ``<name>br0`` in the root namespace holding the first address of the subnet (the
   controller reaches hosts through it), and nothing routed anywhere else;
+* the guest network: a bridge ``<name>-gbr`` in the root namespace holding the first address
+  of the guest subnet (the controller reaches guests through it), never routed either;
 * per host: a network namespace ``<name>-<host>`` joined to the bridge by a veth
-  ``<name>v<i>`` (``eth0`` inside), a host init (own hostname, /etc/hosts, private /run,
+  ``<name>v<i>`` (``eth0`` inside), a bridge ``gbr0`` joined to the guest bridge by a veth
+  ``<name>-g<i>`` (its VMs' taps join it), a host init (own hostname, /etc/hosts, private /run,
   own libvirt dirs: see :mod:`.hostproc`), an sshd with its own host key, and with
   ``libvirt=True`` a libvirtd with its own ``host_uuid``;
 * the lab directory (default ``/srv/migrator/<name>``): ``ssh/`` (client key, known_hosts,
@@ -35,7 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import (DEFAULT_LAB_NAME, INVENTORY_FILE, LAB_BASE_DIR, Config, GuestImage as
-                      InvGuestImage, HostEntry, Inventory, LabInfo, SSHSettings, validate_subnet)
+                      InvGuestImage, GuestNetwork, HostEntry, Inventory, LabInfo, SSHSettings,
+                      default_guest_subnet, validate_subnet)
 from ..errors import ConfigError, LabError
 from ..hosts.parallel import parallel
 from . import hostproc, network
@@ -115,6 +119,9 @@ class Lab:
         self.dir = Path(dir).absolute() if dir else LAB_BASE_DIR / name
         self.config = config or Config()
         self.bridge = f"{name}br0"
+        # a '-' (no lab name has one): never another lab's '<name>br0' ('x' + 'gbr0' would
+        # be lab 'xg''s bridge)
+        self.guest_bridge = f"{name}-gbr"
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -187,7 +194,8 @@ class Lab:
         if missing:
             raise ConfigError(f"missing packages: {', '.join(missing)}: run 'make setup'")
 
-    def plan(self, hosts: list[str], subnet: str, libvirt: bool) -> LabState:
+    def plan(self, hosts: list[str], subnet: str, libvirt: bool,
+             guest_subnet: str | None = None) -> LabState:
         """The full list of names and addresses ``up`` will create (validated, nothing made).
 
         :raise ConfigError: for bad, duplicate or too many host names, or a bad subnet.
@@ -203,6 +211,15 @@ class Lab:
                 raise ConfigError(f"duplicate host name {h!r}")
             seen.add(h.lower())
         net = validate_subnet(subnet)
+        try:
+            guest_net = validate_subnet(guest_subnet or self.config.lab.guest_subnet
+                                        or default_guest_subnet(str(net)))
+        except ConfigError as exc:
+            raise ConfigError(f"guest network: {exc} (choose it with --guest-subnet)") \
+                from None
+        if guest_net.overlaps(net):
+            raise ConfigError(f"guest subnet {guest_net} overlaps the lab subnet {net}: "
+                              "choose another with --guest-subnet")
         offset = self.config.lab.first_host_offset
         usable = net.num_addresses - 2
         if offset + len(hosts) - 1 > usable:
@@ -211,11 +228,15 @@ class Lab:
         if len(hosts) > 999:
             raise ConfigError("at most 999 hosts per lab")
         states = [HostState(name=h, netns=f"{self.name}-{h}", veth=f"{self.name}v{i}",
-                            address=str(net.network_address + offset + i))
+                            address=str(net.network_address + offset + i),
+                            guest_veth=f"{self.name}-g{i}")
                   for i, h in enumerate(hosts)]
         now = time.time()
         return LabState(name=self.name, dir=str(self.dir), subnet=str(net), bridge=self.bridge,
                         bridge_address=f"{net.network_address + 1}/{net.prefixlen}",
+                        guest_subnet=str(guest_net), guest_bridge=self.guest_bridge,
+                        guest_bridge_address=f"{guest_net.network_address + 1}/"
+                                             f"{guest_net.prefixlen}",
                         phase=LabPhase.BUILDING, libvirt=libvirt, hosts=states,
                         created_at=now, updated_at=now)
 
@@ -223,7 +244,8 @@ class Lab:
 
     async def up(self, hosts: list[str] | None = None, subnet: str | None = None,
                  libvirt: bool = False, accel: str = "auto",
-                 progress: Callable[[str], None] | None = None) -> UpReport:
+                 progress: Callable[[str], None] | None = None,
+                 guest_subnet: str | None = None) -> UpReport:
         """Build the lab (or confirm it is up, or rebuild a broken one).
 
         Steps: validate everything (no change is made before this passes); tear down the
@@ -241,7 +263,7 @@ class Lab:
         subnet = subnet or self.config.lab.subnet
         if accel not in ("auto", "tcg", "kvm"):
             raise ConfigError(f"--accel must be auto, tcg or kvm, not {accel!r}")
-        plan = self.plan(hosts, subnet, libvirt)
+        plan = self.plan(hosts, subnet, libvirt, guest_subnet)
         self._check_dir()
         self._check_tools(libvirt)
         base_existed = self.dir.parent.exists()
@@ -258,13 +280,17 @@ class Lab:
             recovered = False
             old = self.state()
             if old is not None:
-                if old.phase == LabPhase.UP and all(h.ok for h in await self.health(old)):
+                # a lab from before the guest network is rebuilt like a broken one
+                if old.phase == LabPhase.UP and old.guest_subnet and \
+                        all(h.ok for h in await self.health(old)):
                     same = ([h.name for h in old.hosts] == hosts and old.subnet == plan.subnet
-                            and old.libvirt == libvirt)
+                            and old.libvirt == libvirt
+                            and old.guest_subnet == plan.guest_subnet)
                     if not same:
                         raise ConfigError(
                             f"lab {self.name} is already up with hosts "
                             f"{','.join(h.name for h in old.hosts)} on {old.subnet}"
+                            f"{' (guests ' + old.guest_subnet + ')' if old.guest_subnet else ''}"
                             f"{' with libvirt' if old.libvirt else ''}: run "
                             f"'migrate-lab down --name {self.name}' first")
                     say(f"lab {self.name} is already up")
@@ -277,7 +303,13 @@ class Lab:
             elif network.link_exists(self.bridge):
                 raise LabError(f"bridge {self.bridge} exists but {self.dir} holds no lab state; "
                                f"if it is a leftover, remove it: ip link del {self.bridge}")
+            elif network.link_exists(self.guest_bridge):
+                raise LabError(f"bridge {self.guest_bridge} exists but {self.dir} holds no lab "
+                               f"state; if it is a leftover, remove it: ip link del "
+                               f"{self.guest_bridge}")
             await network.check_subnet_free(ipaddress.ip_network(plan.subnet), self.bridge)
+            await network.check_subnet_free(ipaddress.ip_network(plan.guest_subnet),
+                                            self.guest_bridge, "--guest-subnet")
             t = time.monotonic()
             image = await ensure_image()
             t = step(f"guest image {'built' if image.built else 'cached'}: "
@@ -325,7 +357,10 @@ class Lab:
             except OSError:
                 shutil.copy2(src, dest)
         await network.create_bridge(self.bridge, ipaddress.ip_interface(plan.bridge_address))
-        t = step(f"bridge {self.bridge} {plan.bridge_address}", t)
+        await network.create_bridge(self.guest_bridge,
+                                    ipaddress.ip_interface(plan.guest_bridge_address))
+        t = step(f"bridges {self.bridge} {plan.bridge_address}, {self.guest_bridge} "
+                 f"{plan.guest_bridge_address} (guests)", t)
 
         limit = asyncio.Semaphore(MAX_PARALLEL_HOSTS)
         etc_hosts = "127.0.0.1 localhost\n" + "".join(
@@ -360,6 +395,7 @@ class Lab:
         net = ipaddress.ip_network(plan.subnet)
         await network.create_host_netns(h.netns, h.veth, plan.bridge,
                                         ipaddress.ip_interface(f"{h.address}/{net.prefixlen}"))
+        await network.create_host_guest_link(h.netns, h.guest_veth, plan.guest_bridge)
         if plan.libvirt:
             uuid_file = hdir / "host_uuid"
             if not uuid_file.exists():
@@ -403,7 +439,11 @@ class Lab:
                                 append=KERNEL_APPEND),
             accel=plan.accel,
             drivers=["qemu", "libvirt"] if plan.libvirt else ["qemu"],
-            lab=LabInfo(name=self.name, dir=self.dir, subnet=plan.subnet, bridge=plan.bridge))
+            lab=LabInfo(name=self.name, dir=self.dir, subnet=plan.subnet, bridge=plan.bridge,
+                        guest_bridge=plan.guest_bridge),
+            guest_network=GuestNetwork(
+                subnet=plan.guest_subnet, bridge=network.HOST_GUEST_BRIDGE,
+                controller_address=plan.guest_bridge_address.split("/")[0]))
         inv.dump(self.inventory_path, header=(
             f"# migrator inventory of lab {self.name!r}, written by 'migrate-lab up'.\n"
             "# Format: configs/README.md. Hand-written inventories for real hosts use the "
@@ -471,20 +511,24 @@ class Lab:
             report.processes_stopped += len(procs) - len(left)
             if left:
                 raise LabError(f"{h.name}: processes {[p.pid for p in left]} survived SIGKILL")
-            if network.link_exists(h.veth):
-                await network.delete_link(h.veth)
-                report.links_removed += 1
+            for link in (h.veth, h.guest_veth):
+                if link and network.link_exists(link):
+                    await network.delete_link(link)
+                    report.links_removed += 1
             if network.netns_exists(h.netns):
                 await network.delete_netns(h.netns)
                 report.namespaces_removed += 1
 
         await parallel((host_down(h) for h in state.hosts), fail_fast=True)
-        if network.link_exists(state.bridge):
-            await network.delete_link(state.bridge)
-            report.links_removed += 1
+        for bridge in (state.bridge, state.guest_bridge):
+            if bridge and network.link_exists(bridge):
+                await network.delete_link(bridge)
+                report.links_removed += 1
         leftovers = [h.netns for h in state.hosts if network.netns_exists(h.netns)]
-        leftovers += [n for n in [state.bridge, *(h.veth for h in state.hosts)]
-                      if network.link_exists(n)]
+        leftovers += [n for n in [state.bridge, state.guest_bridge,
+                                  *(h.veth for h in state.hosts),
+                                  *(h.guest_veth for h in state.hosts)]
+                      if n and network.link_exists(n)]
         if leftovers:
             raise LabError(f"lab {state.name}: could not remove {', '.join(leftovers)}")
         if Path(state.dir).exists():

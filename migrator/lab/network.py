@@ -1,4 +1,7 @@
-"""The lab's network: one bridge in the root namespace, one network namespace per host.
+"""The lab's networks: one bridge in the root namespace, one network namespace per host; and
+the guest network, a second L2 segment: a bridge ``gbr0`` in each host's namespace (the taps of
+its VMs join it) linked to one lab-wide guest bridge in the root namespace (the controller's
+address on it reaches the guests).
 
 Safety rules (never relaxed): addresses only inside the lab subnet; no default route in any host
 (its only route is the connected subnet); no NAT, no forwarding change (``ip_forward`` is never
@@ -33,7 +36,8 @@ def _set_ipv6_off_root(ifname: str) -> None:
     Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1\n")
 
 
-async def check_subnet_free(subnet: ipaddress.IPv4Network, own_bridge: str) -> None:
+async def check_subnet_free(subnet: ipaddress.IPv4Network, own_bridge: str,
+                            option: str = "--subnet") -> None:
     """Refuse a subnet that overlaps any address or route already on this machine.
 
     Our own bridge (a lab being reconciled) does not count.
@@ -49,7 +53,7 @@ async def check_subnet_free(subnet: ipaddress.IPv4Network, own_bridge: str) -> N
             if net.overlaps(subnet):
                 raise ConfigError(
                     f"subnet {subnet} overlaps {net} on interface {link['ifname']} "
-                    "(another lab or a real network): choose another with --subnet")
+                    f"(another lab or a real network): choose another with {option}")
     routes = json.loads((await run("ip", "-j", "-4", "route", "show", "table", "all",
                                    what="ip route")).stdout)
     for r in routes:
@@ -64,7 +68,7 @@ async def check_subnet_free(subnet: ipaddress.IPv4Network, own_bridge: str) -> N
             continue
         if net.overlaps(subnet):
             raise ConfigError(f"subnet {subnet} overlaps route {dst} via {r.get('dev', '?')}: "
-                              "choose another with --subnet")
+                              f"choose another with {option}")
 
 
 async def create_bridge(name: str, address: ipaddress.IPv4Interface) -> None:
@@ -97,6 +101,27 @@ async def create_host_netns(netns: str, veth: str, bridge: str,
     await run("ip", "-n", netns, "link", "set", "eth0", "up", what=f"eth0 up in {netns}")
 
 
+#: the guest bridge's name inside every lab host's namespace (inventory: guest_network.bridge)
+HOST_GUEST_BRIDGE = "gbr0"
+
+
+async def create_host_guest_link(netns: str, veth: str, guest_bridge: str) -> None:
+    """In ``netns`` (made by :func:`create_host_netns`): a bridge :data:`HOST_GUEST_BRIDGE`
+    without an address, joined to the root namespace's ``guest_bridge`` by ``veth`` (its
+    inner end ``gveth0``). The host gets no address and no route on the guest network: it
+    only bridges its VMs' taps onto the segment."""
+    await run("ip", "-n", netns, "link", "add", HOST_GUEST_BRIDGE, "type", "bridge",
+              what=f"create bridge {HOST_GUEST_BRIDGE} in {netns}")
+    await run("ip", "link", "add", veth, "type", "veth", "peer", "name", "gveth0",
+              "netns", netns, what=f"create link {veth}")
+    _set_ipv6_off_root(veth)
+    await run("ip", "link", "set", veth, "master", guest_bridge, "up", what=f"attach {veth}")
+    await run("ip", "-n", netns, "link", "set", "gveth0", "master", HOST_GUEST_BRIDGE, "up",
+              what=f"attach gveth0 in {netns}")
+    await run("ip", "-n", netns, "link", "set", HOST_GUEST_BRIDGE, "up",
+              what=f"bring up {HOST_GUEST_BRIDGE} in {netns}")
+
+
 async def delete_link(name: str) -> None:
     """Delete a link if it exists (deleting one end of a veth deletes both)."""
     if link_exists(name):
@@ -125,7 +150,8 @@ def ipv6_disabled_root(ifname: str) -> bool:
 
 
 __all__ = [
-    "check_subnet_free", "create_bridge", "create_host_netns", "delete_link", "delete_netns",
+    "HOST_GUEST_BRIDGE", "check_subnet_free", "create_bridge", "create_host_guest_link",
+    "create_host_netns", "delete_link", "delete_netns",
     "ip_forward_enabled", "ipv6_disabled_root", "link_exists", "netns_exists", "netns_path",
     "routes_in",
 ]

@@ -46,6 +46,8 @@ class HostState(BaseModel):
     netns: str
     veth: str
     address: str
+    guest_veth: str = ""
+    """The link from the root's guest bridge to the host's (empty: a lab from before)."""
     init: ProcRef | None = None
     sshd: ProcRef | None = None
     libvirtd: ProcRef | None = None
@@ -59,6 +61,9 @@ class LabState(BaseModel):
     subnet: str
     bridge: str
     bridge_address: str
+    guest_subnet: str = ""
+    guest_bridge: str = ""
+    guest_bridge_address: str = ""
     phase: LabPhase
     libvirt: bool
     accel: str = "tcg"

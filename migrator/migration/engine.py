@@ -163,6 +163,10 @@ class MigrationResult:
     run_s: float | None = None           #: the whole run(): destination start to cleanup
     overhead_s: float | None = None      #: run_s minus QEMU's total time
     port: int | None = None
+    #: the guest-visible blackout (VMs with an address, probed: see .blackout): the longest
+    #: gap between ICMP replies, and the prober's whole report
+    blackout_ms: float | None = None
+    blackout: dict | None = None
     params: dict = field(default_factory=dict)
     phases: list[tuple[str, float, float]] = field(default_factory=list)
     error: str | None = None

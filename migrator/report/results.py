@@ -67,6 +67,17 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
             case = ET.SubElement(suite, "testcase", classname=f"{scenario}.{inst.instance}",
                                  name=f"{m.mig_id} {m.vm} {m.src}->{m.dst}",
                                  time=f"{m.result.get('run_s') or 0:.3f}")
+            blackout = m.result.get("blackout") or {}
+            if blackout:                # the guest-visible blackout, next to QEMU's downtime
+                props = ET.SubElement(case, "properties")
+                for name in ("downtime_ms", "blackout_ms"):
+                    if m.result.get(name) is not None:
+                        ET.SubElement(props, "property", name=name,
+                                      value=f"{m.result[name]:g}")
+                for name in ("lost", "replies_after_switchover", "tcp_survived", "error"):
+                    if blackout.get(name) is not None:
+                        ET.SubElement(props, "property", name=f"blackout.{name}",
+                                      value=str(blackout[name]))
             if not m.passed:
                 failures += 1
                 ET.SubElement(case, "failure", message=m.error or m.status).text = m.error
@@ -105,13 +116,14 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
 
 def summary_table(ctx: RunContext) -> str:
     """The final table: one row per migration, then one per instance, then the verdict."""
-    rows = [("migration", "vm", "route", "status", "total", "downtime", "MiB", "Mbit/s",
-             "iter", "overhead")]
+    rows = [("migration", "vm", "route", "status", "total", "downtime", "blackout", "MiB",
+             "Mbit/s", "iter", "overhead")]
     for m in ctx.migrations:
         r = m.result
         status = m.status + (" (expected)" if m.handled and m.status != "completed" else "")
         rows.append((m.mig_id, m.vm, f"{m.src}->{m.dst}", status,
                      _ms(r.get("total_time_ms")), _ms(r.get("downtime_ms")),
+                     _ms(r.get("blackout_ms")),
                      f"{(r.get('transferred_bytes') or 0) / 2**20:.1f}"
                      if r.get("transferred_bytes") else "-",
                      f"{r['throughput_mbps']:.0f}" if r.get("throughput_mbps") else "-",
@@ -133,7 +145,9 @@ def summary_table(ctx: RunContext) -> str:
 
 
 def _ms(v) -> str:
-    return f"{v} ms" if v is not None else "-"
+    if v is None:
+        return "-"
+    return f"{v:.0f} ms" if isinstance(v, float) else f"{v} ms"
 
 
 def _write_json(path: Path, data: Any) -> None:

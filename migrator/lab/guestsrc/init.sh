@@ -6,6 +6,7 @@
 #   lab.rate=MIB_S        limit the dirtier to MIB_S MiB/s (default 0: no limit)
 #   lab.out=DEV           where TICK/DIRTY lines go (default: the console), e.g. ttyS1
 #   lab.hostname=NAME     the guest's hostname (default: lab-guest)
+#   lab.ip=ADDR/PREFIX    configure the first NIC with this address (network: bridge)
 #   lab.login=USER        ask for a login on the console (getty, login) instead of giving a
 #   lab.password=PASSWORD   shell at once: USER (root, or a user of uid 1000) with PASSWORD
 # It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then runs a shell (or a login) on
@@ -15,7 +16,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
-TICK=1 DIRTY=0 RATE=0 OUT=/dev/console NAME=lab-guest LOGIN= PASSWORD=
+TICK=1 DIRTY=0 RATE=0 OUT=/dev/console NAME=lab-guest LOGIN= PASSWORD= IP=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     lab.tick=*) TICK=${arg#lab.tick=} ;;
@@ -23,6 +24,7 @@ for arg in $(cat /proc/cmdline); do
     lab.rate=*) RATE=${arg#lab.rate=} ;;
     lab.out=*) OUT=/dev/${arg#lab.out=} ;;
     lab.hostname=*) NAME=${arg#lab.hostname=} ;;
+    lab.ip=*) IP=${arg#lab.ip=} ;;
     lab.login=*) LOGIN=${arg#lab.login=} ;;
     lab.password=*) PASSWORD=${arg#lab.password=} ;;
   esac
@@ -31,6 +33,12 @@ hostname "$NAME"
 # the kernel's virtio drivers are modules: load them (dependencies first) for disks
 while read -r mod; do insmod "/lib/modules/$mod" 2>/dev/null; done < /lib/modules/load.order
 [ -e "$OUT" ] || OUT=/dev/console
+if [ -n "$IP" ]; then
+  ip link set lo up
+  NIC=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
+  ip link set "$NIC" up
+  ip addr add "$IP" dev "$NIC"
+fi
 if [ "$TICK" = 1 ]; then
   (i=0; while :; do echo "TICK $i"; i=$((i+1)); sleep 1; done) > "$OUT" 2>&1 &
 fi

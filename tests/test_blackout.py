@@ -1,0 +1,101 @@
+"""The blackout prober without a lab: its arithmetic on a known probe record, and the real
+prober process (raw ICMP socket, kernel receive timestamps) against the loopback address, with
+a TCP stream through a real echo server on this machine, one that resets it, and a target the
+prober refuses. The prober across real migrations: tests/test_drivers.py (bridged guests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from migrator.migration.blackout import BlackoutProbe, ProbeError, summarize, switchover_time
+
+MS = 1_000_000
+
+
+def test_the_longest_gap_its_losses_and_the_replies_after_the_switchover():
+    t0 = 1_700_000_000 * 10**9
+    sent = [[seq, t0 + seq * 5 * MS] for seq in range(10)]
+    # probes 4, 5, 6 unanswered (the switchover); each reply 1 ms after its probe
+    replies = [[seq, t0 + seq * 5 * MS + MS] for seq in range(10) if seq not in (4, 5, 6)]
+    raw = {"target": "10.0.0.2", "interval_ms": 5.0, "sent": sent, "replies": replies,
+           "tcp": None}
+    report = summarize(raw, switchover=(t0 + 27 * MS) / 1e9)
+    assert (report.sent, report.received, report.lost) == (10, 7, 3)
+    assert report.blackout_ms == pytest.approx(20.0)          # reply 3 -> reply 7
+    assert report.lost_in_blackout == 3
+    assert report.blackout_from == pytest.approx((t0 + 16 * MS) / 1e9)
+    assert report.replies_after_switchover == 3               # 7, 8, 9: the destination's
+    assert report.tcp_survived is None and "gaps_ms" not in report.to_json()
+    assert summarize(raw).replies_after_switchover is None    # no switchover: not counted
+
+
+def test_an_outage_that_never_ends_is_the_blackout_not_recovered():
+    t0 = 1_700_000_000 * 10**9
+    sent = [[seq, t0 + seq * 5 * MS] for seq in range(100)]
+    replies = [[seq, t0 + seq * 5 * MS + MS] for seq in range(10)]     # then silence
+    report = summarize({"target": "10.0.0.2", "interval_ms": 5.0, "sent": sent,
+                        "replies": replies, "tcp": None}, switchover=(t0 + 50 * MS) / 1e9)
+    assert report.recovered is False and report.lost == report.lost_in_blackout == 90
+    assert report.blackout_ms == pytest.approx(99 * 5 - 9 * 5 - 1)    # last reply -> last probe
+    assert report.replies_after_switchover == 0
+    nothing = summarize({"target": "10.0.0.2", "interval_ms": 5.0, "sent": sent,
+                         "replies": [], "tcp": None})
+    assert (nothing.blackout_ms, nothing.recovered, nothing.lost) == (None, False, 100)
+
+
+def test_the_switchover_is_postcopy_only_when_the_guest_switched():
+    phases = [("MIGRATING", 0.1, 100.0), ("POSTCOPY", 0.5, 100.5), ("COMPLETED", 0.9, 100.9)]
+    assert switchover_time(phases, postcopy_switched=True) == 100.5
+    assert switchover_time(phases, postcopy_switched=False) == 100.9   # precopy finished first
+    assert switchover_time(phases[::2]) == 100.9
+    assert switchover_time(phases[:1]) is None                         # never switched
+
+
+async def echo_server(close_after: int | None = None):
+    """A real TCP echo server on 127.0.0.1; ``close_after``: reset the connection once
+    that many bytes came (a listener that dies)."""
+    async def handle(reader, writer):
+        seen = 0
+        try:
+            while data := await reader.read(65536):
+                seen += len(data)
+                if close_after is not None and seen >= close_after:
+                    writer.transport.abort()                   # RST, as a killed listener
+                    return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_the_prober_process_on_loopback_with_a_tcp_stream_that_survives():
+    server = await echo_server()
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        async with BlackoutProbe("127.0.0.1", interval_ms=5, tcp_port=port) as probe:
+            await asyncio.sleep(0.3)                       # the probed time: nothing happens
+    report = probe.report()
+    assert report.sent >= 10 and report.received == report.sent, report
+    assert report.blackout_ms is not None and report.lost_in_blackout == 0
+    assert report.tcp["connected"] and report.tcp["error"] is None, report.tcp
+    assert report.tcp["echoed"] == report.tcp["sent"] > 0 and report.tcp_survived
+
+
+async def test_a_reset_tcp_stream_is_reported_not_survived():
+    server = await echo_server(close_after=256)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        async with BlackoutProbe("127.0.0.1", interval_ms=5, tcp_port=port) as probe:
+            await asyncio.sleep(0.3)
+    report = probe.report()
+    assert report.received > 0                                   # ICMP went on
+    assert report.tcp["error"] is not None and report.tcp_survived is False, report.tcp
+
+
+async def test_a_prober_that_cannot_start_names_why():
+    with pytest.raises(ProbeError, match="did not start: probe_process: .not-an-address. is not an IPv4 address"):
+        async with BlackoutProbe("not-an-address"):
+            pass

@@ -1,0 +1,54 @@
+"""Guest networking through ``migrate-run`` on the session lab: two runs at once on one guest
+network with one address range between them (exactly one gets it; the other names the
+holder), the bridged VM's MAC and address from the range, and every migration's blackout in
+the record, the summary table and JUnit. The driver contract (both drivers, TCP stream, bridge
+FDB): tests/test_drivers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+
+from .test_framework import migrate_run, the_run
+
+
+async def test_two_runs_share_one_range_exactly_one_gets_it_and_reports_its_blackout(
+        inventory, tmp_path, no_leaks):
+    net = ipaddress.ip_network(inventory.guest_network.subnet)
+    config = tmp_path / "net.yaml"
+    config.write_text(f"""
+network:
+  pools:
+    only: {{base_mac: "02:6e:00:00:00:10", base_ip: "{net.network_address + 100}",
+            range_size: 2}}
+vms:
+  vm1: {{network: bridge, mac: auto, ip: auto}}
+""")
+    runs = await asyncio.gather(*(
+        migrate_run(inventory, tmp_path / d, "-c", str(config), "-m", hosts, "ping_pong",
+                    "-p", "scenario.rounds=1")
+        for d, hosts in (("a", "hostA,hostB"), ("b", "hostC,hostD"))))
+    passed = [d for d, (rc, _o, _e) in zip("ab", runs) if rc == 0]
+    assert len(passed) == 1, [o + e for _rc, o, e in runs]
+    (winner,) = passed
+    loser = "b" if winner == "a" else "a"
+    rc, out, err = runs["ab".index(loser)]
+    run, migs, junit = the_run(tmp_path / winner)
+    assert f"no free address range for pair1: only by run {run['run_id']}" in out + err, \
+        out + err
+    # the winner's VM took the range's first MAC and address, kept them, and was probed
+    assert len(migs) == 2
+    for m in migs:
+        b = m["blackout"]
+        assert b["target"] == str(net.network_address + 100), b
+        assert b["replies_after_switchover"] > 0 and m["blackout_ms"] == b["blackout_ms"], b
+    (run_dir,) = list((tmp_path / winner).iterdir())
+    journal = [json.loads(ln) for ln in (run_dir / "journal.jsonl").read_text().splitlines()]
+    assert any(e.get("kind") == "pool_claim" for e in journal)
+    _rc, out, _err = runs["ab".index(winner)]
+    header = next(ln for ln in out.splitlines() if ln.startswith("migration"))
+    assert header.split()[4:7] == ["total", "downtime", "blackout"], header
+    props = {p.get("name"): p.get("value") for p in junit.iter("property")}
+    assert float(props["blackout_ms"]) > 0 and int(props["blackout.replies_after_switchover"])
+    assert "02:6e:00:00:00:10" in (run_dir / "run.log").read_text()
