@@ -225,7 +225,7 @@ async def no_leaks(lab, inventory):
             if r.stdout.split():                  # our taps (mg*), libvirt's (vnet*)
                 problems.append(f"{name}: taps left {r.stdout.split()}")
     claims = inventory.shared_dir / "migrator-pools"
-    if claims.is_dir() and (held := sorted(str(p) for p in claims.glob("*/*"))):
+    if claims.is_dir() and (held := sorted(str(p) for p in claims.glob("*/*.claim"))):
         problems.append(f"address range claims left {held}")
     # last, so the sessions of the checks above had their time to close too
     left = await settled(lambda: [d for p, d in sshd_sessions(lab).items()

@@ -12,6 +12,7 @@ import stat
 import pytest
 
 from migrator.config import Config
+from migrator.hypervisor.qemu import alive_test
 from migrator.errors import (CommandError, ConfigError, HostAuthError, HostConnectError,
                              HostError, HostKeyError)
 from migrator.hosts import Installable, SSHHost, parallel, quote, run_on
@@ -82,7 +83,7 @@ async def test_timeout_kills_the_remote_process_group(host):
     assert r.stdout == "started\n"                      # output before the deadline is kept
     assert r.duration >= 1
     check = await host.run(f"for p in $(cat {tmp}/bg {tmp}/fg); do "
-                           "if [ -e /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status; "
+                           f"if {alive_test('$p')}; "
                            "then echo alive $p; fi; done; pgrep -x -f 'sleep 100[12]' || true")
     assert check.stdout.strip() == ""
 

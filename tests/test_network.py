@@ -1,8 +1,10 @@
-"""Guest networking through ``migrate-run`` on the session lab: two runs at once on one guest
-network with one address range between them (exactly one gets it; the other names the
-holder), the bridged VM's MAC and address from the range, and every migration's blackout in
-the record, the summary table and JUnit. The driver contract (both drivers, TCP stream, bridge
-FDB): tests/test_drivers.py."""
+"""Guest networking through ``migrate-run`` on the session lab, three runs at once on one guest
+network: two with one address range between them (exactly one gets it; the other names the
+holder; the winner's VM takes the range's MAC and address, and every migration's blackout is
+in the record, the summary table and JUnit), and the ready scenario ``network_continuity``
+(a peer guest on a third host pings the migrating guest, the controller holds a TCP stream
+through it) from its example config, its pools moved onto the session lab's guest network.
+The driver contract (both drivers, TCP stream, bridge FDB): tests/test_drivers.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import asyncio
 import ipaddress
 import json
 
+from pathlib import Path
+
 from .test_framework import migrate_run, the_run
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "network.example.yaml"
 
 
 async def test_two_runs_share_one_range_exactly_one_gets_it_and_reports_its_blackout(
@@ -25,10 +31,18 @@ network:
 vms:
   vm1: {{network: bridge, mac: auto, ip: auto}}
 """)
-    runs = await asyncio.gather(*(
+    *runs, (rc_nc, out_nc, err_nc) = await asyncio.gather(*(
         migrate_run(inventory, tmp_path / d, "-c", str(config), "-m", hosts, "ping_pong",
                     "-p", "scenario.rounds=1")
-        for d, hosts in (("a", "hostA,hostB"), ("b", "hostC,hostD"))))
+        for d, hosts in (("a", "hostA,hostB"), ("b", "hostC,hostD"))),
+        migrate_run(inventory, tmp_path / "nc", "-a", "all", "-m", "hostA,hostB,hostC",
+                    "-c", str(EXAMPLE), "-p", f"network.pools.first.base_ip="
+                    f"{net.network_address + 110}", "-p", f"network.pools.second.base_ip="
+                    f"{net.network_address + 118}", "network_continuity"))
+    # the ready scenario: two hops, each with the TCP stream alive and the peer's pings back
+    assert rc_nc == 0, out_nc + err_nc
+    assert out_nc.count("TCP stream survived") == 2, out_nc
+    assert "blackout over 2 hops: controller p50" in out_nc, out_nc
     passed = [d for d, (rc, _o, _e) in zip("ab", runs) if rc == 0]
     assert len(passed) == 1, [o + e for _rc, o, e in runs]
     (winner,) = passed

@@ -122,3 +122,36 @@ def test_a_static_address_must_be_a_guest_s_own(tmp_path, ip, line):
                                                   "mac": "02:00:00:00:00:01", "ip": ip}}})
     with pytest.raises(ConfigError, match=line.replace(".", r"\.")):
         Env(config, inventory(tmp_path), "/run/migrator/r1", None)
+
+
+def test_claims_refuse_any_overlap_whatever_the_pools_are_called(tmp_path):
+    """The claim script (run here by bash, as a host runs it) under the segment's lock: a
+    range overlapping a held claim in its IPs or in its MACs is refused naming the holder,
+    whatever its pool is called in the other run's config; a release removes its own."""
+    import json
+    import subprocess
+
+    from migrator.config import AddressPool
+    from migrator.framework.pools import _TAKEN, _claim_script, release_command
+
+    seg = str(tmp_path / "seg")
+
+    def claim(name, base_ip, base_mac, run):
+        pool = AddressPool(base_mac=base_mac, base_ip=base_ip, range_size=4)
+        path = f"{seg}/{name}.{run}.pair1.claim"
+        owner = json.dumps({"run_id": run, "instance": "pair1"})
+        r = subprocess.run(["bash", "-c", _claim_script(seg, path, pool, owner)],
+                           input=owner + "\n", capture_output=True, text=True)
+        return r.returncode, r.stdout, path
+
+    assert claim("a", "10.0.0.100", "02:00:00:00:00:00", "r1")[0] == 0
+    for other in (("b", "10.0.0.103", "02:00:00:00:01:00", "r2"),      # an IP in common
+                  ("a", "10.0.0.110", "02:00:00:00:00:03", "r3")):     # a MAC in common
+        rc, out, _path = claim(*other)
+        assert rc == _TAKEN and json.loads(out)["run_id"] == "r1"
+    rc, _out, mine = claim("d", "10.0.0.104", "02:00:00:00:00:04", "r4")   # adjacent: free
+    assert rc == 0
+    subprocess.run(["bash", "-c", release_command(mine, "r4")], check=True)
+    assert sorted(p.name for p in (tmp_path / "seg").glob("*.claim")) == ["a.r1.pair1.claim"]
+    with pytest.raises(ValueError, match="not a claim of run r9"):
+        release_command(mine, "r9")

@@ -21,7 +21,7 @@ import pytest
 from migrator.errors import MigrationError
 from migrator.hosts import SSHHost
 from migrator.hypervisor import make_vm
-from migrator.hypervisor.qemu import QemuVM
+from migrator.hypervisor.qemu import QemuVM, alive_test
 from migrator.hypervisor.vm import VMSpec
 from migrator.lab.processes import host_processes
 from migrator.migration import MigrationParams, Phase, make_migration
@@ -75,9 +75,11 @@ async def test_stop_vm_kills_a_qemu_whatever_its_binary_is_called(inventory, con
     comm = (await host_a.run(f"cat /proc/{pid}/comm", check=True)).stdout.strip()
     assert comm == "qemu-kvm"
     await vm.stop()
-    assert not (await host_a.run(f"test -e /proc/{pid} && ! grep -q '^State:.*Z' "
-                                 f"/proc/{pid}/status")).ok, f"qemu-kvm {pid} survived stop()"
-    await host_a.run("rm -rf /run/migrator/test-bin", check=True)
+    try:
+        assert not (await host_a.run(alive_test(str(pid)))).ok, \
+            f"qemu-kvm {pid} survived stop()"
+    finally:
+        await host_a.run("rm -rf /run/migrator/test-bin", check=True)
 
 
 async def test_stop_vm_never_signals_a_process_that_reused_the_pid(inventory, config, host_a):

@@ -11,11 +11,11 @@ migrates (and when it is booted again).
     ...
     await release(host, claim)                           # cleanup; recover does it too
 
-**Claims.** Two runs (on one controller or several) on one guest network never hand out the
-same address: a range is claimed by renaming a directory holding ``owner.json`` (run,
-instance, controller) to ``<shared_dir>/migrator-pools/<segment>/<pool>`` on shared storage
-(``rename`` is atomic, on NFS too, and fails onto a held claim); ``<segment>`` names the
-guest subnet. The claim is a resource of the run journal (``kind: pool_claim``): cleanup removes
+**Claims.** Two runs (on one controller or several, with the same pools or others) on one
+guest network never hand out the same address: under the segment's lock (``flock`` on
+``<shared_dir>/migrator-pools/<segment>/.lock``; ``<segment>`` names the guest subnet), a
+range is claimed only when no claim there overlaps its IPs or MACs, by writing
+``<pool>.<run-id>.<instance>.claim`` (its bounds, then run, instance and controller). The claim is a resource of the run journal (``kind: pool_claim``): cleanup removes
 it, and so does ``recover`` for a run that died.
 
 What can go wrong: a pool outside the guest subnet, holding the controller's address or the
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import AddressPool, Config, Inventory
-from ..errors import ConfigError
+from ..errors import CommandError, ConfigError
 from ..hosts import SSHHost, quote
 from .journal import controller_identity
 
@@ -103,12 +103,36 @@ def _segment_dir(inventory: Inventory) -> str:
     return f"{inventory.shared_dir}/migrator-pools/{subnet.network_address}_{subnet.prefixlen}"
 
 
+#: the claim command's exit status when another run's claim overlaps the range
+_TAKEN = 7
+
+
+def _claim_script(seg: str, path: str, pool: AddressPool, owner: str) -> str:
+    """Shell, run on a host that sees the shared storage: under the segment's lock (flock
+    on ``<seg>/.lock``), refuse when any claim's IPs or MACs overlap ``pool`` (exit
+    :data:`_TAKEN`, printing the holder), else write the claim (atomically: a temporary file
+    renamed). A claim file's first line is its bounds: ``ip0 ip1 mac0 mac1`` (decimal)."""
+    ips, macs = pool.ips(), pool.macs()
+    bounds = f"{ips.start} {ips.stop - 1} {macs.start} {macs.stop - 1}"
+    tmp = quote(f"{path}.tmp")
+    return (f"set -e; seg={quote(seg)}; mkdir -p \"$seg\"; exec 9>\"$seg/.lock\"; "
+            f"flock -w 30 9; set -- {bounds}; "
+            "for f in \"$seg\"/*.claim; do [ -e \"$f\" ] || continue; "
+            "read a b c d < \"$f\"; "
+            "if { [ \"$a\" -le \"$2\" ] && [ \"$1\" -le \"$b\" ]; } || "
+            "{ [ \"$c\" -le \"$4\" ] && [ \"$3\" -le \"$d\" ]; }; then "
+            f"sed -n 2p \"$f\"; exit {_TAKEN}; fi; done; "
+            f"{{ echo \"$1 $2 $3 $4\"; cat; }} > {tmp}; mv {tmp} {quote(path)}")
+
+
 async def claim_range(ctx: "RunContext", instance: str, host: SSHHost) -> Claim | None:
     """Claim the first free range of the config's pools for ``instance`` (through ``host``,
-    which sees the shared storage), journaled before it is made. None: no pools.
+    which sees the shared storage), journaled before it is made. A range is free when no
+    claim of any run on this guest network overlaps its IPs or its MACs (whatever its
+    pools are called there). None: no pools.
 
     :raise ConfigError: every range is claimed (naming by whom).
-    :raise CommandError: the shared storage cannot be written.
+    :raise CommandError: the shared storage cannot be written, or its lock not taken.
     """
     pools = ctx.config.network.pools
     if not pools:
@@ -119,35 +143,32 @@ async def claim_range(ctx: "RunContext", instance: str, host: SSHHost) -> Claim 
                         "controller": controller_identity()})
     taken = []
     for name, pool in pools.items():
-        path = f"{seg}/{name}"
+        path = f"{seg}/{name}.{ctx.run_id}.{instance}.claim"
         ctx.record("resource", kind="pool_claim", host=host.name, path=path,
                    instance=instance)
-        # atomic: the claim appears whole (owner.json inside) by a rename onto a name that
-        # does not exist, or not at all; a rename onto a held claim fails (not empty)
-        tmp = quote(f"{seg}/.{name}.{ctx.run_id}.{instance}")
-        r = await host.run(f"mkdir -p {quote(seg)} && rm -rf {tmp} && mkdir {tmp} && "
-                           f"cat > {tmp}/owner.json && mv -T {tmp} {quote(path)} "
-                           f"|| {{ s=$?; rm -rf {tmp}; exit $s; }}", stdin=owner,
+        r = await host.run(_claim_script(seg, path, pool, owner), stdin=owner + "\n",
                            timeout=ctx.config.timeouts.host_cleanup_s)
         if r.ok:
             ctx.say(f"[{instance}] address range {name}: {pool.base_mac}, {pool.base_ip} "
                     f"(+{pool.range_size})")
             return Claim(AddressRange(name, pool, prefixlen), path)
-        who = await host.run(f"cat {quote(path + '/owner.json')}")
+        if r.exit_status != _TAKEN:
+            raise CommandError(host.name, r)
         try:
-            holder = json.loads(who.stdout)
+            holder = json.loads(r.stdout)
             taken.append(f"{name} by run {holder['run_id']} ({holder['instance']})")
         except (ValueError, KeyError):
-            taken.append(f"{name} ({(r.stderr.strip() or 'unreadable claim')[-120:]})")
+            taken.append(f"{name} (held: {r.stdout.strip()[-120:]})")
     raise ConfigError(f"no free address range for {instance}: {'; '.join(taken)} "
                       f"(claims under {seg}; a dead run's are freed by migrate-run recover)")
 
 
 def release_command(path: str, run_id: str) -> str:
-    """Shell: remove the claim at ``path`` if ``run_id`` holds it (never another run's: a
-    claim that failed because another run holds the range is journaled too)."""
-    return (f"grep -qF {quote(json.dumps(run_id))} {quote(path + '/owner.json')} 2>/dev/null "
-            f"&& rm -rf {quote(path)}; true")
+    """Shell: remove the claim at ``path`` (its name holds ``run_id``: a run only ever
+    removes its own; a claim that failed was never written)."""
+    if f".{run_id}." not in path:
+        raise ValueError(f"{path} is not a claim of run {run_id}")
+    return f"rm -f {quote(path)} {quote(path + '.tmp')}"
 
 
 async def release(host: SSHHost, claim: Claim, run_id: str, timeout: float) -> None:

@@ -49,7 +49,7 @@ from ..config import Config, Inventory
 from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
-from ..hypervisor.qemu import remove_taps
+from ..hypervisor.qemu import alive_test, remove_taps
 from .pools import release_command
 from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
                       find_run, hosts_of, last_phases, list_runs, owner_file,
@@ -143,7 +143,7 @@ class _QemuProbe:
             f"elif read p < {pidfile} 2>/dev/null && tr '\\0' '\\n' < /proc/$p/cmdline "
             f"2>/dev/null | grep -qxF -- {pidfile}; then {_STARTTIME}; "
             f"echo \"$p $st\" > {ident}; else exit 3; fi; "
-            f"grep -q '^State:.*Z' /proc/$p/status && exit 3; echo $p",
+            f"{alive_test('$p')} || exit 3; echo $p",
             timeout=self.config.timeouts.host_cleanup_s)
         if r.exit_status == 3 and not r.timed_out:
             return None

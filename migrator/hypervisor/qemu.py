@@ -124,6 +124,13 @@ def remove_taps(run_dir: str) -> str:
 _STARTTIME = "st=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f20)"
 
 
+def alive_test(pid: str) -> str:
+    """Shell: true while process ``pid`` (a number or ``$var``) exists and is no zombie. One
+    read of its status: a process that vanishes meanwhile counts as gone (``test -e`` then
+    ``grep`` on its status would see it exist, then fail to read it, and call it alive)."""
+    return f"awk '/^State:/{{exit $2==\"Z\"}}' /proc/{pid}/status 2>/dev/null"
+
+
 def identity_file(paths: VMPaths) -> str:
     """Where ``start_vm`` records QEMU's identity: ``PID STARTTIME``."""
     return f"{paths.dir}/qemu.id"
@@ -146,11 +153,11 @@ if [ -s "$ident" ]; then
   p=$pid; {_STARTTIME}
   if [ -n "$st" ] && [ "$st" = "$start" ]; then
     kill -TERM "$pid" 2>/dev/null
-    i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {int(timeout_s * 100)} ]; do
-      grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null && break; sleep 0.01; i=$((i+1)); done
-    if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null; then
-      kill -KILL "$pid"; sleep 0.2
-      if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/$pid/status; then
+    i=0; while {alive_test('$pid')} && [ $i -lt {int(timeout_s * 100)} ]; do
+      sleep 0.01; i=$((i+1)); done
+    if {alive_test('$pid')}; then
+      kill -KILL "$pid" 2>/dev/null; sleep 0.2
+      if {alive_test('$pid')}; then
         echo "qemu $pid survived SIGKILL" >&2; exit 1
       fi
     fi
@@ -240,8 +247,7 @@ class QemuVM(GuestVM):
         """Whether the QEMU process still runs on the host (zombies count as gone)."""
         if self.pid is None:
             return False
-        r = await self.host.run(f"test -e /proc/{self.pid} && ! grep -q '^State:.*Z' "
-                                f"/proc/{self.pid}/status")
+        r = await self.host.run(alive_test(str(self.pid)))
         return r.ok
 
     async def stop(self) -> None:
