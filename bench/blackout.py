@@ -10,7 +10,9 @@ time with no migration, same guest, same load.
 
 Columns, per driver and case (p50 / p95 / p99 / max over the runs):
 
-* blackout      -- the longest gap between ICMP replies across the migration
+* blackout      -- the longest outage: a run of lost probes, reply before to reply after
+* reply gap     -- the longest gap between replies, lost probes or not (includes the prober
+                   not being scheduled: what a gap-only measure would report)
 * downtime      -- QEMU's (libvirt's) downtime figure
 * STOP->RESUME  -- the source's STOP event to the destination's RESUME (qemu driver)
 * excess p95    -- p95 of (blackout - STOP->RESUME, or - downtime where no events): what
@@ -74,7 +76,7 @@ async def measure(lab: Lab, runs: int, interval: float, drivers: list[str]) -> l
                               mac=MAC, network="bridge", bridge=inv.guest_bridge_of("hostA"),
                               ip=ip)
                 vm = make_vm(driver, spec, ha, str(inv.run_dir), config)
-                blackout, downtime, events, excess, lost, tcp = [], [], [], [], 0, 0
+                blackout, gap, downtime, events, excess, lost, tcp = [], [], [], [], [], 0, 0
                 try:
                     await vm.start()
                     await wait_tick_after(vm, 1, 120)
@@ -91,6 +93,7 @@ async def measure(lab: Lab, runs: int, interval: float, drivers: list[str]) -> l
                         t_one.append(time.monotonic() - t0)
                         rep = probe.report(switchover_time(r.phases))
                         blackout.append(rep.blackout_ms)
+                        gap.append(rep.max_reply_gap_ms)
                         downtime.append(float(r.downtime_ms or 0))
                         if r.downtime_events_ms is not None:
                             events.append(r.downtime_events_ms)
@@ -99,18 +102,21 @@ async def measure(lab: Lab, runs: int, interval: float, drivers: list[str]) -> l
                                                          else r.downtime_ms or 0))
                         lost += rep.lost
                         tcp += bool(rep.tcp_survived)
-                        print(f"  {driver} {label} #{i + 1}: blackout {rep.blackout_ms:.1f} ms,"
+                        print(f"  {driver} {label} #{i + 1}: blackout {rep.blackout_ms:.1f} ms "
+                              f"(reply gap {rep.max_reply_gap_ms:.1f}),"
                               f" downtime {r.downtime_ms} ms, events "
                               f"{r.downtime_events_ms} ms, lost {rep.lost}, tcp "
-                              f"{rep.tcp_survived}", flush=True)
+                              f"{rep.tcp_survived}"
+                              + ("" if rep.tcp_survived else f" ({rep.tcp})"), flush=True)
                     # the noise floor: as long as a median migration's probing, no migration
                     async with BlackoutProbe(spec.address, interval, PORT) as probe:
                         await asyncio.sleep(statistics.median(t_one))
-                    floor = probe.report().blackout_ms
+                    quiet = probe.report()
+                    floor = f"{quiet.max_reply_gap_ms:.0f} ({quiet.lost} lost)"
                 finally:
                     await vm.stop()
-                rows.append((driver, label, runs, cell(blackout), cell(downtime), cell(events),
-                             f"{pct(excess, 95):.0f}", f"{floor:.0f}", str(lost),
+                rows.append((driver, label, runs, cell(blackout), cell(gap), cell(downtime),
+                             cell(events), f"{pct(excess, 95):.0f}", floor, str(lost),
                              f"{tcp}/{runs}"))
     return rows
 
@@ -127,14 +133,14 @@ def main() -> int:
         rows = asyncio.run(measure(lab, a.runs, a.interval, a.drivers.split(",")))
     finally:
         asyncio.run(lab.down())
-    head = ("driver", "case", "runs", "blackout ms p50/p95/p99/max", "downtime ms",
-            "STOP->RESUME ms", "excess p95", "noise floor", "lost", "tcp")
+    head = ("driver", "case", "runs", "blackout ms p50/p95/p99/max", "reply gap ms",
+            "downtime ms", "STOP->RESUME ms", "excess p95", "noise floor ms", "lost", "tcp")
     table = [head] + rows
     widths = [max(len(r[i]) if isinstance(r[i], str) else len(str(r[i])) for r in table)
               for i in range(len(head))]
     print()
-    print(f"probe interval {a.interval:g} ms; noise floor: the longest gap over a median "
-          "migration's probing time with no migration")
+    print(f"probe interval {a.interval:g} ms; noise floor: the longest reply gap (and the probes "
+          "lost) over a median migration's probing time with no migration")
     for r in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0

@@ -12,7 +12,7 @@ the lab's default guest network; move ``network.pools.*.base_ip`` into your inve
 
 After every hop ``check_worker`` requires: the controller's TCP stream survived, whole and in
 order; replies came after the switchover (from the destination); the peer guest's pings
-resumed. It reports the blackout seen by the controller (longest gap between replies) and by
+resumed. It reports the blackout seen by the controller (the longest run of lost probes) and by
 the peer (longest run of lost pings times the ping interval) next to QEMU's downtime, and at
 the end the percentiles of both.
 """

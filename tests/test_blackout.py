@@ -23,12 +23,29 @@ def test_the_longest_gap_its_losses_and_the_replies_after_the_switchover():
            "tcp": None}
     report = summarize(raw, switchover=(t0 + 27 * MS) / 1e9)
     assert (report.sent, report.received, report.lost) == (10, 7, 3)
-    assert report.blackout_ms == pytest.approx(20.0)          # reply 3 -> reply 7
+    # from probe 4, the first that waited after reply 3 showed the guest fine, to reply 7
+    assert report.blackout_ms == pytest.approx(16.0)
     assert report.lost_in_blackout == 3
-    assert report.blackout_from == pytest.approx((t0 + 16 * MS) / 1e9)
+    assert report.blackout_from == pytest.approx((t0 + 20 * MS) / 1e9)
+    assert report.max_reply_gap_ms == pytest.approx(20.0)     # reply 3 -> reply 7
     assert report.replies_after_switchover == 3               # 7, 8, 9: the destination's
     assert report.tcp_survived is None and "gaps_ms" not in report.to_json()
     assert summarize(raw).replies_after_switchover is None    # no switchover: not counted
+
+
+def test_a_prober_that_did_not_send_is_not_a_blackout():
+    """A gap between replies with no probe lost in it: the prober's process was not
+    scheduled (a loaded machine), the network was fine."""
+    t0 = 1_700_000_000 * 10**9
+    times = [t0 + seq * 5 * MS for seq in range(5)] + \
+        [t0 + 120 * MS + seq * 5 * MS for seq in range(5, 10)]
+    raw = {"target": "10.0.0.2", "interval_ms": 5.0, "sent": [[s, t] for s, t in
+                                                              enumerate(times)],
+           "replies": [[s, t + MS] for s, t in enumerate(times)], "tcp": None}
+    report = summarize(raw)
+    assert report.blackout_ms == pytest.approx(1.0)                  # a round trip, no more
+    assert (report.lost, report.recovered) == (0, True)
+    assert report.max_reply_gap_ms == pytest.approx(120 + 25 - 20)
 
 
 def test_an_outage_that_never_ends_is_the_blackout_not_recovered():
@@ -38,7 +55,7 @@ def test_an_outage_that_never_ends_is_the_blackout_not_recovered():
     report = summarize({"target": "10.0.0.2", "interval_ms": 5.0, "sent": sent,
                         "replies": replies, "tcp": None}, switchover=(t0 + 50 * MS) / 1e9)
     assert report.recovered is False and report.lost == report.lost_in_blackout == 90
-    assert report.blackout_ms == pytest.approx(99 * 5 - 9 * 5 - 1)    # last reply -> last probe
+    assert report.blackout_ms == pytest.approx(99 * 5 - 10 * 5)   # probe 10 -> the last probe
     assert report.replies_after_switchover == 0
     nothing = summarize({"target": "10.0.0.2", "interval_ms": 5.0, "sent": sent,
                          "replies": [], "tcp": None})
@@ -99,3 +116,19 @@ async def test_a_prober_that_cannot_start_names_why():
     with pytest.raises(ProbeError, match="did not start: probe_process: .not-an-address. is not an IPv4 address"):
         async with BlackoutProbe("not-an-address"):
             pass
+
+
+def test_queued_probes_answered_in_a_burst_after_a_pause_still_show_the_pause():
+    """The guest paused 100 ms (the switchover): probes 3..22 wait; 5..20 are lost, the
+    others answered together when it runs again. The reply before the pause came on time,
+    so the outage runs from probe 3's send to the burst."""
+    t0 = 1_700_000_000 * 10**9
+    sent = [[seq, t0 + seq * 5 * MS] for seq in range(30)]
+    burst = t0 + 115 * MS
+    replies = [[seq, t0 + seq * 5 * MS + MS] for seq in range(3)] + \
+        [[3, burst], [4, burst + 10_000], [21, burst + 20_000], [22, burst + 30_000]] + \
+        [[seq, t0 + seq * 5 * MS + MS] for seq in range(23, 30)]
+    report = summarize({"target": "10.0.0.2", "interval_ms": 5.0, "sent": sent,
+                        "replies": replies, "tcp": None})
+    assert report.blackout_ms == pytest.approx(100.0)             # 15 ms -> 115 ms
+    assert report.lost == report.lost_in_blackout == 16 and report.recovered

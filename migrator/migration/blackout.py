@@ -13,8 +13,12 @@ and optionally a TCP stream through an echo listener in the guest. The orchestra
 loop only starts it and reads its one JSON line at the end, so a busy loop here cannot be
 mistaken for a network outage.
 
-The **blackout** is the longest time between two consecutive replies (the last reply before
-an outage to the first after it), so it includes up to one probe interval of resolution. A
+The **blackout** is the longest outage: from the last reply that showed the guest fine, or
+the first probe sent after it if later, to the next reply (lost probes and probes answered
+late in a burst alike); so it includes up to one probe interval of resolution. A gap between
+replies in which no probe waited (the prober itself not running, on a loaded machine) is no
+outage: it is kept apart, as ``max_reply_gap_ms``, the figure the prober's noise floor is
+measured in. A
 reply received after the switchover came from the destination: the source's vCPUs never run
 again after it (a rollback would show as replies continuing without a switchover).
 
@@ -54,14 +58,17 @@ class BlackoutReport:
     received: int
     lost: int
     blackout_ms: float | None
-    """The longest time without a reply: between two consecutive replies, or from the last
-    reply to the last probe when replies never resumed (then ``recovered`` is False); None
-    without any reply."""
+    """The longest outage (see :func:`summarize`): a probe waiting for its answer from the
+    last moment the guest was seen fine to the next reply, or to the last probe when
+    replies never resumed (then ``recovered`` is False); None without replies."""
+    max_reply_gap_ms: float | None = None
+    """The longest gap between consecutive replies, lost probes or not: includes the
+    prober's own stalls (its noise floor, measured without a migration)."""
     recovered: bool = True
     """Replies came again after the longest outage (False: the guest stayed unreachable to
     the end of probing)."""
     blackout_from: float | None = None
-    """When the reply before the longest gap arrived."""
+    """When the reply before the longest outage arrived."""
     lost_in_blackout: int = 0
     replies_after_switchover: int | None = None
     """Replies received after the switchover (from the destination); None: no switchover
@@ -88,35 +95,57 @@ class BlackoutReport:
 
 
 def summarize(raw: dict, switchover: float | None = None) -> BlackoutReport:
-    """The report from the prober's JSON (see :mod:`migrator.hypervisor.probe_process`)."""
-    sent = {seq: t for seq, t in raw["sent"]}
-    replies = sorted((t, seq) for seq, t in raw["replies"] if seq in sent)
-    seen = {seq for _t, seq in replies}
-    gaps = [(b[0] - a[0]) / 1e6 for a, b in zip(replies, replies[1:])]
+    """The report from the prober's JSON (see :mod:`migrator.hypervisor.probe_process`).
+
+    An outage ends at a reply ``b`` and starts at the moment the guest was last seen fine
+    (the reply ``a`` before ``b``) *and* a probe was waiting for an answer: the send time of
+    the first probe after ``a``'s that was not answered by then (lost, or answered late),
+    if later than ``a``. So a guest that answers queued probes in a burst after a pause
+    still shows the pause, and a prober that did not send for a while (its process not
+    scheduled on a loaded machine) shows no outage: that gap counts only in
+    ``max_reply_gap_ms``. An outage that never ended runs to the last probe sent."""
+    send = {seq: t for seq, t in raw["sent"]}
+    recv = {seq: t for seq, t in raw["replies"] if seq in send}
+    seqs = sorted(send)
+    where = {seq: i for i, seq in enumerate(seqs)}
+    by_time = sorted(recv.items(), key=lambda kv: kv[1])
+    gaps = [(b[1] - a[1]) / 1e6 for a, b in zip(by_time, by_time[1:])]
     report = BlackoutReport(target=raw["target"], interval_ms=raw["interval_ms"],
-                            sent=len(sent), received=len(seen), lost=len(sent) - len(seen),
-                            blackout_ms=max(gaps) if gaps else None, tcp=raw.get("tcp"),
-                            gaps_ms=[round(g, 3) for g in gaps])
-    if replies:
-        # an outage that never ended: from the last reply to the last probe (unanswered)
-        last_probe = max(sent.values())
-        unanswered_tail = [seq for seq, t in sent.items()
-                           if t > replies[-1][0] and seq not in seen]
-        tail_ms = (last_probe - replies[-1][0]) / 1e6
-        if unanswered_tail and tail_ms > (report.blackout_ms or 0):
-            report.blackout_ms, report.recovered = tail_ms, False
-            report.blackout_from = replies[-1][0] / 1e9
-            report.lost_in_blackout = len(unanswered_tail)
-        elif gaps:
-            i = gaps.index(max(gaps))
-            start, end = replies[i][0], replies[i + 1][0]
-            report.blackout_from = start / 1e9
-            report.lost_in_blackout = sum(1 for seq, t in sent.items()
-                                          if start <= t < end and seq not in seen)
-    elif sent:
-        report.recovered = False
+                            sent=len(send), received=len(recv), lost=len(send) - len(recv),
+                            blackout_ms=None, max_reply_gap_ms=max(gaps) if gaps else None,
+                            tcp=raw.get("tcp"), gaps_ms=[round(g, 3) for g in gaps])
+    if not recv:
+        report.recovered = not send
+        report.lost_in_blackout = len(send)
+    else:
+        def waiting_since(after_seq: int, seen_at: int, until: int) -> int | None:
+            """When a probe sent after ``after_seq``'s began to wait for an answer it did
+            not get by ``seen_at`` (sent before ``until``); None: no such probe."""
+            for q in seqs[where[after_seq] + 1:]:
+                if send[q] >= until:
+                    return None
+                if recv.get(q, until + 1) > seen_at:
+                    return max(send[q], seen_at)
+            return None
+
+        def lost_between(start: int, end: int) -> int:
+            return sum(1 for q in seqs if start <= send[q] < end and q not in recv)
+
+        outages = []                    # (ms, start ns, lost, recovered)
+        for (sa, ta), (_sb, tb) in zip(by_time, by_time[1:]):
+            start = waiting_since(sa, ta, tb)
+            if start is not None:
+                outages.append(((tb - start) / 1e6, start, lost_between(start, tb), True))
+        last_seq, last_t = by_time[-1]
+        end = send[seqs[-1]] + 1
+        start = waiting_since(last_seq, last_t, end)
+        if start is not None and any(q not in recv and send[q] >= start for q in seqs):
+            outages.append(((end - 1 - start) / 1e6, start, lost_between(start, end), False))
+        ms, start, lost, recovered = max(outages) if outages else (0.0, None, 0, True)
+        report.blackout_ms, report.lost_in_blackout, report.recovered = ms, lost, recovered
+        report.blackout_from = start / 1e9 if start is not None else None
     if switchover is not None:
-        report.replies_after_switchover = sum(1 for t, _seq in replies if t / 1e9 > switchover)
+        report.replies_after_switchover = sum(1 for _q, t in by_time if t / 1e9 > switchover)
     return report
 
 
