@@ -30,6 +30,8 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/run_vs_raw.py
 	$(PY) bench/drivers.py
 	$(PY) bench/guest_console.py
+	$(PY) bench/parallel_vms.py
+	$(PY) bench/blackout.py
 
 lab-up: setup
 	$(LAB) up
