@@ -227,6 +227,30 @@ class MigrationSettings(_Strict):
         return self
 
 
+#: a unicast MAC as VMs take it: six lowercase hex pairs joined by ':', the first octet even
+MAC_PATTERN = re.compile(r"[0-9a-f][02468ace](:[0-9a-f]{2}){5}")
+
+
+def mac_number(mac: str) -> int:
+    """``02:00:00:00:00:0a`` -> 0x02000000000a."""
+    return int(mac.replace(":", ""), 16)
+
+
+def mac_text(number: int) -> str:
+    """0x02000000000a -> ``02:00:00:00:00:0a``."""
+    return ":".join(f"{(number >> s) & 0xFF:02x}" for s in range(40, -8, -8))
+
+
+def check_interface_address(value: str) -> None:
+    """A VM's address, ``ADDRESS/PREFIX`` (IPv4). :raise ValueError: saying what is wrong."""
+    try:
+        ipaddress.IPv4Interface(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 ADDRESS/PREFIX: {exc}") from None
+    if "/" not in value:
+        raise ValueError(f"{value!r}: give the prefix too (ADDRESS/PREFIX)")
+
+
 class LoginSettings(_Strict):
     """How to log in on a VM's serial console when it asks (``vms.<name>.login``)."""
 
@@ -297,7 +321,7 @@ class VMSettings(_Strict):
     @classmethod
     def _mac(cls, value: str | None) -> str | None:
         if value is not None and value != "auto":
-            if not re.fullmatch(r"[0-9a-f][02468ace](:[0-9a-f]{2}){5}", value):
+            if not MAC_PATTERN.fullmatch(value):
                 raise ValueError(f"{value!r} is not a unicast MAC (six lowercase hex pairs "
                                  "joined by ':', the first octet even) or auto")
         return value
@@ -313,12 +337,7 @@ class VMSettings(_Strict):
     @classmethod
     def _ip(cls, value: str | None) -> str | None:
         if value is not None and value != "auto":
-            try:
-                ipaddress.IPv4Interface(value)
-            except ValueError as exc:
-                raise ValueError(f"{value!r} is not an IPv4 ADDRESS/PREFIX: {exc}") from None
-            if "/" not in value:
-                raise ValueError(f"{value!r}: give the prefix too (ADDRESS/PREFIX)")
+            check_interface_address(value)
         return value
 
     @model_validator(mode="after")
@@ -415,7 +434,7 @@ class AddressPool(_Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "AddressPool":
-        if int(self.base_mac.replace(":", ""), 16) % 2**40 + self.range_size > 2**40:
+        if mac_number(self.base_mac) % 2**40 + self.range_size > 2**40:
             raise ValueError(f"{self.range_size} MACs from {self.base_mac} leave its first "
                              "octet")
         if int(self.base_ip) + self.range_size > 2**32:
@@ -423,7 +442,7 @@ class AddressPool(_Strict):
         return self
 
     def macs(self) -> range:
-        first = int(self.base_mac.replace(":", ""), 16)
+        first = mac_number(self.base_mac)
         return range(first, first + self.range_size)
 
     def ips(self) -> range:
@@ -525,7 +544,7 @@ class Config(_Strict):
                     raise ValueError(f"vms.{seen[key]} and vms.{name} have the same "
                                      f"{'MAC' if attr == 'mac' else 'address'} {key}")
                 seen[key] = name
-                number = (int(key.replace(":", ""), 16) if attr == "mac"
+                number = (mac_number(key) if attr == "mac"
                           else int(ipaddress.IPv4Address(key)))
                 for pool_name, pool in self.network.pools.items():
                     if number in (pool.macs() if attr == "mac" else pool.ips()):
@@ -612,6 +631,16 @@ class GuestNetwork(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", v):
             raise ValueError(f"{v!r} is not an interface name (at most 15 characters)")
         return v
+
+    def reserved(self) -> dict[ipaddress.IPv4Address, str]:
+        """The subnet's addresses no guest may take, and what each is."""
+        subnet = ipaddress.ip_network(self.subnet)
+        reserved = {subnet.network_address: "its network address",
+                    subnet.broadcast_address: "its broadcast address"}
+        if self.controller_address:
+            reserved[ipaddress.IPv4Address(self.controller_address)] = \
+                "the controller's address"
+        return reserved
 
 
 class GuestImage(_Strict):

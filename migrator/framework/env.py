@@ -168,11 +168,7 @@ class Env(BlockingInWorkers):
             if address.network != subnet:
                 raise ConfigError(f"VM {name!r}: address {decl.ip} is not in the guest "
                                   f"network {subnet}")
-            reserved = {subnet.network_address: "its network address",
-                        subnet.broadcast_address: "its broadcast address"}
-            if gn.controller_address:
-                reserved[ipaddress.IPv4Address(gn.controller_address)] = \
-                    "the controller's address"
+            reserved = gn.reserved()
             if address.ip in reserved:
                 raise ConfigError(f"VM {name!r}: address {address.ip} is "
                                   f"{reserved[address.ip]} on {subnet}")

@@ -83,11 +83,16 @@ async def check_guest_bridges(ctx: RunContext, hosts: Sequence[SSHHost],
                           "bridge: VMs with network: bridge join it on every host)")
 
 
-async def release_range(ctx: RunContext, host: SSHHost,
-                        claim: "pools.Claim | None") -> list[str]:
-    """Give an instance's address range back (cleanup); the problems met (never raises)."""
+async def release_range(ctx: RunContext, host: SSHHost | None,
+                        claim: "pools.Claim | None", vms_stopped: bool) -> list[str]:
+    """Give an instance's address range back at cleanup, through ``host``; the problems met
+    (never raises). Kept claimed, for ``recover`` to free, when a VM of it may still run
+    (``vms_stopped`` false: it keeps its address) or no host answers."""
     if claim is None:
         return []
+    if not vms_stopped or host is None:
+        return [f"address range {claim.range.name} kept claimed at {claim.path} (a VM was "
+                "not stopped, or no host answers: migrate-run recover frees it)"]
     try:
         await pools.release(host, claim, ctx.run_id, ctx.config.timeouts.host_cleanup_s)
     except Exception as exc:  # noqa: BLE001 - reported, recover frees it later

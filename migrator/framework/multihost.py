@@ -414,12 +414,9 @@ class MultihostMigration(BlockingInWorkers):
     async def _cleanup(self, own_server: bool) -> list[str]:
         """Undo everything; return the problems met (never raises)."""
         problems = await hostprep.stop_vms(self.env, self.config)
-        claim = getattr(self, "_claim", None)
-        if claim is not None and problems:  # a VM that survived keeps its address
-            problems.append(f"address range {claim.range.name} kept claimed at {claim.path} "
-                            "(migrate-run recover frees it)")
-        elif claim is not None:
-            problems += await hostprep.release_range(self.context, self.hosts[0], claim)
+        problems += await hostprep.release_range(self.context, self.hosts[0],
+                                                 getattr(self, "_claim", None),
+                                                 vms_stopped=not problems)
         if self.sync is not None:
             await self.sync.stop()
         problems += await hostprep.tidy_hosts(

@@ -15,8 +15,9 @@ migrates (and when it is booted again).
 guest network never hand out the same address: under the segment's lock (``flock`` on
 ``<shared_dir>/migrator-pools/<segment>/.lock``; ``<segment>`` names the guest subnet), a
 range is claimed only when no claim there overlaps its IPs or MACs, by writing
-``<pool>.<run-id>.<instance>.claim`` (its bounds, then run, instance and controller). The claim is a resource of the run journal (``kind: pool_claim``): cleanup removes
-it, and so does ``recover`` for a run that died.
+``<pool>.<run-id>.<instance>.claim`` (its bounds, then run, instance and controller). The
+claim is a resource of the run journal (``kind: pool_claim``): cleanup removes it, and so
+does ``recover`` for a run that died.
 
 What can go wrong: a pool outside the guest subnet, holding the controller's address or the
 subnet's own network/broadcast address (:class:`ConfigError` from :func:`check_pools`); every
@@ -31,7 +32,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import AddressPool, Config, Inventory
+from ..config import AddressPool, Config, Inventory, mac_text
 from ..errors import CommandError, ConfigError
 from ..hosts import SSHHost, quote
 from .journal import controller_identity
@@ -49,8 +50,7 @@ class AddressRange:
     prefixlen: int
 
     def mac(self, i: int) -> str:
-        n = self.pool.macs()[i]
-        return ":".join(f"{(n >> s) & 0xFF:02x}" for s in range(40, -8, -8))
+        return mac_text(self.pool.macs()[i])
 
     def ip(self, i: int) -> str:
         return f"{ipaddress.IPv4Address(self.pool.ips()[i])}/{self.prefixlen}"
@@ -82,20 +82,17 @@ def check_pools(config: Config, inventory: Inventory) -> None:
         raise ConfigError("network.pools need the inventory's shared_dir (where runs claim "
                           "their ranges, so that two runs never share one)")
     subnet = ipaddress.ip_network(gn.subnet)
-    reserved = {int(subnet.network_address): "its network address",
-                int(subnet.broadcast_address): "its broadcast address"}
-    if gn.controller_address:
-        reserved[int(ipaddress.IPv4Address(gn.controller_address))] = "the controller's address"
+    reserved = gn.reserved()
     for name, pool in config.network.pools.items():
         ips = pool.ips()
         last = ipaddress.IPv4Address(ips.stop - 1)
         if pool.base_ip not in subnet or last not in subnet:
             raise ConfigError(f"network.pools.{name}: {pool.base_ip}..{last} is not inside "
                               f"the guest network {subnet}")
-        for number, what in reserved.items():
-            if number in ips:
+        for address, what in reserved.items():
+            if int(address) in ips:
                 raise ConfigError(f"network.pools.{name}: {pool.base_ip}..{last} holds "
-                                  f"{ipaddress.IPv4Address(number)}, {what} on {subnet}")
+                                  f"{address}, {what} on {subnet}")
 
 
 def _segment_dir(inventory: Inventory) -> str:

@@ -677,13 +677,9 @@ class ParallelVMTasks(BlockingInWorkers):
 
     async def _cleanup(self) -> list[str]:
         problems = await hostprep.stop_vms(self.env, self.config)
-        claim = getattr(self, "_claim", None)
-        reached = next((h for h in self.hosts if h.connected), None)
-        if claim is not None and not problems and reached is not None:
-            problems += await hostprep.release_range(self.context, reached, claim)
-        elif claim is not None:                 # recover frees it
-            problems.append(f"address range {claim.range.name} kept claimed at {claim.path}"
-                            " (a VM was not stopped, or no host answers)")
+        problems += await hostprep.release_range(
+            self.context, next((h for h in self.hosts if h.connected), None),
+            getattr(self, "_claim", None), vms_stopped=not problems)
         images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                      for t in self._tasks)
         # every host reached (preparation may have failed after claiming its run dir)

@@ -163,6 +163,14 @@ class SerialConsole(BlockingInWorkers):
         self._next_reader = (reader, old_writer)
         return True
 
+    def _end_move(self) -> None:
+        """Close what following a migration holds besides the current console: a destination
+        console connected ahead, and the source's writer kept until its reader ends."""
+        self.drop_ahead()
+        if self._next_reader is not None:
+            self._next_reader[1].close()
+            self._next_reader = None
+
     def _take_next_reader(self) -> None:
         reader, old_writer = self._next_reader
         self._next_reader = None

@@ -43,20 +43,14 @@ class GuestSession(SerialConsole):
 
     @on_loop
     def close(self) -> None:
-        self.drop_ahead()
-        if self._next_reader is not None:
-            self._next_reader[1].close()
-            self._next_reader = None
+        self._end_move()
         self.writer.close()
 
     def reattach(self, reader, writer, *, host: str) -> None:
         """Continue on another console of the same guest (after a migration), now: what the
         old one had not delivered, and the new one's output before this, are lost (see
         :meth:`connect_ahead`)."""
-        self.drop_ahead()
-        if self._next_reader is not None:
-            self._next_reader[1].close()
-            self._next_reader = None
+        self._end_move()
         self.writer.close()
         self.reader, self.writer, self.host = reader, writer, host
         self.buffer = ""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -31,13 +30,13 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 from ..blocking import BlockingInWorkers
+from ..config import MAC_PATTERN, check_interface_address
 from ..hosts.ssh import SSHHost, quote
 
 log = logging.getLogger(__name__)
 #: the prober (a process of its own: see its module)
 PROBE_SCRIPT = PurePosixPath(__file__).with_name("probe_process.py")
 
-_MAC = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CPU_LIST = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
 
@@ -99,7 +98,7 @@ class VMSpec:
             raise ValueError(f"{self.name}: accel must be tcg or kvm")
         if not self.kernel and not self.disk:
             raise ValueError(f"{self.name}: a kernel or a disk image is required")
-        if self.mac is not None and not _MAC.match(self.mac):
+        if self.mac is not None and not MAC_PATTERN.fullmatch(self.mac):
             raise ValueError(f"{self.name}: bad MAC {self.mac!r} (six lowercase hex pairs, "
                              "unicast: the first octet even)")
         if self.network is None:
@@ -118,13 +117,9 @@ class VMSpec:
             if self.network != "bridge":
                 raise ValueError(f"{self.name}: an IP address needs network: bridge")
             try:
-                ipaddress.IPv4Interface(self.ip)
+                check_interface_address(self.ip)
             except ValueError as exc:
-                raise ValueError(f"{self.name}: bad address {self.ip!r} (ADDRESS/PREFIX): "
-                                 f"{exc}") from None
-            if "/" not in self.ip:
-                raise ValueError(f"{self.name}: address {self.ip!r} needs its prefix "
-                                 "(ADDRESS/PREFIX)")
+                raise ValueError(f"{self.name}: {exc}") from None
         if self.cpu_affinity is not None and not _CPU_LIST.match(self.cpu_affinity):
             raise ValueError(f"{self.name}: bad CPU list {self.cpu_affinity!r} (as taskset "
                              "-c takes: 0-1,3)")
