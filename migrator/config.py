@@ -70,6 +70,9 @@ class Timeouts(_Strict):
     libvirtd_ready_s: float = Field(30.0, gt=0)
     """A lab host's libvirtd socket appearing after it was started (measured: 0.08 s)."""
 
+    dhcp_ready_s: float = Field(20.0, gt=0)
+    """The lab's dnsmasq writing its pid file (its DHCP socket bound) after it was started."""
+
     process_exit_s: float = Field(10.0, gt=0)
     """A process to exit after SIGTERM before it gets SIGKILL (sshd/qemu exit in ms)."""
 
@@ -305,6 +308,11 @@ class VMSettings(_Strict):
     ``guest_network.subnet`` (the lab guest configures it from ``lab.ip=``), or ``auto``: the
     next address of the run instance's range (``network.pools``); kept wherever the VM
     migrates, probed during each migration (``network.probe``)."""
+    dhcp: bool = False
+    """The guest gets ``ip`` from the guest network's DHCP server instead of its command
+    line (the lab guest: ``lab.ip=dhcp``). With ``ip: auto`` the run writes its range's
+    static leases where the inventory's ``guest_network.dhcp`` says (the lab's dnsmasq);
+    otherwise the site's DHCP server must give the VM's MAC that address."""
     login: LoginSettings | None = None
     """User, password and prompt, for a guest whose console asks for a login (the lab guest
     does with ``append: "... lab.login=USER lab.password=PASSWORD"``)."""
@@ -348,6 +356,8 @@ class VMSettings(_Strict):
             raise ValueError("a mac with network: none (a NIC needs network: user or bridge)")
         if self.ip is not None and self.network != "bridge":
             raise ValueError("ip needs network: bridge")
+        if self.dhcp and self.ip is None:
+            raise ValueError("dhcp needs ip (auto, or the address the DHCP server gives)")
         return self
 
     @field_validator("cpu_model")
@@ -613,6 +623,17 @@ class HostEntry(_Strict):
     """Per-host SSH settings; fields not given here come from the inventory's ``ssh``."""
 
 
+class DhcpServer(_Strict):
+    """A dnsmasq on the controller serving the guest network (``guest_network.dhcp``): a run
+    that claims an address range writes the range's static leases (``MAC,IP`` lines) into a
+    file of ``hosts_dir`` (dnsmasq ``--dhcp-hostsdir`` reads new files at once) and removes
+    it when it gives the range back, then asks dnsmasq to forget them (SIGHUP to the process
+    in ``pid_file``)."""
+
+    hosts_dir: Path
+    pid_file: Path | None = None
+
+
 class GuestNetwork(_Strict):
     """The L2 segment the hosts' guest bridges share: VMs with ``network: bridge`` get their
     addresses in ``subnet`` and keep them wherever they migrate."""
@@ -624,6 +645,9 @@ class GuestNetwork(_Strict):
     controller_address: str | None = None
     """The controller's own address on the segment (it probes guests from there); None: the
     controller cannot reach guests (probes need a host or a peer guest)."""
+    dhcp: DhcpServer | None = None
+    """A DHCP server on the segment whose static leases the runs write (the lab's dnsmasq);
+    None: the site's DHCP server, if any, serves VMs with ``dhcp: true``."""
 
     @field_validator("bridge")
     @classmethod

@@ -118,6 +118,8 @@ def assert_lab_gone(lab: Lab, state) -> None:
         for ref in (h.init, h.sshd, h.libvirtd):
             if ref is not None:
                 assert not is_alive(ref.proc()), f"{h.name}: pid {ref.pid} still running"
+    assert state.dhcp is not None and not is_alive(state.dhcp.proc()), \
+        f"the lab's dnsmasq (pid {state.dhcp and state.dhcp.pid}) still running"
     assert not network.link_exists(state.bridge), f"bridge {state.bridge} left"
     assert state.guest_bridge and not network.link_exists(state.guest_bridge), \
         f"bridge {state.guest_bridge} left"
@@ -227,6 +229,9 @@ async def no_leaks(lab, inventory):
     claims = inventory.shared_dir / "migrator-pools"
     if claims.is_dir() and (held := sorted(str(p) for p in claims.glob("*/*.claim"))):
         problems.append(f"address range claims left {held}")
+    server = inventory.guest_network.dhcp
+    if server is not None and (leases := sorted(p.name for p in server.hosts_dir.iterdir())):
+        problems.append(f"static DHCP leases left in {server.hosts_dir}: {leases}")
     # last, so the sessions of the checks above had their time to close too
     left = await settled(lambda: [d for p, d in sshd_sessions(lab).items()
                                   if p not in sessions_before])
@@ -252,3 +257,8 @@ async def clear_leftovers(lab, inventory, dirs) -> None:
                 await h.run(f"[ ! -d {quote(d)} ] || find {quote(d)} -mindepth 1 -delete")
             await h.run("for d in $(virsh -q list --all --name); do virsh destroy $d; "
                         "virsh undefine --nvram $d || virsh undefine $d; done")
+    for claim in (inventory.shared_dir / "migrator-pools").glob("*/*.claim"):
+        claim.unlink(missing_ok=True)
+    if inventory.guest_network.dhcp is not None:
+        for leases in inventory.guest_network.dhcp.hosts_dir.iterdir():
+            leases.unlink(missing_ok=True)

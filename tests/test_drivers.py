@@ -164,6 +164,7 @@ async def test_a_command_printing_across_the_switchover_loses_no_line(vm, hosts,
     await vm.stop()
 
 
+@pytest.mark.parametrize("vm", DRIVERS_P2P_IN_MATRIX, indirect=True)
 async def test_there_and_back_with_a_session_and_sane_stats(vm, hosts, inventory):
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 42")

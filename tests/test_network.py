@@ -3,7 +3,8 @@ network: two with one address range between them (exactly one gets it; the other
 holder; the winner's VM takes the range's MAC and address, and every migration's blackout is
 in the record, the summary table and JUnit), and the ready scenario ``network_continuity``
 (a peer guest on a third host pings the migrating guest, the controller holds a TCP stream
-through it) from its example config, its pools moved onto the session lab's guest network.
+through it) from its example config, its pools moved onto the session lab's guest network:
+its mover gets its address from the lab's DHCP server, the range's static lease.
 The driver contract (both drivers, TCP stream, bridge FDB): tests/test_drivers.py."""
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ vms:
     assert rc_nc == 0, out_nc + err_nc
     assert out_nc.count("TCP stream survived") == 2, out_nc
     assert "blackout over 2 hops: controller p50" in out_nc, out_nc
+    # the mover asked the lab's dnsmasq for its address (the example's dhcp: true) and got
+    # its range's, by its MAC; the peer, given its address on the command line, asked nothing
+    server = inventory.guest_network.dhcp
+    _run, migs_nc, _junit = the_run(tmp_path / "nc")
+    mover_ip = {m["blackout"]["target"] for m in migs_nc}
+    (run_dir,) = list((tmp_path / "nc").iterdir())
+    journal = [json.loads(ln) for ln in (run_dir / "journal.jsonl").read_text().splitlines()]
+    (published,) = [e for e in journal if e.get("kind") == "dhcp_hosts"]
+    assert Path(published["path"]).parent == server.hosts_dir
+    assert not Path(published["path"]).exists()          # withdrawn when the range was freed
+    leases = {ln.split()[2]: ln.split()[1] for ln in
+              (server.hosts_dir.parent / "leases").read_text().splitlines()}
+    (ip,) = mover_ip
+    assert ip in leases and leases[ip].startswith("02:6e:00:00:01:"), leases
+    assert str(net.network_address + 110) not in leases, leases    # the peer: static
     passed = [d for d, (rc, _o, _e) in zip("ab", runs) if rc == 0]
     assert len(passed) == 1, [o + e for _rc, o, e in runs]
     (winner,) = passed

@@ -1,15 +1,20 @@
 """Address pools (seed 004) without a lab: every bad pool or address is one line before
-anything starts; a range's arithmetic; a VM keeps the index it took. Claims between two real
+anything starts; a range's arithmetic; a VM keeps the index it took; a range's static DHCP
+leases. Claims between two real
 runs on the lab: tests/test_network.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 
-from migrator.config import Config, GuestNetwork, HostEntry, Inventory
+from migrator.config import AddressPool, Config, DhcpServer, GuestNetwork, HostEntry, Inventory
 from migrator.errors import ConfigError
+from migrator.framework import dhcp_leases
 from migrator.framework.env import Env
-from migrator.framework.pools import AddressRange, check_pools
+from migrator.framework.pools import AddressRange, Claim, check_pools
 
 
 def pools(**extra):
@@ -56,6 +61,8 @@ BAD_CONFIGS = [
     ({"vms": {"v": {"network": "none", "mac": "02:00:00:00:00:01"}}},
      "a mac with network: none"),
     ({"vms": {"v": {"network": "user"}}}, "network: user needs a mac"),
+    ({"vms": {"v": {"network": "bridge", "mac": "02:00:00:00:00:01", "dhcp": True}}},
+     "dhcp needs ip (auto, or the address the DHCP server gives)"),
 ]
 
 
@@ -108,6 +115,8 @@ def test_a_vm_keeps_the_address_it_took_and_a_range_runs_out(tmp_path):
     assert (b.mac, b.ip) == ("02:aa:00:00:00:01", "10.78.9.101/24")
     assert env.spec("x", "a/x").ip == a.ip                   # booted again: the same
     assert "lab.ip=10.78.9.100/24" in a.kernel_append()
+    dhcp = dataclasses.replace(a, dhcp=True)                # asks for it instead
+    assert "lab.ip=dhcp" in dhcp.kernel_append() and "lab.ip=10" not in dhcp.kernel_append()
     with pytest.raises(ConfigError, match="address range p is used up"):
         env.spec("x", "b/x")                                 # a third VM of this instance
 
@@ -155,3 +164,39 @@ def test_claims_refuse_any_overlap_whatever_the_pools_are_called(tmp_path):
     assert sorted(p.name for p in (tmp_path / "seg").glob("*.claim")) == ["a.r1.pair1.claim"]
     with pytest.raises(ValueError, match="not a claim of run r9"):
         release_command(mine, "r9")
+
+
+def test_a_range_s_static_leases_are_published_and_withdrawn(tmp_path):
+    """The DHCP server's hosts file of a claim: every MAC,IP of the range, written whole
+    (no dot file left: dnsmasq would skip it but a reader would not), removed on release;
+    only a process named dnsmasq is ever signalled."""
+    hosts = tmp_path / "hosts.d"
+    hosts.mkdir()
+    pid_file = tmp_path / "pid"
+    pid_file.write_text(f"{os.getpid()}\n")                # this python: not dnsmasq
+    server = DhcpServer(hosts_dir=hosts, pid_file=pid_file)
+    pool = AddressPool(base_mac="02:aa:00:00:00:fe", base_ip="10.78.9.100", range_size=3)
+    claim = Claim(AddressRange("p", pool, 24), "/shared/migrator-pools/10.78.9.0_24/"
+                  "p.20261130-1-ab.pair1.claim")
+    path = dhcp_leases.publish(server, claim)
+    assert path == hosts / "p.20261130-1-ab.pair1.hosts"
+    assert path.read_text() == ("02:aa:00:00:00:fe,10.78.9.100\n02:aa:00:00:00:ff,10.78.9.101\n"
+                                "02:aa:00:00:01:00,10.78.9.102\n")
+    assert [p.name for p in hosts.iterdir()] == [path.name]
+    problem = dhcp_leases.withdraw(server, path)
+    assert not path.exists()
+    assert f"names pid {os.getpid()}, a " in problem and "not dnsmasq: not signalled" in \
+        problem, problem
+    pid_file.unlink()
+    assert "is not running" in dhcp_leases.withdraw(server, path)
+    hosts.chmod(0o500)
+    try:
+        if os.access(hosts, os.W_OK):                    # root: make it a file instead
+            hosts.chmod(0o700)
+            hosts.rmdir()
+            hosts.write_text("")
+        with pytest.raises(ConfigError, match="hosts_dir .* is not a writable directory"):
+            dhcp_leases.check_writable(server)
+    finally:
+        if hosts.is_dir():
+            hosts.chmod(0o700)

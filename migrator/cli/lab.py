@@ -213,18 +213,20 @@ async def _status(lab, as_json: bool) -> int:
             print(f"lab {lab.name}: absent (no {lab.state_file})")
         return 1
     health = await lab.health(state)
-    healthy = state.phase.value == "up" and all(h.ok for h in health)
+    dhcp = lab.dhcp_ok(state)
+    healthy = state.phase.value == "up" and dhcp and all(h.ok for h in health)
     if as_json:
         print(json.dumps({"name": state.name, "phase": state.phase.value, "healthy": healthy,
                           "dir": state.dir, "subnet": state.subnet, "bridge": state.bridge,
                           "guest_subnet": state.guest_subnet,
-                          "guest_bridge": state.guest_bridge,
+                          "guest_bridge": state.guest_bridge, "dhcp": dhcp,
                           "accel": state.accel, "libvirt": state.libvirt,
                           "hosts": [vars(h) | {"ok": h.ok} for h in health]}, indent=2))
         return 0 if healthy else 1
     print(f"lab {state.name}: {state.phase.value}{'' if healthy else ' (UNHEALTHY)'}  "
           f"dir {state.dir}  subnet {state.subnet}  bridge {state.bridge}  guests "
-          f"{state.guest_subnet or '-'} on {state.guest_bridge or '-'}  accel {state.accel}")
+          f"{state.guest_subnet or '-'} on {state.guest_bridge or '-'} (DHCP "
+          f"{'up' if dhcp else 'DOWN'})  accel {state.accel}")
     cols = ["host", "address", "netns", "init", "sshd", "port22"] + (
         ["libvirtd"] if state.libvirt else [])
     rows = [[h.name, h.address] + ["yes" if v else "NO" for v in

@@ -172,7 +172,7 @@ class Env(BlockingInWorkers):
             if address.ip in reserved:
                 raise ConfigError(f"VM {name!r}: address {address.ip} is "
                                   f"{reserved[address.ip]} on {subnet}")
-        return {"network": "bridge", "bridge": gn.bridge, "ip": decl.ip}
+        return {"network": "bridge", "bridge": gn.bridge, "ip": decl.ip, "dhcp": decl.dhcp}
 
     def images(self) -> dict[str, str]:
         """``{vm: base image}`` of the declared VMs that boot from a disk image."""

@@ -97,7 +97,8 @@ async def release_range(ctx: RunContext, host: SSHHost | None,
         await pools.release(host, claim, ctx.run_id, ctx.config.timeouts.host_cleanup_s)
     except Exception as exc:  # noqa: BLE001 - reported, recover frees it later
         return [f"address range {claim.range.name} not released at {claim.path} ({exc})"]
-    return []
+    problem = pools.withdraw_leases(ctx.inventory, claim)
+    return [problem] if problem else []
 
 
 async def check_shared_storage(ctx: RunContext, hosts: Sequence[SSHHost], token: str,

@@ -11,6 +11,9 @@ migrates (and when it is booted again).
     ...
     await release(host, claim)                           # cleanup; recover does it too
 
+With a DHCP server on the guest network (``guest_network.dhcp``), a claim also publishes the
+range's static leases (:mod:`.dhcp_leases`) and giving it back withdraws them.
+
 **Claims.** Two runs (on one controller or several, with the same pools or others) on one
 guest network never hand out the same address: under the segment's lock (``flock`` on
 ``<shared_dir>/migrator-pools/<segment>/.lock``; ``<segment>`` names the guest subnet), a
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING
 from ..config import AddressPool, Config, Inventory, mac_text
 from ..errors import CommandError, ConfigError
 from ..hosts import SSHHost, quote
+from . import dhcp_leases
 from .journal import controller_identity
 
 if TYPE_CHECKING:
@@ -81,6 +85,8 @@ def check_pools(config: Config, inventory: Inventory) -> None:
     if inventory.shared_dir is None:
         raise ConfigError("network.pools need the inventory's shared_dir (where runs claim "
                           "their ranges, so that two runs never share one)")
+    if gn.dhcp is not None:
+        dhcp_leases.check_writable(gn.dhcp)
     subnet = ipaddress.ip_network(gn.subnet)
     reserved = gn.reserved()
     for name, pool in config.network.pools.items():
@@ -148,7 +154,18 @@ async def claim_range(ctx: "RunContext", instance: str, host: SSHHost) -> Claim 
         if r.ok:
             ctx.say(f"[{instance}] address range {name}: {pool.base_mac}, {pool.base_ip} "
                     f"(+{pool.range_size})")
-            return Claim(AddressRange(name, pool, prefixlen), path)
+            claim = Claim(AddressRange(name, pool, prefixlen), path)
+            server = ctx.inventory.guest_network.dhcp
+            if server is not None:
+                leases = dhcp_leases.hosts_file(server, claim)
+                ctx.record("resource", kind="dhcp_hosts", path=str(leases),
+                           pid_file=str(server.pid_file or ""), instance=instance)
+                try:
+                    dhcp_leases.publish(server, claim)
+                except ConfigError:
+                    await release(host, claim, ctx.run_id, ctx.config.timeouts.host_cleanup_s)
+                    raise
+            return claim
         if r.exit_status != _TAKEN:
             raise CommandError(host.name, r)
         try:
@@ -173,5 +190,14 @@ async def release(host: SSHHost, claim: Claim, run_id: str, timeout: float) -> N
     await host.run(release_command(claim.path, run_id), check=True, timeout=timeout)
 
 
+def withdraw_leases(inventory: Inventory, claim: Claim) -> str | None:
+    """Remove the range's static DHCP leases, if the inventory's DHCP server has them; a
+    problem, as a sentence (never raises)."""
+    server = inventory.guest_network.dhcp if inventory.guest_network else None
+    if server is None:
+        return None
+    return dhcp_leases.withdraw(server, dhcp_leases.hosts_file(server, claim))
+
+
 __all__ = ["AddressRange", "Claim", "check_pools", "claim_range", "release",
-           "release_command"]
+           "release_command", "withdraw_leases"]

@@ -43,13 +43,15 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..config import Config, Inventory
+from ..config import Config, DhcpServer, Inventory
 from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
 from ..hypervisor.qemu import alive_test, remove_taps
+from . import dhcp_leases
 from .pools import release_command
 from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
                       find_run, hosts_of, last_phases, list_runs, owner_file,
@@ -649,6 +651,17 @@ class _RunRecovery:
                                       "not reached)")
                     continue
                 await h.run(release_command(claim["path"], self.run_id), check=True)
+            leases = [e for e in self.events if e.get("event") == "resource"
+                      and e.get("kind") == "dhcp_hosts"]
+            for lease in leases if not kept else []:
+                if f".{self.run_id}." not in Path(lease["path"]).name:
+                    continue                      # never another run's
+                problem = dhcp_leases.withdraw(
+                    DhcpServer(hosts_dir=Path(lease["path"]).parent,
+                               pid_file=Path(lease["pid_file"]) if lease.get("pid_file")
+                               else None), lease["path"])
+                if problem:
+                    self.notes.append(f"run {self.run_id}: {problem}")
         except MigratorError as exc:
             self.outcomes.append(VMOutcome(self.run_id, "-", problem=f"not cleaned: {exc}"))
 

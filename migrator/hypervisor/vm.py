@@ -75,6 +75,10 @@ class VMSpec:
     """The guest's address on the bridge, ``ADDRESS/PREFIX``; the lab guest configures it
     from ``lab.ip=`` on its kernel command line (added to ``append`` when a kernel is
     booted). It keeps it wherever it migrates."""
+    dhcp: bool = False
+    """The guest asks the network's DHCP server for :attr:`ip` instead of being given it on
+    its command line (the lab guest: ``lab.ip=dhcp``, busybox udhcpc); ``ip`` is then the
+    address the server is expected to hand out (its static lease for :attr:`mac`)."""
     login_user: str | None = None
     """Who logs in when the serial console asks (``login:``), with ``login_password``."""
     login_password: str | None = None
@@ -120,6 +124,9 @@ class VMSpec:
                 check_interface_address(self.ip)
             except ValueError as exc:
                 raise ValueError(f"{self.name}: {exc}") from None
+        if self.dhcp and self.ip is None:
+            raise ValueError(f"{self.name}: dhcp needs the address it is expected to give "
+                             "(ip)")
         if self.cpu_affinity is not None and not _CPU_LIST.match(self.cpu_affinity):
             raise ValueError(f"{self.name}: bad CPU list {self.cpu_affinity!r} (as taskset "
                              "-c takes: 0-1,3)")
@@ -137,10 +144,13 @@ class VMSpec:
 
     def kernel_append(self) -> str:
         """``append``, plus ``lab.ip=`` for a VM with an address (the lab guest reads it;
-        other kernels ignore an unknown parameter)."""
-        if self.ip and f"lab.ip={self.ip}" not in self.append.split():
-            return f"{self.append} lab.ip={self.ip}"
-        return self.append
+        other kernels ignore an unknown parameter): the address, or ``dhcp``."""
+        if not self.ip:
+            return self.append
+        arg = f"lab.ip={'dhcp' if self.dhcp else self.ip}"
+        if arg in self.append.split():
+            return self.append
+        return f"{self.append} {arg}"
 
 
 @dataclass(frozen=True)
@@ -236,8 +246,9 @@ class GuestVM(BlockingInWorkers):
         if proc.returncode == 0:
             return float(out.split()[-1])
         why = err.decode(errors="replace").strip() or f"no ICMP echo reply in {timeout:g} s"
+        how = ", by DHCP: did the server get its static lease?" if self.spec.dhcp else ""
         raise GuestError(self.host.name, self.name, f"not reachable at {self.spec.ip} (MAC "
-                         f"{self.spec.mac}, bridge {self.spec.bridge}): {why}")
+                         f"{self.spec.mac}, bridge {self.spec.bridge}{how}): {why}")
 
     async def console(self):
         """A new :class:`~migrator.guest.session.GuestSession` on the serial console."""

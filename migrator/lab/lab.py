@@ -5,7 +5,9 @@ What ``up`` makes, every name prefixed by the lab's name so two labs can coexist
 * a bridge ``<name>br0`` in the root namespace holding the first address of the subnet (the
   controller reaches hosts through it), and nothing routed anywhere else;
 * the guest network: a bridge ``<name>-gbr`` in the root namespace holding the first address
-  of the guest subnet (the controller reaches guests through it), never routed either;
+  of the guest subnet (the controller reaches guests through it), never routed either, with
+  the lab's DHCP server on it (a dnsmasq handing out only the runs' static leases: see
+  :mod:`.dhcp`);
 * per host: a network namespace ``<name>-<host>`` joined to the bridge by a veth
   ``<name>v<i>`` (``eth0`` inside), a bridge ``gbr0`` joined to the guest bridge by a veth
   ``<name>-g<i>`` (its VMs' taps join it), a host init (own hostname, /etc/hosts, private /run,
@@ -37,12 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import (DEFAULT_LAB_NAME, INVENTORY_FILE, LAB_BASE_DIR, Config, GuestImage as
+from ..config import (DEFAULT_LAB_NAME, INVENTORY_FILE, LAB_BASE_DIR, Config, DhcpServer,
+                      GuestImage as
                       InvGuestImage, GuestNetwork, HostEntry, Inventory, LabInfo, SSHSettings,
                       default_guest_subnet, validate_subnet)
 from ..errors import ConfigError, LabError
 from ..hosts.parallel import parallel
-from . import hostproc, network
+from . import dhcp, hostproc, network
 from .accel import choose_accel
 from .image import KERNEL_APPEND, ensure_image
 from .state import HostState, LabPhase, LabState, ProcRef
@@ -52,7 +55,8 @@ _LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _HOST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,30}$")
 REQUIRED_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux",
                   "ssh-keygen": "openssh-client", "ssh": "openssh-client",
-                  "qemu-system-x86_64": "qemu-system-x86 (from bookworm-backports)"}
+                  "qemu-system-x86_64": "qemu-system-x86 (from bookworm-backports)",
+                  "dnsmasq": "dnsmasq-base"}
 MAX_PARALLEL_HOSTS = 8
 
 
@@ -281,7 +285,7 @@ class Lab:
             old = self.state()
             if old is not None:
                 # a lab from before the guest network is rebuilt like a broken one
-                if old.phase == LabPhase.UP and old.guest_subnet and \
+                if old.phase == LabPhase.UP and old.guest_subnet and self.dhcp_ok(old) and \
                         all(h.ok for h in await self.health(old)):
                     same = ([h.name for h in old.hosts] == hosts and old.subnet == plan.subnet
                             and old.libvirt == libvirt
@@ -361,6 +365,15 @@ class Lab:
                                     ipaddress.ip_interface(plan.guest_bridge_address))
         t = step(f"bridges {self.bridge} {plan.bridge_address}, {self.guest_bridge} "
                  f"{plan.guest_bridge_address} (guests)", t)
+
+        def dhcp_started(proc) -> None:
+            plan.dhcp = ProcRef.of(proc)
+            plan.save(self.state_file)
+
+        await dhcp.start_dnsmasq(self.dir, self.guest_bridge, plan.guest_subnet,
+                                 self.config.timeouts.dhcp_ready_s, dhcp_started)
+        t = step(f"DHCP server (dnsmasq) on {self.guest_bridge}: static leases from "
+                 f"{dhcp.hosts_dir(self.dir)}", t)
 
         limit = asyncio.Semaphore(MAX_PARALLEL_HOSTS)
         etc_hosts = "127.0.0.1 localhost\n" + "".join(
@@ -443,13 +456,20 @@ class Lab:
                         guest_bridge=plan.guest_bridge),
             guest_network=GuestNetwork(
                 subnet=plan.guest_subnet, bridge=network.HOST_GUEST_BRIDGE,
-                controller_address=plan.guest_bridge_address.split("/")[0]))
+                controller_address=plan.guest_bridge_address.split("/")[0],
+                dhcp=DhcpServer(hosts_dir=dhcp.hosts_dir(self.dir),
+                                pid_file=dhcp.pid_file(self.dir))))
         inv.dump(self.inventory_path, header=(
             f"# migrator inventory of lab {self.name!r}, written by 'migrate-lab up'.\n"
             "# Format: configs/README.md. Hand-written inventories for real hosts use the "
             "same keys.\n"))
 
     # -- health -------------------------------------------------------------------------------
+
+    def dhcp_ok(self, state: LabState | None = None) -> bool:
+        """The lab's DHCP server runs (a lab from before it had none: rebuilt by ``up``)."""
+        state = state or self.state()
+        return bool(state and state.dhcp and is_alive(state.dhcp.proc()))
 
     async def health(self, state: LabState | None = None) -> list[HostHealth]:
         """Check every host: namespace, host init, sshd process, sshd port, libvirtd."""
@@ -520,6 +540,11 @@ class Lab:
                 report.namespaces_removed += 1
 
         await parallel((host_down(h) for h in state.hosts), fail_fast=True)
+        if state.dhcp is not None and is_alive(state.dhcp.proc()):
+            if await stop_processes([state.dhcp.proc()], timeout_s):
+                raise LabError(f"lab {state.name}: its dnsmasq (pid {state.dhcp.pid}) "
+                               "survived SIGKILL")
+            report.processes_stopped += 1
         for bridge in (state.bridge, state.guest_bridge):
             if bridge and network.link_exists(bridge):
                 await network.delete_link(bridge)

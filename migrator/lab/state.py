@@ -64,6 +64,8 @@ class LabState(BaseModel):
     guest_subnet: str = ""
     guest_bridge: str = ""
     guest_bridge_address: str = ""
+    dhcp: ProcRef | None = None
+    """The lab's dnsmasq on the guest bridge (None: not started yet, or a lab from before)."""
     phase: LabPhase
     libvirt: bool
     accel: str = "tcg"

@@ -7,6 +7,8 @@
 #   lab.out=DEV           where TICK/DIRTY lines go (default: the console), e.g. ttyS1
 #   lab.hostname=NAME     the guest's hostname (default: lab-guest)
 #   lab.ip=ADDR/PREFIX    configure the first NIC with this address (network: bridge)
+#   lab.ip=dhcp           ask the network's DHCP server for an address (busybox udhcpc, kept
+#                         running to renew it); prints "LAB-DHCP <addr>/<prefix>" if bound at boot
 #   lab.login=USER        ask for a login on the console (getty, login) instead of giving a
 #   lab.password=PASSWORD   shell at once: USER (root, or a user of uid 1000) with PASSWORD
 # It prints "LAB-READY uptime=<s> mem=<kB>" on the console, then runs a shell (or a login) on
@@ -37,7 +39,28 @@ if [ -n "$IP" ]; then
   ip link set lo up
   NIC=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
   ip link set "$NIC" up
-  ip addr add "$IP" dev "$NIC"
+  if [ "$IP" = dhcp ]; then
+    # the address only: no route (the guest network is never routed), no DNS
+    mkdir -p /etc/udhcpc
+    cat > /etc/udhcpc/script <<'EOS'
+#!/bin/sh
+case $1 in
+  deconfig) ip -4 addr flush dev "$interface" ;;
+  bound|renew)
+    if ! ip -4 addr show dev "$interface" | grep -q " $ip/$mask "; then
+      ip -4 addr flush dev "$interface"
+      ip addr add "$ip/$mask" dev "$interface"
+    fi
+    echo "$ip/$mask" > /tmp/lab-dhcp ;;
+esac
+EOS
+    chmod +x /etc/udhcpc/script
+    # up to 3 discovers 1 s apart, then on in the background (-b), asking again every second
+    udhcpc -i "$NIC" -s /etc/udhcpc/script -b -t 3 -T 1 -A 1 >/dev/null 2>&1
+    echo "LAB-DHCP $(cat /tmp/lab-dhcp 2>/dev/null || echo 'none yet (udhcpc goes on asking)')"
+  else
+    ip addr add "$IP" dev "$NIC"
+  fi
 fi
 if [ "$TICK" = 1 ]; then
   (i=0; while :; do echo "TICK $i"; i=$((i+1)); sleep 1; done) > "$OUT" 2>&1 &
