@@ -475,6 +475,20 @@ class NetworkSettings(_Strict):
     probe_tcp_port: int | None = Field(None, ge=1, le=65535)
     """Also hold a TCP stream open across each migration, through an echo listener the
     scenario runs in the guest on this port (the lab guest: ``nc -ll -p PORT -e cat &``)."""
+    probe_from: str = "controller"
+    """Where the prober runs: ``controller`` (its ``guest_network.controller_address``), a
+    host of the inventory (over SSH, with ``python3``; the host needs an address on the
+    guest network: real fleets, where the controller has none), or ``vm:NAME``, a peer
+    guest of the run (busybox-style ``ping -i`` on its console: the blackout from the
+    longest run of lost pings, at the ping interval's resolution)."""
+
+    @field_validator("probe_from")
+    @classmethod
+    def _probe_from(cls, v: str) -> str:
+        if not re.fullmatch(r"controller|vm:[A-Za-z0-9][A-Za-z0-9_.-]*|[A-Za-z0-9][A-Za-z0-9_.-]*",
+                            v):
+            raise ValueError(f"probe_from is controller, a host's name or vm:NAME, not {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _disjoint_pools(self) -> "NetworkSettings":

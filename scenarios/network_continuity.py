@@ -10,9 +10,11 @@ the lab's default guest network; move ``network.pools.*.base_ip`` into your inve
     migrate-run -a all -m hostA,hostB,hostC -c configs/network.example.yaml network_continuity \\
         [-p scenario.rounds=2] [-p scenario.ping_interval_s=0.01]
 
-After every hop ``check_worker`` requires: the controller's TCP stream survived, whole and in
+After every hop ``check_worker`` requires: the prober's TCP stream survived, whole and in
 order; replies came after the switchover (from the destination); the peer guest's pings
-resumed. It reports the blackout seen by the controller (the longest run of lost probes) and by
+resumed. The prober runs where ``network.probe_from`` says: the controller (default) or a host
+with an address on the guest network (``-p network.probe_from=hostD``). It reports the
+blackout seen by the prober (the longest run of lost probes) and by
 the peer (longest run of lost pings times the ping interval) next to QEMU's downtime, and at
 the end the percentiles of both.
 """
@@ -54,13 +56,17 @@ class NetworkContinuity(MultihostMigration):
         a, b, c = self.hosts[:3]
         peer = await self.env.ensure_running("peer", c)
         mover = await self.env.ensure_running("mover", a)
+        if self.params.network.probe_from.startswith("vm:"):
+            raise ScenarioError("network_continuity pings from its peer guest itself; its "
+                                "prober (network.probe_from) is the controller or a host")
         if mover.address is None or peer.address is None or port is None:
             raise ScenarioError("mover and peer need network: bridge with an ip, and "
                                 "network.probe_tcp_port set (configs/network.example.yaml)")
         session = await mover.wait_for_login(timeout=self.login_timeout)
         await session.cmd(f"nc -ll -p {port} -e cat </dev/null >/dev/null 2>&1 &")
         await mover.wait_reachable()
-        views: dict[str, list[float]] = {"controller": [], "peer": [], "downtime": []}
+        views: dict[str, list[float]] = {"prober": [], "peer": [], "downtime": []}
+        prober = self.params.network.probe_from           # controller, or a host
 
         async def worker(mig_data):
             ps = await peer.wait_for_login(timeout=self.login_timeout)
@@ -88,11 +94,11 @@ class NetworkContinuity(MultihostMigration):
             log = await ps.cmd("cat /tmp/ping.log")
             lost, run = longest_loss([int(s) for s in re.findall(r"seq=(\d+)", log)])
             peer_ms = (run + 1) * interval * 1000
-            views["controller"].append(r.blackout_ms)
+            views["prober"].append(r.blackout_ms)
             views["peer"].append(peer_ms)
             views["downtime"].append(float(r.downtime_ms or 0))
             self.context.say(
-                f"[{self.name}] {where}: blackout {r.blackout_ms:.0f} ms from the controller "
+                f"[{self.name}] {where}: blackout {r.blackout_ms:.0f} ms from {prober} "
                 f"({report['lost']} probes lost), ~{peer_ms:.0f} ms from the peer ({lost} "
                 f"pings lost); QEMU downtime {r.downtime_ms} ms; TCP stream survived")
 
@@ -100,6 +106,6 @@ class NetworkContinuity(MultihostMigration):
         for _ in range(2 * rounds):
             await self.migrate_wait(["mover"], src, dst, worker, check_worker)
             src, dst = dst, src
-        self.context.say(f"[{self.name}] blackout over {len(views['controller'])} hops: "
-                         f"controller {pcts(views['controller'])}; peer "
+        self.context.say(f"[{self.name}] blackout over {len(views['prober'])} hops: "
+                         f"{prober} {pcts(views['prober'])}; peer "
                          f"{pcts(views['peer'])}; QEMU downtime {pcts(views['downtime'])}")

@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from migrator.migration.blackout import BlackoutProbe, ProbeError, summarize, switchover_time
+from migrator.migration.blackout import (BlackoutProbe, ProbeError, summarize, summarize_pings,
+                                        switchover_time)
 
 MS = 1_000_000
 
@@ -132,3 +133,26 @@ def test_queued_probes_answered_in_a_burst_after_a_pause_still_show_the_pause():
                         "replies": replies, "tcp": None})
     assert report.blackout_ms == pytest.approx(100.0)             # 15 ms -> 115 ms
     assert report.lost == report.lost_in_blackout == 16 and report.recovered
+
+
+def ping_output(replies: list[int], sent: int) -> str:
+    """What busybox ``ping -i`` prints, stopped with SIGINT."""
+    lines = ["PING 10.78.0.5 (10.78.0.5): 56 data bytes"]
+    lines += [f"64 bytes from 10.78.0.5: seq={q} ttl=64 time=0.412 ms" for q in replies]
+    lines += ["", "--- 10.78.0.5 ping statistics ---",
+              f"{sent} packets transmitted, {len(replies)} packets received, "
+              f"{100 * (sent - len(replies)) // sent}% packet loss"]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_peer_guest_s_pings_give_the_longest_loss_at_their_resolution():
+    out = ping_output([*range(0, 10), 12, *range(20, 30)], sent=31)
+    r = summarize_pings(out, "10.78.0.5", 10.0)
+    assert (r.sent, r.received, r.lost) == (31, 21, 10)
+    assert (r.blackout_ms, r.lost_in_blackout, r.recovered) == (80.0, 7, True)
+    assert r.replies_after_switchover is None and r.max_reply_gap_ms is None
+    # the last ping in flight when stopped is no outage; a guest gone for good is
+    assert summarize_pings(ping_output(list(range(10)), 11), "x", 10).blackout_ms == 0.0
+    gone = summarize_pings(ping_output(list(range(5)), 30), "x", 10)
+    assert (gone.blackout_ms, gone.recovered) == (260.0, False)
+    assert summarize_pings(ping_output([], 7), "x", 10).received == 0

@@ -12,14 +12,15 @@ import contextlib
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..aio import shielded
 from ..config import Config
-from ..errors import ConfigError, HostError
+from ..errors import ConfigError, HostError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor.qemu import remove_taps
 from ..migration import BaseMigration, MigrationResult, Phase, make_migration
-from ..migration.blackout import BlackoutProbe, switchover_time
+from ..migration.blackout import BlackoutProbe, GuestPingProbe, switchover_time
 from . import pools
 from .context import MigrationRecord, RunContext
 from .data import MigrationData
@@ -165,42 +166,98 @@ async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,
     return problems
 
 
+def check_probe_from(config: Config, inventory) -> None:
+    """``network.probe_from`` names something the run has: a host of the inventory, or a
+    declared VM with an address (``vm:NAME``). :raise ConfigError: one line."""
+    where = config.network.probe_from
+    if where == "controller":
+        return
+    if where.startswith("vm:"):
+        decl = config.vms.get(where[3:])
+        if decl is None or decl.ip is None:
+            raise ConfigError(f"network.probe_from {where}: no declared VM {where[3:]!r} with "
+                              "network: bridge and an ip (vms.<name>)")
+        return
+    if where not in inventory.hosts:
+        raise ConfigError(f"network.probe_from {where!r}: not a host of the inventory "
+                          f"({', '.join(inventory.hosts)}), controller or vm:NAME")
+
+
 @contextlib.asynccontextmanager
-async def blackout_probe(ctx: RunContext, vm: "GuestVM", mig: BaseMigration):
-    """Around one migration of a VM with an address, when the controller is on the guest
-    network (``guest_network.controller_address``) and ``network.probe`` is on: the
-    blackout probe (:mod:`migrator.migration.blackout`), its report in the migration's
-    result (``blackout_ms``, ``blackout``). A probe that cannot start or report is a warning
-    and ``blackout.error`` in the record, never the migration's failure."""
+async def _prober(ctx: RunContext, vm: "GuestVM", peer: "Callable[[str], GuestVM] | None"):
+    """``(probe, why not)``: the probe of ``vm`` from where ``network.probe_from`` says (not
+    entered), or None when it is not probed — without a reason when nothing is to be probed
+    (no address, probing off, the controller not on the guest network, the VM is the peer
+    itself), with one when the peer guest is not running."""
     settings, gn = ctx.config.network, ctx.inventory.guest_network
-    if not (settings.probe and vm.spec.address and gn is not None and gn.controller_address):
-        yield
-        return
-    probe = BlackoutProbe(vm.spec.address, settings.probe_interval_ms, settings.probe_tcp_port)
-    try:
-        await probe.__aenter__()
-    except Exception as exc:  # noqa: BLE001 - a measurement, never the migration's failure
-        mig.result.blackout = {"error": str(exc)}
-        ctx.warn(f"{vm.name}: no blackout measured: {exc}")
-        yield
-        return
-    try:
-        yield
-    finally:
+    where = settings.probe_from
+    if not (settings.probe and vm.spec.address and gn is not None):
+        yield None, None
+    elif where == "controller":
+        yield (BlackoutProbe(vm.spec.address, settings.probe_interval_ms,
+                             settings.probe_tcp_port) if gn.controller_address else None), None
+    elif where.startswith("vm:"):
         try:
-            await probe.__aexit__(None, None, None)
-            report = probe.report(switchover_time(mig.result.phases or [
-                (p.value, 0.0, wall) for p, _m, wall in mig.history],
-                mig.result.postcopy_switched))
-            mig.result.blackout_ms = report.blackout_ms
-            mig.result.blackout = report.to_json()
-        except Exception as exc:  # noqa: BLE001 - as above
-            mig.result.blackout = {"error": str(exc)}
+            other = peer(where[3:]) if peer is not None else None
+        except MigratorError as exc:
+            yield None, f"the peer guest {where[3:]} to probe from is not running ({exc})"
+            return
+        if other is None or other is vm:
+            yield None, None
+        else:
+            yield GuestPingProbe(other, vm.spec.address, settings.probe_interval_ms), None
+    else:
+        host = SSHHost.from_inventory(where, ctx.inventory, ctx.config)  # connects at spawn
+        try:
+            yield BlackoutProbe(vm.spec.address, settings.probe_interval_ms,
+                                settings.probe_tcp_port, host=host), None
+        finally:
+            await shielded(host.close())
+
+
+@contextlib.asynccontextmanager
+async def blackout_probe(ctx: RunContext, vm: "GuestVM", mig: BaseMigration,
+                         peer: "Callable[[str], GuestVM] | None" = None):
+    """Around one migration of a VM with an address, when ``network.probe`` is on: the
+    blackout probe (:mod:`migrator.migration.blackout`) from where ``network.probe_from``
+    says — the controller (when it is on the guest network: ``guest_network.
+    controller_address``), a host over SSH, or a peer guest (``vm:NAME``, found by
+    ``peer``) — its report in the migration's result (``blackout_ms``, ``blackout``, which
+    says where it was probed from). A probe that cannot start or report is a warning and
+    ``blackout.error`` in the record, never the migration's failure."""
+    where = ctx.config.network.probe_from
+    async with _prober(ctx, vm, peer) as (probe, why_not):
+        if probe is None:
+            if why_not:
+                mig.result.blackout = {"error": why_not, "probed_from": where}
+                ctx.warn(f"{vm.name}: no blackout measured: {why_not}")
+            yield
+            return
+        try:
+            await probe.__aenter__()
+        except Exception as exc:  # noqa: BLE001 - a measurement, never the migration's failure
+            mig.result.blackout = {"error": str(exc), "probed_from": where}
             ctx.warn(f"{vm.name}: no blackout measured: {exc}")
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                await probe.__aexit__(None, None, None)
+                report = probe.report(switchover_time(mig.result.phases or [
+                    (p.value, 0.0, wall) for p, _m, wall in mig.history],
+                    mig.result.postcopy_switched))
+                mig.result.blackout_ms = report.blackout_ms
+                mig.result.blackout = report.to_json() | {"probed_from": where}
+            except Exception as exc:  # noqa: BLE001 - as above
+                mig.result.blackout = {"error": str(exc), "probed_from": where}
+                ctx.warn(f"{vm.name}: no blackout measured: {exc}")
 
 
 async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "GuestVM",
-                      dst_address: str, key: str | None = None) -> MigrationResult:
+                      dst_address: str, key: str | None = None,
+                      peer: "Callable[[str], GuestVM] | None" = None) -> MigrationResult:
     """Migrate ``vm`` to ``md.dst`` through the engine: a journal record before each phase
     (``recover`` reads them; with ``key``, the VM's identity when it is not its name), progress
     lines, and the run's :class:`MigrationRecord` whatever the outcome.
@@ -222,7 +279,7 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
                    src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
     mig.observers += [journal, reporter.on_phase]
     try:
-        async with blackout_probe(ctx, vm, mig), asyncio.TaskGroup() as tg:
+        async with blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
             shower = tg.create_task(reporter.follow())
             try:
                 result = await mig.run()

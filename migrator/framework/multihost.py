@@ -121,6 +121,7 @@ class MultihostMigration(BlockingInWorkers):
         for n in names:
             self.inventory.host(n)                      # unknown host: ConfigError, now
         pools.check_pools(self.config, self.inventory)
+        hostprep.check_probe_from(self.config, self.inventory)
         if self.config.driver not in self.inventory.drivers:
             raise ConfigError(f"driver {self.config.driver!r}: the inventory's hosts offer "
                               f"{', '.join(self.inventory.drivers)} (a lab runs libvirtd with "
@@ -526,7 +527,8 @@ class MultihostMigration(BlockingInWorkers):
     async def _migrate_one(self, md: MigrationData, vm) -> None:
         entry = self.inventory.host(md.dst.name)
         await hostprep.migrate_one(self.context, self.name, md, vm,
-                                   entry.migration_address or entry.address)
+                                   entry.migration_address or entry.address,
+                                   peer=self.env.get_vm)
 
     def _handled(self, handle: MigrationHandle) -> None:
         """The scenario received ``handle``'s error: its migrations count as expected."""

@@ -346,6 +346,7 @@ class ParallelVMTasks(BlockingInWorkers):
         for n in names:
             self.inventory.host(n)                       # unknown host: ConfigError, now
         pools.check_pools(self.config, self.inventory)
+        hostprep.check_probe_from(self.config, self.inventory)
         if max_vm is not None and (not isinstance(max_vm, int) or max_vm < 1):
             raise ConfigError(f"max_vm must be a whole number >= 1, not {max_vm!r}")
         self.max_vm, self.fail_fast = max_vm, fail_fast
@@ -848,7 +849,8 @@ class ParallelVMTasks(BlockingInWorkers):
         entry = self.inventory.host(dst.name)
         try:
             result = await hostprep.migrate_one(self.context, self.name, md, vm,
-                                                entry.migration_address or entry.address, key)
+                                                entry.migration_address or entry.address, key,
+                                                peer=self.env.get_vm)
         finally:
             for h in (src.name, dst.name):              # the name is held where it runs
                 if h != vm.host.name:

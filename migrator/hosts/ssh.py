@@ -498,6 +498,30 @@ class RemoteProcess(BlockingInWorkers):
             why = f"exited with status {done.exit_status}"
         return why + (f": {err[-1]}" if err else "")
 
+    async def finish(self, timeout: float) -> tuple[str, str, str]:
+        """Close its stdin (its signal to end) and collect the rest of its output:
+        ``(stdout, stderr, why it ended)``. If it has not ended within ``timeout``, its
+        process group is killed.
+
+        :raise HostError: it did not end in time (killed), or the connection was lost.
+        """
+        try:
+            self._proc.stdin.write_eof()
+            done = await asyncio.wait_for(self._proc.wait(check=False), timeout)
+        except TimeoutError:
+            await self.host._kill_group(self.pgid, self.command)
+            self._proc.close()
+            raise HostError(self.host.name, f"{self.command[:60]!r} did not end within "
+                                            f"{timeout:g} s (killed)") from None
+        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+            self._proc.close()
+            raise HostError(self.host.name, f"the SSH connection was lost ({exc})") from exc
+        self._proc.close()
+        why = (f"killed by {done.exit_signal[0]}" if done.exit_signal else
+               f"exited with status {done.exit_status}")
+        return ((done.stdout or b"").decode(errors="replace"),
+                (done.stderr or b"").decode(errors="replace"), why)
+
     async def stop(self) -> None:
         """Close its stdin; if it has not left within ``host_cleanup_s``, kill its process
         group. Idempotent; never raises (a lost host is logged)."""

@@ -31,13 +31,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..aio import shielded
-from ..errors import MigratorError
+from ..errors import HostError, MigratorError
+from ..hosts import quote
 from ..hypervisor.vm import PROBE_SCRIPT
+
+if TYPE_CHECKING:
+    from ..hosts import SSHHost
+    from ..hosts.ssh import RemoteProcess
+    from ..hypervisor.vm import GuestVM
 
 #: how long the prober may take to start (raw socket, TCP connect) and to report at the end
 PROBE_START_S = 10.0
@@ -168,23 +178,37 @@ def switchover_time(phases: list, postcopy_switched: bool | None = None) -> floa
 
 class BlackoutProbe:
     """``async with BlackoutProbe(address) as probe:`` probes ``address`` for the block's
-    duration from a process of its own on the controller; :meth:`report` afterwards.
+    duration from a process of its own on the controller, or with ``host`` on that host
+    (over SSH: ``python3`` runs the same prober there; the host needs an address on the
+    guest network, and its clock is the controller's within NTP's error for the replies
+    counted after the switchover); :meth:`report` afterwards.
 
     :raise ProbeError: the prober did not start (its reason), or did not report at the end.
     """
 
-    def __init__(self, target: str, interval_ms: float = 5.0, tcp_port: int | None = None):
+    def __init__(self, target: str, interval_ms: float = 5.0, tcp_port: int | None = None,
+                 host: "SSHHost | None" = None):
         self.target, self.interval_ms, self.tcp_port = target, interval_ms, tcp_port
+        self.host = host
         self._proc: asyncio.subprocess.Process | None = None
+        self._remote: "RemoteProcess | None" = None
         self.raw: dict | None = None
 
+    @property
+    def _who(self) -> str:
+        return f"the blackout prober for {self.target}" + \
+            (f" on {self.host.name}" if self.host is not None else "")
+
     async def __aenter__(self) -> "BlackoutProbe":
-        args = [sys.executable, str(PROBE_SCRIPT), self.target, f"{self.interval_ms:g}"]
+        args = [self.target, f"{self.interval_ms:g}"]
         if self.tcp_port is not None:
             args.append(str(self.tcp_port))
+        if self.host is not None:
+            await self._enter_remote(args)
+            return self
         self._proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable, str(PROBE_SCRIPT), *args, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(PROBE_START_S):
                 line = await self._proc.stdout.readline()
@@ -202,10 +226,56 @@ class BlackoutProbe:
             raise
         return self
 
+    async def _enter_remote(self, args: list[str]) -> None:
+        source = Path(PROBE_SCRIPT).read_text()
+        command = f"exec python3 -c {quote(source)} " + " ".join(quote(a) for a in args)
+        try:
+            self._remote = await self.host.spawn(command)
+        except HostError as exc:
+            raise ProbeError(f"{self._who} did not start: {exc.message}") from None
+        try:
+            async with asyncio.timeout(PROBE_START_S):
+                line = (await self._remote.readline()).strip()
+            if line != "ready":
+                remote, self._remote = self._remote, None
+                _out, err, why = await remote.finish(PROBE_END_S)
+                raise ProbeError(f"{self._who} did not start: "
+                                 f"{err.strip()[-300:] or line or why}")
+        except TimeoutError:
+            await shielded(self._end(kill=True))
+            raise ProbeError(f"{self._who} did not start within {PROBE_START_S:g} s") \
+                from None
+        except HostError as exc:
+            raise ProbeError(f"{self._who} did not start: {exc.message}") from None
+        except BaseException:
+            await shielded(self._end(kill=True))
+            raise
+
     async def __aexit__(self, *exc) -> None:
         await shielded(self._end(kill=exc[0] is not None))
 
+    async def _end_remote(self, kill: bool) -> None:
+        remote, self._remote = self._remote, None
+        if kill:
+            await remote.stop()
+            return
+        try:
+            out, err, why = await remote.finish(PROBE_END_S)
+        except HostError as exc:
+            raise ProbeError(f"{self._who} did not report: {exc.message}") from None
+        self._parse(out, f"{why}: {err.strip()[-300:]}")
+
+    def _parse(self, out: str, why: str) -> None:
+        line = out.strip().splitlines()[-1:] or [""]
+        try:
+            self.raw = json.loads(line[0])
+        except ValueError:
+            raise ProbeError(f"{self._who} ended without a report ({why})") from None
+
     async def _end(self, kill: bool) -> None:
+        if self._remote is not None:
+            await self._end_remote(kill)
+            return
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -228,13 +298,8 @@ class BlackoutProbe:
                 await proc.wait()
         if kill:
             return
-        line = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        try:
-            self.raw = json.loads(line[0])
-        except ValueError:
-            raise ProbeError(f"the blackout prober for {self.target} ended without a report "
-                             f"(exit {proc.returncode}): "
-                             f"{err.decode(errors='replace').strip()[-300:]}") from None
+        self._parse(out.decode(errors="replace"),
+                    f"exit {proc.returncode}: {err.decode(errors='replace').strip()[-300:]}")
 
     def report(self, switchover: float | None = None) -> BlackoutReport:
         """The blackout over the probed time; ``switchover`` (wall time): count the replies
@@ -244,4 +309,103 @@ class BlackoutProbe:
         return summarize(self.raw, switchover)
 
 
-__all__ = ["BlackoutProbe", "BlackoutReport", "ProbeError", "summarize", "switchover_time"]
+
+
+_PING_REPLY = re.compile(r"seq=(\d+) ")
+_PING_SENT = re.compile(r"(\d+) packets transmitted")
+
+
+class GuestPingProbe:
+    """``async with GuestPingProbe(peer_vm, address) as probe:`` probes ``address`` from a
+    peer guest: ``ping -i`` (busybox or iputils) in the background on the peer's serial
+    console, stopped with SIGINT for its totals; :meth:`report` afterwards. The blackout is
+    the longest run of lost pings plus one, times the interval: the resolution is the
+    interval, and no receive times are known (``replies_after_switchover`` and
+    ``max_reply_gap_ms`` stay None).
+
+    :raise ProbeError: the ping did not start (no first reply within ``PROBE_START_S``), or
+        its output could not be read back.
+    """
+
+    _serial = itertools.count(1)
+
+    def __init__(self, peer: "GuestVM", target: str, interval_ms: float = 10.0):
+        self.peer, self.target, self.interval_ms = peer, target, interval_ms
+        self._log = f"/tmp/migrator-probe.{target}.{next(self._serial)}"
+        self._session = None
+        self.output: str | None = None
+
+    @property
+    def _who(self) -> str:
+        return f"the blackout ping for {self.target} from {self.peer.name}"
+
+    async def __aenter__(self) -> "GuestPingProbe":
+        from ..errors import GuestError
+        log = quote(self._log)
+        try:
+            self._session = await self.peer.wait_for_login(PROBE_START_S)  # its one session
+            await self._session.cmd(
+                f"ping -i {self.interval_ms / 1000:g} {quote(self.target)} >{log} 2>&1 "
+                f"</dev/null & echo $! >{log}.pid")
+            await self._session.cmd(f"until grep -q 'seq=' {log}; do sleep 0.01; done",
+                                    timeout=PROBE_START_S)
+        except (GuestError, HostError, OSError) as exc:
+            await shielded(self._end(read=False))
+            raise ProbeError(f"{self._who} did not start: {exc}") from None
+        except BaseException:
+            await shielded(self._end(read=False))
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await shielded(self._end(read=exc[0] is None))
+
+    async def _end(self, read: bool) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        from ..errors import GuestError
+        log = quote(self._log)
+        try:
+            out = await session.cmd(f"kill -INT $(cat {log}.pid) 2>/dev/null; "
+                                    f"while kill -0 $(cat {log}.pid) 2>/dev/null; do "
+                                    f"sleep 0.01; done; cat {log}; rm -f {log} {log}.pid",
+                                    timeout=PROBE_END_S)
+        except (GuestError, HostError, OSError) as exc:
+            if read:
+                raise ProbeError(f"{self._who} did not report: {exc}") from None
+            return
+        if read:
+            self.output = out
+
+    def report(self, switchover: float | None = None) -> BlackoutReport:
+        """The blackout seen by the pings (``switchover`` is not used: no receive times).
+        :raise ProbeError: the probe has not ended with its output."""
+        if self.output is None:
+            raise ProbeError(f"no report from {self._who}")
+        return summarize_pings(self.output, self.target, self.interval_ms)
+
+
+def summarize_pings(output: str, target: str, interval_ms: float) -> BlackoutReport:
+    """The report of a ``ping -i`` run's output (its replies' ``seq=`` and its totals)."""
+    got = sorted({int(m.group(1)) for m in _PING_REPLY.finditer(output)})
+    sent_m = _PING_SENT.search(output)
+    sent = int(sent_m.group(1)) if sent_m else (got[-1] + 1 if got else 0)
+    report = BlackoutReport(target=target, interval_ms=interval_ms, sent=sent,
+                            received=len(got), lost=max(0, sent - len(got)), blackout_ms=None)
+    if not got:
+        report.recovered, report.lost_in_blackout = sent == 0, sent
+        return report
+    runs = [(b - a - 1, True) for a, b in zip(got, got[1:])]
+    runs.append((sent - 1 - got[-1], False))          # pings lost after the last reply
+    lost, recovered = max(runs, key=lambda r: (r[0], r[1])) if runs else (0, True)
+    # a trailing run of one or two is the last pings still in flight when stopped
+    if not recovered and lost <= 2:
+        lost, recovered = max((r for r in runs if r[1]), default=(0, True))
+    report.blackout_ms = (lost + 1) * interval_ms if lost else 0.0
+    report.lost_in_blackout, report.recovered = lost, recovered
+    return report
+
+
+__all__ = ["BlackoutProbe", "BlackoutReport", "GuestPingProbe", "ProbeError", "summarize",
+           "summarize_pings", "switchover_time"]
