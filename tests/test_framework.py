@@ -323,6 +323,10 @@ async def test_ctrl_c_mid_migration_rolls_back_and_leaves_nothing(inventory, lab
     (["-m", "hostA,hostB", "-p", "timeouts.barrier_s=-1", "ping_pong"], "timeouts.barrier_s"),
     (["-m", "hostA,hostB", "-p", "driver=xen", "ping_pong"], "driver must be"),
     (["-m", "hostA,hostB", "-p", "vms.vm1.mem_mib=1", "ping_pong"], "vms.vm1.mem_mib"),
+    (["-m", "hostA,hostB", "-p", "network.probe_from=hostZ", "ping_pong"],
+     "network.probe_from 'hostZ': not a host of the inventory"),
+    (["-m", "hostA,hostB", "-p", "network.probe_from=vm:vm1", "ping_pong"],
+     "network.probe_from vm:vm1: no declared VM 'vm1' with network: bridge and an ip"),
 ])
 async def test_bad_input_is_one_line_and_exit_2(inventory, tmp_path, args, message):
     rc, out, err = await migrate_run(inventory, tmp_path, *args, timeout=60)
