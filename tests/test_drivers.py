@@ -14,7 +14,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from migrator.errors import MigrationError
+from migrator.errors import GuestError, MigrationError
+from migrator.framework import dhcp_leases
 from migrator.hosts import SSHHost
 from migrator.hypervisor import make_vm
 from migrator.hypervisor.libvirt_uri import host_uri
@@ -71,7 +72,8 @@ def vm_mac():
 @pytest.fixture
 def vm_net():
     """The NIC's network: None (``network: user`` when a MAC is given), or ``bridge``: on the
-    lab's guest network, at :func:`guest_ip` (a test overrides this)."""
+    lab's guest network, at :func:`guest_ip` (``bridge-dhcp``: which the guest asks DHCP
+    for); a test overrides this."""
     return None
 
 
@@ -87,8 +89,8 @@ async def vm(request, lab, hosts, inventory, config, guest_args, vm_mac, vm_net)
                   initrd=str(inventory.guest.initrd),
                   append=f"{inventory.guest.append} lab.out=ttyS1 {guest_args}".strip(),
                   mac=vm_mac, **({} if vm_net is None else dict(
-                      network=vm_net, bridge=inventory.guest_bridge_of("hostA"),
-                      ip=guest_ip(inventory))))
+                      network="bridge", bridge=inventory.guest_bridge_of("hostA"),
+                      ip=guest_ip(inventory), dhcp=vm_net == "bridge-dhcp")))
     the_vm = make_vm(driver, spec, hosts["hostA"], str(inventory.run_dir), config)
     the_vm.driver = driver
     await the_vm.start()
@@ -414,6 +416,32 @@ async def test_a_bridged_guest_keeps_mac_and_address_and_stays_reachable(
             src = "hostA" if dst == "hostB" else "hostB"
             assert not (await hosts[src].run(f"ip link show {vm.paths.tap}")).ok
             assert (await hosts[dst].run(f"ip link show {vm.paths.tap}")).ok
+    await vm.stop()
+
+
+@pytest.mark.parametrize("vm", ["qemu"], indirect=True)
+@pytest.mark.parametrize("vm_mac, vm_net", [("02:6d:69:67:01:02", "bridge-dhcp")])
+async def test_a_guest_without_a_dhcp_lease_is_named_and_gets_its_address_once_it_has_one(
+        vm, inventory, vm_mac):
+    """A guest that asks DHCP for its address (``lab.ip=dhcp``) when the lab's dnsmasq has no
+    lease for its MAC (static leases only): ``wait_reachable`` fails naming host, VM, MAC and
+    the expected address. Once the lease is published, the guest's DHCP client (still asking)
+    gets it."""
+    server = inventory.guest_network.dhcp
+    with pytest.raises(GuestError) as info:
+        await vm.wait_reachable(timeout=3)
+    assert info.value.host == "hostA" and info.value.vm == vm.name
+    assert (f"not reachable at {vm.spec.ip} (MAC {vm_mac}, bridge gbr0, by DHCP"
+            in str(info.value)), str(info.value)
+    leases = server.hosts_dir / f"test-{vm.name}.hosts"
+    leases.write_text(f"{vm_mac},{vm.spec.address}\n")
+    try:
+        await vm.wait_reachable(timeout=30)
+        session = await vm.wait_for_login()
+        assert f"inet {vm.spec.ip} " in await session.cmd("ip -4 addr show eth0")
+        assert "default" not in await session.cmd("ip route")      # no route handed out
+    finally:
+        dhcp_leases.withdraw(server, leases)
     await vm.stop()
 
 
