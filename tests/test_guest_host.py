@@ -60,7 +60,7 @@ async def test_a_guest_is_used_like_a_host(guest, tmp_path, inventory, config):
     r = await g.run(long)
     assert r.stdout == "x" * 3000 + "\na\tb\n" and r.stderr == "second line\n", r
     # files: a round trip through the console, bytes exact
-    payload = os.urandom(300_000) + b"\r\n\x03\x04\x1b[6n"
+    payload = os.urandom(100_000) + b"\r\n\x03\x04\x1b[6n"
     (tmp_path / "up.bin").write_bytes(payload)
     tmp = await g.get_tmp_dir()
     assert tmp.startswith("/tmp/migrator.")
@@ -72,11 +72,11 @@ async def test_a_guest_is_used_like_a_host(guest, tmp_path, inventory, config):
     # over the console limit: refused before anything is sent, naming VM, host and step
     small = GuestHost(g.vm)
     small.config = config.model_copy(update={"limits": config.limits.model_copy(
-        update={"console_file_mib": 0.25})})
+        update={"console_file_mib": 0.05})})
     with pytest.raises(GuestError) as err:
         await small.send_file(tmp_path / "up.bin", f"{tmp}/too-big")
-    assert str(err.value) == (f"gh1 on hostD: send_file {tmp_path / 'up.bin'}: 300008 bytes "
-                              "is over the console transfer limit of 0.25 MiB "
+    assert str(err.value) == (f"gh1 on hostD: send_file {tmp_path / 'up.bin'}: 100008 bytes "
+                              "is over the console transfer limit of 0.05 MiB "
                               "(limits.console_file_mib)")
     with pytest.raises(GuestError, match=r"^gh1 on hostD: get_file /nope: .*No such file"):
         await g.get_file("/nope", tmp_path / "x")
