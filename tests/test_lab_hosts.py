@@ -192,7 +192,7 @@ async def test_missing_packages_named_before_anything_starts(lab, tmp_path):
     import shutil
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("ip", "unshare", "nsenter", "ssh-keygen", "ssh", "sh"):
+    for tool in ("ip", "unshare", "nsenter", "ssh-keygen", "ssh", "sh", "dnsmasq"):
         (bindir / tool).symlink_to(shutil.which(tool))
     result = await cli("up", "--name", "mtpkg", "--dir", str(lab_dir("mtpkg")),
                        "--subnet", "10.77.247.0/24", env={"PATH": str(bindir)})
