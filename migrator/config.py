@@ -415,6 +415,15 @@ class ReportSettings(_Strict):
     """How often a running migration's progress line is printed."""
 
 
+class PlanSettings(_Strict):
+    """Test plans (``migrate-run --plan``)."""
+
+    default_test_s: float = Field(60.0, gt=0)
+    """A test's expected duration when neither its history nor its ``expected_s`` says."""
+    stop_s: float = Field(600.0, gt=0)
+    """How long an interrupted test may take to roll back and clean up before it is killed."""
+
+
 def _default_state_dir() -> Path:
     return Path("/var/lib/migrator") if os.geteuid() == 0 else \
         Path("~/.local/state/migrator").expanduser()
@@ -542,6 +551,7 @@ class Config(_Strict):
     sync: SyncSettings = SyncSettings()
     report: ReportSettings = ReportSettings()
     journal: JournalSettings = JournalSettings()
+    plan: PlanSettings = PlanSettings()
     network: NetworkSettings = NetworkSettings()
     scenario: dict[str, Any] = {}
     """Free-form settings of the scenario being run (``-p scenario.rounds=5``)."""
@@ -626,6 +636,13 @@ class SSHSettings(_Strict):
     """An OpenSSH client config for tools that run plain ``ssh`` (``migrate-lab ssh``)."""
 
 
+class HostCapacity(_Strict):
+    """``capacity: {cpus, mem_mib}`` of an inventory host."""
+
+    cpus: float = Field(gt=0)
+    mem_mib: int = Field(gt=0)
+
+
 class HostEntry(_Strict):
     """One host of the inventory."""
 
@@ -635,6 +652,9 @@ class HostEntry(_Strict):
     """Where the destination QEMU listens for migrations, if not ``address``."""
     ssh: SSHSettings | None = None
     """Per-host SSH settings; fields not given here come from the inventory's ``ssh``."""
+    capacity: HostCapacity | None = None
+    """What the host may give to tests: a plan's ``queues: auto`` sizes its queues from it
+    (lab hosts share one machine, so what a host reports is not its capacity)."""
 
 
 class DhcpServer(_Strict):

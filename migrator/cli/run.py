@@ -26,7 +26,9 @@ SUBCOMMANDS = {
 def _epilog() -> str:
     width = max(map(len, SUBCOMMANDS))
     return "subcommands (migrate-run SUBCOMMAND --help):\n" + "\n".join(
-        f"  {name.ljust(width)}  {text}" for name, (_m, text) in SUBCOMMANDS.items())
+        f"  {name.ljust(width)}  {text}" for name, (_m, text) in SUBCOMMANDS.items()) + (
+        "\ntest plans (migrate-run --plan PLAN.yaml --help):\n"
+        "  migrate-run --plan PLAN.yaml --set NAME [--dry-run] [--fail-fast]")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -61,6 +63,9 @@ def run_main(argv: list[str] | None = None) -> int:
     bad input (before anything starts), 130 on Ctrl-C (after cleanup). ``migrate-run
     SUBCOMMAND ...`` goes to that subcommand's module."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--plan" or a.startswith("--plan=") for a in argv):
+        from .plan import main as plan_main
+        return plan_main(argv)
     if argv and argv[0] in SUBCOMMANDS:
         name = argv.pop(0)
         if name != "run":
@@ -210,3 +215,7 @@ async def _recover_first(ctx, hosts: list[str]) -> bool:
               "for good: 'migrate-run recover --forget RUN-ID'), then run again",
               file=sys.stderr)
     return report.ok
+
+
+if __name__ == "__main__":           # how a plan starts each of its tests
+    sys.exit(run_main())

@@ -1,0 +1,186 @@
+"""Running a scheduled plan: each queue a pipeline, queues concurrently.
+
+::
+
+    runs = await PlanRunner(plan, placements, inventory_path, out_dir, ...).run()
+
+Each test is one ``migrate-run`` (a process of its own: its own run id, journal, sync server
+and results directory ``<out_dir>/<test>/<run-id>/``), over the hosts of the queues it holds,
+with a config of its own written next to it (``<out_dir>/<test>/config.yaml``: the test's
+config file and ``params``, and as its only address pool the range of its first queue). A
+test starts when it is at the head of every queue it holds (:mod:`.schedule`: no deadlock).
+
+A failing test does not stop the other queues; with ``fail_fast`` the first failure stops
+the plan: the running tests are interrupted (SIGINT: each rolls back and cleans up as a
+single run does) and the rest are skipped. Cancelling :meth:`PlanRunner.run` (Ctrl-C) does
+the same, then re-raises. Every child is waited for: none is left behind.
+
+Statuses: ``passed`` (exit 0), ``failed`` (1), ``interrupted`` (130), ``errored`` (any other
+exit, e.g. 2: bad input the plan's own checks did not see), ``skipped`` (never started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ..aio import shielded
+from ..config import Config
+from .model import Plan
+from .schedule import History, Placement
+
+STATUS_OF_EXIT = {0: "passed", 1: "failed", 130: "interrupted"}
+
+
+@dataclass
+class TestRun:
+    placement: Placement
+    status: str = "pending"
+    exit_status: int | None = None
+    started_s: float | None = None
+    """Seconds from the plan's start."""
+    duration_s: float | None = None
+    dir: Path | None = None
+    """The test's directory: its config, output, and its run's results below."""
+
+    @property
+    def name(self) -> str:
+        return self.placement.test.name
+
+    def results_dir(self) -> Path | None:
+        """The run's results directory (the one holding ``run.json``), if it wrote one."""
+        if self.dir is None:
+            return None
+        found = sorted(p.parent for p in self.dir.glob("*/run.json"))
+        return found[-1] if found else None
+
+
+def config_for(plan: Plan, p: Placement) -> dict:
+    """The config the test runs with: its file and params and, when its first queue owns a
+    range, that range as its only address pool (a queue without a range leaves the test's
+    own pools, if any: claims keep runs apart). :raise ConfigError: (checked when the plan
+    loaded)."""
+    test = p.test
+    rng = plan.queue_range.get(p.queues[0])
+    pool = {f"network.pools.{rng}": plan.ranges[rng].model_dump(mode="json")} if rng else {}
+    data = Config.load(test.config, {**test.spec.params, **pool}).model_dump(
+        mode="json", exclude_unset=True)
+    if rng is not None:
+        data["network"]["pools"] = {rng: plan.ranges[rng].model_dump(mode="json")}
+        Config.model_validate(data)
+    return data
+
+
+class PlanRunner:
+    def __init__(self, plan: Plan, placements: list[Placement], inventory: str | Path,
+                 out_dir: Path, history: History, *, fail_fast: bool = False,
+                 say: Callable[[str], None] = print, stop_timeout_s: float = 600.0):
+        self.plan, self.placements = plan, placements
+        self.inventory, self.out_dir, self.history = str(inventory), out_dir, history
+        self.fail_fast, self.say, self.stop_timeout_s = fail_fast, say, stop_timeout_s
+        self.runs = [TestRun(p) for p in placements]
+        self.t0 = 0.0
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._stopping = False
+
+    async def run(self) -> list[TestRun]:
+        """Run every test (see the module). Returns the runs in the global order.
+        :raise asyncio.CancelledError: cancelled (after every child ended)."""
+        self.t0 = time.monotonic()
+        heads = {q: deque(r for r in self.runs if q in r.placement.queues)
+                 for q in self.plan.queues}
+        running: dict[asyncio.Task, TestRun] = {}
+        try:
+            while True:
+                if not self._stopping:
+                    for r in self.runs:
+                        if r.status == "pending" and all(
+                                heads[q][0] is r for q in r.placement.queues):
+                            r.status = "running"
+                            running[asyncio.create_task(self._run_one(r))] = r
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    r = running.pop(task)
+                    task.result()                    # a bug in _run_one: raised here
+                    for q in r.placement.queues:
+                        heads[q].popleft()
+                    if r.status != "passed" and self.fail_fast and not self._stopping:
+                        self.say(f"[plan] {r.name} {r.status}: --fail-fast stops the plan")
+                        self._stop()
+        except BaseException:
+            self._stop()
+            if running:
+                await shielded(asyncio.wait(running))
+            raise
+        finally:
+            for r in self.runs:
+                if r.status == "pending":
+                    r.status = "skipped"
+        return self.runs
+
+    def _stop(self) -> None:
+        """No test starts any more; the running ones are interrupted (SIGINT)."""
+        self._stopping = True
+        for proc in self._procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+
+    async def _run_one(self, r: TestRun) -> None:
+        p = r.placement
+        r.dir = self.out_dir / r.name
+        r.dir.mkdir(parents=True, exist_ok=True)
+        config_file = r.dir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(config_for(self.plan, p), sort_keys=False))
+        argv = [sys.executable, "-m", "migrator.cli.run", "-i", self.inventory,
+                "-c", str(config_file), "-o", str(r.dir), "-m", ",".join(p.hosts)]
+        if p.test.spec.all_hosts:
+            argv += ["-a", "all"]
+        argv.append(p.test.scenario)
+        r.started_s = time.monotonic() - self.t0
+        self.say(f"[plan] {r.name} on {' '.join(p.queues)}: started")
+        with open(r.dir / "output.log", "wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        self._procs[r.name] = proc
+        try:
+            r.exit_status = await self._wait(proc)
+        finally:
+            self._procs.pop(r.name, None)
+        r.duration_s = time.monotonic() - self.t0 - r.started_s
+        r.status = STATUS_OF_EXIT.get(r.exit_status, "errored")
+        if r.status in ("passed", "failed"):
+            self.history.record(p.test, r.duration_s)
+        where = r.results_dir() or r.dir
+        self.say(f"[plan] {r.name} on {' '.join(p.queues)}: {r.status} in "
+                 f"{r.duration_s:.1f} s ({where})")
+
+    async def _wait(self, proc: asyncio.subprocess.Process) -> int:
+        """Its exit status; if it outlives an interrupt by ``stop_timeout_s``, killed."""
+        try:
+            return await proc.wait()
+        finally:
+            if proc.returncode is None:          # cancelled: interrupt it, then wait
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+
+
+__all__ = ["PlanRunner", "TestRun", "config_for"]
