@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -269,3 +270,35 @@ async def test_dry_run_prints_the_assignment_and_the_makespan_and_starts_nothing
     assert set(rows) == {"one", "net"} and rows["net"][3] in ("hostA/1", "hostA/2", "hostB/1")
     assert lines[-1].startswith("set nightly: 2 tests on 7 queues; predicted makespan 60 s")
     assert not (tmp_path / "results").exists()
+
+
+async def test_ctrl_c_interrupts_every_running_test_and_skips_the_rest(inventory, tmp_path,
+                                                                      no_leaks):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""\
+hosts: {{hostA: {{queues: 1}}, hostB: {{queues: 1}}}}
+tests:
+  first: {{scenario: {STEP}, expected_s: 100, params: {{scenario.sleep_s: 120}}}}
+  second: {{scenario: {STEP}, expected_s: 10}}
+sets: {{all: {{}}}}
+""")
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "--plan", str(plan), "--set", "all", "-i",
+        str(inventory.source), "-o", str(tmp_path / "r"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    seen = []
+    async with asyncio.timeout(120):               # until its run is under way
+        while not any("first on" in ln and ln.rstrip().endswith("started") for ln in seen):
+            line = (await proc.stdout.readline()).decode()
+            assert line, "".join(seen)
+            seen.append(line)
+        while not list((tmp_path / "r").glob("plan-*/first/*/journal.jsonl")):
+            await asyncio.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 130, "".join(seen) + out.decode() + err.decode()
+    assert "plan interrupted" in err.decode()
+    (out_dir,) = [p for p in (tmp_path / "r").iterdir() if p.is_dir()]
+    data = json.loads((out_dir / "plan.json").read_text())
+    assert {t["name"]: t["status"] for t in data["tests"]} == {"first": "interrupted",
+                                                               "second": "skipped"}
