@@ -302,3 +302,39 @@ sets: {{all: {{}}}}
     data = json.loads((out_dir / "plan.json").read_text())
     assert {t["name"]: t["status"] for t in data["tests"]} == {"first": "interrupted",
                                                                "second": "skipped"}
+
+
+def test_free_queues_go_to_tests_in_order_and_a_waiting_test_keeps_its_own(tmp_path):
+    """The runner's choice at one moment: tests in the global order take free queues; one
+    that must wait for a busy queue keeps the free ones it would take from the tests after
+    it; tests over crossing queues start one at a time."""
+    from migrator.plan.runner import PlanRunner
+    inv = fake_inventory(tmp_path)
+    plan = load_plan(write_plan(tmp_path, f"""\
+hosts: {{hostA: {{queues: 2}}, hostB: {{queues: 1}}, hostC: {{queues: 1}}, hostD: {{queues: 1}}}}
+tests:
+  x: {{scenario: {STEP}, where: [hostA/1, hostB/1], expected_s: 50}}
+  y: {{scenario: {STEP}, where: [hostB/1, hostA/1], expected_s: 40}}
+  z: {{scenario: {STEP}, expected_s: 30}}
+  w: {{scenario: {STEP}, expected_s: 20}}
+  v: {{scenario: {STEP}, expected_s: 5}}
+sets: {{all: {{}}}}
+"""), inv, "all")
+    expected = {"x": 50, "y": 40, "z": 30, "w": 20, "v": 5}
+    runner = PlanRunner(plan, schedule(plan, expected), inv.source, tmp_path / "out",
+                        History.load(tmp_path))
+    assert [r.name for r in runner.runs] == ["x", "z", "w", "y", "v"]   # predicted starts
+
+    def at(status: dict, busy: set) -> dict:
+        for r in runner.runs:
+            r.status = status.get(r.name, "pending")
+        return {r.name: q for r, q in runner._startable(busy)}
+
+    assert at({}, set()) == {"x": ["hostA/1", "hostB/1"], "z": ["hostA/2", "hostC/1"]}
+    # x ended, z and w run: hostA/1 and hostD/1 are free; y waits for hostB/1 and keeps
+    # hostA/1, so v (which would take hostA/1 and hostD/1) does not start before it
+    assert at({"x": "passed", "z": "running", "w": "running"},
+              {"hostA/2", "hostC/1", "hostB/1"}) == {}
+    # w ended: y takes its crossing queues; v finds one host free only
+    assert at({"x": "passed", "z": "running", "w": "passed"},
+              {"hostA/2", "hostC/1"}) == {"y": ["hostB/1", "hostA/1"]}

@@ -7,8 +7,16 @@
 Each test is one ``migrate-run`` (a process of its own: its own run id, journal, sync server
 and results directory ``<out_dir>/<test>/<run-id>/``), over the hosts of the queues it holds,
 with a config of its own written next to it (``<out_dir>/<test>/config.yaml``: the test's
-config file and ``params``, and as its only address pool the range of its first queue). A
-test starts when it is at the head of every queue it holds (:mod:`.schedule`: no deadlock).
+config file and ``params``, and as its only address pool the range of its first queue).
+
+**Which queues, when.** The tests keep the global order the schedule gave them (longest
+expected first): whenever queues are free, each pending test in that order takes free queues —
+its fixed places (``where``, ``assign``), the rest on other hosts — and starts once it has all
+it needs; a test that must still wait keeps the free queues it would take from the tests after
+it (so it is never passed over for ever). A test holds no queue while it waits, so tests over
+crossing queues never wait on each other: no deadlock. Queues are bound when a test starts,
+not when the plan is made: a test takes the queue that really freed first, whatever the
+estimates said (``plan.json`` records where each ran; ``--dry-run`` shows the prediction).
 
 A failing test does not stop the other queues; with ``fail_fast`` the first failure stops
 the plan: the running tests are interrupted (SIGINT: each rolls back and cleans up as a
@@ -27,7 +35,6 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,25 +104,25 @@ class PlanRunner:
         """Run every test (see the module). Returns the runs in the global order.
         :raise asyncio.CancelledError: cancelled (after every child ended)."""
         self.t0 = time.monotonic()
-        heads = {q: deque(r for r in self.runs if q in r.placement.queues)
-                 for q in self.plan.queues}
         running: dict[asyncio.Task, TestRun] = {}
+        busy: set[str] = set()
         try:
             while True:
                 if not self._stopping:
-                    for r in self.runs:
-                        if r.status == "pending" and all(
-                                heads[q][0] is r for q in r.placement.queues):
-                            r.status = "running"
-                            running[asyncio.create_task(self._run_one(r))] = r
+                    for r, queues in self._startable(busy):
+                        r.placement.queues = queues
+                        busy.update(queues)
+                        r.status = "running"
+                        running[asyncio.create_task(self._run_one(r))] = r
                 if not running:
+                    if any(r.status == "pending" for r in self.runs) and not self._stopping:
+                        raise RuntimeError("plan: tests pending, none running, none can start")
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     r = running.pop(task)
                     task.result()                    # a bug in _run_one: raised here
-                    for q in r.placement.queues:
-                        heads[q].popleft()
+                    busy.difference_update(r.placement.queues)
                     if r.status != "passed" and self.fail_fast and not self._stopping:
                         self.say(f"[plan] {r.name} {r.status}: --fail-fast stops the plan")
                         self._stop()
@@ -129,6 +136,52 @@ class PlanRunner:
                 if r.status == "pending":
                     r.status = "skipped"
         return self.runs
+
+    def _startable(self, busy: set[str]) -> list[tuple[TestRun, list[str]]]:
+        """The tests to start now, with their queues: the pending ones in the global order,
+        each given free queues (its fixed places, the rest on other hosts). One that cannot
+        start yet keeps the free queues it would take from the tests after it, so it is never
+        passed over for ever; none holds a queue while it waits."""
+        free = [q for q in self.plan.queues if q not in busy]
+        out = []
+        for r in self.runs:
+            if r.status != "pending":
+                continue
+            chosen, complete = self._pick(r.placement.test, free)
+            for q in chosen:
+                free.remove(q)
+            if complete:
+                out.append((r, chosen))
+        return out
+
+    def _pick(self, test, free: list[str]) -> tuple[list[str], bool]:
+        """The free queues ``test`` would take now (its first one first: the one whose range
+        it uses), and whether they are all it needs."""
+        host_of, ranged = self.plan.host_of, self.plan.queue_range
+        chosen: list[str] = []
+        hosts: set[str] = set()
+        missing = 0
+        for n, place in enumerate(test.fixed):
+            want_range = test.needs_range and n == 0
+            options = [q for q in free if q not in chosen and (q == place or (
+                "/" not in place and host_of(q) == place and (not want_range or q in ranged)))]
+            if options:
+                chosen.append(options[0])
+            else:
+                missing += 1
+            hosts.add(host_of(place) if "/" in place else place)
+        need = test.spec.hosts - len(test.fixed)
+        first_needs_range = test.needs_range and not test.fixed
+        for q in free:
+            if need == 0:
+                break
+            if q in chosen or host_of(q) in hosts or (first_needs_range and q not in ranged):
+                continue
+            chosen.append(q)
+            hosts.add(host_of(q))
+            need -= 1
+            first_needs_range = False
+        return chosen, missing == 0 and need == 0
 
     def _stop(self) -> None:
         """No test starts any more; the running ones are interrupted (SIGINT)."""

@@ -15,10 +15,9 @@ them frees. Queues or hosts a test is given (``where:``, a set's ``assign:``) ar
 given; the scheduler picks the rest. Expected durations are the median of the test's last
 runs (a history file next to the results), else its ``expected_s``, else a default.
 
-**No deadlock.** The placements have one global order (predicted start, then place order);
-each queue runs its tests in that order, and a test starts only when it is at the head of
-every queue it holds. The first unfinished test in the global order is at the head of all its
-queues, so it can always start: tests that hold crossing queues never wait on each other.
+**The global order.** The placements have one order (predicted start, then place order):
+the runner (:mod:`.runner`) starts tests in it, each taking the queues that are really free
+when its turn comes; the queues here are the prediction ``--dry-run`` prints.
 """
 
 from __future__ import annotations
