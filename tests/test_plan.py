@@ -89,6 +89,8 @@ BAD = [
      ":10: tests.one.params: config: unknown key 'frob'"),
     ("  one: {scenario: ping_pong,", "  one: {scenario: ping_pong, colour: red,",
      ":10: tests.one.colour: unknown key"),
+    ("  one: {scenario: ping_pong,", "  one: {scenario: tasks.yaml, all_hosts: true,",
+     ":10: tests.one.all_hosts: a task list or VM group job runs over all its hosts already"),
     ("    no: [slow]", "    no: [slwo]", ":17: sets.nightly.no.[0]: 'slwo' is no test and no tag"),
     ("    no: [slow]", "    no: [quick, net]", ":15: sets.nightly: set nightly selects no test"),
     ("    no: [slow]", "    assign: {hostQ/1: [one]}",

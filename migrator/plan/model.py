@@ -307,6 +307,9 @@ def _test(name: str, t: PlanTest, doc: LocatedYAML, base: Path, plan: PlanFile,
     if t.hosts == 1 and not t.scenario.endswith((".yaml", ".yml")):
         raise ConfigError(f"{doc.at(*where, 'hosts')}: a scenario needs at least 2 hosts "
                           "(1 host: a task list or VM group job)")
+    if t.all_hosts and t.scenario.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{doc.at(*where, 'all_hosts')}: a task list or VM group job runs "
+                          "over all its hosts already")
     if t.hosts > 2 and t.hosts % 2 and not t.all_hosts \
             and not t.scenario.endswith((".yaml", ".yml")):
         raise ConfigError(f"{doc.at(*where, 'hosts')}: {t.hosts} hosts cannot be paired "
