@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
                            "(longest expected first) unless the plan says where.",
                usage="migrate-run --plan PLAN.yaml --set NAME [options]")
     p.add_argument("--plan", required=True, help="the plan file (configs/README.md)")
-    p.add_argument("--set", required=True, dest="set_name", help="the test set to run")
+    p.add_argument("--set", required=True, dest="set_name", metavar="NAME",
+                   help="the test set to run")
     p.add_argument("--dry-run", action="store_true",
                    help="print the assignment and the predicted makespan; start nothing")
     p.add_argument("--fail-fast", action="store_true",
