@@ -12,14 +12,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ..report.results import write_json
+from ..report.table import text_table
 from .model import Plan
 from .runner import TestRun
-from .schedule import makespan
+from .schedule import makespan, packing_bound
 
 COUNTED = ("passed", "failed", "errored", "interrupted", "skipped")
 
@@ -53,9 +54,7 @@ def write_plan_results(plan: Plan, runs: list[TestRun], out_dir: Path, meta: dic
                        "started_s": None if r.started_s is None else round(r.started_s, 3),
                        "duration_s": None if r.duration_s is None else round(r.duration_s, 3),
                        "results": str(r.results_dir() or r.dir or "")} for r in runs]}
-    tmp = out_dir / "plan.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(out_dir / "plan.json")
+    write_json(out_dir / "plan.json", data)
     (out_dir / "junit.xml").write_text(junit_xml(plan, runs))
     return data
 
@@ -108,9 +107,7 @@ def summary_table(plan: Plan, runs: list[TestRun], wall_s: float) -> str:
         rows.append([q, plan.queue_range.get(q) or "-", str(len(mine)),
                      *(str(sum(r.status == s for r in mine)) for s in COUNTED),
                      f"{sum(r.duration_s or 0 for r in mine):.1f}"])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
-             for r in [cols, ["-" * w for w in widths], *rows]]
+    lines = text_table(cols, rows)
     f = figures(plan, runs)
     counts = ", ".join(f"{sum(r.status == s for r in runs)} {s}" for s in COUNTED
                        if any(r.status == s for r in runs))
@@ -128,12 +125,8 @@ def dry_run_table(plan: Plan, placements) -> str:
     cols = ["#", "test", "hosts", "queues", "start s", "end s", "expected s"]
     rows = [[str(p.order + 1), p.test.name, str(p.test.spec.hosts), " ".join(p.queues),
              f"{p.start:.0f}", f"{p.end:.0f}", f"{p.expected:.0f}"] for p in placements]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(cols)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
-             for r in [cols, ["-" * w for w in widths], *rows]]
-    total = sum(p.expected * len(p.queues) for p in placements)
-    bound = total / max(1, len(plan.queues))
+    lines = text_table(cols, rows)
+    bound = packing_bound(placements, len(plan.queues))
     span = makespan(placements)
     lines.append(f"set {plan.set_name}: {len(placements)} tests on {len(plan.queues)} queues; "
                  f"predicted makespan {span:.0f} s, packing bound {bound:.0f} s"

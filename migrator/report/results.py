@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..framework.context import RunContext
+from .table import text_table
 
 
 def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
@@ -36,7 +37,7 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
                 "passed": rec.passed, "handled_by_scenario": rec.handled, "error": rec.error,
                 **{k: v for k, v in rec.result.items() if k not in ("vm", "src", "dst",
                                                                      "status", "error")}}
-        _write_json(mig_dir / f"{rec.mig_id}-{rec.vm}.json", body)
+        write_json(mig_dir / f"{rec.mig_id}-{rec.vm}.json", body)
     run = {"run_id": ctx.run_id, "verdict": "passed" if ctx.verdict else "failed", **meta,
            "instances": [vars(i) for i in ctx.instances],
            "migrations": [{"mig_id": m.mig_id, "vm": m.vm, "src": m.src, "dst": m.dst,
@@ -46,8 +47,8 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
     if ctx.tasks:
         run["tasks"] = {status: len([t for t in ctx.tasks if t.status == status])
                         for status in sorted({t.status for t in ctx.tasks})}
-        _write_json(out_dir / "tasks.json", [t.to_json() for t in ctx.tasks])
-    _write_json(out_dir / "run.json", run)
+        write_json(out_dir / "tasks.json", [t.to_json() for t in ctx.tasks])
+    write_json(out_dir / "run.json", run)
     (out_dir / "junit.xml").write_text(junit_xml(ctx, meta.get("scenario", "scenario")))
     return out_dir
 
@@ -129,9 +130,7 @@ def summary_table(ctx: RunContext) -> str:
                      f"{r['throughput_mbps']:.0f}" if r.get("throughput_mbps") else "-",
                      str(r.get("iterations") or "-"),
                      f"{r['overhead_s']:.3f} s" if r.get("overhead_s") is not None else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows[0], rows[1:])
     if ctx.tasks:
         from ..framework.tasks import TaskResults
         lines += ["", TaskResults(ctx.tasks).table(), ""]
@@ -150,7 +149,8 @@ def _ms(v) -> str:
     return f"{v:.0f} ms" if isinstance(v, float) else f"{v} ms"
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, atomically (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
