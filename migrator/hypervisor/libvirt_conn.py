@@ -309,7 +309,10 @@ class LibvirtConnection:
         with self._lock:
             running = set(self._running)
         if running:
-            await asyncio.wait([asyncio.wrap_future(f) for f in running], timeout=timeout)
+            waiters = [asyncio.wrap_future(f) for f in running]
+            for waiter in waiters:      # one that ends after the timeout fails unheard: its
+                waiter.add_done_callback(_log_abandoned)   # error is logged, not "never
+            await asyncio.wait(waiters, timeout=timeout)   # retrieved" (a SPLIT's migrate3)
         with self._lock:
             if self._running:
                 log.warning("[host=%s] libvirt connection #%d: %d call(s) still running; "
