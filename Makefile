@@ -32,6 +32,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/guest_console.py
 	$(PY) bench/parallel_vms.py
 	$(PY) bench/blackout.py
+	$(PY) bench/converge.py
 	$(PY) bench/plan.py
 
 lab-up: setup

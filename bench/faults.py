@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from migrator.config import Config, Inventory  # noqa: E402
+from migrator.config import Config, Inventory, MigrationSettings  # noqa: E402
 from migrator.errors import MigrationError  # noqa: E402
 from migrator.hosts import SSHHost  # noqa: E402
 from migrator.hypervisor import make_vm  # noqa: E402
@@ -455,8 +455,9 @@ def main() -> int:
         print(f"faults.py: error: unknown {', '.join(bad)}", file=sys.stderr)
         return 2
     config = Config()
-    config = config.model_copy(update={"timeouts": config.timeouts.model_copy(update={
-        "migration_stall_s": 4.0, "migration_setup_s": 30.0, "migration_s": 60.0})})
+    config = config.model_copy(update={
+        "timeouts": config.timeouts.model_copy(update={"migration_setup_s": 30.0}),
+        "migration": MigrationSettings(policy={"stall_s": 4.0, "completion_s": 60.0})})
     lab = Lab(NAME, DIR, config)
     asyncio.run(lab.up(["hostA", "hostB"], SUBNET, libvirt="libvirt" in drivers, accel="tcg"))
     cells, skipped = [], []

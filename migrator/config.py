@@ -85,16 +85,8 @@ class Timeouts(_Strict):
     host_reboot_s: float = Field(600.0, gt=0)
     """Default for ``reboot``: going down, firmware, boot, sshd. A lab host takes ~0.2 s."""
 
-    migration_s: float = Field(600.0, gt=0)
-    """One migration from 'migrate' to completion. A lab guest takes under a second; a
-    busy 16 GiB guest over 10 Gbit/s takes tens of seconds; auto-converge can take minutes."""
-
     migration_setup_s: float = Field(60.0, gt=0)
     """Starting the destination QEMU and getting it listening."""
-
-    migration_stall_s: float = Field(60.0, gt=0)
-    """A running migration that moves no bytes for this long is stalled (a blocked link or a
-    hung destination: TCP alone would retry for ~15 minutes) and is cancelled."""
 
     migration_cancel_s: float = Field(30.0, gt=0)
     """QEMU to acknowledge migrate_cancel (it answers in milliseconds; the guard is for a
@@ -105,10 +97,6 @@ class Timeouts(_Strict):
 
     host_cleanup_s: float = Field(30.0, gt=0)
     """Cleanup commands on close (removing tmp dirs, killing a timed-out command's group)."""
-
-    migration_s_per_gib: float = Field(60.0, ge=0)
-    """Added to ``migration_s`` per GiB of guest memory (see :meth:`migration_for`): at the
-    ~1 Gbit/s of a TCG lab a GiB takes ~10 s; a real dirtying guest many times that."""
 
     libvirt_call_s: float = Field(60.0, gt=0)
     """One libvirt API call other than the migration itself (define, start, job stats,
@@ -141,15 +129,21 @@ class Timeouts(_Strict):
     thread is given to return. Its calls into migrator raise CancelledError at once; code
     that never calls back cannot be stopped, and is reported with where it runs."""
 
-    def migration_for(self, mem_mib: int) -> float:
-        """The migration timeout for a guest of ``mem_mib``: ``migration_s`` plus
-        ``migration_s_per_gib`` per GiB."""
-        return self.migration_s + self.migration_s_per_gib * mem_mib / 1024
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, where in MOVED_TO_POLICY.items():
+                if key in data:
+                    raise ValueError(f"timeouts.{key} is now migration.policy.{where} (the "
+                                     "convergence policy decides when a migration has "
+                                     "taken too long)")
+        return data
 
-    def migration_finished_for(self, mem_mib: int) -> float:
-        """How long a host waits at a pair's "migration finished" barrier: the whole
-        migration (setup, transfer, checks) of the largest VM."""
-        return self.migration_setup_s + self.migration_for(mem_mib) + self.guest_boot_s
+
+#: timeouts that became part of the convergence policy, and their new names
+MOVED_TO_POLICY = {"migration_s": "completion_s", "migration_s_per_gib": "completion_s_per_gib",
+                   "migration_stall_s": "stall_s"}
 
 
 class Limits(_Strict):
@@ -194,6 +188,111 @@ class LabDefaults(_Strict):
     guest_mem_mib: int = Field(128, ge=32)
 
 
+#: what a convergence policy can do when a limit is hit, in the order given
+POLICY_ACTIONS = ("auto-converge", "postcopy", "pause", "abort")
+
+
+class DowntimeRamp(_Strict):
+    """Nova's downtime steps (``live_migration_downtime*``): the tolerated downtime starts
+    low and is raised in ``steps`` equal steps to ``max_ms``, one step every
+    ``delay_s_per_gib`` seconds per GiB of guest memory."""
+
+    max_ms: int = Field(500, ge=1, le=2000)
+    """The last step (Nova: ``live_migration_downtime``, 500 ms). QEMU accepts up to 2000."""
+    steps: int = Field(10, ge=1, le=100)
+    """How many raises (Nova: ``live_migration_downtime_steps``, 10)."""
+    delay_s_per_gib: float = Field(75.0, gt=0)
+    """Seconds between two steps per GiB of guest memory (Nova:
+    ``live_migration_downtime_delay``, 75)."""
+    start_ms: int | None = Field(None, ge=1, le=2000)
+    """The first step; None: ``max_ms / steps`` as Nova does."""
+
+    @model_validator(mode="after")
+    def _rising(self) -> "DowntimeRamp":
+        if self.start_ms is not None and self.start_ms > self.max_ms:
+            raise ValueError(f"start_ms ({self.start_ms}) is above max_ms ({self.max_ms})")
+        return self
+
+    def schedule(self, mem_mib: int) -> list[tuple[float, int]]:
+        """(seconds after 'migrate', downtime ms) of every step, the first at 0."""
+        base = self.start_ms if self.start_ms is not None else max(1, self.max_ms // self.steps)
+        delay = self.delay_s_per_gib * mem_mib / 1024
+        return [(delay * i, round(base + (self.max_ms - base) * i / self.steps))
+                for i in range(self.steps + 1)]
+
+
+class ConvergencePolicy(_Strict):
+    """What to do with a migration that does not converge (``migration.policy``): two limits,
+    an ordered list of actions taken one per limit hit, and a downtime ramp.
+
+    * **completion**: not completed ``completion_s`` + ``completion_s_per_gib`` per GiB of
+      guest memory after 'migrate' (Nova: 800 s/GiB, KubeVirt: 150 s/GiB);
+    * **progress**: the remaining bytes did not reach a new low for ``progress_timeout_s``
+      (KubeVirt's progressTimeout, 150 s; off by default).
+
+    Each hit takes the next action and starts both clocks again. ``auto-converge`` throttles
+    the guest's vCPUs (raised at every pass), ``postcopy`` switches to postcopy, ``pause``
+    stops the guest so the rest is sent while it does not run (Nova's force-complete, virsh
+    ``--timeout-suspend``), ``abort`` rolls the migration back (the VM stays on its source).
+    The list ends in an action that ends the migration (``postcopy``, ``pause`` or ``abort``);
+    a hit after ``pause`` aborts; in postcopy only the completion limit applies, and a hit
+    there gives the migration up (SPLIT: nothing can be rolled back after the switchover). Decisions are taken at the iteration boundaries QEMU reports
+    (``abort`` at once); one pass that runs past a limit by a tenth of it is not waited for.
+
+    ``stall_s`` is not a convergence limit: no byte moved at all means a dead link or a hung
+    destination, which no throttle helps: precopy is rolled back, a postcopy recovered.
+
+    The defaults are migrator's behaviour before policies existed: abort (roll back) after
+    600 s + 60 s per GiB, or after 60 s without a byte moved.
+    """
+
+    completion_s: float = Field(600.0, gt=0)
+    """The completion limit's fixed part: a lab guest migrates in under a second; a busy
+    16 GiB guest over 10 Gbit/s in tens of seconds; auto-converge can take minutes."""
+    completion_s_per_gib: float = Field(60.0, ge=0)
+    """Added per GiB of guest memory: at the ~1 Gbit/s of a TCG lab a GiB takes ~10 s."""
+    progress_timeout_s: float | None = Field(None, gt=0)
+    """The progress limit; None: off."""
+    stall_s: float = Field(60.0, gt=0)
+    """No byte moved for this long: the link is blocked or the destination hung (TCP alone
+    would retry for ~15 minutes)."""
+    actions: list[str] = ["abort"]
+    """Taken one per limit hit, in this order (from :data:`POLICY_ACTIONS`)."""
+    downtime_ramp: DowntimeRamp | None = None
+    """Raise the tolerated downtime step by step; None: ``downtime_limit_ms`` throughout."""
+
+    @field_validator("actions")
+    @classmethod
+    def _ordered(cls, actions: list[str]) -> list[str]:
+        if not actions:
+            raise ValueError("give at least one action (e.g. [abort])")
+        for a in actions:
+            if a not in POLICY_ACTIONS:
+                raise ValueError(f"unknown action {a!r}: use {', '.join(POLICY_ACTIONS)}")
+        if len(set(actions)) != len(actions):
+            raise ValueError(f"an action is listed twice: {actions}")
+        if actions[-1] == "auto-converge":
+            raise ValueError(f"{actions} ends without an action that ends the migration: "
+                             "add postcopy, pause or abort after auto-converge")
+        why = {"abort": "the migration ends there",
+               "postcopy": "a postcopy cannot be throttled, paused or rolled back",
+               "pause": "the paused guest no longer dirties memory: only abort can follow"}
+        for a, after in zip(actions, actions[1:]):
+            if a in ("abort", "postcopy") or (a == "pause" and after != "abort"):
+                raise ValueError(f"{after!r} can never be taken after {a!r} ({why[a]})")
+        return actions
+
+    def completion_for(self, mem_mib: int) -> float:
+        """The completion limit for a guest of ``mem_mib``."""
+        return self.completion_s + self.completion_s_per_gib * mem_mib / 1024
+
+    def deadline_for(self, mem_mib: int) -> float:
+        """How long a migration may run in all, whatever it does: one completion window per
+        action and one more after the last, each with its tenth of grace. Never reached by a
+        policy that acts (it is the backstop should a driver fail to)."""
+        return self.completion_for(mem_mib) * 1.1 * (len(self.actions) + 1)
+
+
 class MigrationSettings(_Strict):
     """The knobs of one migration, their bounds and the rules between them: the one
     definition. It is the config's ``migration`` section (the defaults of every migration of a
@@ -216,9 +315,18 @@ class MigrationSettings(_Strict):
     """Parallel TCP channels, set on both ends (QEMU accepts 1..255); None: multifd off."""
     xbzrle_cache_mib: int | None = Field(None, ge=1)
     """XBZRLE delta compression with a cache of this size; None: off."""
+    policy: ConvergencePolicy = ConvergencePolicy()
+    """What to do when the migration does not converge (see :class:`ConvergencePolicy`)."""
 
     @model_validator(mode="after")
     def _compatible(self) -> "MigrationSettings":
+        if self.policy.downtime_ramp is not None and self.downtime_limit_ms is not None:
+            raise ValueError("downtime_limit_ms and policy.downtime_ramp cannot be combined "
+                             "(the ramp sets the downtime): set one of them")
+        if self.multifd_channels is not None and "postcopy" in self.policy.actions:
+            raise ValueError("multifd_channels and the policy action 'postcopy' cannot be "
+                             "combined (multifd and postcopy together are not supported "
+                             "here): drop one of them")
         if self.multifd_channels is not None:
             if self.postcopy_after_s is not None:
                 raise ValueError("multifd_channels and postcopy_after_s cannot be combined "
@@ -555,6 +663,12 @@ class Config(_Strict):
     network: NetworkSettings = NetworkSettings()
     scenario: dict[str, Any] = {}
     """Free-form settings of the scenario being run (``-p scenario.rounds=5``)."""
+
+    def migration_finished_for(self, mem_mib: int) -> float:
+        """How long a host waits at a pair's "migration finished" barrier: the whole
+        migration (setup, the policy's deadline, checks) of the largest VM."""
+        return (self.timeouts.migration_setup_s + self.migration.policy.deadline_for(mem_mib)
+                + self.timeouts.guest_boot_s)
 
     @field_validator("driver")
     @classmethod

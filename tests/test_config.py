@@ -109,8 +109,9 @@ def test_example_inventory_in_configs_is_valid():
 
 def test_example_run_config_in_configs_is_valid():
     cfg = Config.load(Path(__file__).parent.parent / "configs" / "run.example.yaml")
-    assert cfg.vms["db1"].mem_mib == 512 and cfg.migration.auto_converge
-    assert cfg.timeouts.migration_for(1024) == cfg.timeouts.migration_s + 60
+    assert cfg.vms["db1"].mem_mib == 512 and not cfg.migration.auto_converge
+    assert cfg.migration.policy.completion_for(1024) == 180
+    assert cfg.migration.policy.actions == ["auto-converge", "abort"]
 
 
 def test_dotted_overrides_reach_every_section():

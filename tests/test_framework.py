@@ -117,7 +117,7 @@ async def test_dest_block_long_fails_cleanly_short_completes(inventory, tmp_path
     """Long block: the engine's stall detection fails it (5 s); short block (1 s, shorter
     than TCP's retransmission backoff needs to resume) completes."""
     rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "dest_block",
-                                     "-p", "timeouts.migration_stall_s=5",
+                                     "-p", "migration.policy.stall_s=5",
                                      "-p", "scenario.long_block_s=60")
     assert rc == 0, out + err
     _, migs, _ = the_run(tmp_path)

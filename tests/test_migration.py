@@ -200,12 +200,14 @@ async def test_controller_task_cancelled_midway(make_vm, hosts, inventory):
 async def test_timeout_rolls_back(make_vm, hosts, inventory, config):
     vm = await make_vm()
     await vm.wait_for_login()
-    short = config.model_copy(update={"timeouts": config.timeouts.model_copy(
-        update={"migration_s": 1.0, "migration_s_per_gib": 0})})
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
-                  MigrationParams(bandwidth_mibs=4), short)
-    with pytest.raises(MigrationError, match=r"\[MIGRATING\]: timed out after 1 s"):
+                  MigrationParams(bandwidth_mibs=4, policy={"completion_s": 1.0,
+                                                            "completion_s_per_gib": 0}), config)
+    with pytest.raises(MigrationError, match=r"\[MIGRATING\]: convergence policy: not "
+                       r"completed [\d.]+ s after migrate \(limit 1 s\): aborted"):
         await m.run()
+    (decision,) = m.result.decisions
+    assert decision["trigger"] == "completion" and decision["action"] == "abort"
     await _alive_on_source(vm)
     await vm.stop()
 
@@ -247,10 +249,6 @@ def test_phase_edges_are_a_closed_table():
     assert all(EDGES[p] == set() for p in finals)
 
 
-def with_timeouts(config, **timeouts):
-    return config.model_copy(update={"timeouts": config.timeouts.model_copy(update=timeouts)})
-
-
 async def test_postcopy_switch_completes_with_memory_intact(make_vm, hosts, inventory):
     vm = await make_vm(mem=256, extra="lab.dirty=64")
     session = await vm.wait_for_login()
@@ -277,11 +275,9 @@ async def test_postcopy_link_lost_without_recovery_is_reported_split(make_vm, ho
     """With recovery off, a postcopy failure is what it is: SPLIT, the destination kept."""
     vm = await make_vm(extra="lab.dirty=32")
     await vm.wait_for_login()
-    quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
-        update={"migration_stall_s": 2.0})})
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
                   MigrationParams(bandwidth_mibs=16, postcopy_after_s=0.5,
-                                  postcopy_recoveries=0), quick)
+                                  postcopy_recoveries=0, policy={"stall_s": 2.0}), config)
     async with running(m.run()) as task:
         async for record in m.progress():
             if m.phase is Phase.POSTCOPY and record.status == "postcopy-active":
@@ -307,10 +303,9 @@ async def _postcopy_to_hostb(make_vm, hosts, inventory, config) -> Migration:
     vm = await make_vm(extra="lab.dirty=32")
     session = await vm.wait_for_login()
     await session.cmd("memsum write 16 4")
-    quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
-        update={"migration_stall_s": 2.0})})
     return Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
-                     MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5), quick)
+                     MigrationParams(bandwidth_mibs=8, postcopy_after_s=0.5,
+                                     policy={"stall_s": 2.0}), config)
 
 
 async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inventory,
@@ -397,7 +392,7 @@ async def test_destination_port_blocked_midway_is_a_stall(make_vm, hosts, invent
     vm = await make_vm()
     await vm.wait_for_login()
     m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
-                  MigrationParams(bandwidth_mibs=4), with_timeouts(config, migration_stall_s=3))
+                  MigrationParams(bandwidth_mibs=4, policy={"stall_s": 3}), config)
     async with running(m.run()) as run:
         await _active(m)
         table = "migrator_test_block"

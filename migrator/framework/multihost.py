@@ -217,7 +217,8 @@ class MultihostMigration(BlockingInWorkers):
         :param worker: run on the VMs before the migration (``def`` or ``async def``,
             taking the call's MigrationData); ``check_worker`` after it.
         :param params_append: migration parameters for this call over the run's
-            (``{"bandwidth_mibs": 8}``).
+            (``{"bandwidth_mibs": 8}``; ``{"policy": {"actions": ["postcopy"]}}`` changes
+            only those keys of the run's convergence policy).
         :raise ConfigError: bad VM names, hosts, callbacks or parameters (before anything
             starts).
         """
@@ -237,6 +238,9 @@ class MultihostMigration(BlockingInWorkers):
         for n in names:
             self.env.spec(n)
         settings = self.config.migration.model_dump() | (params_append or {})
+        if isinstance((params_append or {}).get("policy"), dict):  # over the run's policy
+            settings["policy"] = (self.config.migration.policy.model_dump(exclude_unset=True)
+                                  | params_append["policy"])
         try:
             params = MigrationParams(**settings)
         except ConfigError as exc:
@@ -459,7 +463,7 @@ class MultihostMigration(BlockingInWorkers):
                 await self._step("check_worker", md, self._call(check_worker, md,
                                                                 "check_worker"))
             await self.barrier(f"migration_finished:{md.mig_id}", md.hosts,
-                               self.config.timeouts.migration_finished_for(
+                               self.config.migration_finished_for(
                                    max(vm.spec.mem_mib for vm in md.vms)))
             self.context.say(f"[{md.mig_id}] done")
         except asyncio.CancelledError as exc:

@@ -542,7 +542,8 @@ class _RunRecovery:
             if not sending and not postcopy:
                 return copies
             if deadline is None:
-                limit = timeouts.migration_for(mem) if postcopy or postcopy_decided \
+                limit = self.config.migration.policy.completion_for(mem) \
+                    if postcopy or postcopy_decided \
                     else timeouts.migration_cancel_s
                 deadline = time.monotonic() + limit
             elif time.monotonic() > deadline:

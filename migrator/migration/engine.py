@@ -56,7 +56,8 @@ from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import MigrationError
 from ..hosts.ssh import SSHHost, quote
-from .params import MigrationParams
+from .params import THROTTLE_ON, MigrationParams
+from .policy import Decision, PolicyTracker
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,9 @@ class MigrationResult:
     #: event)? False: precopy converged before the switch. None: no postcopy asked for
     postcopy_switched: bool | None = None
     max_cpu_throttle: int = 0
+    #: what the convergence policy did, in order (see .policy.Decision): downtime steps,
+    #: auto-converge, postcopy, pause, abort, each with its trigger, reason and figures
+    decisions: list[dict] = field(default_factory=list)
     wall_s: float | None = None          #: 'migrate' issued -> completed seen
     run_s: float | None = None           #: the whole run(): destination start to cleanup
     overhead_s: float | None = None      #: run_s minus QEMU's total time
@@ -203,6 +207,7 @@ class BaseMigration(BlockingInWorkers):
         self._cancel_requested: str | None = None
         self._interrupted = False           # the caller's task was cancelled
         self._t_migrate: float | None = None
+        self._policy: PolicyTracker | None = None
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
                                       "pending", Phase.PENDING.value, driver=self.driver,
                                       params=self.params.model_dump())
@@ -291,7 +296,7 @@ class BaseMigration(BlockingInWorkers):
                 why, outcome))
             raise
         except TimeoutError as exc:
-            limit = (timeouts.migration_for(self.src_vm.spec.mem_mib)
+            limit = (self.params.policy.deadline_for(self.src_vm.spec.mem_mib)
                      if self.phase in (Phase.MIGRATING, Phase.POSTCOPY)
                      else timeouts.migration_setup_s)
             raise await self._fail(f"timed out after {limit:g} s", exc) from exc
@@ -318,6 +323,68 @@ class BaseMigration(BlockingInWorkers):
 
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done."""
+        raise NotImplementedError
+
+    # -- the convergence policy -------------------------------------------------------------
+
+    def _start_policy(self) -> PolicyTracker:
+        """The policy's tracker, its clocks started now ('migrate' is being issued)."""
+        self._t_migrate = time.monotonic()
+        self._policy = PolicyTracker(self.params.policy, self.src_vm.spec.mem_mib,
+                                     self._t_migrate)
+        return self._policy
+
+    async def _apply_policy(self) -> None:
+        """Carry out what the policy decides after the newest progress record; each decision
+        is recorded (``result.decisions``) and logged before it is carried out.
+
+        :raise MigrationError: the policy aborts (the caller rolls back), or carrying out a
+            decision failed.
+        """
+        if self._policy is None or not self.records:
+            return
+        for d in self._policy.step(self.records[-1], postcopy=self.phase is Phase.POSTCOPY):
+            self.result.decisions.append(d.to_json())
+            log.warning("[vm=%s %s->%s] policy: %s (%s at %.1f s, pass %d, %d MiB left, "
+                        "throttle %d%%)", self.src_vm.name, self.src_vm.host.name,
+                        self.dst_host.name,
+                        f"downtime {d.downtime_ms} ms" if d.action == "downtime" else d.action,
+                        d.reason, d.t, d.iteration, d.remaining >> 20, d.cpu_throttle)
+            self._pulse()
+            if d.action == "abort":
+                raise self._error(f"convergence policy: {d.reason}: "
+                                  + ("given up" if self.phase is Phase.POSTCOPY else "aborted"))
+            await self._carry_out(d)
+
+    async def _carry_out(self, d: Decision) -> None:
+        """Do what decision ``d`` says (never ``abort``: that is an error of the caller)."""
+        if d.action == "downtime":
+            await self._set_downtime(d.downtime_ms)
+        elif d.action == "auto-converge":
+            await self._throttle()
+        elif d.action == "postcopy":
+            if self.phase is Phase.MIGRATING:
+                await self._start_postcopy()
+        elif d.action == "pause":
+            await self._pause_guest()
+        else:
+            raise AssertionError(f"no such policy action {d.action!r}")
+
+    async def _set_downtime(self, ms: int) -> None:
+        raise NotImplementedError
+
+    async def _throttle(self) -> None:
+        """Let auto-converge throttle the guest (enabled at start, held at 1 % until now)."""
+        raise NotImplementedError
+
+    async def _start_postcopy(self) -> None:
+        """Ask for the switch to postcopy (phase POSTCOPY); a precopy that converged a moment
+        before is no error."""
+        raise NotImplementedError
+
+    async def _pause_guest(self) -> None:
+        """Stop the guest's vCPUs on the source (the migration goes on; the destination is
+        resumed after completion, the source by a rollback)."""
         raise NotImplementedError
 
     def _add_record(self, record: ProgressRecord) -> None:
@@ -389,7 +456,7 @@ class BaseMigration(BlockingInWorkers):
         if self.phase is Phase.POSTCOPY and await self._finish_postcopy():
             return None         # it completed: the caller settles it as landed
         if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
-                                            and self.params.postcopy_after_s is not None):
+                                            and self.params.may_postcopy):
             for vm, role in ((self.src_vm, "source"), (self.dst_vm, "destination")):
                 if await self._gone(vm):
                     return await self._lost(
@@ -525,13 +592,16 @@ class Migration(BaseMigration):
             await self._migrate_loop(src, dst, port, dst_migration)
 
     async def _migrate_loop(self, src, dst, port: int, dst_migration) -> None:
-        timeouts = self.config.timeouts
-        self._t_migrate = time.monotonic()
+        timeouts, policy = self.config.timeouts, self.params.policy
+        self._src_qmp = src
+        tracker = self._start_policy()
+        if (first := tracker.initial_downtime_ms()) is not None:
+            await self._set_downtime(first)
         await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{port}"})
         self._set_phase(Phase.MIGRATING)
         info: dict = {}
         moved, moved_at = -1, time.monotonic()
-        async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
+        async with asyncio.timeout(policy.deadline_for(self.src_vm.spec.mem_mib)):
             while True:
                 if self._cancel_requested:
                     raise self._error(f"cancelled: {self._cancel_requested}")
@@ -544,34 +614,27 @@ class Migration(BaseMigration):
                 stalled = False
                 if self.records[-1].transferred != moved:
                     moved, moved_at = self.records[-1].transferred, now
-                elif now - moved_at >= timeouts.migration_stall_s:
+                elif now - moved_at >= policy.stall_s:
                     stalled = True
                 if (stalled or status == "postcopy-paused") and self.phase is Phase.POSTCOPY \
                         and self.result.postcopy_recoveries < self.params.postcopy_recoveries:
                     # the source can no longer take the VM back: recover the link instead
                     await self._recover_postcopy(src, dst, dst_migration, "no bytes moved for "
-                                                 f"{timeouts.migration_stall_s:g} s"
+                                                 f"{policy.stall_s:g} s"
                                                  if stalled else "QEMU paused postcopy")
                     moved_at = time.monotonic()
                     continue
                 if stalled:
                     raise self._error(f"stalled: no bytes moved for "
-                                      f"{timeouts.migration_stall_s:g} s at {moved} bytes "
+                                      f"{policy.stall_s:g} s at {moved} bytes "
                                       "(link blocked or destination hung?)")
                 if status in ("failed", "cancelled"):
                     raise self._error(f"QEMU reports {status}: "
                                       f"{info.get('error-desc', 'no reason given')}")
                 if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
                         and time.monotonic() - self._t_migrate >= self.params.postcopy_after_s):
-                    try:
-                        await src.execute("migrate-start-postcopy")
-                        self._set_phase(Phase.POSTCOPY)
-                    except QMPError:
-                        # precopy may have converged a moment before the switch: then
-                        # QEMU refuses it and the migration completes as precopy
-                        if (await src.execute("query-migrate"))["status"] not in (
-                                "completed", "device", "pre-switchover"):
-                            raise
+                    await self._start_postcopy()
+                await self._apply_policy()
                 try:
                     await asyncio.wait_for(self._changed.wait(), timeouts.progress_interval_s)
                 except TimeoutError:
@@ -585,6 +648,27 @@ class Migration(BaseMigration):
             info = await src.execute("query-migrate")
         self._set_phase(Phase.COMPLETED)
         self._final_figures(info)
+
+    async def _set_downtime(self, ms: int) -> None:
+        await self._src_qmp.execute("migrate-set-parameters", {"downtime-limit": ms})
+
+    async def _throttle(self) -> None:
+        await self._src_qmp.execute("migrate-set-parameters", THROTTLE_ON)
+
+    async def _start_postcopy(self) -> None:
+        src = self._src_qmp
+        try:
+            await src.execute("migrate-start-postcopy")
+            self._set_phase(Phase.POSTCOPY)
+        except QMPError:
+            # precopy may have converged a moment before the switch: then QEMU refuses it
+            # and the migration completes as precopy
+            if (await src.execute("query-migrate"))["status"] not in (
+                    "completed", "device", "pre-switchover"):
+                raise
+
+    async def _pause_guest(self) -> None:
+        await self._src_qmp.execute("stop")
 
     async def _recover_postcopy(self, src, dst, dst_migration, why: str) -> None:
         """QEMU's postcopy recovery: both sides paused (``migrate-pause``), the destination
@@ -699,7 +783,13 @@ class Migration(BaseMigration):
         r.postcopy_requests = ram.get("postcopy-requests")
 
     async def _verify(self, src, dst) -> None:
-        """Destination running (waited for), source postmigrate; downtime from the events."""
+        """Destination running (waited for), source postmigrate; downtime from the events.
+        A guest the policy paused arrives paused (QEMU carries the run state over): it is
+        resumed on the destination, and its downtime runs from the pause."""
+        if self._policy is not None and self._policy.paused:
+            await self._wait_run_state(dst, "destination", "paused",
+                                       ("inmigrate", "postmigrate", "finish-migrate"))
+            await dst.execute("cont")
         await self._wait_run_state(dst, "destination", "running",
                                    ("inmigrate", "paused", "postmigrate", "finish-migrate"))
         # QEMU reports 'completed' a moment before the source leaves 'finish-migrate' (the
@@ -710,7 +800,7 @@ class Migration(BaseMigration):
             return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
         src_events = src.events.clear()
         stops = [ts(e) for e in src_events if e["event"] == "STOP"]
-        if self.params.postcopy_after_s is not None:
+        if self.params.may_postcopy:
             self.result.postcopy_switched = any(
                 e["event"] == "MIGRATION" and e["data"].get("status") == "postcopy-active"
                 for e in src_events)
@@ -754,15 +844,16 @@ class Migration(BaseMigration):
     async def _finish_postcopy(self) -> bool:
         """Stopped on purpose after the switchover: let a healthy postcopy complete (it moves
         on without the controller; bounded by the migration's timeout, and given up when no
-        byte moves for ``migration_stall_s`` or QEMU leaves postcopy-active), then verify."""
+        byte moves for the policy's ``stall_s`` or QEMU leaves postcopy-active), then
+        verify."""
         if not self._stop_asked():
             return False        # broken (recovery was tried meanwhile): SPLIT or LOST
-        timeouts = self.config.timeouts
+        timeouts, policy = self.config.timeouts, self.params.policy
         log.warning("[vm=%s %s->%s] stopped after the postcopy switchover, which cannot be "
                     "undone: finishing the postcopy", self.src_vm.name, self.src_vm.host.name,
                     self.dst_host.name)
         try:
-            async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
+            async with asyncio.timeout(policy.completion_for(self.src_vm.spec.mem_mib)):
                 src = await self.src_vm.qmp()
                 moved, moved_at = -1, time.monotonic()
                 while (info := await src.execute("query-migrate"))["status"] != "completed":
@@ -776,9 +867,9 @@ class Migration(BaseMigration):
                     self._record(info)
                     if self.records[-1].transferred != moved:
                         moved, moved_at = self.records[-1].transferred, time.monotonic()
-                    elif time.monotonic() - moved_at >= timeouts.migration_stall_s:
+                    elif time.monotonic() - moved_at >= policy.stall_s:
                         log.warning("[vm=%s] postcopy not finished: no bytes moved for %g s",
-                                    self.src_vm.name, timeouts.migration_stall_s)
+                                    self.src_vm.name, policy.stall_s)
                         return False
                     await asyncio.sleep(timeouts.progress_interval_s)
                 self.result.wall_s = time.monotonic() - self._t_migrate

@@ -24,6 +24,7 @@ QEMU is killed through libvirt's pidfile over SSH.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from functools import partial
@@ -35,7 +36,7 @@ from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
 from ..hypervisor.libvirt_uri import remote_uri
 from .engine import BaseMigration, Phase, ProgressRecord
-from .params import MIB
+from .params import MIB, THROTTLE_HELD, THROTTLE_ON
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class LibvirtMigration(BaseMigration):
         self._dst_version = 0       # the destination's libvirt (getLibVersion)
         self._dst_started = False   # the destination's domain started (its console exists)
         self._console_ahead = False  # ... and the VM's open session connected to it
+        self._sdom = None           # the source's domain (set up in PREPARING_DEST)
 
     # -- what libvirt is asked ----------------------------------------------------------------
 
@@ -85,12 +87,17 @@ class LibvirtMigration(BaseMigration):
         params: dict = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{self.dst_address}"}
         if p.bandwidth_mibs is not None:        # unset: libvirt lifts QEMU's cap itself
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, round(p.bandwidth_mibs))
-            if p.postcopy_after_s is not None:  # a cap is a cap, in postcopy too
+            if p.may_postcopy:                  # a cap is a cap, in postcopy too
                 params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = \
                     max(1, round(p.bandwidth_mibs))
-        if p.auto_converge:
+        if p.auto_converge or p.throttle_held:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-        if p.postcopy_after_s is not None:
+        if p.throttle_held:     # max-cpu-throttle too, set through QEMU: see _hold_throttle
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = \
+                THROTTLE_HELD["cpu-throttle-initial"]
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = \
+                THROTTLE_HELD["cpu-throttle-increment"]
+        if p.may_postcopy:
             flags |= libvirt.VIR_MIGRATE_POSTCOPY
         if p.multifd_channels is not None:
             flags |= libvirt.VIR_MIGRATE_PARALLEL
@@ -119,9 +126,11 @@ class LibvirtMigration(BaseMigration):
             dconn = await self.dst_vm.conn()
             self._dst_version = await self.dst_vm.call("getLibVersion", dconn.getLibVersion)
             flags, params = self.flags_and_params()
+            self._sdom = sdom
             if self.params.downtime_limit_ms is not None:
-                await src.call("migrateSetMaxDowntime", sdom.migrateSetMaxDowntime,
-                               self.params.downtime_limit_ms, 0)
+                await self._set_downtime(self.params.downtime_limit_ms)
+            if self.params.throttle_held:
+                await self._qemu_set(THROTTLE_HELD)
             if self.config.libvirt.p2p:     # the source's libvirtd opens the destination
                 self._p2p_uri = await remote_uri(
                     src.host, src.paths.dir, self.dst_vm.host, self.config.libvirt.transport,
@@ -139,18 +148,20 @@ class LibvirtMigration(BaseMigration):
         self._set_phase(Phase.CLEANED)
 
     async def _migrate(self, sdom, dconn, flags: int, params: dict) -> None:
-        timeouts = self.config.timeouts
+        timeouts, policy = self.config.timeouts, self.params.policy
         src_conn = await self.src_vm.connection()
         if self.config.libvirt.p2p:
             job = partial(sdom.migrateToURI3, self._p2p_uri, params, flags)
         else:
             job = partial(sdom.migrate3, dconn, params, flags)
-        self._t_migrate = time.monotonic()
+        tracker = self._start_policy()
+        if (first := tracker.initial_downtime_ms()) is not None:
+            await self._set_downtime(first)
         self._job = src_conn.submit(job, also=(await self.dst_vm.connection(),))
         self._job.add_done_callback(self._job_done)     # wakes the loop below
         self._set_phase(Phase.MIGRATING)
         moved, moved_at = -1, time.monotonic()
-        async with asyncio.timeout(timeouts.migration_for(self.src_vm.spec.mem_mib)):
+        async with asyncio.timeout(policy.deadline_for(self.src_vm.spec.mem_mib)):
             while True:
                 if self._job.done():
                     if (not self._job.cancelled() and self._job.exception() is not None
@@ -171,7 +182,7 @@ class LibvirtMigration(BaseMigration):
                 now = time.monotonic()
                 if self.records and self.records[-1].transferred != moved:
                     moved, moved_at = self.records[-1].transferred, now
-                elif now - moved_at >= timeouts.migration_stall_s and self._can_recover():
+                elif now - moved_at >= policy.stall_s and self._can_recover():
                     # past the switchover the source cannot take the VM back: recover, or
                     # where this libvirt cannot, wait (a link that comes back lets TCP go
                     # on; the migration's timeout bounds the wait)
@@ -179,7 +190,7 @@ class LibvirtMigration(BaseMigration):
                     if blocked is None:
                         await self._recover_postcopy(sdom, dconn, flags, params,
                                                      f"no bytes moved for "
-                                                     f"{timeouts.migration_stall_s:g} s")
+                                                     f"{policy.stall_s:g} s")
                         moved, moved_at = -1, time.monotonic()
                         continue
                     if not self._waiting_out:
@@ -187,25 +198,19 @@ class LibvirtMigration(BaseMigration):
                         log.warning("[vm=%s %s->%s] postcopy stalled for %g s; not recovered "
                                     "(%s): waited for until the migration's timeout",
                                     self.src_vm.name, self.src_vm.host.name,
-                                    self.dst_host.name, timeouts.migration_stall_s, blocked)
-                elif now - moved_at >= timeouts.migration_stall_s:
+                                    self.dst_host.name, policy.stall_s, blocked)
+                elif now - moved_at >= policy.stall_s:
                     raise self._error(f"stalled: no bytes moved for "
-                                      f"{timeouts.migration_stall_s:g} s at {moved} bytes "
+                                      f"{policy.stall_s:g} s at {moved} bytes "
                                       "(link blocked or destination hung?)")
                 # QEMU's side of the job must be running (libvirt sets the postcopy
                 # capability inside migrate3, after its Begin/Prepare steps)
                 if (self.params.postcopy_after_s is not None and self.phase is Phase.MIGRATING
                         and now - self._t_migrate >= self.params.postcopy_after_s
                         and self.records and self.records[-1].transferred > 0):
-                    try:
-                        await self.src_vm.call("migrateStartPostCopy",
-                                               sdom.migrateStartPostCopy, 0)
-                        self._set_phase(Phase.POSTCOPY)
-                    except LibvirtError:
-                        if not self._job.done():  # not "finished as precopy meanwhile"
-                            await asyncio.wait([self._job], timeout=timeouts.progress_interval_s)
-                            if not self._job.done():
-                                raise
+                    await self._start_postcopy()
+                if self.records and self.records[-1].transferred > 0 and not self._job.done():
+                    await self._apply_policy()
                 if not self._job.done():
                     try:
                         await asyncio.wait_for(self.wait_changed(), timeouts.progress_interval_s)
@@ -223,6 +228,39 @@ class LibvirtMigration(BaseMigration):
             stats = await self.dst_vm.call("completed job stats", ddom.jobStats,
                                            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         self._final_figures(stats)
+
+    # -- what the convergence policy does ---------------------------------------------------
+
+    async def _set_downtime(self, ms: int) -> None:
+        await self.src_vm.call("migrateSetMaxDowntime", self._sdom.migrateSetMaxDowntime, ms, 0)
+
+    async def _qemu_set(self, parameters: dict) -> None:
+        """Migration parameters libvirt has no API for (max-cpu-throttle, and the throttle
+        during a job), set on the source's QEMU through ``qemu-monitor-command`` (the
+        outgoing job allows it; libvirt marks the domain tainted for it)."""
+        import libvirt_qemu
+        command = json.dumps({"execute": "migrate-set-parameters", "arguments": parameters})
+        reply = await self.src_vm.call("qemu-monitor-command migrate-set-parameters",
+                                       libvirt_qemu.qemuMonitorCommand, self._sdom, command, 0)
+        if "error" in json.loads(reply):
+            raise self._error(f"QEMU refused migrate-set-parameters {parameters}: {reply}")
+
+    async def _throttle(self) -> None:
+        await self._qemu_set(THROTTLE_ON)
+
+    async def _start_postcopy(self) -> None:
+        timeouts = self.config.timeouts
+        try:
+            await self.src_vm.call("migrateStartPostCopy", self._sdom.migrateStartPostCopy, 0)
+            self._set_phase(Phase.POSTCOPY)
+        except LibvirtError:
+            if not self._job.done():  # not "finished as precopy meanwhile"
+                await asyncio.wait([self._job], timeout=timeouts.progress_interval_s)
+                if not self._job.done():
+                    raise
+
+    async def _pause_guest(self) -> None:
+        await self.src_vm.call("suspend", self._sdom.suspend)
 
     # -- postcopy recovery -----------------------------------------------------------------
 
@@ -313,7 +351,7 @@ class LibvirtMigration(BaseMigration):
         try:
             stats = await self.src_vm.call("jobStats", sdom.jobStats,
                                            timeout=min(timeouts.libvirt_call_s,
-                                                       timeouts.migration_stall_s))
+                                                       self.params.policy.stall_s))
         except LibvirtError as exc:
             if exc.code is None and not self._job.done():
                 return              # no answer (QEMU's monitor busy): counts as no progress
@@ -377,10 +415,21 @@ class LibvirtMigration(BaseMigration):
         r.max_cpu_throttle = max(r.max_cpu_throttle, stats.get("auto_converge_throttle", 0))
 
     async def _verify(self) -> None:
-        """Destination running (waited for), source domain gone; downtime from the events."""
+        """Destination running (waited for), source domain gone; downtime from the events.
+        A guest the policy paused may arrive paused: it is resumed on the destination, and its
+        downtime runs from the pause."""
         timeouts = self.config.timeouts
+        resumed_here = False
         async with asyncio.timeout(timeouts.migration_setup_s):
             while (status := await self.dst_vm.status()) != "running":
+                if status == "paused" and self._policy is not None and self._policy.paused \
+                        and not resumed_here:
+                    ddom = await self.dst_vm.domain()
+                    await self.dst_vm.call("resume", ddom.resume)
+                    resumed_here = True
+                    log.info("[vm=%s] paused by the policy: resumed on %s", self.src_vm.name,
+                             self.dst_host.name)
+                    continue
                 if status not in ("paused-migration", "paused", "absent"):
                     raise self._error(f"destination ended in state {status!r}")
                 await asyncio.sleep(timeouts.progress_interval_s)
@@ -394,7 +443,7 @@ class LibvirtMigration(BaseMigration):
         resumed = [t for side, kind, ev, _, t in self.events
                    if side == "dst" and kind == "lifecycle"
                    and ev == libvirt.VIR_DOMAIN_EVENT_RESUMED]
-        if self.params.postcopy_after_s is not None:
+        if self.params.may_postcopy:
             self.result.postcopy_switched = any(
                 side == "src" and kind == "lifecycle" and ev == libvirt.VIR_DOMAIN_EVENT_SUSPENDED
                 and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY
@@ -485,7 +534,7 @@ class LibvirtMigration(BaseMigration):
         switchover an absent source proves a loss only when the destination's libvirt says
         the postcopy broke."""
         if vm is self.src_vm and self.phase in (Phase.POSTCOPY, Phase.COMPLETED) \
-                and self.params.postcopy_after_s is not None \
+                and self.params.may_postcopy \
                 and await self._state_reason(self.dst_vm) not in _POSTCOPY_FAILED:
             return False
         return await super()._gone(vm)
@@ -529,7 +578,7 @@ class LibvirtMigration(BaseMigration):
                         "be undone: waiting for libvirt to finish the postcopy",
                         self.src_vm.name, self.src_vm.host.name, self.dst_host.name)
             try:
-                await asyncio.wait_for(asyncio.shield(job), self.config.timeouts.migration_for(
+                await asyncio.wait_for(asyncio.shield(job), self.params.policy.completion_for(
                     self.src_vm.spec.mem_mib))
             except (TimeoutError, libvirt.libvirtError):
                 pass

@@ -14,7 +14,7 @@ import re
 from ..errors import GuestError
 from ..hypervisor.qemu import QemuVM
 
-_DIRTY = re.compile(r"DIRTY t=\d+ pass=(\d+) rate=\d+MB/s bad=(\d+)")
+_DIRTY = re.compile(r"DIRTY t=\d+ pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
 
 
 async def wait_tick_after(vm: QemuVM, after: int | None, timeout: float) -> int:
@@ -39,5 +39,24 @@ async def dirtier_report(vm: QemuVM) -> tuple[int, int] | None:
     for line in reversed(await vm.status_lines()):
         m = _DIRTY.search(line)
         if m:
-            return int(m.group(1)), int(m.group(2))
+            return int(m.group(1)), int(m.group(3))
     return None
+
+
+async def wait_dirtying(vm: QemuVM, timeout: float) -> int:
+    """Wait until ``vm``'s dirtier reports its first rate (it allocates and zeroes its memory
+    first, which takes seconds under TCG); return that rate in MiB/s.
+
+    :raise GuestError: no report within ``timeout`` (no dirtier runs, or the guest does not).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        for line in reversed(await vm.status_lines()):
+            m = _DIRTY.search(line)
+            if m:
+                return int(m.group(2))
+        if loop.time() >= deadline:
+            raise GuestError(vm.host.name, vm.name, f"the dirtier reported nothing within "
+                                                    f"{timeout:g} s")
+        await asyncio.sleep(0.2)

@@ -20,6 +20,13 @@ from ..errors import ConfigError
 UNCAPPED_BYTES_S = 1 << 40
 MIB = 1 << 20
 
+#: auto-converge held back until the policy asks for it: QEMU's smallest throttle (its
+#: parameters accept 1..99), so the capability can be on from the start (capabilities cannot
+#: change while a migration runs) without QEMU throttling the guest on its own rule
+THROTTLE_HELD = {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
+#: ... and released: QEMU's own defaults (20 %, then +10 % per pass, up to 99 %)
+THROTTLE_ON = {"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99}
+
 
 class MigrationParams(MigrationSettings):
     """How one migration is run: exactly the fields, bounds and cross-field rules of
@@ -37,12 +44,22 @@ class MigrationParams(MigrationSettings):
         except ValidationError as exc:
             raise ConfigError(validation_message(exc, "migration", show_input=True)) from exc
 
+    @property
+    def may_postcopy(self) -> bool:
+        """Postcopy is asked for (by time) or may be (by the policy): postcopy-ram is on."""
+        return self.postcopy_after_s is not None or "postcopy" in self.policy.actions
+
+    @property
+    def throttle_held(self) -> bool:
+        """auto-converge is on only for the policy to release later."""
+        return not self.auto_converge and "auto-converge" in self.policy.actions
+
     def capabilities(self) -> dict[str, bool]:
         """Capabilities to set (on both ends: postcopy-ram and multifd must match)."""
         caps = {"events": True}
-        if self.auto_converge:
+        if self.auto_converge or self.throttle_held:
             caps["auto-converge"] = True
-        if self.postcopy_after_s is not None:
+        if self.may_postcopy:
             caps["postcopy-ram"] = True
         if self.multifd_channels is not None:
             caps["multifd"] = True
@@ -53,11 +70,13 @@ class MigrationParams(MigrationSettings):
     def source_parameters(self) -> dict[str, int]:
         p = {"max-bandwidth": int(self.bandwidth_mibs * MIB) if self.bandwidth_mibs
              else UNCAPPED_BYTES_S}
-        if self.bandwidth_mibs and self.postcopy_after_s is not None:
+        if self.bandwidth_mibs and self.may_postcopy:
             # QEMU applies its own, uncapped, limit once postcopy runs: a cap is a cap
             p["max-postcopy-bandwidth"] = int(self.bandwidth_mibs * MIB)
         if self.downtime_limit_ms is not None:
             p["downtime-limit"] = self.downtime_limit_ms
+        if self.throttle_held:
+            p.update(THROTTLE_HELD)
         if self.multifd_channels is not None:
             p["multifd-channels"] = self.multifd_channels
         if self.xbzrle_cache_mib is not None:

@@ -53,6 +53,13 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
     return out_dir
 
 
+def policy_steps(result: dict) -> str:
+    """What a migration's convergence policy did, in short (``auto-converge@12s
+    postcopy@24s``; downtime ramp steps are left out), or ""."""
+    return " ".join(f"{d['action']}@{d['t']:.0f}s" for d in result.get("decisions") or ()
+                    if d["action"] != "downtime")
+
+
 def junit_xml(ctx: RunContext, scenario: str) -> str:
     """JUnit XML: one testsuite per instance; a testcase per migration and one for the
     instance's scenario as a whole (its error, or cleanup problems)."""
@@ -69,8 +76,12 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
                                  name=f"{m.mig_id} {m.vm} {m.src}->{m.dst}",
                                  time=f"{m.result.get('run_s') or 0:.3f}")
             blackout = m.result.get("blackout") or {}
-            if blackout:                # the guest-visible blackout, next to QEMU's downtime
+            decided = policy_steps(m.result)
+            if blackout or decided:
                 props = ET.SubElement(case, "properties")
+            if decided:                 # what the convergence policy did
+                ET.SubElement(props, "property", name="policy.decisions", value=decided)
+            if blackout:                # the guest-visible blackout, next to QEMU's downtime
                 for name in ("downtime_ms", "blackout_ms"):
                     if m.result.get(name) is not None:
                         ET.SubElement(props, "property", name=name,
@@ -130,6 +141,9 @@ def summary_table(ctx: RunContext) -> str:
                      f"{r['throughput_mbps']:.0f}" if r.get("throughput_mbps") else "-",
                      str(r.get("iterations") or "-"),
                      f"{r['overhead_s']:.3f} s" if r.get("overhead_s") is not None else "-"))
+    if any(policy_steps(m.result) for m in ctx.migrations):
+        rows = [rows[0] + ("policy",)] + [row + (policy_steps(m.result) or "-",)
+                                          for row, m in zip(rows[1:], ctx.migrations)]
     lines = text_table(rows[0], rows[1:])
     if ctx.tasks:
         from ..framework.tasks import TaskResults
