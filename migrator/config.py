@@ -170,6 +170,29 @@ class Limits(_Strict):
     toward ``timeouts.guest_boot_s``."""
 
 
+class QueueSettings(_Strict):
+    """How many migrations run at once (``queue``), across every run on the same hosts: the
+    slots are files on the inventory's shared storage, claimed under a lock, so every
+    controller sees them (KubeVirt: 2 outbound per node, 5 per cluster). A migration beyond a
+    limit waits in its run's queue, by ``priority`` then in order of asking; a waiting
+    migration can be cancelled without ever starting."""
+
+    per_source: int = Field(2, ge=1)
+    """Migrations at once out of one host (KubeVirt's parallelOutboundMigrationsPerNode)."""
+    per_destination: int = Field(2, ge=1)
+    """Migrations at once into one host."""
+    per_cluster: int = Field(5, ge=1)
+    """Migrations at once among all hosts sharing the shared storage (KubeVirt's
+    parallelMigrationsPerCluster)."""
+    poll_s: float = Field(0.5, gt=0)
+    """A waiting migration looks again this often for slots another controller freed (a
+    slot this run frees wakes it at once)."""
+    prepare_while_queued: bool = True
+    """Start the destination and let it listen while the migration waits for its slot, so
+    the transfer starts the moment one frees (the destination's memory is taken meanwhile);
+    false: wait first, then prepare."""
+
+
 class LabDefaults(_Strict):
     """Defaults for ``migrate-lab up`` when the command line does not say."""
 
@@ -648,6 +671,7 @@ class Config(_Strict):
 
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    queue: QueueSettings = QueueSettings()
     lab: LabDefaults = LabDefaults()
     driver: str = "qemu"
     """How VMs are driven: ``qemu`` (QEMU started over SSH, QMP through SSH socket forwarding)

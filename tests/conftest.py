@@ -229,6 +229,9 @@ async def no_leaks(lab, inventory):
     claims = inventory.shared_dir / "migrator-pools"
     if claims.is_dir() and (held := sorted(str(p) for p in claims.glob("*/*.claim"))):
         problems.append(f"address range claims left {held}")
+    slots = inventory.shared_dir / "migrator-slots"
+    if slots.is_dir() and (held := sorted(p.name for p in slots.glob("*.slot"))):
+        problems.append(f"migration slots left {held}")
     server = inventory.guest_network.dhcp
     if server is not None and (leases := sorted(p.name for p in server.hosts_dir.iterdir())):
         problems.append(f"static DHCP leases left in {server.hosts_dir}: {leases}")
@@ -259,6 +262,8 @@ async def clear_leftovers(lab, inventory, dirs) -> None:
                         "virsh undefine --nvram $d || virsh undefine $d; done")
     for claim in (inventory.shared_dir / "migrator-pools").glob("*/*.claim"):
         claim.unlink(missing_ok=True)
+    for slot in (inventory.shared_dir / "migrator-slots").glob("*.slot"):
+        slot.unlink(missing_ok=True)
     if inventory.guest_network.dhcp is not None:
         for leases in inventory.guest_network.dhcp.hosts_dir.iterdir():
             leases.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import asyncio
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -128,9 +129,12 @@ async def test_sigkill_then_recover_keeps_exactly_one_copy_intact(
         kinds = [e["kind"] for e in ctl.journal() if e.get("event") == "resource"]
         # a claim is journaled before it is tried: a pair may have tried the other's first
         assert kinds.count("dhcp_hosts") == pairs <= kinds.count("pool_claim"), kinds
+    slots = [e["path"] for e in ctl.journal() if e.get("kind") == "migration_slot"]
+    assert len(slots) == pairs            # the dead run's slots, given back by recover
     rc, out, err = await recover_cli(ctl, run_id)
     assert rc == 0, out + err
     assert out.count(f"{run_id}  vm1") == pairs and "UNRESOLVED" not in out, out
+    assert not any(Path(p).exists() for p in slots), slots
     if target == "barrier":
         assert "sync participant(s)" in out and "on hostB killed" in out, out
     assert sorted(vm_processes(lab, "vm1")) == keepers, (last, out)

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from .gates import HostGates
 from .journal import RunJournal
 from .loopwatch import LoopStallWatch
+from .slots import SlotQueue
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class RunContext:
         self.tasks: list = []
         #: per-host bounds on VM starts, shared by every instance of the run
         self.gates = HostGates(config.limits)
+        #: the run's queue for migration slots (limits across every run on the hosts)
+        self.slots = SlotQueue(self)
         #: the run's journal (:mod:`.journal`), open while the run runs
         self.journal: RunJournal | None = None
         #: what went wrong without failing the run (a blocked event loop), for the report

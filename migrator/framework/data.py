@@ -30,6 +30,10 @@ class MigrationData(BlockingInWorkers):
     mig_id: str
     params: MigrationParams
     vms: list["GuestVM"] = field(default_factory=list)
+    #: served before lower ones when migrations wait for slots (``queue.*``), then in order
+    priority: int = 0
+    #: why :meth:`cancel` was called (None: it was not)
+    stop_asked: str | None = None
     migrations: dict[str, BaseMigration] = field(default_factory=dict)
     results: dict[str, MigrationResult] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -89,7 +93,9 @@ class MigrationData(BlockingInWorkers):
     @on_loop
     def cancel(self, reason: str = "cancelled by the scenario", vm: str | None = None) -> None:
         """Cancel the running migration of ``vm`` (default: all of this call's): each one
-        rolls back, keeping its VM on the source."""
+        rolls back, keeping its VM on the source. A call that fails because it was asked to
+        stop does not stop the calls running beside it, as a failure does."""
+        self.stop_asked = reason
         for name, mig in self.migrations.items():
             if vm is None or name == vm:
                 mig.cancel(reason)

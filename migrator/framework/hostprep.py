@@ -260,7 +260,8 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
                       peer: "Callable[[str], GuestVM] | None" = None) -> MigrationResult:
     """Migrate ``vm`` to ``md.dst`` through the engine: a journal record before each phase
     (``recover`` reads them; with ``key``, the VM's identity when it is not its name), progress
-    lines, and the run's :class:`MigrationRecord` whatever the outcome.
+    lines, and the run's :class:`MigrationRecord` whatever the outcome. The migration waits
+    for its slot (``queue.*`` limits, :mod:`.slots`) in phase QUEUED.
 
     :return: the result (status ``completed``).
     :raise MigrationError: the migration failed (rolled back; its record says how).
@@ -279,7 +280,10 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
                    src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
     mig.observers += [journal, reporter.on_phase]
     try:
-        async with blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
+        async with ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
+                                    md.priority) as ticket, \
+                blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
+            mig.slot, mig.slot_first = ticket, not ctx.config.queue.prepare_while_queued
             shower = tg.create_task(reporter.follow())
             try:
                 result = await mig.run()

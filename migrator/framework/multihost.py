@@ -211,8 +211,13 @@ class MultihostMigration(BlockingInWorkers):
     @on_loop
     def migrate(self, vms: Sequence[str] | str, srchost: str | SSHHost, dsthost: str | SSHHost,
                 worker: Callback | None = None, check_worker: Callback | None = None,
-                params_append: dict[str, Any] | None = None) -> MigrationHandle:
+                params_append: dict[str, Any] | None = None,
+                priority: int = 0) -> MigrationHandle:
         """Start migrating ``vms`` from ``srchost`` to ``dsthost`` now; return the handle.
+        Beyond the ``queue.*`` limits (migrations at once per source, per destination, per
+        cluster, across every run on the hosts) the migration waits (phase QUEUED) and starts
+        when a slot frees, higher ``priority`` first, then in order; ``handle.cancel()``
+        ends a queued one before it starts.
 
         :param worker: run on the VMs before the migration (``def`` or ``async def``,
             taking the call's MigrationData); ``check_worker`` after it.
@@ -247,7 +252,7 @@ class MultihostMigration(BlockingInWorkers):
             raise ConfigError(f"migrate(): bad params_append {params_append}: {exc}") from None
         self._count += 1
         mig_id = f"{self.name}-{self._count}"
-        mig_data = MigrationData(names, src, dst, mig_id, params)
+        mig_data = MigrationData(names, src, dst, mig_id, params, priority=priority)
         handle = MigrationHandle(mig_data, self)
         handle.task = self._tg.create_task(self._run_handle(handle, worker, check_worker),
                                            name=f"migrate {mig_data}")
@@ -473,7 +478,7 @@ class MultihostMigration(BlockingInWorkers):
         except Exception as exc:  # noqa: BLE001 - kept for the awaiting scenario
             handle.error = exc
             self.context.say(f"[{md.mig_id}] FAILED: {describe(exc)}")
-            for other in self._handles:
+            for other in self._handles if md.stop_asked is None else ():   # asked: not a fault
                 if other is not handle and not other.done():
                     other.collateral = True
                     other.cancel(f"sibling migration {md.mig_id} failed")

@@ -51,7 +51,7 @@ from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
 from ..hypervisor.qemu import alive_test, remove_taps
-from . import dhcp_leases
+from . import dhcp_leases, slots
 from .pools import release_command
 from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
                       find_run, hosts_of, last_phases, list_runs, owner_file,
@@ -652,6 +652,11 @@ class _RunRecovery:
                                       "not reached)")
                     continue
                 await h.run(release_command(claim["path"], self.run_id), check=True)
+            # the migrations are over: their slots too (by the run's id: also when the
+            # journal is lost and the run was rebuilt from the hosts)
+            for h in list(hosts.values())[:1]:
+                await h.run(slots.release_all_command(str(self.inventory.shared_dir),
+                                                      self.run_id), check=True)
             leases = [e for e in self.events if e.get("event") == "resource"
                       and e.get("kind") == "dhcp_hosts"]
             for lease in leases if not kept else []:

@@ -18,6 +18,7 @@ wall-clock times in ``mig.history``)::
 
     PENDING -> PREPARING_DEST -> CONFIGURED -> LISTENING -> MIGRATING [-> POSTCOPY]
             -> COMPLETED -> VERIFIED -> CLEANED                         (success)
+    [PENDING ->] QUEUED, before PREPARING_DEST or MIGRATING    (waiting for a slot: .slot)
     any phase before COMPLETED -> ROLLING_BACK -> ROLLED_BACK           (failure/cancel)
     POSTCOPY -> SPLIT                                                   (see below)
     COMPLETED | VERIFIED -> LANDED          (failed after completion; VM on the destination)
@@ -43,6 +44,7 @@ POSTCOPY -> COMPLETED -> VERIFIED -> LANDED, the VM whole on the destination.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -54,7 +56,7 @@ from qemu.qmp import ExecuteError, QMPError
 from ..aio import shielded
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
-from ..errors import MigrationError
+from ..errors import MigrationError, MigratorError
 from ..hosts.ssh import SSHHost, quote
 from .params import THROTTLE_ON, MigrationParams
 from .policy import Decision, PolicyTracker
@@ -67,6 +69,9 @@ class Phase(str, enum.Enum):
     PREPARING_DEST = "PREPARING_DEST"   #: starting the destination QEMU (-incoming defer)
     CONFIGURED = "CONFIGURED"           #: capabilities and parameters set on both ends
     LISTENING = "LISTENING"             #: destination bound its port (QEMU chose it)
+    QUEUED = "QUEUED"                   #: waiting for a migration slot (framework.slots):
+                                        #: before anything (slot_first) or with the
+                                        #: destination prepared, listening (qemu)
     MIGRATING = "MIGRATING"             #: 'migrate' issued, precopy running
     POSTCOPY = "POSTCOPY"               #: switch to postcopy requested (QEMU switches at its
                                         #: next iteration, unless precopy converged first)
@@ -93,11 +98,12 @@ FINAL = frozenset({Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT, Phase.LANDED,
                    Phase.UNRESOLVED, Phase.LOST})
 
 EDGES: dict[Phase, set[Phase]] = {
-    Phase.PENDING: {Phase.PREPARING_DEST, Phase.ROLLING_BACK},
+    Phase.PENDING: {Phase.PREPARING_DEST, Phase.QUEUED, Phase.ROLLING_BACK},
+    Phase.QUEUED: {Phase.PREPARING_DEST, Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.PREPARING_DEST: {Phase.CONFIGURED, Phase.ROLLING_BACK},
     # libvirt's migrate3 prepares the listening destination inside the call: no LISTENING
-    Phase.CONFIGURED: {Phase.LISTENING, Phase.MIGRATING, Phase.ROLLING_BACK},
-    Phase.LISTENING: {Phase.MIGRATING, Phase.ROLLING_BACK},
+    Phase.CONFIGURED: {Phase.LISTENING, Phase.QUEUED, Phase.MIGRATING, Phase.ROLLING_BACK},
+    Phase.LISTENING: {Phase.QUEUED, Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.MIGRATING: {Phase.POSTCOPY, Phase.COMPLETED, Phase.ROLLING_BACK},
     # libvirt: a source its hypervisor resumed never handed the guest over
     Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT, Phase.ROLLING_BACK},
@@ -163,6 +169,7 @@ class MigrationResult:
     #: what the convergence policy did, in order (see .policy.Decision): downtime steps,
     #: auto-converge, postcopy, pause, abort, each with its trigger, reason and figures
     decisions: list[dict] = field(default_factory=list)
+    queued_s: float | None = None        #: waited for a migration slot (None: not queued)
     wall_s: float | None = None          #: 'migrate' issued -> completed seen
     run_s: float | None = None           #: the whole run(): destination start to cleanup
     overhead_s: float | None = None      #: run_s minus QEMU's total time
@@ -208,6 +215,11 @@ class BaseMigration(BlockingInWorkers):
         self._interrupted = False           # the caller's task was cancelled
         self._t_migrate: float | None = None
         self._policy: PolicyTracker | None = None
+        #: the migration's slot (a :class:`~migrator.framework.slots.Ticket`: ``granted``,
+        #: ``try_once()``, ``wait()``), waited for before 'migrate' (phase QUEUED), or before
+        #: anything with ``slot_first``; None: no limit
+        self.slot = None
+        self.slot_first = False
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
                                       "pending", Phase.PENDING.value, driver=self.driver,
                                       params=self.params.model_dump())
@@ -284,6 +296,8 @@ class BaseMigration(BlockingInWorkers):
     async def _run(self, t0: float) -> MigrationResult:
         timeouts = self.config.timeouts
         try:
+            if self.slot_first:
+                await self._wait_for_slot()
             await self._run_phases()
         except asyncio.CancelledError:
             failed_in = self.phase
@@ -324,6 +338,39 @@ class BaseMigration(BlockingInWorkers):
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done."""
         raise NotImplementedError
+
+    async def _wait_for_slot(self) -> None:
+        """Return once the migration holds its slot; queued (phase QUEUED) meanwhile, where a
+        ``cancel()`` ends it without the transfer ever starting.
+
+        :raise MigrationError: cancelled while queued, or the slots could not be taken.
+        """
+        if self.slot is None or self.slot.granted:
+            return
+        try:
+            if await self.slot.try_once():
+                return
+            self._set_phase(Phase.QUEUED)
+            self.result.queued_s = 0.0
+            t0 = time.monotonic()
+            wait = asyncio.ensure_future(self.slot.wait())
+            try:
+                while not wait.done():
+                    if self._cancel_requested:
+                        raise self._error(f"cancelled while queued for a migration slot: "
+                                          f"{self._cancel_requested}")
+                    await asyncio.wait([wait], timeout=self.config.timeouts.progress_interval_s)
+                wait.result()
+            finally:
+                self.result.queued_s = round(time.monotonic() - t0, 3)
+                if not wait.done():
+                    wait.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await wait
+        except MigratorError as exc:
+            if isinstance(exc, MigrationError):
+                raise
+            raise self._error(f"migration slot: {exc}") from exc
 
     # -- the convergence policy -------------------------------------------------------------
 
@@ -556,6 +603,7 @@ class Migration(BaseMigration):
             port = await self._listen(dst)
             self._set_phase(Phase.LISTENING)
             await self.src_vm.connect_console_ahead(self.dst_vm)
+        await self._wait_for_slot()             # prepared: the transfer starts at the slot
         await self._migrate(src, dst, port)
         await self._verify(src, dst)
         await self.src_vm.stop()

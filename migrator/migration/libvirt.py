@@ -139,6 +139,7 @@ class LibvirtMigration(BaseMigration):
             await self._watch(self.dst_vm, None)
             self._set_phase(Phase.CONFIGURED)
         try:
+            await self._wait_for_slot()
             await self._migrate(sdom, dconn, flags, params)
             await self._verify()
         finally:
