@@ -154,6 +154,12 @@ async def test_a_command_printing_across_the_switchover_loses_no_line(vm, hosts,
     async with running(session.cmd(loop, timeout=120)) as cmd:
         await migration(vm, hosts, inventory, "hostB").run()
         assert session.host == "hostB"
+        # typed once the guest printed on the destination too (an idle guest migrates in
+        # tens of ms: typed at once, "go" could end the loop before any line there)
+        async with asyncio.timeout(30):
+            while not re.search(r"^L\d+", (await hosts["hostB"].run(
+                    f"cat {vm.paths.serial_log}", check=True)).stdout, re.M):
+                await asyncio.sleep(0.05)
         session.writer.write(b"go\n")           # the session types on the destination now
         out = await cmd
     numbers = [int(n) for n in re.findall(r"^L(\d+)", out, re.M)]   # "go" may be echoed after one
