@@ -33,7 +33,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/parallel_vms.py
 	$(PY) bench/blackout.py
 	$(PY) bench/converge.py
-	$(PY) bench/queue.py
+	$(PY) bench/queue_pipelining.py
 	$(PY) bench/plan.py
 
 lab-up: setup

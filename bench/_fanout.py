@@ -1,4 +1,4 @@
-"""bench/queue.py's scenario: ``scenario.vms`` VMs hostA -> hostB in one call (booting them),
+"""bench/queue_pipelining.py's scenario: ``scenario.vms`` VMs hostA -> hostB in one call (booting them),
 then back in one call, the measured one."""
 
 from migrator import MultihostMigration

@@ -10,7 +10,7 @@ Per mode, the median of ``--runs``: makespan of the call (first migration asked 
 done), the sum of the transfers alone (MIGRATING -> COMPLETED: the bound for one at a time),
 and the gap between one migration's end and the next one's transfer (what the queue costs).
 
-usage: bench/queue.py [--vms 4] [--runs 3]
+usage: bench/queue_pipelining.py [--vms 4] [--runs 3]
 """
 
 from __future__ import annotations
