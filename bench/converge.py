@@ -10,7 +10,8 @@ Per row: expected and observed outcome (completed on hostB / rolled back to host
 migration's wall time, QEMU's downtime and the guest's (source STOP -> destination RESUME,
 which counts a pause), passes, the highest throttle, the policy's decisions with their
 times, and the surviving copy's memory checksum and stale pages. Green: observed == expected,
-memory intact, 0 stale pages, and an abort ended within its limit.
+memory intact, 0 stale pages, and an abort rolled back within 5 s of its decision (taken
+when its limit passed: the decision's reason says by how much).
 
 usage: bench/converge.py [--drivers qemu,libvirt] [--policies none,auto-converge,...]
 """
@@ -33,7 +34,7 @@ from migrator.hypervisor import make_vm  # noqa: E402
 from migrator.hypervisor.vm import VMSpec  # noqa: E402
 from migrator.lab import Lab  # noqa: E402
 from migrator.migration import MigrationParams, make_migration  # noqa: E402
-from migrator.migration.oracles import dirtier_report  # noqa: E402
+from migrator.migration.oracles import dirtier_report, wait_dirtying  # noqa: E402
 
 NAME, SUBNET, DIR = "mconv", "10.77.235.0/24", Path("/srv/migrator-bench/mconv")
 MEM_MIB, DIRTY_MIB, CAP_MIBS = 512, 256, 32
@@ -45,11 +46,16 @@ POLICIES: dict[str, tuple[dict, str, str]] = {
     # no help: the completion limit (60 s here) aborts, the VM stays where it was
     "none": ({"completion_s": 60, "completion_s_per_gib": 0, "actions": ["abort"]}, STAYS,
              "precopy alone never converges: 256 MiB dirtied far faster than 32 MiB/s"),
-    # QEMU's throttle from 20 % up by 10 % per pass: at 99 % the guest dirties ~1 % of its
-    # speed, below the link: it converges within the second window
-    "auto-converge": ({"completion_s": 120, "completion_s_per_gib": 0, "progress_timeout_s": 10,
+    # QEMU raises its throttle every second pass (~8 s each here): with its default +10 %
+    # that takes minutes (the first run of this bench, with a 10 s progress limit, aborted at
+    # 11 %); released at 50 % and raised by 25 % it reaches 99 % in four steps and should
+    # converge within the 30 s progress limit. NOT MET in the second run (2026-11-30): qemu
+    # aborted at 76 %, libvirt at 99 %, the remaining bytes never below 95 MiB: why a 99 %
+    # throttle does not slow this TCG guest's dirtier below 32 MiB/s is still open
+    "auto-converge": ({"completion_s": 240, "completion_s_per_gib": 0, "progress_timeout_s": 30,
+                       "throttle_initial": 50, "throttle_increment": 25,
                        "actions": ["auto-converge", "abort"]}, LANDS,
-                      "the throttle slows the dirtier below 32 MiB/s"),
+                      "the throttle (+25 % every other pass) reaches ~99 %: below 32 MiB/s"),
     # the ramp alone cannot converge this guest: at 32 MiB/s even QEMU's largest downtime,
     # 2 s, moves 64 MiB, a quarter of what stays dirty; it ends at the completion limit
     "downtime-ramp": ({"completion_s": 60, "completion_s_per_gib": 0, "actions": ["abort"],
@@ -80,6 +86,7 @@ class Row:
     passes: int | None = None
     throttle: int = 0
     decisions: list[str] = field(default_factory=list)
+    ended_after_abort_s: float | None = None    #: the abort decision -> run() returned
     memory: str = "?"
     stale: int | None = None
     error: str = ""
@@ -87,11 +94,10 @@ class Row:
     @property
     def green(self) -> bool:
         limit_ok = True
-        if self.expected == STAYS:          # ended by its limit, within it (+ its grace)
-            policy = POLICIES[self.policy][0]
-            limit = min(policy.get("progress_timeout_s") or 1e9,
-                        policy.get("completion_s", 600))
-            limit_ok = self.wall_s is not None and self.wall_s <= 1.1 * limit + 5
+        if self.expected == STAYS:          # ended by its abort, at once (the abort itself
+            #                                 is taken when its limit is passed, not later)
+            limit_ok = (self.ended_after_abort_s is not None
+                        and self.ended_after_abort_s <= 5)
         return (self.observed == self.expected and self.memory == "intact"
                 and self.stale == 0 and limit_ok)
 
@@ -123,9 +129,13 @@ async def run_row(row: Row, inv: Inventory, hosts, config: Config) -> None:
         row.throttle = result.max_cpu_throttle
         row.decisions = [f"{d['action'] if d['action'] != 'downtime' else d['downtime_ms']}"
                          f"@{d['t']:.0f}s" for d in result.decisions]
+        aborts = [d for d in result.decisions if d["action"] == "abort"]
+        if aborts and m._t_migrate is not None:
+            row.ended_after_abort_s = round(t0 + row.wall_s - m._t_migrate - aborts[-1]["t"], 1)
         session = await vm.wait_for_login(60)
         out = await session.cmd("memsum verify")
         row.memory = "intact" if "ok=1" in out else f"BAD {out.strip()[:30]}"
+        await wait_dirtying(vm, 60)         # its first report where the VM runs now
         report = await dirtier_report(vm)
         row.stale = report[1] if report else None
     except Exception as exc:  # noqa: BLE001 - the row says what broke
@@ -158,7 +168,7 @@ def main() -> int:
     print()
     head = (f"{'policy':<14}{'driver':<8}{'expected':<10}{'observed':<10}{'wall s':>7}"
             f"{'QEMU dt':>9}{'guest dt':>10}{'passes':>7}{'thr%':>5}  {'memory':<8}{'stale':>6}"
-            f"  decisions")
+            f"  decisions (action@s since migrate; abort -> rolled back, s)")
     print(head, flush=True)
 
     async def run_all():
@@ -171,7 +181,9 @@ def main() -> int:
                       f"{fmt(row.wall_s, '.1f'):>7}{fmt(row.downtime_ms):>9}"
                       f"{fmt(row.guest_downtime_ms, '.0f'):>10}{fmt(row.passes):>7}"
                       f"{row.throttle:>5}  {row.memory:<8}{fmt(row.stale):>6}  "
-                      f"{' '.join(row.decisions) or '-'}  {'green' if row.green else 'RED'}",
+                      f"{' '.join(row.decisions) or '-'}"
+                      + (f" (+{row.ended_after_abort_s} s)" if row.ended_after_abort_s is not None
+                         else "") + f"  {'green' if row.green else 'RED'}",
                       flush=True)
                 if row.error:
                     print(f"    error: {row.error[:300]}", flush=True)

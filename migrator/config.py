@@ -281,6 +281,13 @@ class ConvergencePolicy(_Strict):
     would retry for ~15 minutes)."""
     actions: list[str] = ["abort"]
     """Taken one per limit hit, in this order (from :data:`POLICY_ACTIONS`)."""
+    throttle_initial: int = Field(20, ge=1, le=99)
+    """``auto-converge``: the first throttle, percent (QEMU's default; applies when QEMU had
+    not throttled yet, else the increment does)."""
+    throttle_increment: int = Field(10, ge=1, le=99)
+    """``auto-converge``: added each time QEMU finds the guest still dirtying too fast (every
+    second pass), up to 99 % (QEMU's default 10: a large guest on a slow link needs minutes
+    to reach a throttle that converges)."""
     downtime_ramp: DowntimeRamp | None = None
     """Raise the tolerated downtime step by step; None: ``downtime_limit_ms`` throughout."""
 

@@ -225,3 +225,12 @@ async def test_progress_limit_then_abort_rolls_back_with_the_reason(vm, hosts, i
     assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
     await wait_tick_after(vm, None, 60)
     await vm.stop()
+
+
+def test_the_released_throttle_is_the_policys():
+    params = MigrationParams(policy={"actions": ["auto-converge", "abort"],
+                                     "throttle_initial": 50, "throttle_increment": 25})
+    assert params.capabilities()["auto-converge"] and params.source_parameters()[
+        "max-cpu-throttle"] == 1                                  # held until released
+    assert params.throttle_on() == {"cpu-throttle-initial": 50, "cpu-throttle-increment": 25,
+                                    "max-cpu-throttle": 99}

@@ -58,7 +58,7 @@ from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import MigrationError, MigratorError
 from ..hosts.ssh import SSHHost, quote
-from .params import THROTTLE_ON, MigrationParams
+from .params import MigrationParams
 from .policy import Decision, PolicyTracker
 
 log = logging.getLogger(__name__)
@@ -701,7 +701,7 @@ class Migration(BaseMigration):
         await self._src_qmp.execute("migrate-set-parameters", {"downtime-limit": ms})
 
     async def _throttle(self) -> None:
-        await self._src_qmp.execute("migrate-set-parameters", THROTTLE_ON)
+        await self._src_qmp.execute("migrate-set-parameters", self.params.throttle_on())
 
     async def _start_postcopy(self) -> None:
         src = self._src_qmp

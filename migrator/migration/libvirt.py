@@ -36,7 +36,7 @@ from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
 from ..hypervisor.libvirt_uri import remote_uri
 from .engine import BaseMigration, Phase, ProgressRecord
-from .params import MIB, THROTTLE_HELD, THROTTLE_ON
+from .params import MIB, THROTTLE_HELD
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class LibvirtMigration(BaseMigration):
             raise self._error(f"QEMU refused migrate-set-parameters {parameters}: {reply}")
 
     async def _throttle(self) -> None:
-        await self._qemu_set(THROTTLE_ON)
+        await self._qemu_set(self.params.throttle_on())
 
     async def _start_postcopy(self) -> None:
         timeouts = self.config.timeouts

@@ -24,8 +24,6 @@ MIB = 1 << 20
 #: parameters accept 1..99), so the capability can be on from the start (capabilities cannot
 #: change while a migration runs) without QEMU throttling the guest on its own rule
 THROTTLE_HELD = {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
-#: ... and released: QEMU's own defaults (20 %, then +10 % per pass, up to 99 %)
-THROTTLE_ON = {"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99}
 
 
 class MigrationParams(MigrationSettings):
@@ -53,6 +51,14 @@ class MigrationParams(MigrationSettings):
     def throttle_held(self) -> bool:
         """auto-converge is on only for the policy to release later."""
         return not self.auto_converge and "auto-converge" in self.policy.actions
+
+    def throttle_on(self) -> dict[str, int]:
+        """The throttle released by the policy: ``policy.throttle_initial`` %, raised by
+        ``policy.throttle_increment`` % each time QEMU finds the guest still too fast (at
+        every second pass), up to 99 %."""
+        return {"cpu-throttle-initial": self.policy.throttle_initial,
+                "cpu-throttle-increment": self.policy.throttle_increment,
+                "max-cpu-throttle": 99}
 
     def capabilities(self) -> dict[str, bool]:
         """Capabilities to set (on both ends: postcopy-ram and multifd must match)."""
