@@ -80,6 +80,20 @@ def test_memsum_verify_right_after_write_always_finds_its_holder(tmp_path):
     assert r.stdout.split() == ["0"], r
 
 
+async def test_a_background_job_has_started_when_the_next_command_runs(lab, config):
+    """'nohup dd ... &' then 'killall -0 dd', as the Autotest seed's worker types them: the
+    lab guest runs a forked job first (sched_child_runs_first), so the job exists when the
+    shell reads its next line; before, 17 of 60 tries found no dd (one vCPU, the shell went
+    on first; test_seed failed once on it)."""
+    loop = ("cd /tmp; r=0; for i in $(seq 30); do nohup dd if=/dev/zero of=/dev/null "
+            "2>/dev/null & killall -0 dd 2>/dev/null || r=$((r+1)); killall -9 dd 2>/dev/null; "
+            "wait; done; echo RACES $r")
+    slow = config.model_copy(update={"timeouts": config.timeouts.model_copy(
+        update={"guest_cmd_s": 120})})
+    result = await boot_and_run(lab, "hostB", loop, 128, slow)
+    assert "RACES 0" in result.output, result.output
+
+
 async def test_failing_console_command_reports_status(lab, config):
     result = await boot_and_run(lab, "hostA", "ls /nonexistent", 128, config)
     assert result.exit_status != 0
