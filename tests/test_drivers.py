@@ -23,7 +23,7 @@ from migrator.hypervisor.vm import VMSpec
 from migrator.lab.processes import host_processes, is_qemu
 from migrator.migration import MigrationParams, Phase, make_migration
 from migrator.migration.blackout import BlackoutProbe
-from migrator.migration.oracles import dirtier_report
+from migrator.migration.oracles import dirtier_report, wait_dirtying
 
 from .conftest import drop_tcp_port, running
 
@@ -133,9 +133,8 @@ async def assert_whole_after_postcopy(vm, session) -> None:
     """The guest's memsum pattern verifies through ``session`` (which followed the VM), and
     the dirtier's first report on the VM's new host finds no stale page."""
     assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
-    async with asyncio.timeout(30):
-        while (report := await dirtier_report(vm)) is None:
-            await asyncio.sleep(0.2)          # the dirtier's first report on the destination
+    await wait_dirtying(vm, 30)               # the dirtier's first report on the destination
+    report = await dirtier_report(vm)
     assert report[1] == 0, f"stale pages after postcopy: {report}"
 
 

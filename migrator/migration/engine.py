@@ -374,12 +374,14 @@ class BaseMigration(BlockingInWorkers):
 
     # -- the convergence policy -------------------------------------------------------------
 
-    def _start_policy(self) -> PolicyTracker:
-        """The policy's tracker, its clocks started now ('migrate' is being issued)."""
+    async def _start_policy(self) -> None:
+        """The policy's tracker, its clocks started now ('migrate' is being issued), and the
+        downtime ramp's first step set."""
         self._t_migrate = time.monotonic()
         self._policy = PolicyTracker(self.params.policy, self.src_vm.spec.mem_mib,
                                      self._t_migrate)
-        return self._policy
+        if (first := self._policy.initial_downtime_ms()) is not None:
+            await self._set_downtime(first)
 
     async def _apply_policy(self) -> None:
         """Carry out what the policy decides after the newest progress record; each decision
@@ -642,9 +644,7 @@ class Migration(BaseMigration):
     async def _migrate_loop(self, src, dst, port: int, dst_migration) -> None:
         timeouts, policy = self.config.timeouts, self.params.policy
         self._src_qmp = src
-        tracker = self._start_policy()
-        if (first := tracker.initial_downtime_ms()) is not None:
-            await self._set_downtime(first)
+        await self._start_policy()
         await src.execute("migrate", {"uri": f"tcp:{self.dst_address}:{port}"})
         self._set_phase(Phase.MIGRATING)
         info: dict = {}

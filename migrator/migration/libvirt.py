@@ -155,9 +155,7 @@ class LibvirtMigration(BaseMigration):
             job = partial(sdom.migrateToURI3, self._p2p_uri, params, flags)
         else:
             job = partial(sdom.migrate3, dconn, params, flags)
-        tracker = self._start_policy()
-        if (first := tracker.initial_downtime_ms()) is not None:
-            await self._set_downtime(first)
+        await self._start_policy()
         self._job = src_conn.submit(job, also=(await self.dst_vm.connection(),))
         self._job.add_done_callback(self._job_done)     # wakes the loop below
         self._set_phase(Phase.MIGRATING)

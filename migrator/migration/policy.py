@@ -80,10 +80,6 @@ class PolicyTracker:
             return None
         return self._ramp.pop(0)[1]
 
-    @property
-    def may_throttle(self) -> bool:
-        return "auto-converge" in self.policy.actions
-
     def step(self, rec, now: float | None = None, postcopy: bool = False) -> list[Decision]:
         """The decisions due after progress record ``rec`` (a
         :class:`~migrator.migration.engine.ProgressRecord`), taken at monotonic time ``now``.
