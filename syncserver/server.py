@@ -6,7 +6,10 @@
         print(server.url)          # http://127.0.0.1:<bound port>
 
 Endpoints: ``GET /v1/ws`` (the protocol, see :mod:`.protocol`; token required),
-``GET /metrics`` (Prometheus text; token required), ``GET /healthz`` (no token, says "ok").
+``GET /metrics`` (Prometheus text; token required), ``GET /healthz`` (no token, says "ok"),
+``GET|POST /v1/control/<name>`` (token required): the embedding process's own control calls
+(``migrate-run status`` and ``cancel``), served by the handler :meth:`SyncServer.set_control`
+installs (404 until one is).
 
 The token is compared in constant time; a request without it gets 401 before any handler
 runs. The token never appears in logs (aiohttp's access log shows the request line only).
@@ -19,6 +22,7 @@ import contextlib
 import hmac
 import logging
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
@@ -71,6 +75,9 @@ REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", Metrics)
 TOKEN = web.AppKey("token", str)
 OPTIONS = web.AppKey("options", ServerOptions)
+#: the embedding process's control handler: ``async (name, body) -> (HTTP status, JSON)``
+ControlHandler = Callable[[str, dict], Awaitable[tuple[int, dict]]]
+CONTROL = web.AppKey("control", list)
 
 
 def _bearer(request: web.Request) -> str:
@@ -89,6 +96,24 @@ async def _auth(request: web.Request, handler):
             text='{"type": "AuthError", "message": "missing or wrong token"}',
             content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
+
+
+async def _control(request: web.Request) -> web.Response:
+    handlers = request.app[CONTROL]
+    if not handlers:
+        raise web.HTTPNotFound(text='{"type": "NotFound", "message": "no control here"}',
+                               content_type="application/json")
+    body: dict = {}
+    if request.method == "POST" and request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"type": "BadRequest",
+                                      "message": "the body must be a JSON object"}, status=400)
+    status, reply = await handlers[0](request.match_info["name"], body)
+    return web.json_response(reply, status=status)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -241,6 +266,7 @@ def make_app(token: str, options: ServerOptions | None = None) -> web.Applicatio
     app[OPTIONS] = opts
     app[METRICS] = metrics
     app[REGISTRY] = Registry(on_release=released)
+    app[CONTROL] = []
 
     async def collector(app: web.Application):
         # owned here: cancelled and awaited at cleanup (a stop() cancelled meanwhile still
@@ -253,6 +279,7 @@ def make_app(token: str, options: ServerOptions | None = None) -> web.Applicatio
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get(WS_PATH, _websocket)
+    app.router.add_route("*", "/v1/control/{name}", _control)
     return app
 
 
@@ -280,6 +307,10 @@ class SyncServer:
     @property
     def registry(self) -> Registry:
         return self.app[REGISTRY]
+
+    def set_control(self, handler: ControlHandler) -> None:
+        """Serve ``/v1/control/<name>`` with ``handler(name, body)`` (token required)."""
+        self.app[CONTROL][:] = [handler]
 
     async def start(self) -> None:
         """Bind and serve. :raise OSError: when the address cannot be bound."""

@@ -836,3 +836,33 @@ async def test_migrate_sync_send_wait_and_sync_on_the_command_line(server, pyz):
     bad = await _spawn_cli(pyz, server, "host", "send", "novalue")
     _, err = await bad.communicate()
     assert bad.returncode == 2 and err == b"migrate-sync: send 'novalue': KEY=VALUE expected\n"
+
+
+# -- the embedding process's control calls (migrate-run status / cancel) ----------------------
+
+async def test_control_calls_need_the_token_and_reach_the_handler(server):
+    """``/v1/control/<name>``: 401 without the token, 404 until the process installs a
+    handler, then the handler's answer (its status code too); a body that is not a JSON
+    object is refused before the handler sees it."""
+    seen = []
+
+    async def handler(name, body):
+        seen.append((name, body))
+        return (200, {"name": name}) if name == "status" else (404, {"message": "no"})
+    url = f"{server.url}/v1/control"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{url}/status") as r:
+            assert r.status == 401
+        async with s.get(f"{url}/status", headers=auth) as r:
+            assert r.status == 404
+        server.set_control(handler)
+        async with s.get(f"{url}/status", headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+        async with s.get(f"{url}/status", headers=auth) as r:
+            assert r.status == 200 and await r.json() == {"name": "status"}
+        async with s.post(f"{url}/cancel", headers=auth, json={"target": "m-1"}) as r:
+            assert r.status == 404
+        async with s.post(f"{url}/cancel", headers=auth, data="[1]") as r:
+            assert r.status == 400
+    assert seen == [("status", {}), ("cancel", {"target": "m-1"})]

@@ -55,3 +55,11 @@ def overrides(params: list[str]) -> dict:
         except yaml.YAMLError:
             out[key.strip()] = value
     return out
+
+
+def load_setup(args):
+    """The config (``-c``, ``-p``) and the inventory (``-i``) of a command's ``args``.
+
+    :raise ConfigError: a bad config, key or value; :raise InventoryError: no inventory."""
+    from ..config import Config, load_any_inventory
+    return Config.load(args.config, overrides(args.param)), load_any_inventory(args.inventory)

@@ -20,6 +20,10 @@ from .common import Parser, fail, overrides, setup_logging, stamp
 SUBCOMMANDS = {
     "run": ("run", "run a scenario over hosts (the default: migrate-run SCENARIO -m HOSTS)"),
     "recover": ("recover", "resolve runs whose controller died: each VM to one running copy"),
+    "vm": ("vm", "VMs that outlive a run: vm start NAME -H HOST | vm list | vm stop NAME"),
+    "drain": ("drain", "migrate every VM off a host: drain HOST [--to HOSTS] [--dry-run]"),
+    "status": ("control", "what the live runs do now: queued, migrating, policy step"),
+    "cancel": ("control", "cancel a migration (MIG-ID) or a whole run (RUN-ID) of a live run"),
 }
 
 
@@ -71,7 +75,8 @@ def run_main(argv: list[str] | None = None) -> int:
         if name != "run":
             import importlib
             module = importlib.import_module(f".{SUBCOMMANDS[name][0]}", __package__)
-            return module.main(argv)
+            return module.main(argv) if hasattr(module, "main") else \
+                getattr(module, f"{name}_main")(argv)
     parser = _run_parser()
     args = parser.parse_args(argv)
     for value in args.autoserv_args:
@@ -178,6 +183,7 @@ async def _run(plan: dict, args) -> int:
         bind = ctx.config.sync.bind or local_address_towards(
             first.address, (first.ssh or ctx.inventory.ssh).port)
         await ctx.start_server(bind)
+        await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
         try:
             outcomes = await asyncio.gather(*(run() for run in plan["runs"]),
                                             return_exceptions=True)

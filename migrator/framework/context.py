@@ -83,6 +83,11 @@ class RunContext:
         self.gates = HostGates(config.limits)
         #: the run's queue for migration slots (limits across every run on the hosts)
         self.slots = SlotQueue(self)
+        #: mig_id -> how to cancel that migrate() call (``migrate-run cancel MIG-ID``)
+        self.cancellers: dict[str, Callable[[str], None]] = {}
+        #: (mig_id, vm) -> (MigrationData, migration) of each migration in flight, for
+        #: ``migrate-run status``
+        self.live: dict[tuple[str, str], tuple[Any, Any]] = {}
         #: the run's journal (:mod:`.journal`), open while the run runs
         self.journal: RunJournal | None = None
         #: what went wrong without failing the run (a blocked event loop), for the report
@@ -159,6 +164,20 @@ class RunContext:
             raise ConfigError(f"the sync server cannot bind {bind}:{self.config.sync.port}: "
                               f"{exc.strerror or exc}") from exc
         self.server = server
+
+    async def start_control(self, cancel_run: Callable[[], Any] | None = None,
+                            bind: str = "127.0.0.1") -> None:
+        """Serve ``migrate-run status`` and ``cancel`` (:mod:`.control`) on the run's sync
+        server, started on ``bind`` first if the run has none.
+
+        :param cancel_run: what cancelling the run's own id does (the CLI: cancel its main
+            task, as Ctrl-C does); None: refused.
+        :raise ConfigError: the address cannot be bound.
+        """
+        from .control import publish
+        if self.server is None:
+            await self.start_server(bind)
+        await publish(self, cancel_run)
 
     async def stop_server(self) -> None:
         if self.server is not None:

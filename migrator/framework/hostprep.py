@@ -24,6 +24,7 @@ from ..migration.blackout import BlackoutProbe, GuestPingProbe, switchover_time
 from . import pools
 from .context import MigrationRecord, RunContext
 from .data import MigrationData
+from .failures import first_of
 from .journal import controller_identity, owner_file
 from .progress import Progress
 
@@ -279,19 +280,24 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
         ctx.record("phase", instance=instance, mig_id=md.mig_id, vm=vm.name,
                    src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
     mig.observers += [journal, reporter.on_phase]
+    ctx.live[(md.mig_id, vm.name)] = (md, mig)
     try:
-        async with ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
-                                    md.priority) as ticket, \
-                blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
-            mig.slot, mig.slot_first = ticket, not ctx.config.queue.prepare_while_queued
-            shower = tg.create_task(reporter.follow())
-            try:
-                result = await mig.run()
-            finally:
-                shower.cancel()
+        try:
+            async with ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
+                                        md.priority) as ticket, \
+                    blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
+                mig.slot, mig.slot_first = ticket, not ctx.config.queue.prepare_while_queued
+                shower = tg.create_task(reporter.follow())
+                try:
+                    result = await mig.run()
+                finally:
+                    shower.cancel()
+        except BaseExceptionGroup as eg:    # the migration's error as itself, as documented
+            raise first_of(eg) from None
         md.results[vm.name] = result
         return result
     finally:
+        ctx.live.pop((md.mig_id, vm.name), None)
         r = mig.result
         md.results.setdefault(vm.name, r)
         ctx.migrations.append(MigrationRecord(instance, md.mig_id, vm.name, md.src.name,

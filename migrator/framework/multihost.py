@@ -254,6 +254,7 @@ class MultihostMigration(BlockingInWorkers):
         mig_id = f"{self.name}-{self._count}"
         mig_data = MigrationData(names, src, dst, mig_id, params, priority=priority)
         handle = MigrationHandle(mig_data, self)
+        self.context.cancellers[mig_id] = handle.cancel     # migrate-run cancel MIG-ID
         handle.task = self._tg.create_task(self._run_handle(handle, worker, check_worker),
                                            name=f"migrate {mig_data}")
         self._handles.append(handle)
@@ -483,6 +484,7 @@ class MultihostMigration(BlockingInWorkers):
                     other.collateral = True
                     other.cancel(f"sibling migration {md.mig_id} failed")
         finally:
+            self.context.cancellers.pop(md.mig_id, None)
             if claimed:
                 self.env.release(md.vm_names)
             md._end()

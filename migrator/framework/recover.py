@@ -85,6 +85,7 @@ class VMOutcome:
     state: str = ""               #: its state when recovery ended
     actions: list[str] = field(default_factory=list)
     problem: str | None = None    #: why it is unresolved (None: resolved)
+    owned: bool = True            #: the run started it (False: a drained VM: never stopped)
 
 
 @dataclass
@@ -302,6 +303,9 @@ class _RunRecovery:
                       for name in hosts_of(events) if name in self.inventory.hosts}
         self.outcomes: list[VMOutcome] = []
         self.notes: list[str] = []
+        #: VMs the run adopted, not started (a drain's): name -> its ``vm`` record
+        #: (``run_dir``: where its run dir is on every host). Kept running, never stopped.
+        self.adopted = {e["vm"]: e for e in vm_records(events) if e.get("owned") is False}
         self._instance: str | None = None       # the instance being resolved (None: all)
         self._key: str | None = None            # the VM's identity, when not its name
 
@@ -431,12 +435,19 @@ class _RunRecovery:
         """
         last = self._last_phase(vm)
         arrived = last.get("phase") in ("CLEANED", "LANDED")
+        adopted = self.adopted.get(vm)
         copies: list[Copy] = []
         for name, h in hosts.items():
-            if vm not in found.get(name, ()):
+            if adopted is not None:
+                # no run dir of this run: the journal says where it can be (a domain of
+                # that name elsewhere is not this run's business)
+                if name not in {adopted["host"], last.get("src"), last.get("dst")}:
+                    continue
+            elif vm not in found.get(name, ()):
                 continue                           # no run dir: nothing of this run there
             if self.driver == "libvirt":
-                probe = _LibvirtProbe(h, vm, self.run_dir, self.config,
+                probe = _LibvirtProbe(h, vm, adopted["run_dir"] if adopted else self.run_dir,
+                                      self.config,
                                       incoming=name == last.get("dst") and not arrived)
             else:
                 probe = _QemuProbe(h, vm, self.run_dir, self.config)
@@ -465,7 +476,8 @@ class _RunRecovery:
 
     async def _resolve(self, vm: str, hosts: dict[str, SSHHost],
                        found: dict[str, list[str]]) -> VMOutcome:
-        out = VMOutcome(self.run_id, self._key or vm)
+        adopted = self.adopted.get(vm)
+        out = VMOutcome(self.run_id, self._key or vm, owned=adopted is None)
         copies: list[Copy] = []
         try:
             copies = await self._copies(vm, hosts, found)
@@ -481,7 +493,11 @@ class _RunRecovery:
                     out.actions.append(f"{c.status} copy on {c.host} stopped")
             if keep is not None:
                 out.kept, out.state = keep.host, keep.status
-                if self.stop_kept:
+                if adopted is not None:
+                    out.actions.append(f"left running on {keep.host} (not the run's: "
+                                       "drained)")
+                    await self._adopted_tidy(vm, adopted, keep.host, hosts)
+                elif self.stop_kept:
                     await keep.probe.stop()
                     out.actions.append(f"stopped on {keep.host} (--stop)")
                     out.state = "stopped"
@@ -506,6 +522,19 @@ class _RunRecovery:
         if out.problem:
             log.error("[run=%s vm=%s] unresolved: %s", self.run_id, vm, out.problem)
         return out
+
+    async def _adopted_tidy(self, vm: str, adopted: dict[str, Any], kept: str,
+                            hosts: dict[str, SSHHost]) -> None:
+        """An adopted VM settled on ``kept``: its run dir elsewhere (the other end of its
+        migration) removed, its fleet record told where it runs."""
+        from .fleet import Fleet
+        last = self._last_phase(vm)
+        vm_dir = quote(f"{adopted['run_dir']}/{vm}")
+        for name in {adopted["host"], last.get("src"), last.get("dst")} - {kept, None}:
+            if name in hosts:
+                await hosts[name].run(f"rm -rf {vm_dir}; rmdir {quote(adopted['run_dir'])} "
+                                      "2>/dev/null; true", check=True)
+        Fleet(self.config).moved(vm, kept, f"recover {self.run_id}")
 
     async def _settle(self, vm: str, copies: list[Copy], hosts: dict[str, SSHHost],
                       found: dict[str, list[str]], out: VMOutcome) -> list[Copy]:
@@ -626,7 +655,7 @@ class _RunRecovery:
     async def _tidy(self, hosts: dict[str, SSHHost]) -> None:
         """The run's dir on hosts that keep nothing of it; its overlays when nothing is
         kept. Failures become notes (and the run stays in the index)."""
-        kept = {o.kept for o in self.outcomes if o.kept and not self.stop_kept}
+        kept = {o.kept for o in self.outcomes if o.kept and o.owned and not self.stop_kept}
         unresolved = any(o.problem for o in self.outcomes) or len(hosts) < len(self.hosts)
         if unresolved:
             return
@@ -768,7 +797,8 @@ async def _recover_entry(entry: RunEntry, lock: RunLock, config: Config, stop: b
     report.notes += rec.notes
     report.runs.append(entry.run_id)
     report.outcomes += outcomes
-    kept = [f"{o.vm}@{o.kept}" for o in outcomes if o.kept and not stop]
+    # a drained VM kept is not the run's: nothing of the run is left for a later --stop
+    kept = [f"{o.vm}@{o.kept}" for o in outcomes if o.kept and o.owned and not stop]
     problems = [o.problem for o in outcomes if o.problem]
     _append(entry, lock, "recovered", kept=kept, problems=problems, stopped=stop)
     if problems:                   # looked at again by the next recover and the next run

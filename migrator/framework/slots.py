@@ -145,13 +145,17 @@ class SlotQueue:
 
     def __init__(self, ctx: "RunContext"):
         self.ctx = ctx
-        self.settings = ctx.config.queue
         self.directory = slots_dir(str(ctx.inventory.shared_dir))
         self._waiting: list[Ticket] = []
         self._seq = itertools.count()
         self._lock = asyncio.Lock()         # one pass at a time
         self._freed = asyncio.Event()
         self._held: list[tuple[str, str]] = []   # as the last pass saw them
+
+    @property
+    def settings(self):
+        """The run's ``queue.*`` limits, as its config says now (a drain sets its own)."""
+        return self.ctx.config.queue
 
     @property
     def waiting(self) -> list[Ticket]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import libvirt
@@ -113,6 +114,54 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
+async def open_host_connection(host: SSHHost, config, uri: str | None = None
+                               ) -> LibvirtConnection:
+    """A new owned connection to ``host``'s libvirtd (the caller closes it), with the
+    config's transport, timeouts and keepalives.
+
+    :raise LibvirtError: unreachable host or daemon, refused host key or login.
+    """
+    settings, timeouts = config.libvirt, config.timeouts
+    uri = uri or host_uri(host, settings.transport, timeouts.ssh_connect_s)
+    return await LibvirtConnection.open(
+        host.name, uri, timeout=timeouts.ssh_connect_s + timeouts.libvirt_call_s,
+        keepalive=(settings.keepalive_interval_s, settings.keepalive_count))
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain running on a host, as libvirt reports it."""
+
+    host: str
+    name: str
+    state: str           #: :func:`state_name`: running, paused, paused-migration...
+    mem_mib: int         #: its maximum memory
+    vcpus: int
+
+
+def _active_domains(conn: libvirt.virConnect) -> list[tuple[str, int, int, int, int]]:
+    """(name, state, reason, max memory KiB, vCPUs) of every active domain. Runs in a worker
+    thread: the domain objects are freed there, when this returns, never on the loop."""
+    out = []
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        state, reason = dom.state()
+        _s, max_kib, _mem, vcpus, _cpu = dom.info()
+        out.append((dom.name(), state, reason, max_kib, vcpus))
+    return out
+
+
+async def running_domains(conn: LibvirtConnection, config) -> list[DomainInfo]:
+    """Every active domain on ``conn``'s host, by name.
+
+    :raise LibvirtError: the daemon could not be asked.
+    """
+    found = await conn.call("list domains", _active_domains, conn.raw,
+                            timeout=config.timeouts.libvirt_call_s)
+    return sorted((DomainInfo(conn.host, name, state_name(state, reason), max_kib // 1024,
+                              vcpus) for name, state, reason, max_kib, vcpus in found),
+                  key=lambda d: d.name)
+
+
 class LibvirtVM(GuestVM):
     """One VM as a libvirt domain on one host. See the module docstring.
 
@@ -151,10 +200,7 @@ class LibvirtVM(GuestVM):
         if self._conn is not None and not self._conn.is_alive():   # local check, no RPC
             await self.close()                        # dead (daemon or link gone): reopen
         if self._conn is None:
-            settings, timeouts = self.config.libvirt, self.config.timeouts
-            self._conn = await LibvirtConnection.open(
-                self.host.name, self.uri, timeout=timeouts.ssh_connect_s + timeouts.libvirt_call_s,
-                keepalive=(settings.keepalive_interval_s, settings.keepalive_count))
+            self._conn = await open_host_connection(self.host, self.config, self.uri)
         return self._conn
 
     async def conn(self) -> libvirt.virConnect:
@@ -302,5 +348,6 @@ class LibvirtVM(GuestVM):
         await self._take_session(other)
 
 
-__all__ = ["LibvirtConnection", "LibvirtError", "LibvirtVM", "domain_xml", "host_uri",
-           "open_connections", "state_name"]
+__all__ = ["DomainInfo", "LibvirtConnection", "LibvirtError", "LibvirtVM", "domain_xml",
+           "host_uri", "open_connections", "open_host_connection", "running_domains",
+           "state_name"]
