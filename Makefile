@@ -34,6 +34,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/blackout.py
 	$(PY) bench/converge.py
 	$(PY) bench/queue_pipelining.py
+	$(PY) bench/drain.py
 	$(PY) bench/plan.py
 
 lab-up: setup
