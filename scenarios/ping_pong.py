@@ -22,7 +22,11 @@ class PingPong(MultihostMigration):
             if "pid" not in state:
                 await session.cmd("memsum write 16 2026")
                 state["pid"] = (await session.cmd(
-                    # written then renamed: a reader never sees the file truncated and empty
+                    # written then renamed: a reader never sees the file truncated and empty;
+                    # the first value is written before the counter starts, so the 'cat'
+                    # below never runs ahead of it (with one vCPU the shell may go on before
+                    # the background job has run at all: seen in the suite, no /tmp/count)
+                    "echo 0 > /tmp/count; "
                     "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
                     "mv /tmp/count.new /tmp/count; sleep 0.2; done) "
                     "</dev/null >/dev/null 2>&1 & echo $!")).strip()
