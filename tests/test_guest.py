@@ -58,6 +58,25 @@ async def test_guest_oracles_memsum_and_dirtier(lab, inventory, config):
     await _no_guest_left(inventory, "hostC")
 
 
+async def test_dirtier_paced_by_work(lab, inventory, config):
+    """``dirtier SIZE RATE cpu``: calibrated at its start (the PACE line), then dirtying
+    without stale pages; 'cpu' without a rate, or another third word, is a usage error. (How
+    its rate follows a throttle is bench/converge.py's auto-converge row.)"""
+    command = ("dirtier 4 0 cpu; echo no-rate=$?; dirtier 4 8 fast; echo bad-word=$?; "
+               "dirtier 4 16 cpu > /tmp/d.log 2>&1 & "
+               "until grep -q '^DIRTY' /tmp/d.log; do sleep 0.1; done; kill %1; wait; "
+               "cat /tmp/d.log")
+    result = await boot_and_run(lab, "hostC", command, 128, config)
+    out = result.output
+    assert "no-rate=2" in out and "'cpu' pacing needs a rate" in out, out
+    assert "bad-word=2" in out, out
+    pace = re.search(r"PACE cpu loops_per_page=(\d+) target=16MB/s", out)
+    assert pace and int(pace.group(1)) >= 1, out
+    dirty = re.findall(r"DIRTY t=\d+ pass=(\d+) rate=\d+MB/s bad=(\d+)", out)
+    assert dirty and all(bad == "0" for _, bad in dirty), out
+    await _no_guest_left(inventory, "hostC")
+
+
 def test_memsum_verify_right_after_write_always_finds_its_holder(tmp_path):
     """The memsum holder's request FIFO has a reader from before it reports on: a client's
     non-blocking open for writing fails (ENXIO) whenever none has it open, and with the FIFO

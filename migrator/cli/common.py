@@ -63,3 +63,16 @@ def load_setup(args):
     :raise ConfigError: a bad config, key or value; :raise InventoryError: no inventory."""
     from ..config import Config, load_any_inventory
     return Config.load(args.config, overrides(args.param)), load_any_inventory(args.inventory)
+
+
+def add_setup_options(p: argparse.ArgumentParser, inventory: bool = True) -> None:
+    """``-i`` (with ``inventory``), ``-c``, ``-p``, ``-v``: what every command that reads the
+    config (and the inventory) takes, for :func:`load_setup`."""
+    if inventory:
+        p.add_argument("-i", "--inventory", help="inventory file (default: "
+                       "$MIGRATOR_INVENTORY, else the default lab's)")
+    p.add_argument("-c", "--config", help="config file (YAML)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one config key, dotted (-p journal.state_dir=DIR); overrides "
+                        "the config file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")

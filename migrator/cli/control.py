@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 
 from ..errors import MigratorError
-from .common import Parser, fail, overrides, setup_logging
+from .common import Parser, add_setup_options, fail, overrides, setup_logging
 
 
 def _common(p: Parser) -> Parser:
-    p.add_argument("-c", "--config", help="config file (YAML)")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one config key (e.g. -p journal.state_dir=/var/lib/migrator)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    add_setup_options(p, inventory=False)
     return p
 
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, MigratorError
-from .common import Parser, fail, load_setup, overrides, setup_logging, stamp
+from .common import (Parser, add_setup_options, fail, load_setup, overrides,
+                     setup_logging, stamp)
 
 
 def _parser() -> Parser:
@@ -33,13 +34,8 @@ def _parser() -> Parser:
                         "hold too")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan only; exit 0 when every VM could be placed")
-    p.add_argument("-i", "--inventory", help="inventory file (default: $MIGRATOR_INVENTORY, "
-                   "else the default lab's)")
-    p.add_argument("-c", "--config", help="config file (YAML)")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one config key (e.g. -p migration.bandwidth_mibs=100)")
     p.add_argument("-o", "--results", help="results directory (default: report.results_dir)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    add_setup_options(p)
     return p
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 from ..errors import MigratorError
-from .common import Parser, fail, load_setup, setup_logging, stamp
+from .common import Parser, add_setup_options, fail, load_setup, setup_logging, stamp
 
 
 def _parser() -> Parser:
@@ -38,12 +38,7 @@ def _parser() -> Parser:
     stop = sub.add_parser("stop", help="stop VMs started with 'vm start', wherever they run")
     stop.add_argument("names", nargs="+", metavar="NAME")
     for one in (start, listing, stop):
-        one.add_argument("-i", "--inventory", help="inventory file (default: "
-                         "$MIGRATOR_INVENTORY, else the default lab's)")
-        one.add_argument("-c", "--config", help="config file (YAML)")
-        one.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                         help="set one config key")
-        one.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        add_setup_options(one)
     return p
 
 

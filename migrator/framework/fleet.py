@@ -43,6 +43,7 @@ from ..hosts import SSHHost, quote
 from ..hypervisor.libvirt import (DomainInfo, LibvirtVM, open_host_connection,
                                   running_domains)
 from .env import Env, prepare_overlay
+from .journal import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,7 @@ class Fleet:
     def _write(self, path: Path, text: str) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, text)
         except OSError as exc:
             raise ConfigError(f"journal.state_dir {self.dir.parent}: {exc.strerror}") from None
 

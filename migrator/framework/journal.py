@@ -182,7 +182,7 @@ class RunEntry:
 
     def update(self, **info: Any) -> None:
         self.info.update(info)
-        _write_atomic(self.dir / "run.json", json.dumps(self.info, indent=1))
+        write_atomic(self.dir / "run.json", json.dumps(self.info, indent=1))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -225,7 +225,8 @@ def find_run(state_dir: str | os.PathLike, run_id: str) -> RunEntry | None:
     return next((e for e in list_runs(state_dir) if e.run_id == run_id), None)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a reader never sees half of it), durably."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -377,4 +378,4 @@ def vm_records(events: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 __all__ = ["owner_file", "RunEntry", "RunJournal", "RunLock", "RunLocked", "controller_identity",
            "find_run", "hosts_of", "index_dir", "last_phases", "list_runs",
-           "process_start_time", "read_journal", "vm_records"]
+           "process_start_time", "read_journal", "vm_records", "write_atomic"]

@@ -215,6 +215,7 @@ class BaseMigration(BlockingInWorkers):
         self._interrupted = False           # the caller's task was cancelled
         self._t_migrate: float | None = None
         self._policy: PolicyTracker | None = None
+        self._throttle_catching_up = False  # the first released step is not the policy's
         #: the migration's slot (a :class:`~migrator.framework.slots.Ticket`: ``granted``,
         #: ``try_once()``, ``wait()``), waited for before 'migrate' (phase QUEUED), or before
         #: anything with ``slot_first``; None: no limit
@@ -392,6 +393,10 @@ class BaseMigration(BlockingInWorkers):
         """
         if self._policy is None or not self.records:
             return
+        if (self._throttle_catching_up
+                and self.records[-1].cpu_throttle >= self.params.policy.throttle_initial):
+            self._throttle_catching_up = False      # QEMU took the first step: back to ours
+            await self._set_throttle(self.params.throttle_caught_up())
         for d in self._policy.step(self.records[-1], postcopy=self.phase is Phase.POSTCOPY):
             self.result.decisions.append(d.to_json())
             log.warning("[vm=%s %s->%s] policy: %s (%s at %.1f s, pass %d, %d MiB left, "
@@ -410,7 +415,10 @@ class BaseMigration(BlockingInWorkers):
         if d.action == "downtime":
             await self._set_downtime(d.downtime_ms)
         elif d.action == "auto-converge":
-            await self._throttle()
+            step = self.params.throttle_on(d.cpu_throttle)
+            await self._set_throttle(step)
+            self._throttle_catching_up = \
+                step["cpu-throttle-increment"] != self.params.policy.throttle_increment
         elif d.action == "postcopy":
             if self.phase is Phase.MIGRATING:
                 await self._start_postcopy()
@@ -422,8 +430,9 @@ class BaseMigration(BlockingInWorkers):
     async def _set_downtime(self, ms: int) -> None:
         raise NotImplementedError
 
-    async def _throttle(self) -> None:
-        """Let auto-converge throttle the guest (enabled at start, held at 1 % until now)."""
+    async def _set_throttle(self, parameters: dict[str, int]) -> None:
+        """Set auto-converge's throttle parameters on the source (enabled at start, held at
+        1 % until the policy releases it: :meth:`MigrationParams.throttle_on`)."""
         raise NotImplementedError
 
     async def _start_postcopy(self) -> None:
@@ -700,8 +709,8 @@ class Migration(BaseMigration):
     async def _set_downtime(self, ms: int) -> None:
         await self._src_qmp.execute("migrate-set-parameters", {"downtime-limit": ms})
 
-    async def _throttle(self) -> None:
-        await self._src_qmp.execute("migrate-set-parameters", self.params.throttle_on())
+    async def _set_throttle(self, parameters: dict[str, int]) -> None:
+        await self._src_qmp.execute("migrate-set-parameters", parameters)
 
     async def _start_postcopy(self) -> None:
         src = self._src_qmp

@@ -244,8 +244,8 @@ class LibvirtMigration(BaseMigration):
         if "error" in json.loads(reply):
             raise self._error(f"QEMU refused migrate-set-parameters {parameters}: {reply}")
 
-    async def _throttle(self) -> None:
-        await self._qemu_set(self.params.throttle_on())
+    async def _set_throttle(self, parameters: dict[str, int]) -> None:
+        await self._qemu_set(parameters)
 
     async def _start_postcopy(self) -> None:
         timeouts = self.config.timeouts

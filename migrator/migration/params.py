@@ -52,13 +52,26 @@ class MigrationParams(MigrationSettings):
         """auto-converge is on only for the policy to release later."""
         return not self.auto_converge and "auto-converge" in self.policy.actions
 
-    def throttle_on(self) -> dict[str, int]:
+    def throttle_on(self, current: int = 0) -> dict[str, int]:
         """The throttle released by the policy: ``policy.throttle_initial`` %, raised by
         ``policy.throttle_increment`` % each time QEMU finds the guest still too fast (at
-        every second pass), up to 99 %."""
-        return {"cpu-throttle-initial": self.policy.throttle_initial,
-                "cpu-throttle-increment": self.policy.throttle_increment,
+        every second pass), up to 99 %.
+
+        QEMU starts a throttle at ``cpu-throttle-initial`` only when none is active; one
+        already active is raised by the increment. While held, QEMU's own rule may have
+        started it at the held 1 % (``current``): then this first step's increment is what
+        reaches ``throttle_initial`` from there (the caller sets the policy's increment back
+        once QEMU took that step: :meth:`throttle_caught_up`)."""
+        initial, step = self.policy.throttle_initial, self.policy.throttle_increment
+        if 0 < current < initial:
+            step = initial - current
+        return {"cpu-throttle-initial": initial, "cpu-throttle-increment": step,
                 "max-cpu-throttle": 99}
+
+    def throttle_caught_up(self) -> dict[str, int]:
+        """The policy's own increment, for the steps after the first (see
+        :meth:`throttle_on`)."""
+        return {"cpu-throttle-increment": self.policy.throttle_increment}
 
     def capabilities(self) -> dict[str, bool]:
         """Capabilities to set (on both ends: postcopy-ram and multifd must match)."""

@@ -4,6 +4,8 @@
 #   lab.tick=0|1          print "TICK n" every second (default 1): the "guest still runs" oracle
 #   lab.dirty=MIB         start the checking dirtier on MIB of memory (default 0: off)
 #   lab.rate=MIB_S        limit the dirtier to MIB_S MiB/s (default 0: no limit)
+#   lab.pace=cpu          pace the dirtier by work, not by time: its rate then follows the
+#                         CPU time the vCPU gets (auto-converge slows it); needs lab.rate
 #   lab.out=DEV           where TICK/DIRTY lines go (default: the console), e.g. ttyS1
 #   lab.hostname=NAME     the guest's hostname (default: lab-guest)
 #   lab.ip=ADDR/PREFIX    configure the first NIC with this address (network: bridge)
@@ -25,12 +27,13 @@ echo 1 > /proc/sys/kernel/sched_child_runs_first
 # ... and its first exec of the guest tools is not the slow one: under TCG a program's first
 # run translates its code, long enough for the job to be preempted before it execs
 /usr/bin/nohup /bin/true >/dev/null 2>&1
-TICK=1 DIRTY=0 RATE=0 OUT=/dev/console NAME=lab-guest LOGIN= PASSWORD= IP=
+TICK=1 DIRTY=0 RATE=0 PACE= OUT=/dev/console NAME=lab-guest LOGIN= PASSWORD= IP=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     lab.tick=*) TICK=${arg#lab.tick=} ;;
     lab.dirty=*) DIRTY=${arg#lab.dirty=} ;;
     lab.rate=*) RATE=${arg#lab.rate=} ;;
+    lab.pace=*) PACE=${arg#lab.pace=} ;;
     lab.out=*) OUT=/dev/${arg#lab.out=} ;;
     lab.hostname=*) NAME=${arg#lab.hostname=} ;;
     lab.ip=*) IP=${arg#lab.ip=} ;;
@@ -73,7 +76,7 @@ if [ "$TICK" = 1 ]; then
   (i=0; while :; do echo "TICK $i"; i=$((i+1)); sleep 1; done) > "$OUT" 2>&1 &
 fi
 if [ "$DIRTY" != 0 ]; then
-  dirtier "$DIRTY" "$RATE" > "$OUT" 2>&1 &
+  dirtier "$DIRTY" "$RATE" $PACE > "$OUT" 2>&1 &
 fi
 if [ -n "$LOGIN" ]; then
   mkdir -p /etc /root

@@ -1,10 +1,15 @@
 /* labtools: guest-side oracles for migrator's lab guest. One static multi-call binary.
  *
- *   dirtier SIZE_MIB [RATE_MIB_S]
+ *   dirtier SIZE_MIB [RATE_MIB_S [cpu]]
  *       Keeps SIZE_MIB of memory dirty: at the start of every 4 KiB page it stores a 64-bit pass
  *       counter, and before each store it checks that the page still holds the previous pass.
  *       A page whose write was lost (e.g. not re-sent by a migration) shows up as STALE.
- *       RATE_MIB_S limits how many MiB of pages are touched per second (0 or absent: no limit).
+ *       RATE_MIB_S limits how many MiB of pages are touched per second (0 or absent: no limit),
+ *       by sleeping when ahead of it: the rate holds whatever CPU time the vCPU gets. With
+ *       "cpu" it is paced by work instead: a fixed computation per page, calibrated at the start
+ *       to RATE_MIB_S, so the rate follows the CPU time the vCPU gets (a compute-bound
+ *       workload, what QEMU's auto-converge throttle slows down); prints
+ *         PACE cpu loops_per_page=<n> target=<MiB/s>
  *       Prints once per second:  DIRTY t=<s> pass=<n> rate=<MiB/s> bad=<stale pages so far>
  *       and for the first stale pages:  STALE page=<i> has=<value> want=<value>
  *
@@ -56,13 +61,46 @@ static void *alloc_resident(size_t bytes) {
 
 /* ---------------------------------------------------------------- dirtier */
 
+static volatile uint64_t work_sink;
+
+/* Computation that cannot be optimized away: LOOPS steps of an LCG. */
+static void work(uint64_t loops) {
+    uint64_t x = work_sink;
+    for (uint64_t k = 0; k < loops; k++)
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+    work_sink = x;
+}
+
+/* Loops of work() per page so that pages are touched at RATE MiB/s on this vCPU now. */
+static uint64_t calibrate(double rate) {
+    uint64_t loops = 1 << 16, done = 0;
+    double t0 = now(), t;
+    do {
+        work(loops);
+        done += loops;
+        t = now();
+    } while (t - t0 < 0.5);
+    double per_s = done / (t - t0), pages_per_s = rate * 256;
+    uint64_t per_page = (uint64_t)(per_s / pages_per_s);
+    return per_page ? per_page : 1;
+}
+
 static int dirtier(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: dirtier SIZE_MIB [RATE_MIB_S]\n");
+        fprintf(stderr, "usage: dirtier SIZE_MIB [RATE_MIB_S [cpu]]\n");
         return 2;
     }
     size_t mib = strtoul(argv[1], NULL, 10);
     double rate = argc > 2 ? atof(argv[2]) : 0;
+    int paced = argc > 3 && strcmp(argv[3], "cpu") == 0;
+    if (argc > 3 && !paced) {
+        fprintf(stderr, "dirtier: the third argument is 'cpu' or nothing\n");
+        return 2;
+    }
+    if (paced && rate <= 0) {
+        fprintf(stderr, "dirtier: 'cpu' pacing needs a rate\n");
+        return 2;
+    }
     size_t bytes = mib << 20, npages = bytes / PAGE;
     if (npages == 0) {
         fprintf(stderr, "dirtier: size must be at least 1 MiB\n");
@@ -76,10 +114,14 @@ static int dirtier(int argc, char **argv) {
     for (size_t i = 0; i < npages; i++)
         *(volatile uint64_t *)(buf + i * PAGE) = 0;
 
-    uint64_t pass = 0, bad = 0, touched = 0, touched_at_report = 0;
+    uint64_t pass = 0, bad = 0, touched = 0, touched_at_report = 0, per_page = 0;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (paced) {
+        per_page = calibrate(rate);
+        printf("PACE cpu loops_per_page=%" PRIu64 " target=%.0fMB/s\n", per_page, rate);
+    }
     double t0 = now(), last = t0;
     size_t i = 0;
-    setvbuf(stdout, NULL, _IOLBF, 0);
     for (;;) {
         volatile uint64_t *w = (volatile uint64_t *)(buf + i * PAGE);
         uint64_t has = *w;
@@ -90,13 +132,15 @@ static int dirtier(int argc, char **argv) {
         }
         *w = pass + 1;
         touched++;
+        if (per_page)
+            work(per_page);
         if (++i == npages) {
             i = 0;
             pass++;
         }
         if ((touched & 255) == 0) { /* every MiB touched */
             double t = now();
-            if (rate > 0)
+            if (rate > 0 && !paced)
                 while (touched > rate * 256 * (t - t0)) {
                     usleep(2000);
                     t = now();
