@@ -35,6 +35,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/converge.py
 	$(PY) bench/queue_pipelining.py
 	$(PY) bench/drain.py
+	$(PY) bench/tls.py
 	$(PY) bench/plan.py
 
 lab-up: setup

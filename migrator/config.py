@@ -347,9 +347,18 @@ class MigrationSettings(_Strict):
     """XBZRLE delta compression with a cache of this size; None: off."""
     policy: ConvergencePolicy = ConvergencePolicy()
     """What to do when the migration does not converge (see :class:`ConvergencePolicy`)."""
+    tls: bool = False
+    """The migration stream over TLS, x509 credentials from each host's ``tls_dir`` in the
+    inventory (the destination the server, the source the client; each verifies the other's
+    certificate against its CA)."""
+    tls_hostname: str | None = None
+    """The name the destination's certificate must carry; None: the address the source
+    dials (the destination's migration address)."""
 
     @model_validator(mode="after")
     def _compatible(self) -> "MigrationSettings":
+        if self.tls_hostname is not None and not self.tls:
+            raise ValueError("tls_hostname is for migrations over TLS: set tls too")
         if self.policy.downtime_ramp is not None and self.downtime_limit_ms is not None:
             raise ValueError("downtime_limit_ms and policy.downtime_ramp cannot be combined "
                              "(the ramp sets the downtime): set one of them")
@@ -800,6 +809,10 @@ class HostEntry(_Strict):
     capacity: HostCapacity | None = None
     """What the host may give to tests: a plan's ``queues: auto`` sizes its queues from it
     (lab hosts share one machine, so what a host reports is not its capacity)."""
+    tls_dir: Path | None = None
+    """The directory on the host holding its x509 credentials for migration over TLS, as
+    QEMU's ``tls-creds-x509`` reads them: ``ca-cert.pem``, ``server-cert.pem``,
+    ``server-key.pem``, ``client-cert.pem``, ``client-key.pem`` (the lab makes them)."""
 
 
 class DhcpServer(_Strict):

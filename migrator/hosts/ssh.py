@@ -96,6 +96,9 @@ class SSHHost(BlockingInWorkers):
         self._connecting = asyncio.Lock()
         self._channels = asyncio.Semaphore(self.config.limits.ssh_channels_per_host)
         self._tmp_dirs: list[str] = []
+        #: where the host keeps its x509 credentials for migration over TLS (the
+        #: inventory's ``tls_dir``); None: none
+        self.tls_dir: str | None = None
 
     @classmethod
     def from_inventory(cls, name: str, inventory: Inventory | str | os.PathLike | None = None,
@@ -109,10 +112,12 @@ class SSHHost(BlockingInWorkers):
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
         entry = inv.host(name)
         ssh = inv.ssh_for(name)
-        return cls(name, entry.address, user=ssh.user, port=ssh.port,
+        host = cls(name, entry.address, user=ssh.user, port=ssh.port,
                    known_hosts=ssh.known_hosts,
                    client_keys=[ssh.identity_file] if ssh.identity_file else None,
                    config=config)
+        host.tls_dir = str(entry.tls_dir) if entry.tls_dir else None
+        return host
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "idle"

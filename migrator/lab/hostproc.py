@@ -130,4 +130,7 @@ namespaces = [ ]
 cgroup_controllers = [ ]
 migration_address = "{address}"
 migration_host = "{address}"
+# migration over TLS (VIR_MIGRATE_TLS): this host's own credentials (lab.py: _make_pki)
+migrate_tls_x509_cert_dir = "{hostdir / 'pki'}"
+migrate_tls_x509_verify = 1
 """)

@@ -45,7 +45,7 @@ from ..config import (DEFAULT_LAB_NAME, INVENTORY_FILE, LAB_BASE_DIR, Config, Dh
                       default_guest_subnet, validate_subnet)
 from ..errors import ConfigError, LabError
 from ..hosts.parallel import parallel
-from . import dhcp, hostproc, network
+from . import dhcp, hostproc, network, pki
 from .accel import choose_accel
 from .image import KERNEL_APPEND, ensure_image
 from .state import HostState, LabPhase, LabState, ProcRef
@@ -384,6 +384,7 @@ class Lab:
                 await self._make_host(plan, h, etc_hosts)
                 say(f"  {h.name} up at {h.address}")
 
+        self._make_pki(plan)            # before libvirtd starts: its qemu.conf names them
         await parallel((make_host(h) for h in plan.hosts), fail_fast=True)
         t = step(f"{len(plan.hosts)} hosts up (namespaces, host inits, sshd"
                  f"{', libvirtd' if plan.libvirt else ''})", t)
@@ -440,9 +441,20 @@ class Lab:
         (self.ssh_dir / "known_hosts").write_text("".join(known))
         self.ssh_config.write_text("".join(config))
 
+    def _make_pki(self, plan: LabState) -> None:
+        """The lab's CA (``<lab>/pki/ca``) and each host's x509 credentials for migration
+        over TLS in a directory of its own (``<lab>/hosts/<name>/pki``: its name and address
+        as subject alternative names), keys readable by root only."""
+        ca = pki.make_ca(f"migrator lab {self.name} CA")
+        pki.write_ca(ca, self.dir / "pki" / "ca")
+        for h in plan.hosts:
+            pki.host_credentials(ca, self.host_dir(h.name) / "pki", h.name, [h.address])
+
     def _write_inventory(self, plan: LabState) -> None:
         inv = Inventory(
-            hosts={h.name: HostEntry(address=h.address) for h in plan.hosts},
+            hosts={h.name: HostEntry(address=h.address,
+                                     tls_dir=self.host_dir(h.name) / "pki")
+                   for h in plan.hosts},
             ssh=SSHSettings(user="root", port=22, identity_file=self.ssh_dir / "id_ed25519",
                             known_hosts=self.ssh_dir / "known_hosts",
                             config_file=self.ssh_config),

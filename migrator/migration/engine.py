@@ -61,6 +61,9 @@ from ..hosts.ssh import SSHHost, quote
 from .params import MigrationParams
 from .policy import Decision, PolicyTracker
 
+#: the id of the x509 credentials object a TLS migration adds to both QEMUs
+TLS_CREDS_ID = "migrator-tls"
+
 log = logging.getLogger(__name__)
 
 
@@ -628,8 +631,38 @@ class Migration(BaseMigration):
         await src.execute("migrate-set-parameters", self.params.source_parameters())
         if self.params.destination_parameters():
             await dst.execute("migrate-set-parameters", self.params.destination_parameters())
+        if self.params.tls:
+            await self._configure_tls(src, dst)
         log.info("[vm=%s] capabilities %s, source parameters %s", self.src_vm.name,
                  self.params.capabilities(), self.params.source_parameters())
+
+    async def _configure_tls(self, src, dst) -> None:
+        """x509 credentials on both ends (the destination the server, the source the client,
+        each verifying its peer) and ``tls-creds`` / ``tls-hostname``. The source QEMU may
+        hold the object from an earlier migration (a rollback, or it came in as a
+        destination): it is replaced.
+
+        :raise MigrationError: a host without ``tls_dir``, or QEMU refused the credentials
+            (a missing or unreadable file: QEMU's message names it).
+        """
+        for side, host, endpoint in ((src, self.src_vm.host, "client"),
+                                     (dst, self.dst_host, "server")):
+            if not getattr(host, "tls_dir", None):
+                raise self._error(f"migration.tls: {host.name} has no tls_dir in the "
+                                  "inventory (its x509 credentials)")
+            with contextlib.suppress(QMPError):
+                await side.execute("object-del", {"id": TLS_CREDS_ID})
+            try:
+                await side.execute("object-add", {
+                    "qom-type": "tls-creds-x509", "id": TLS_CREDS_ID, "dir": host.tls_dir,
+                    "endpoint": endpoint, "verify-peer": True})
+            except QMPError as exc:
+                raise self._error(f"TLS credentials of {host.name} ({host.tls_dir}) refused "
+                                  f"by QEMU: {exc}") from exc
+        await src.execute("migrate-set-parameters", {
+            "tls-creds": TLS_CREDS_ID,
+            "tls-hostname": self.params.tls_hostname or self.dst_address})
+        await dst.execute("migrate-set-parameters", {"tls-creds": TLS_CREDS_ID})
 
     async def _listen(self, dst) -> int:
         """The destination binds port 0 itself and reports the port: no probe-then-bind race."""

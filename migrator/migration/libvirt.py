@@ -106,6 +106,10 @@ class LibvirtMigration(BaseMigration):
             flags |= libvirt.VIR_MIGRATE_COMPRESSED
             params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
             params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = p.xbzrle_cache_mib * MIB
+        if p.tls:               # each host's migrate_tls_x509_cert_dir (qemu.conf)
+            flags |= libvirt.VIR_MIGRATE_TLS
+            if p.tls_hostname is not None:
+                params[libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION] = p.tls_hostname
         if settings.unsafe:
             flags |= libvirt.VIR_MIGRATE_UNSAFE
         if settings.p2p:

@@ -74,17 +74,14 @@ class MigrationParams(MigrationSettings):
         return {"cpu-throttle-increment": self.policy.throttle_increment}
 
     def capabilities(self) -> dict[str, bool]:
-        """Capabilities to set (on both ends: postcopy-ram and multifd must match)."""
-        caps = {"events": True}
-        if self.auto_converge or self.throttle_held:
-            caps["auto-converge"] = True
-        if self.may_postcopy:
-            caps["postcopy-ram"] = True
-        if self.multifd_channels is not None:
-            caps["multifd"] = True
-        if self.xbzrle_cache_mib is not None:
-            caps["xbzrle"] = True
-        return caps
+        """Capabilities to set (on both ends: postcopy-ram and multifd must match), each
+        one migrator uses given explicitly, off too: a QEMU keeps the capabilities of its
+        last migration (a VM that came in with multifd would refuse postcopy-ram next)."""
+        return {"events": True,
+                "auto-converge": self.auto_converge or self.throttle_held,
+                "postcopy-ram": self.may_postcopy,
+                "multifd": self.multifd_channels is not None,
+                "xbzrle": self.xbzrle_cache_mib is not None}
 
     def source_parameters(self) -> dict[str, int]:
         p = {"max-bandwidth": int(self.bandwidth_mibs * MIB) if self.bandwidth_mibs
@@ -96,6 +93,8 @@ class MigrationParams(MigrationSettings):
             p["downtime-limit"] = self.downtime_limit_ms
         if self.throttle_held:
             p.update(THROTTLE_HELD)
+        if not self.tls:    # a QEMU keeps its last migration's: no TLS left from one
+            p.update({"tls-creds": "", "tls-hostname": ""})
         if self.multifd_channels is not None:
             p["multifd-channels"] = self.multifd_channels
         if self.xbzrle_cache_mib is not None:
