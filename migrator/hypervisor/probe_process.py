@@ -40,6 +40,9 @@ import time
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 #: how long replies in flight are waited for after the last probe
 DRAIN_S = 0.3
+#: asked to stop, the prober goes on until a probe sent after the request is answered (the
+#: blackout, if one is running, has ended: its length is known), at most this long
+RECOVERY_S = 5.0
 #: how long the TCP stream's echo may take to catch up after the last chunk (a guest busy
 #: after its migration, e.g. the dirtier under TCG, echoes late; late is not lost)
 TCP_DRAIN_S = 5.0
@@ -166,7 +169,14 @@ class Prober:
             t.start()
         print("ready", flush=True)
         seq, counter, deadline = 0, 0, time.monotonic()
-        while not self.stop.is_set():
+        stop_seq = stop_at = None
+        while True:
+            if self.stop.is_set():
+                if stop_seq is None:
+                    stop_seq, stop_at = seq, time.monotonic()
+                if (any(r[0] >= stop_seq for r in self.replies[-8:])
+                        or time.monotonic() - stop_at >= RECOVERY_S):
+                    break
             self.sent.append([seq, time.time_ns()])
             try:
                 self.sock.sendto(echo_request(self.ident, seq), (self.target, 0))
@@ -176,7 +186,10 @@ class Prober:
                 counter = self.write_stream(counter)
             seq += 1
             deadline += self.interval_s
-            self.stop.wait(max(0.0, deadline - time.monotonic()))
+            if stop_seq is None:
+                self.stop.wait(max(0.0, deadline - time.monotonic()))
+            else:
+                time.sleep(max(0.0, deadline - time.monotonic()))
         self.drain_until = time.monotonic() + DRAIN_S
         self.tcp_drain_until = time.monotonic() + TCP_DRAIN_S
         for t in threads:
