@@ -182,8 +182,8 @@ class Prober:
                 self.sock.sendto(echo_request(self.ident, seq), (self.target, 0))
             except OSError:
                 pass                      # no route for a moment: a lost probe, counted so
-            if self.stream is not None and self.writing:
-                counter = self.write_stream(counter)
+            if self.stream is not None and self.writing and stop_seq is None:
+                counter = self.write_stream(counter)   # the stream ends at the request
             seq += 1
             deadline += self.interval_s
             if stop_seq is None:

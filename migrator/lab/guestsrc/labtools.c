@@ -39,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -321,6 +322,13 @@ static int nohup(int argc, char **argv) {
         fprintf(stderr, "usage: nohup COMMAND [ARG...]\n");
         return 127;
     }
+    /* Named after COMMAND from here on, before its exec: a job started with
+     * 'nohup dd ... &' is found by 'killall -0 dd' as soon as it runs at all. With one vCPU
+     * the shell may read its next line while the job is between its two execs (this one,
+     * then COMMAND's); 'killall -0 dd' then found no dd (test_seed, now and then, with
+     * sched_child_runs_first on). */
+    const char *base = strrchr(argv[1], '/');
+    prctl(PR_SET_NAME, base ? base + 1 : argv[1], 0, 0, 0);
     signal(SIGHUP, SIG_IGN);
     if (isatty(1)) {
         int fd = open("nohup.out", O_WRONLY | O_CREAT | O_APPEND, 0600);
