@@ -153,6 +153,16 @@ def inventory(lab) -> Inventory:
     return Inventory.load(lab.inventory_path)
 
 
+@pytest.fixture
+async def hosts(inventory, config):
+    """hostA and hostB of the session's lab, by name (closed afterwards)."""
+    from migrator.hosts import SSHHost
+    hs = {n: SSHHost.from_inventory(n, inventory, config) for n in ("hostA", "hostB")}
+    yield hs
+    for h in hs.values():
+        await h.close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item, so fixtures can see whether it passed."""

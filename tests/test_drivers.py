@@ -33,15 +33,6 @@ DRIVERS = ["qemu", "libvirt", "libvirt-p2p"]
 #: the same, with peer-to-peer libvirt only in the full matrix (``make matrix``): for tests
 #: where p2p changes nothing but who opens the destination's connection
 DRIVERS_P2P_IN_MATRIX = ["qemu", "libvirt", pytest.param("libvirt-p2p", marks=pytest.mark.matrix)]
-HOSTS = ["hostA", "hostB"]
-
-
-@pytest.fixture
-async def hosts(inventory, config):
-    hs = {n: SSHHost.from_inventory(n, inventory, config) for n in HOSTS}
-    yield hs
-    for h in hs.values():
-        await h.close()
 
 
 async def leftovers(lab, hosts, inventory) -> list[str]:

@@ -6,21 +6,12 @@ import contextlib
 import pytest
 
 from migrator.errors import ConfigError, MigrationError
-from migrator.hosts import SSHHost
 from migrator.hypervisor.qemu import QemuVM, VMSpec, qemu_argv, vm_paths
 from migrator.lab.processes import host_processes, is_qemu
 from migrator.migration import EDGES, Migration, MigrationParams, Phase
 from migrator.migration.oracles import dirtier_report, wait_tick_after
 
 from .conftest import drop_tcp_port, gather_owned, running
-
-
-@pytest.fixture
-async def hosts(inventory):
-    hs = {n: SSHHost.from_inventory(n, inventory) for n in ("hostA", "hostB")}
-    yield hs
-    for h in hs.values():
-        await h.close()
 
 
 async def _leftovers(hosts, inventory, lab) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from migrator.errors import MigrationError
-from migrator.hosts import SSHHost
 from migrator.hypervisor import make_vm
 from migrator.hypervisor.vm import VMSpec
 from migrator.lab import pki
@@ -27,16 +26,6 @@ from migrator.migration import MigrationParams, make_migration
 from migrator.migration.engine import Migration
 
 from .test_drivers import leftovers
-
-HOSTS = ["hostA", "hostB"]
-
-
-@pytest.fixture
-async def hosts(inventory, config):
-    hs = {n: SSHHost.from_inventory(n, inventory, config) for n in HOSTS}
-    yield hs
-    for h in hs.values():
-        await h.close()
 
 
 @pytest.fixture(params=["qemu", "libvirt"])

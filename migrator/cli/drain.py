@@ -44,9 +44,9 @@ def main(argv: list[str]) -> int:
     setup_logging(args.verbose)
     try:
         config, inventory = load_setup(args)
-        if overrides(args.param).get("driver", "libvirt") != "libvirt":
+        if (asked := overrides(args.param).get("driver", "libvirt")) != "libvirt":
             raise ConfigError("drain moves libvirt domains: its driver is libvirt, not "
-                              f"{overrides(args.param)['driver']}")
+                              f"{asked}")
         config = config.model_copy(update={"driver": "libvirt"})
         from ..framework.drain import check_drain
         targets = [h.strip() for g in args.to for h in g.split(",") if h.strip()]

@@ -69,10 +69,9 @@ def status_of(ctx) -> dict[str, Any]:
             "cpu_throttle": last.cpu_throttle if last else None,
             "policy": policy_steps({"decisions": mig.result.decisions}) or None,
             "cancel_asked": md.stop_asked})
-    done = [m for m in ctx.migrations]
     return {"run_id": ctx.run_id, "pid": os.getpid(), "migrations": rows,
-            "completed": sum(m.status == "completed" for m in done),
-            "failed": sum(m.status != "completed" for m in done)}
+            "completed": sum(m.status == "completed" for m in ctx.migrations),
+            "failed": sum(m.status != "completed" for m in ctx.migrations)}
 
 
 def cancel_in(ctx, target: str, reason: str,
