@@ -25,8 +25,8 @@ from migrator.report.results import policy_steps
 from . import test_drivers
 
 #: the driver contract's fixtures: a lab guest on hostA through each driver, leak-checked
-hosts, vm, vm_mac, vm_net = (test_drivers.hosts, test_drivers.vm, test_drivers.vm_mac,
-                             test_drivers.vm_net)
+#: (``hosts`` comes from conftest)
+vm, vm_mac, vm_net = test_drivers.vm, test_drivers.vm_mac, test_drivers.vm_net
 
 MIB = 2**20
 
