@@ -21,7 +21,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -354,9 +354,21 @@ class MigrationSettings(_Strict):
     tls_hostname: str | None = None
     """The name the destination's certificate must carry; None: the address the source
     dials (the destination's migration address)."""
+    storage: Literal["shared", "copy-all", "copy-incremental"] = "shared"
+    """Where the VM's disk is during a migration. ``shared``: on storage both hosts see
+    (the inventory's ``shared_dir``). ``copy-all``: each host has its own; the whole disk is
+    mirrored to a new disk of the same size at the same path on the destination (over NBD,
+    TLS when ``tls``) while the guest runs, then the memory migrates. ``copy-incremental``:
+    only the disk's top overlay is mirrored; its backing image must already be on the
+    destination at the same path (checked before anything starts). After a copy the
+    source's disk is removed (the VM no longer runs there)."""
 
     @model_validator(mode="after")
     def _compatible(self) -> "MigrationSettings":
+        if self.storage != "shared" and self.may_postcopy_setting():
+            raise ValueError(f"storage {self.storage} and postcopy cannot be combined (the "
+                             "disk mirror must finish before the switchover, which postcopy "
+                             "makes early): drop one of them")
         if self.tls_hostname is not None and not self.tls:
             raise ValueError("tls_hostname is for migrations over TLS: set tls too")
         if self.policy.downtime_ramp is not None and self.downtime_limit_ms is not None:
@@ -375,6 +387,10 @@ class MigrationSettings(_Strict):
                 raise ValueError("multifd_channels and xbzrle_cache_mib cannot be combined "
                                  "(QEMU refuses multifd with xbzrle): set one of them")
         return self
+
+    def may_postcopy_setting(self) -> bool:
+        """Postcopy is asked for (by time) or may be (by the policy)."""
+        return self.postcopy_after_s is not None or "postcopy" in self.policy.actions
 
 
 #: a unicast MAC as VMs take it: six lowercase hex pairs joined by ':', the first octet even
@@ -889,6 +905,10 @@ class Inventory(_Strict):
     ssh: SSHSettings = SSHSettings()
     shared_dir: Path | None = None
     """Shared storage: the same path on every host, holding VM disks and run data."""
+    local_dir: Path | None = None
+    """Each host's own storage for VM disks that migrate with their VM
+    (``migration.storage: copy-all | copy-incremental``): the same path on every host, a
+    different disk behind it on each."""
     run_dir: Path = Path("/run/migrator")
     """Per-host private directory where VMs keep sockets and pidfiles (reached over SSH)."""
     guest: GuestImage | None = None
@@ -1044,7 +1064,7 @@ def load_any_inventory(explicit: str | os.PathLike | None = None) -> Inventory:
 
     From Ansible, hosts keep their inventory order and take ``ansible_host``,
     ``ansible_port``, ``ansible_user``, ``ansible_ssh_private_key_file`` and
-    ``migration_address``; ``migrator_shared_dir``, ``migrator_known_hosts`` and
+    ``migration_address``; ``migrator_shared_dir``, ``migrator_local_dir``, ``migrator_known_hosts`` and
     ``migrator_accel`` may be set as variables of ``all``. Host keys are still verified.
 
     :raise InventoryError: as :meth:`Inventory.load`, or an Ansible file migrator cannot read.
@@ -1081,6 +1101,8 @@ def load_any_inventory(explicit: str | os.PathLike | None = None) -> Inventory:
         inv["hosts"][name] = entry
     if all_vars.get("migrator_shared_dir"):
         inv["shared_dir"] = all_vars["migrator_shared_dir"]
+    if all_vars.get("migrator_local_dir"):
+        inv["local_dir"] = all_vars["migrator_local_dir"]
     if all_vars.get("migrator_accel"):
         inv["accel"] = all_vars["migrator_accel"]
     _resolve_paths(inv, path.parent)
@@ -1181,7 +1203,8 @@ def _read_yaml(path: Path, error: type[ConfigError], what: str) -> dict[str, Any
     return data
 
 
-_PATH_KEYS = {"identity_file", "known_hosts", "config_file", "shared_dir", "kernel", "initrd"}
+_PATH_KEYS = {"identity_file", "known_hosts", "config_file", "shared_dir", "local_dir", "kernel",
+              "initrd"}
 
 
 def _resolve_paths(node: Any, base: Path) -> None:

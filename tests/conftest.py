@@ -219,7 +219,8 @@ async def no_leaks(lab, inventory):
     yield
     problems = [f"still running: {p}" for p in await settled(lambda: lab_processes(lab))]
     dirs = {"run dir": inventory.run_dir,
-            "shared run dir": inventory.shared_dir / "migrator-runs"}
+            "shared run dir": inventory.shared_dir / "migrator-runs",
+            "local run dir": inventory.local_dir / "migrator-runs"}
     for name in (h.name for h in lab.state().hosts):
         async with SSHHost.from_inventory(name, inventory) as h:
             for what, d in dirs.items():

@@ -112,11 +112,21 @@ async def test_sixteen_hosts_up_reachable_down(config):
 
 
 async def test_two_labs_with_a_hostA_each_coexist(lab, inventory, config):
+    """... the second one without shared storage (``up --no-shared``): no shared_dir in its
+    inventory, and each host's local_dir its own."""
     other = Lab("mttwo", lab_dir("mttwo"), config)
-    await other.up(["hostA", "hostB"], "10.77.245.0/24", accel="tcg")
+    await other.up(["hostA", "hostB"], "10.77.245.0/24", accel="tcg", shared=False)
     try:
         inv2 = Inventory.load(other.inventory_path)
         assert inv2.hosts["hostA"].address != inventory.hosts["hostA"].address
+        assert inv2.shared_dir is None and inv2.local_dir == other.local_dir
+        assert inventory.shared_dir is not None and other.state().shared is False
+        async with SSHHost.from_inventory("hostA", inv2) as a, \
+                SSHHost.from_inventory("hostB", inv2) as b:
+            await a.run(f"echo mine > {inv2.local_dir}/only-on-A", check=True)
+            seen = await b.run(f"ls -A {inv2.local_dir}", check=True)
+            assert seen.stdout.split() == []
+        assert (other.host_dir("hostA") / "local" / "only-on-A").read_text() == "mine\n"
         for inv in (inventory, inv2):
             async with SSHHost.from_inventory("hostA", inv) as h:
                 r = await h.run("hostname; ip -4 -o addr show eth0", check=True)

@@ -35,6 +35,10 @@ def _lab_parser() -> argparse.ArgumentParser:
                        help="number of hosts: hostA, hostB, ... (default 2)")
     count.add_argument("--hosts", help="comma-separated host names, in this order")
     up.add_argument("--libvirt", action="store_true", help="run one libvirtd per host")
+    up.add_argument("--no-shared", dest="shared", action="store_false",
+                    help="no shared storage in the inventory: VM disks live on each host's "
+                         "own <lab>/local and migrate with migration.storage copy-all or "
+                         "copy-incremental")
     up.add_argument("--subnet", help="lab subnet (default 10.77.0.0/24)")
     up.add_argument("--guest-subnet", help="the guest network's subnet (VM NICs with network: "
                     "bridge; default: the lab subnet + 2^16, e.g. 10.78.0.0/24)")
@@ -147,7 +151,7 @@ async def _lab_command(args: argparse.Namespace) -> int:
             from ..lab.lab import default_host_names
             hosts = default_host_names(args.count)
         report = await lab.up(hosts, args.subnet, args.libvirt, args.accel, progress=say,
-                              guest_subnet=args.guest_subnet)
+                              guest_subnet=args.guest_subnet, shared=args.shared)
         st = report.state
         if not report.already_up:
             say(f"lab {st.name} up: {len(st.hosts)} hosts on {st.subnet}, guests on "

@@ -41,16 +41,19 @@ class Env(BlockingInWorkers):
     directory, its libvirt domain): :meth:`place` refuses a second.
 
     :param run_dir: the per-run directory on hosts holding VM sockets (``<run_dir>/<vm>/``).
-    :param disk_dir: per-run directory on shared storage for the VMs' overlays.
+    :param disk_dir: per-run directory for the VMs' overlays: on shared storage, or with
+        ``local_disks`` the same path on each host's own storage (``migration.storage``
+        copy-*: a VM's overlay is made on the host it starts on, and moves with it).
     :param gates: the run's per-host start bounds (default: this Env's own).
     """
 
     def __init__(self, config: Config, inventory: Inventory, run_dir: str,
                  disk_dir: str | None, record: Callable[..., None] | None = None,
                  say: Callable[[str], None] | None = None, *, per_host: bool = False,
-                 gates: HostGates | None = None):
+                 gates: HostGates | None = None, local_disks: bool = False):
         self.config, self.inventory = config, inventory
         self.run_dir, self.disk_dir = run_dir, disk_dir
+        self.local_disks = local_disks
         self.per_host = per_host
         self.gates = gates or HostGates(config.limits)
         self._record = record or (lambda event, **fields: None)   # the run's journal
@@ -81,7 +84,7 @@ class Env(BlockingInWorkers):
         else its declaration under ``vms``.
 
         :raise ConfigError: an undeclared name that is not ``vmN``, or a VM that cannot boot
-            (no kernel and no image, image without shared storage).
+            (no kernel and no image, image without storage for its overlay).
         """
         key = key or name
         decl = decl or self.config.vms.get(name)
@@ -97,8 +100,13 @@ class Env(BlockingInWorkers):
         disk = None
         if decl and decl.image:
             if self.disk_dir is None:
-                raise ConfigError(f"VM {name!r} has an image but the inventory has no "
-                                  "shared_dir for its overlay")
+                raise ConfigError(
+                    f"VM {name!r} has an image but the inventory has no "
+                    + ("local_dir for its overlay (migration.storage "
+                       f"{self.config.migration.storage})"
+                       if self.config.migration.storage != "shared"
+                       else "shared_dir for its overlay (without shared storage: local_dir "
+                            "and migration.storage: copy-all)"))
             disk = self.overlay_path(key)
         if not kernel and not disk:
             raise ConfigError(f"VM {name!r}: no kernel and no image (the inventory has no "
@@ -264,9 +272,12 @@ class Env(BlockingInWorkers):
             vm.migrate_hook = self.migrate_hook
             self._vms[key] = vm
             async with self.gates.boot(host.name):
-                if decl is not None and decl.image and self.per_host:
-                    await prepare_overlay(host, str(decl.image), spec.disk, name,
-                                          self.config.timeouts.disk_prepare_s)
+                image = (decl or self.config.vms.get(name))
+                if image is not None and image.image and (self.per_host or self.local_disks):
+                    # on the host it starts on (a restart there keeps its disk)
+                    await prepare_overlay(host, str(image.image), spec.disk, name,
+                                          self.config.timeouts.disk_prepare_s,
+                                          keep=self.local_disks and not self.per_host)
                 log.info("[vm=%s host=%s] starting", name, host.name)
                 self._record("vm", vm=name, host=host.name, state="starting",
                              driver=self.config.driver, run_dir=str(vm.paths.dir),
@@ -330,12 +341,20 @@ def instance_env(context: "RunContext", name: str, per_host: bool = False) -> En
 
     :raise ConfigError: a declared VM cannot boot.
     """
-    shared = context.inventory.shared_dir
+    base = disk_base(context.config, context.inventory)
     return Env(context.config, context.inventory, instance_run_dir(context),
-               f"{shared}/migrator-runs/{context.run_id}/{name}" if shared else None,
+               f"{base}/migrator-runs/{context.run_id}/{name}" if base else None,
                record=lambda event, **fields: context.record(event, instance=name, **fields),
                say=lambda line: context.say(f"[{name}] {line}"), per_host=per_host,
-               gates=context.gates)
+               gates=context.gates, local_disks=context.config.migration.storage != "shared")
+
+
+def disk_base(config: Config, inventory: Inventory) -> str | None:
+    """Where a run's disks are: shared storage, or with ``migration.storage`` copy-* each
+    host's own (``local_dir``); None: there is none."""
+    where = inventory.shared_dir if config.migration.storage == "shared" \
+        else inventory.local_dir
+    return str(where) if where else None
 
 
 def auto_mac(run: str, vm: str) -> str:
@@ -360,14 +379,18 @@ async def prepare_overlays(host: SSHHost, env: Env, timeout: float) -> None:
 
 
 async def prepare_overlay(host: SSHHost, base: str, path: str, name: str,
-                          timeout: float) -> None:
-    """One VM's overlay ``path`` over ``base`` (its directory made), made on ``host``.
+                          timeout: float, keep: bool = False) -> None:
+    """One VM's overlay ``path`` over ``base`` (its directory made), made on ``host``; with
+    ``keep`` one already there is kept (the VM's disk on that host's own storage).
 
     :raise CommandError: the base image is missing or qemu-img failed (names the image).
     """
     lines = [f"mkdir -p {quote(str(PurePosixPath(path).parent))}",
              *_overlay_lines(base, path, name)]
-    await host.run(" && ".join(lines), timeout=timeout, check=True)
+    script = " && ".join(lines)
+    if keep:
+        script = f"test -e {quote(path)} || {{ {script}; }}"
+    await host.run(script, timeout=timeout, check=True)
 
 
 def _overlay_lines(base: str, path: str, name: str) -> list[str]:

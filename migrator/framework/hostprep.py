@@ -103,30 +103,49 @@ async def release_range(ctx: RunContext, host: SSHHost | None,
     return [problem] if problem else []
 
 
-async def check_shared_storage(ctx: RunContext, hosts: Sequence[SSHHost], token: str,
-                               needed: bool) -> None:
-    """A token written on the first host must be readable on every host.
+async def check_storage(ctx: RunContext, hosts: Sequence[SSHHost], token: str,
+                        needed: bool) -> None:
+    """The run's disk storage is what ``migration.storage`` says: shared storage
+    (``shared_dir``) seen by every host, or each host's own (``local_dir``) seen by none of
+    the others (a disk copied there onto a file the source still uses would destroy it). A
+    token written on the first host is looked for on every host.
 
     :param needed: the run's VMs boot from images (their overlays live there).
-    :raise ConfigError: shared storage missing (when needed) or not shared.
+    :raise ConfigError: the storage is missing (when needed), or not what the setting says:
+        one line saying which setting fits these hosts.
     """
-    shared = ctx.inventory.shared_dir
-    if shared is None:
-        if needed:
-            raise ConfigError("VMs with images need the inventory's shared_dir")
-        return
-    probe = f"{shared}/.migrator-probe-{token}"
+    inv, mode = ctx.inventory, ctx.config.migration.storage
+    where = inv.shared_dir if mode == "shared" else inv.local_dir
+    if where is None:
+        if not needed:
+            return
+        if mode == "shared":
+            raise ConfigError("VMs with images need the inventory's shared_dir (hosts without "
+                              "shared storage: local_dir, with migration.storage: copy-all)")
+        raise ConfigError(f"migration.storage {mode} needs the inventory's local_dir (each "
+                          "host's own storage for the VMs' disks)")
+    probe = f"{where}/.migrator-probe-{token}"
     first = hosts[0]
-    r = await first.run(f"printf %s {quote(token)} > {quote(probe)}")
+    r = await first.run(f"mkdir -p {quote(str(where))} && printf %s {quote(token)} > "
+                        f"{quote(probe)}")
     if not r.ok:
-        raise ConfigError(f"shared storage {shared} is not writable on {first.name}: "
-                          f"{r.stderr.strip()}")
+        raise ConfigError(f"{'shared' if mode == 'shared' else 'local'} storage {where} is not "
+                          f"writable on {first.name}: {r.stderr.strip()}")
     try:
-        reads = await asyncio.gather(*(h.run(f"cat {quote(probe)}") for h in hosts))
-        bad = [h.name for h, r in zip(hosts, reads) if r.stdout != token]
-        if bad:
-            raise ConfigError(f"shared storage {shared} is not shared: a file written on "
-                              f"{first.name} is not seen on {', '.join(bad)}")
+        reads = await asyncio.gather(*(h.run(f"cat {quote(probe)} 2>/dev/null")
+                                       for h in hosts[1:]))
+        seen = [h.name for h, r in zip(hosts[1:], reads) if r.stdout == token]
+        unseen = [h.name for h, r in zip(hosts[1:], reads) if r.stdout != token]
+        if mode == "shared" and unseen:
+            raise ConfigError(f"shared storage {where} is not shared: a file written on "
+                              f"{first.name} is not seen on {', '.join(unseen)} (hosts without "
+                              "shared storage: set migration.storage: copy-all to copy each "
+                              "disk with its VM, and the inventory's local_dir)")
+        if mode != "shared" and seen:
+            raise ConfigError(f"local_dir {where} is shared: a file written on {first.name} is "
+                              f"seen on {', '.join(seen)}; migration.storage {mode} copies "
+                              "disks between hosts that each have their own: use "
+                              "migration.storage: shared here")
     finally:
         await first.run(f"rm -f {quote(probe)}")
 
@@ -145,15 +164,17 @@ async def stop_vms(env: "Env", config: Config) -> list[str]:
 async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,
                      disk_dir: str | None) -> list[str]:
     """Remove the run directory and owner file on every host, and ``disk_dir`` (the run's
-    overlays on shared storage, unless ``report.keep_disks``) through the first; close the
-    hosts. Return the problems met (never raises)."""
+    overlays, unless ``report.keep_disks``: on shared storage through the first host, on
+    each host's own storage on every host); close the hosts. Return the problems met (never
+    raises)."""
     problems: list[str] = []
     owner = owner_file(str(ctx.inventory.run_dir), ctx.run_id)
     keep = ctx.config.report.keep_disks
+    local = ctx.config.migration.storage != "shared"
 
     async def tidy(h: SSHHost, first: bool) -> None:
         cmd = f"{remove_taps(run_dir)}; rm -rf {quote(run_dir)} {quote(owner)}"
-        if first and disk_dir and not keep:      # and the run's dir once it is empty
+        if (first or local) and disk_dir and not keep:  # and the run's dir once empty
             cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
                     f"{quote(os.path.dirname(disk_dir))}")
         try:
@@ -279,6 +300,11 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
             extra["key"] = key
         ctx.record("phase", instance=instance, mig_id=md.mig_id, vm=vm.name,
                    src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
+        if phase is Phase.PREPARING_DEST and m.copies_disk:
+            # its copy on the destination is made next: recover removes the copy not kept
+            ctx.record("resource", kind="disk_copy", instance=instance, mig_id=md.mig_id,
+                       vm=vm.name, src=md.src.name, host=md.dst.name, path=vm.spec.disk,
+                       **({"key": key} if key is not None else {}))
     mig.observers += [journal, reporter.on_phase]
     ctx.live[(md.mig_id, vm.name)] = (md, mig)
     try:

@@ -402,14 +402,16 @@ class MultihostMigration(BlockingInWorkers):
                 tg.create_task(h.connect())
         await hostprep.check_guest_bridges(ctx, self.hosts)
         await hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir)
-        await hostprep.check_shared_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
-                                            bool(self.env.images()))
+        await hostprep.check_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
+                                     bool(self.env.images()))
         self._claim = await pools.claim_range(ctx, self.name, self.hosts[0])
         self.env.use_range(self._claim.range if self._claim else None)
         if self.env.images():
+            # on shared storage, all at once; on each host's own, each where its VM starts
             ctx.record("resource", kind="overlays", host=self.hosts[0].name,
-                       path=self.env.disk_dir)
-            await prepare_overlays(self.hosts[0], self.env, timeouts.disk_prepare_s)
+                       path=self.env.disk_dir, local=self.env.local_disks)
+            if not self.env.local_disks:
+                await prepare_overlays(self.hosts[0], self.env, timeouts.disk_prepare_s)
         if own_server:
             first = self.inventory.host(self.hosts[0].name)
             bind = cfg.sync.bind or local_address_towards(first.address,

@@ -51,6 +51,7 @@ from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
 from ..hypervisor.qemu import alive_test, remove_taps
+from ..migration import storage
 from . import dhcp_leases, slots
 from .pools import release_command
 from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
@@ -170,6 +171,12 @@ class _QemuProbe:
 
     async def stop(self) -> None:
         await self.vm.stop()
+
+    async def tidy(self) -> list[str]:
+        """The kept copy: what a disk copy left in its QEMU removed (the qemu driver's
+        mirror, NBD node and export; see :mod:`migrator.migration.storage`)."""
+        return await storage.undo_in_qemu(await self.vm.qmp(), self.config.timeouts.qmp_probe_s,
+                                          self.config.timeouts.progress_interval_s)
 
     async def close(self) -> None:
         await self.vm.disconnect()
@@ -491,6 +498,9 @@ class _RunRecovery:
                 if c is not keep:
                     await c.probe.stop()
                     out.actions.append(f"{c.status} copy on {c.host} stopped")
+            if keep is not None and hasattr(keep.probe, "tidy"):
+                out.actions += await keep.probe.tidy()
+            out.actions += await self._disk_copy_tidy(vm, keep, hosts)
             if keep is not None:
                 out.kept, out.state = keep.host, keep.status
                 if adopted is not None:
@@ -522,6 +532,33 @@ class _RunRecovery:
         if out.problem:
             log.error("[run=%s vm=%s] unresolved: %s", self.run_id, vm, out.problem)
         return out
+
+    async def _disk_copy_tidy(self, vm: str, keep: Copy | None,
+                              hosts: dict[str, SSHHost]) -> list[str]:
+        """The VM's last migration copied its disk (its ``disk_copy`` record): the copy of
+        the disk not kept is removed, the destination's when the source is kept or no copy
+        runs, the source's when the destination is kept."""
+        last = self._last_phase(vm)
+        records = [e for e in self.events if e.get("event") == "resource"
+                   and e.get("kind") == "disk_copy" and e.get("vm") == vm
+                   and e.get("mig_id") == last.get("mig_id")
+                   and e.get("key") == self._key
+                   and (self._instance is None or e.get("instance") == self._instance)]
+        if not records:
+            return []
+        rec = records[-1]
+        if keep is None or keep.host == rec["src"]:
+            drop = rec["host"]
+        elif keep.host == rec["host"]:
+            drop = rec["src"]
+        else:
+            return []
+        h = hosts.get(drop)
+        if h is None:
+            return [f"disk copy {rec['path']} on {drop} NOT REMOVED (host not reached)"]
+        await h.run(f"rm -f {quote(rec['path'])}", check=True,
+                    timeout=self.config.timeouts.host_cleanup_s)
+        return [f"disk copy {rec['path']} removed from {drop}"]
 
     async def _adopted_tidy(self, vm: str, adopted: dict[str, Any], kept: str,
                             hosts: dict[str, SSHHost]) -> None:
@@ -667,10 +704,18 @@ class _RunRecovery:
                                 f"{quote(owner)}", check=True)
             overlays = [e for e in self.events if e.get("event") == "resource"
                         and e.get("kind") == "overlays"]
-            if overlays and not kept and not self.config.report.keep_disks:
-                first = hosts.get(overlays[0]["host"])
-                if first is not None:
-                    await first.run(f"rm -rf {quote(overlays[0]['path'])}", check=True)
+            for o in overlays if not self.config.report.keep_disks else []:
+                # and the run's dir of overlays once it is empty
+                rm = (f"rm -rf {quote(o['path'])}; rmdir --ignore-fail-on-non-empty "
+                      f"{quote(str(Path(o['path']).parent))} 2>/dev/null; true")
+                if o.get("local"):     # on each host's own storage: where no VM is kept
+                    for name, h in hosts.items():
+                        if name not in kept:
+                            await h.run(rm, check=True)
+                elif not kept:
+                    first = hosts.get(o["host"])
+                    if first is not None:
+                        await first.run(rm, check=True)
             claims = [e for e in self.events if e.get("event") == "resource"
                       and e.get("kind") == "pool_claim"]
             for claim in claims if not kept else []:    # a kept VM keeps its address
@@ -683,9 +728,9 @@ class _RunRecovery:
                 await h.run(release_command(claim["path"], self.run_id), check=True)
             # the migrations are over: their slots too (by the run's id: also when the
             # journal is lost and the run was rebuilt from the hosts)
-            for h in list(hosts.values())[:1]:
-                await h.run(slots.release_all_command(str(self.inventory.shared_dir),
-                                                      self.run_id), check=True)
+            home = slots.slots_home(self.inventory)
+            for h in list(hosts.values())[:1] if self.inventory.shared_dir else hosts.values():
+                await h.run(slots.release_all_command(home, self.run_id), check=True)
             leases = [e for e in self.events if e.get("event") == "resource"
                       and e.get("kind") == "dhcp_hosts"]
             for lease in leases if not kept else []:

@@ -9,7 +9,8 @@ cluster, across every controller on the same hosts (issue 18, part 2).
         ...                           # the migration; the slot is given back on leaving
 
 **Where slots live.** A slot is a file ``<run-id>.<mig-id>.<vm>.slot`` in
-``<shared_dir>/migrator-slots/`` (the cluster is the set of hosts sharing that storage), its
+``<shared_dir>/migrator-slots/`` (the cluster is the set of hosts sharing that storage;
+without shared storage each source host's own, see :func:`slots_home`), its
 first line ``SRC DST``, its second who holds it (run, migration, controller). A pass of the
 queue runs one shell command on a host that sees the storage: under ``flock`` it counts the
 slots held, then takes them for as many waiting tickets as the limits allow, in the queue's
@@ -47,6 +48,14 @@ if TYPE_CHECKING:
     from .context import RunContext
 
 log = logging.getLogger(__name__)
+
+
+def slots_home(inventory) -> str:
+    """Where the cluster's slots are: the shared storage. Without it, each host's own
+    storage (``local_dir``, else its run dir): then each source host counts only the
+    migrations out of itself, so ``per_destination`` and ``per_cluster`` hold among the
+    migrations of one source only."""
+    return str(inventory.shared_dir or inventory.local_dir or inventory.run_dir)
 
 
 def slots_dir(shared_dir: str) -> str:
@@ -145,7 +154,7 @@ class SlotQueue:
 
     def __init__(self, ctx: "RunContext"):
         self.ctx = ctx
-        self.directory = slots_dir(str(ctx.inventory.shared_dir))
+        self.directory = slots_dir(slots_home(ctx.inventory))
         self._waiting: list[Ticket] = []
         self._seq = itertools.count()
         self._lock = asyncio.Lock()         # one pass at a time
@@ -266,4 +275,5 @@ class SlotQueue:
         return ", ".join(full) or (f"{len(ahead)} ahead" if ahead else "next")
 
 
-__all__ = ["SlotQueue", "Ticket", "release_all_command", "release_command", "slots_dir"]
+__all__ = ["SlotQueue", "Ticket", "release_all_command", "release_command", "slots_dir",
+           "slots_home"]

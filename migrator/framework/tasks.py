@@ -669,7 +669,7 @@ class ParallelVMTasks(BlockingInWorkers):
             await hostprep.claim_run_dirs(ctx, up, self.name, self.run_dir, per_host=True)
             images = any(t.spec.get("decl") is not None and t.spec["decl"].image
                          for t in self._tasks)
-            await hostprep.check_shared_storage(ctx, up, f"{ctx.run_id}.{self.name}", images)
+            await hostprep.check_storage(ctx, up, f"{ctx.run_id}.{self.name}", images)
             self._claim = await pools.claim_range(ctx, self.name, up[0])
             self.env.use_range(self._claim.range if self._claim else None)
         except MigratorError as exc:

@@ -6,7 +6,7 @@ Run by ``migrate-lab up`` inside the host's network namespace and a new mount + 
         python -m migrator.lab.hostinit serve --host hostA --hostdir DIR --address 10.77.0.11 ...
 
 Once (for the host's whole life) it sets the hostname and bind-mounts the host's own
-``/etc/hosts``, libvirt directories, ``/usr/local/sbin`` (whose ``reboot`` asks this init for a
+``/etc/hosts``, local storage (``<hostdir>/local`` on ``--local-dir``), libvirt directories, ``/usr/local/sbin`` (whose ``reboot`` asks this init for a
 lab reboot), ``boot_id`` over ``/proc/sys/kernel/random/boot_id``, and root's ``.bashrc`` and
 ``.profile`` as on a fresh install (``/etc/skel``). Then it *boots*: a fresh
 private tmpfs on ``/run`` and ``/tmp``, a new boot id, sshd (and libvirtd) started as its own
@@ -78,6 +78,7 @@ class HostInit:
         self.run_mib = a.run_mib
         self.tmp_mib = a.tmp_mib
         self.libvirt = a.libvirt
+        self.local_dir = a.local_dir
         self.ready_timeout_s = a.ready_timeout_s
         self.exit_timeout_s = a.exit_timeout_s
         self.sshd: Proc | None = None
@@ -97,6 +98,10 @@ class HostInit:
             _sh("mount", "--bind", str(self.dir / "sbin"), "/usr/local/sbin")
         _write_in_place(self.dir / "boot_id", str(uuid.uuid4()) + "\n")
         _sh("mount", "--bind", str(self.dir / "boot_id"), "/proc/sys/kernel/random/boot_id")
+        if self.local_dir:      # this host's own disk: the same path on every host, private
+            own = self.dir / "local"
+            own.mkdir(exist_ok=True)
+            _sh("mount", "--bind", str(own), self.local_dir)
         # root's shell start-up files as on a freshly installed host (/etc/skel), not the
         # controller's (this machine's pyenv set-up costs 140 ms per ssh command)
         for name in (".bashrc", ".profile"):
@@ -325,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--run-mib", type=int, required=True)
     s.add_argument("--tmp-mib", type=int, required=True)
     s.add_argument("--libvirt", action="store_true")
+    s.add_argument("--local-dir", default="")
     s.add_argument("--ready-timeout-s", type=float, required=True)
     s.add_argument("--exit-timeout-s", type=float, required=True)
     r = sub.add_parser("request")

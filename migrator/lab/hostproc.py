@@ -25,7 +25,7 @@ LIBVIRT_DIRS = {"etc": "/etc/libvirt", "lib": "/var/lib/libvirt", "log": "/var/l
 
 async def start_host_init(host: str, netns: str, hostdir: Path, address: str, *,
                           run_mib: int, tmp_mib: int, libvirt: bool, ready_timeout_s: float,
-                          exit_timeout_s: float) -> Proc:
+                          exit_timeout_s: float, local_dir: Path | None = None) -> Proc:
     """Start ``host``'s init (:mod:`.hostinit`) in ``netns``; wait until its sshd listens.
 
     :raise LabError: when it fails (the message quotes its log) or is not ready in time.
@@ -41,6 +41,8 @@ async def start_host_init(host: str, netns: str, hostdir: Path, address: str, *,
             "--ready-timeout-s", str(ready_timeout_s), "--exit-timeout-s", str(exit_timeout_s)]
     if libvirt:
         args.append("--libvirt")
+    if local_dir is not None:       # the host's own storage appears there (see hostinit)
+        args += ["--local-dir", str(local_dir)]
     with open(log, "ab") as err:
         child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=err, start_new_session=True, close_fds=True)

@@ -40,7 +40,7 @@ from .system import run
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", "/var/cache/migrator"))
 BUSYBOX = Path("/bin/busybox")
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"
 KERNEL_APPEND = "console=ttyS0 quiet panic=-1"
 #: kernel modules the guest loads at boot (with their dependencies): Debian builds virtio as
 #: modules; a disk on shared storage is a virtio-blk device, a NIC (VMSpec.mac) virtio-net
@@ -229,6 +229,7 @@ async def _initramfs(tools: bytes, init: bytes, modules: list[Path] | None = Non
     archive.file("bin/labtools", tools)
     archive.symlink("bin/dirtier", "labtools")
     archive.symlink("bin/memsum", "labtools")
+    archive.symlink("bin/diskcheck", "labtools")
     archive.symlink("usr/bin/nohup", "/bin/labtools")
     archive.file("init", init)
     return gzip.compress(archive.finish(), compresslevel=6, mtime=0)

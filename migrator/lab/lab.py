@@ -149,6 +149,12 @@ class Lab:
     def shared_dir(self) -> Path:
         return self.dir / "shared"
 
+    @property
+    def local_dir(self) -> Path:
+        """Each host's own storage: this path shows ``<lab>/hosts/<name>/local`` on host
+        ``name`` (a bind mount in its mount namespace); here, an empty directory."""
+        return self.dir / "local"
+
     def host_dir(self, host: str) -> Path:
         return self.dir / "hosts" / host
 
@@ -249,7 +255,7 @@ class Lab:
     async def up(self, hosts: list[str] | None = None, subnet: str | None = None,
                  libvirt: bool = False, accel: str = "auto",
                  progress: Callable[[str], None] | None = None,
-                 guest_subnet: str | None = None) -> UpReport:
+                 guest_subnet: str | None = None, shared: bool = True) -> UpReport:
         """Build the lab (or confirm it is up, or rebuild a broken one).
 
         Steps: validate everything (no change is made before this passes); tear down the
@@ -257,6 +263,11 @@ class Lab:
         and choose the accelerator; write the plan; create the bridge; create the hosts
         (namespaces, host inits, sshds, libvirtds) in parallel; write ssh files and the
         inventory; mark the lab up.
+
+        Every host has its own storage at ``<lab>/local`` (the same path everywhere, a
+        different directory behind it on each host); ``shared=False`` leaves ``shared_dir``
+        out of the inventory, so runs there must copy their disks
+        (``migration.storage``).
 
         :raise ConfigError: bad input (names, subnet overlap, dir, missing packages).
         :raise LabError: a step failed; everything made so far has been removed again.
@@ -268,6 +279,7 @@ class Lab:
         if accel not in ("auto", "tcg", "kvm"):
             raise ConfigError(f"--accel must be auto, tcg or kvm, not {accel!r}")
         plan = self.plan(hosts, subnet, libvirt, guest_subnet)
+        plan.shared = shared
         self._check_dir()
         self._check_tools(libvirt)
         base_existed = self.dir.parent.exists()
@@ -288,14 +300,15 @@ class Lab:
                 if old.phase == LabPhase.UP and old.guest_subnet and self.dhcp_ok(old) and \
                         all(h.ok for h in await self.health(old)):
                     same = ([h.name for h in old.hosts] == hosts and old.subnet == plan.subnet
-                            and old.libvirt == libvirt
+                            and old.libvirt == libvirt and old.shared == shared
                             and old.guest_subnet == plan.guest_subnet)
                     if not same:
                         raise ConfigError(
                             f"lab {self.name} is already up with hosts "
                             f"{','.join(h.name for h in old.hosts)} on {old.subnet}"
                             f"{' (guests ' + old.guest_subnet + ')' if old.guest_subnet else ''}"
-                            f"{' with libvirt' if old.libvirt else ''}: run "
+                            f"{' with libvirt' if old.libvirt else ''}"
+                            f"{'' if old.shared else ' without shared storage'}: run "
                             f"'migrate-lab down --name {self.name}' first")
                     say(f"lab {self.name} is already up")
                     return UpReport(old, self.inventory_path, time.monotonic() - t0,
@@ -341,7 +354,8 @@ class Lab:
 
     async def _build(self, plan: LabState, image, say, step) -> None:
         t = time.monotonic()
-        for d in (self.ssh_dir, self.dir / "hosts", self.shared_dir / "images"):
+        for d in (self.ssh_dir, self.dir / "hosts", self.shared_dir / "images",
+                  self.local_dir):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.ssh_dir, 0o700)
         key = self.ssh_dir / "id_ed25519"
@@ -420,7 +434,7 @@ class Lab:
             h.name, h.netns, hdir, h.address, run_mib=limits.run_tmpfs_mib,
             tmp_mib=limits.tmp_tmpfs_mib, libvirt=plan.libvirt,
             ready_timeout_s=max(timeouts.sshd_ready_s, timeouts.libvirtd_ready_s),
-            exit_timeout_s=timeouts.process_exit_s)
+            exit_timeout_s=timeouts.process_exit_s, local_dir=self.local_dir)
         h.init = ProcRef.of(init)
         for name in ("sshd", "libvirtd"):
             proc = hostproc.daemon_proc(hdir, name)
@@ -458,7 +472,8 @@ class Lab:
             ssh=SSHSettings(user="root", port=22, identity_file=self.ssh_dir / "id_ed25519",
                             known_hosts=self.ssh_dir / "known_hosts",
                             config_file=self.ssh_config),
-            shared_dir=self.shared_dir,
+            shared_dir=self.shared_dir if plan.shared else None,
+            local_dir=self.local_dir,
             guest=InvGuestImage(kernel=self.shared_dir / "images" / "vmlinux",
                                 initrd=self.shared_dir / "images" / "initrd.img",
                                 append=KERNEL_APPEND),

@@ -68,6 +68,9 @@ class LabState(BaseModel):
     """The lab's dnsmasq on the guest bridge (None: not started yet, or a lab from before)."""
     phase: LabPhase
     libvirt: bool
+    shared: bool = True
+    """The inventory names the shared directory as shared storage (``up --no-shared``:
+    it does not, and VM disks live on each host's own ``local/``)."""
     accel: str = "tcg"
     accel_reason: str = ""
     hosts: list[HostState]

@@ -16,7 +16,8 @@ stream, ``cancel()``, the result record and the failure guarantees of ``run()``)
 Phases (every transition is checked against :data:`EDGES` and recorded with monotonic and
 wall-clock times in ``mig.history``)::
 
-    PENDING -> PREPARING_DEST -> CONFIGURED -> LISTENING -> MIGRATING [-> POSTCOPY]
+    PENDING -> PREPARING_DEST -> CONFIGURED -> LISTENING [-> MIRRORING] -> MIGRATING
+            [-> POSTCOPY]
             -> COMPLETED -> VERIFIED -> CLEANED                         (success)
     [PENDING ->] QUEUED, before PREPARING_DEST or MIGRATING    (waiting for a slot: .slot)
     any phase before COMPLETED -> ROLLING_BACK -> ROLLED_BACK           (failure/cancel)
@@ -57,7 +58,8 @@ from ..aio import shielded
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import MigrationError, MigratorError
-from ..hosts.ssh import SSHHost, quote
+from ..hosts.ssh import SSHHost
+from . import storage
 from .params import MigrationParams
 from .policy import Decision, PolicyTracker
 
@@ -72,6 +74,8 @@ class Phase(str, enum.Enum):
     PREPARING_DEST = "PREPARING_DEST"   #: starting the destination QEMU (-incoming defer)
     CONFIGURED = "CONFIGURED"           #: capabilities and parameters set on both ends
     LISTENING = "LISTENING"             #: destination bound its port (QEMU chose it)
+    MIRRORING = "MIRRORING"             #: disks copied to the destination (qemu driver,
+                                        #: storage copy-*) until in sync; the guest runs
     QUEUED = "QUEUED"                   #: waiting for a migration slot (framework.slots):
                                         #: before anything (slot_first) or with the
                                         #: destination prepared, listening (qemu)
@@ -102,11 +106,13 @@ FINAL = frozenset({Phase.CLEANED, Phase.ROLLED_BACK, Phase.SPLIT, Phase.LANDED,
 
 EDGES: dict[Phase, set[Phase]] = {
     Phase.PENDING: {Phase.PREPARING_DEST, Phase.QUEUED, Phase.ROLLING_BACK},
-    Phase.QUEUED: {Phase.PREPARING_DEST, Phase.MIGRATING, Phase.ROLLING_BACK},
+    Phase.QUEUED: {Phase.PREPARING_DEST, Phase.MIRRORING, Phase.MIGRATING,
+                   Phase.ROLLING_BACK},
     Phase.PREPARING_DEST: {Phase.CONFIGURED, Phase.ROLLING_BACK},
     # libvirt's migrate3 prepares the listening destination inside the call: no LISTENING
     Phase.CONFIGURED: {Phase.LISTENING, Phase.QUEUED, Phase.MIGRATING, Phase.ROLLING_BACK},
-    Phase.LISTENING: {Phase.QUEUED, Phase.MIGRATING, Phase.ROLLING_BACK},
+    Phase.LISTENING: {Phase.QUEUED, Phase.MIRRORING, Phase.MIGRATING, Phase.ROLLING_BACK},
+    Phase.MIRRORING: {Phase.MIGRATING, Phase.ROLLING_BACK},
     Phase.MIGRATING: {Phase.POSTCOPY, Phase.COMPLETED, Phase.ROLLING_BACK},
     # libvirt: a source its hypervisor resumed never handed the guest over
     Phase.POSTCOPY: {Phase.COMPLETED, Phase.SPLIT, Phase.ROLLING_BACK},
@@ -141,6 +147,8 @@ class ProgressRecord:
     iteration: int           #: dirty-bitmap syncs so far
     expected_downtime_ms: int
     cpu_throttle: int        #: auto-converge throttle, percent
+    disk_transferred: int = 0    #: bytes of disk copied (storage copy-*; libvirt)
+    disk_total: int = 0          #: bytes of disk to copy in all
 
 
 @dataclass
@@ -177,6 +185,11 @@ class MigrationResult:
     run_s: float | None = None           #: the whole run(): destination start to cleanup
     overhead_s: float | None = None      #: run_s minus QEMU's total time
     port: int | None = None
+    storage: str = "shared"              #: migration.storage
+    disk_size: int | None = None         #: the copied disk's virtual size, bytes
+    disk_bytes: int | None = None        #: bytes the disk copy sent (mirror), writes included
+    mirror_s: float | None = None        #: disk copy started -> in sync (READY)
+    source_disk_removed: bool | None = None  #: the source's copy removed after the move
     #: the guest-visible blackout (VMs with an address, probed: see .blackout): the longest
     #: gap between ICMP replies, and the prober's whole report
     blackout_ms: float | None = None
@@ -224,9 +237,14 @@ class BaseMigration(BlockingInWorkers):
         #: anything with ``slot_first``; None: no limit
         self.slot = None
         self.slot_first = False
+        #: the disk migrates with the VM (``storage`` copy-*): the source's image, once known
+        self.copies_disk = self.params.storage != "shared" and bool(src_vm.spec.disk)
+        self.disk: storage.DiskImage | None = None
+        self._dst_disk_made = False         # this migration made the destination's disk
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
                                       "pending", Phase.PENDING.value, driver=self.driver,
-                                      params=self.params.model_dump())
+                                      params=self.params.model_dump(),
+                                      storage=self.params.storage)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.src_vm.name} {self.src_vm.host.name}->"
@@ -314,8 +332,8 @@ class BaseMigration(BlockingInWorkers):
                 why, outcome))
             raise
         except TimeoutError as exc:
-            limit = (self.params.policy.deadline_for(self.src_vm.spec.mem_mib)
-                     if self.phase in (Phase.MIGRATING, Phase.POSTCOPY)
+            limit = (self._deadline() if self.phase in (Phase.MIRRORING, Phase.MIGRATING,
+                                                        Phase.POSTCOPY)
                      else timeouts.migration_setup_s)
             raise await self._fail(f"timed out after {limit:g} s", exc) from exc
         except MigrationError as exc:
@@ -338,6 +356,37 @@ class BaseMigration(BlockingInWorkers):
     async def _run_phases(self) -> None:
         """PENDING -> ... -> CLEANED; raise on any failure (``run`` rolls back)."""
         raise NotImplementedError
+
+    def _deadline(self) -> float:
+        """How long the transfer may take in all (the policy's deadline), for the guest's
+        memory and, when it is copied too, its disk."""
+        mib = self.src_vm.spec.mem_mib + (self.disk.mib if self.disk else 0)
+        return self.params.policy.deadline_for(mib)
+
+    # -- the disk, when it moves too --------------------------------------------------------
+
+    async def _make_destination_disk(self) -> None:
+        """The destination's disk, made on its host (see :mod:`.storage`).
+
+        :raise MigrationError: what prevents it (a file already there, no backing image).
+        """
+        try:
+            self.disk = await storage.make_destination_disk(
+                self.src_vm.host, self.dst_host, self.src_vm.spec.disk, self.params.storage,
+                self.config.timeouts.disk_prepare_s)
+        except ValueError as exc:
+            raise self._error(f"storage {self.params.storage}: {exc}") from None
+        self._dst_disk_made = True
+        self.result.disk_size = self.disk.virtual_size
+
+    async def _remove_destination_disk(self) -> list[str]:
+        """The disk this migration made on the destination, removed (its QEMU is gone)."""
+        if not self._dst_disk_made:
+            return []
+        note = await storage.remove_disk(self.dst_host, self.src_vm.spec.disk,
+                                         self.config.timeouts.host_cleanup_s)
+        self._dst_disk_made = "NOT REMOVED" in note
+        return [f"destination {note}"]
 
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done."""
@@ -487,7 +536,8 @@ class BaseMigration(BlockingInWorkers):
             return False
 
     async def _lost(self, why: str) -> str:
-        """The VM runs nowhere: remove what is left of it on both hosts (phase LOST)."""
+        """The VM runs nowhere: remove what is left of it on both hosts (phase LOST); the
+        source's disk is kept (the VM's data), a disk copy made on the destination is not."""
         notes = []
         for vm in (self.src_vm, self.dst_vm):
             try:
@@ -495,6 +545,7 @@ class BaseMigration(BlockingInWorkers):
                 notes.append(f"what was left on {vm.host.name} removed")
             except Exception as exc:  # noqa: BLE001 - reported
                 notes.append(f"LEFTOVER NOT REMOVED on {vm.host.name} ({exc})")
+        notes += await self._remove_destination_disk()
         self._set_phase(Phase.LOST)
         self.result.status = "failed"
         outcome = f"VM LOST: {why}; " + ", ".join(notes)
@@ -596,7 +647,20 @@ class BaseMigration(BlockingInWorkers):
 
     async def _follow_to_destination(self) -> None:
         """The caller's VM object (and its open session) now refer to the VM on the
-        destination; this migration's destination object is that same object."""
+        destination; this migration's destination object is that same object. A disk that
+        was copied is the destination's now: the source's copy is removed once its QEMU is
+        known gone (it is stale, and would only look like a place the VM could restart)."""
+        if self.copies_disk and self._dst_disk_made:
+            self._dst_disk_made = False         # the VM's own disk now: never rolled back
+            if await self._gone(self.src_vm):
+                note = await storage.remove_disk(self.src_vm.host, self.src_vm.spec.disk,
+                                                 self.config.timeouts.host_cleanup_s)
+                self.result.source_disk_removed = "NOT REMOVED" not in note
+                log.info("[vm=%s] source %s", self.src_vm.name, note)
+            else:
+                self.result.source_disk_removed = False
+                log.warning("[vm=%s] the source's disk copy on %s was kept: its QEMU may "
+                            "still run", self.src_vm.name, self.src_vm.host.name)
         await self.src_vm.adopt(self.dst_vm)
         self.dst_vm = self.src_vm
 
@@ -606,26 +670,86 @@ class Migration(BaseMigration):
 
     driver = "qemu"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mirror: storage.NbdMirror | None = None
+        self._nbd_port: int | None = None
+
     async def _run_phases(self) -> None:
         timeouts = self.config.timeouts
         async with asyncio.timeout(timeouts.migration_setup_s):
             self._set_phase(Phase.PREPARING_DEST)
+            if self.copies_disk:
+                await self._make_destination_disk()
             await self.dst_vm.start(incoming=True)
             src, dst = await self.src_vm.qmp(), await self.dst_vm.qmp()
             await self._configure(src, dst)
             self._set_phase(Phase.CONFIGURED)
+            if self.copies_disk:
+                await self._export_disk(src, dst)
             port = await self._listen(dst)
             self._set_phase(Phase.LISTENING)
             await self.src_vm.connect_console_ahead(self.dst_vm)
         await self._wait_for_slot()             # prepared: the transfer starts at the slot
+        if self._mirror is not None:
+            await self._mirror_disk()
         await self._migrate(src, dst, port)
         await self._verify(src, dst)
         await self.src_vm.stop()
         await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
 
+    async def _export_disk(self, src, dst) -> None:
+        """The destination's NBD export of its (new) disk: see :mod:`.storage`."""
+        self._mirror = storage.NbdMirror(src, dst, self.params.storage, self.dst_address)
+        try:
+            self._nbd_port = await self._mirror.export(
+                self.dst_host, self.dst_vm.pid, tls=TLS_CREDS_ID if self.params.tls else None,
+                timeout=self.config.timeouts.host_cleanup_s)
+        except (QMPError, RuntimeError) as exc:
+            raise self._error(f"the destination's disk export (NBD): {exc}") from exc
+
+    async def _mirror_disk(self) -> None:
+        """MIRRORING: the source's disk mirrored to the destination's export until both are
+        in sync (the guest runs and writes meanwhile; the mirror goes on copying its writes
+        until the switchover). Bounded by the migration's deadline and its stall limit."""
+        policy, timeouts = self.params.policy, self.config.timeouts
+        mirror = self._mirror
+        self._set_phase(Phase.MIRRORING)
+        t0 = time.monotonic()
+        speed = int(self.params.bandwidth_mibs * (1 << 20)) if self.params.bandwidth_mibs else 0
+
+        def check() -> None:
+            if self._cancel_requested:
+                raise self._error(f"cancelled: {self._cancel_requested}")
+        try:
+            await mirror.start(self._nbd_port, speed=speed,
+                               tls=TLS_CREDS_ID if self.params.tls else None,
+                               tls_hostname=self.params.tls_hostname)
+            async with asyncio.timeout(self._deadline()):
+                await mirror.wait_ready(policy.stall_s, timeouts.progress_interval_s, check)
+        except (QMPError, RuntimeError) as exc:
+            raise self._error(f"disk copy: {exc}") from exc
+        self.result.mirror_s = round(mirror.ready_at - t0, 3)
+        log.info("[vm=%s %s->%s] disk in sync after %.1f s (%d bytes)", self.src_vm.name,
+                 self.src_vm.host.name, self.dst_host.name, self.result.mirror_s,
+                 mirror.offset)
+
+    async def _switch_disk_over(self, src) -> None:
+        """pre-switchover (the guest is stopped): the mirror's last writes copied and the job
+        ended (point-in-time copy, no pivot), then the migration goes on."""
+        if self._mirror is not None and not self._mirror.completed:
+            try:
+                await self._mirror.complete(self.config.timeouts.migration_setup_s)
+            except (QMPError, RuntimeError) as exc:
+                raise self._error(f"disk copy at the switchover: {exc}") from exc
+            self.result.disk_bytes = self._mirror.offset
+        await src.execute("migrate-continue", {"state": "pre-switchover"})
+
     async def _configure(self, src, dst) -> None:
-        caps = [{"capability": k, "state": v} for k, v in self.params.capabilities().items()]
+        # the disk copy's last writes are sent with the guest stopped, before its devices
+        caps = [{"capability": k, "state": v} for k, v in (
+            self.params.capabilities() | {"pause-before-switchover": self.copies_disk}).items()]
         for side in (src, dst):
             await side.execute("migrate-set-capabilities", {"capabilities": caps})
         await src.execute("migrate-set-parameters", self.params.source_parameters())
@@ -691,7 +815,7 @@ class Migration(BaseMigration):
         self._set_phase(Phase.MIGRATING)
         info: dict = {}
         moved, moved_at = -1, time.monotonic()
-        async with asyncio.timeout(policy.deadline_for(self.src_vm.spec.mem_mib)):
+        async with asyncio.timeout(self._deadline()):
             while True:
                 if self._cancel_requested:
                     raise self._error(f"cancelled: {self._cancel_requested}")
@@ -700,6 +824,9 @@ class Migration(BaseMigration):
                 self._record(info)
                 if status == "completed":
                     break
+                if status == "pre-switchover":
+                    await self._switch_disk_over(src)
+                    continue
                 now = time.monotonic()
                 stalled = False
                 if self.records[-1].transferred != moved:
@@ -738,6 +865,8 @@ class Migration(BaseMigration):
             info = await src.execute("query-migrate")
         self._set_phase(Phase.COMPLETED)
         self._final_figures(info)
+        if self._mirror is not None:
+            await self._mirror.stop_export()
 
     async def _set_downtime(self, ms: int) -> None:
         await self._src_qmp.execute("migrate-set-parameters", {"downtime-limit": ms})
@@ -832,22 +961,15 @@ class Migration(BaseMigration):
         self.result.port = new[0]
 
     async def _listening_ports(self, vm) -> list[int]:
-        """The TCP ports ``vm``'s QEMU listens on at the migration address (``ss`` on its
-        host: QEMU's own report needs its main thread).
+        """The TCP ports ``vm``'s QEMU listens on at the migration address.
 
         :raise MigrationError: the host could not be asked.
         """
-        r = await vm.host.run(f"ss -Hltnp src {quote(self.dst_address)}",
-                              timeout=self.config.timeouts.host_cleanup_s)
-        if not r.ok:
-            raise self._error(f"postcopy recovery: cannot list the destination's listening "
-                              f"sockets: {r.stderr.strip() or r}")
-        ports = []
-        for line in r.stdout.splitlines():
-            fields = line.split()
-            if len(fields) >= 4 and f"pid={vm.pid}," in line:
-                ports.append(int(fields[3].rsplit(":", 1)[1]))
-        return ports
+        try:
+            return await storage.listening_ports(vm.host, self.dst_address, vm.pid,
+                                                 self.config.timeouts.host_cleanup_s)
+        except RuntimeError as exc:
+            raise self._error(f"postcopy recovery: {exc}") from None
 
     def _record(self, info: dict) -> None:
         ram = info.get("ram", {})
@@ -1014,9 +1136,13 @@ class Migration(BaseMigration):
                     notes.append(f"SOURCE NOT RUNNING ({status!r})")
         except (Exception, TimeoutError) as exc:  # noqa: BLE001 - reported, rollback goes on
             notes.append(f"could not check the source ({type(exc).__name__}: {exc})")
+        if self._mirror is not None:        # before the export it writes to goes away
+            notes += await self._mirror.abort(timeouts.migration_cancel_s,
+                                              timeouts.progress_interval_s)
         try:
             await self.dst_vm.stop()
             notes.append(f"destination removed from {self.dst_host.name}")
+            notes += await self._remove_destination_disk()
         except Exception as exc:  # noqa: BLE001 - reported
             notes.append(f"DESTINATION NOT REMOVED ({exc})")
         self._set_phase(Phase.ROLLED_BACK)

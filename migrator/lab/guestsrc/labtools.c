@@ -25,6 +25,28 @@
  *   The holder is reached through two FIFOs in /tmp, so a console command gets a real exit
  *   status. Exit status 2 means "usage error or no holder running".
  *
+ *   diskcheck write DEVICE [SIZE_MIB [RATE_MIB_S]]
+ *       The disk oracle. Starts a writer process that first reads the first SIZE_MIB
+ *       (default 64) of DEVICE and remembers a checksum of each 4 KiB block, then rewrites
+ *       those blocks for ever, scattered over the region, each with a stamp (its index and a
+ *       sequence number counting every write) and a pattern derived from both, through
+ *       O_DIRECT and O_DSYNC: a write counts once the device has it, not the guest's page
+ *       cache. It remembers the latest stamp of every block (in guest memory, which migrates
+ *       with the VM). RATE_MIB_S limits its writes (0 or absent: as fast as the disk takes
+ *       them). Write k (from 0) goes to block k * S mod blocks, S the first number from 7919
+ *       on that is coprime to the block count (so every block is written once per round).
+ *       Prints:  DISKCHECK started blocks=<n> pid=<pid>
+ *   diskcheck verify
+ *       The writer stops between two writes and re-reads every block through O_DIRECT: each
+ *       must hold its latest stamp and pattern (a block never written: its first checksum).
+ *       Prints  DISKCHECK verify blocks=<n> writes=<n> bad=<n> ok=<0|1>  after up to five
+ *         DISKCHECK bad block=<i> has=<seq or -> want=<seq or ->
+ *       and exits 0 only if every block is right. Writing then goes on.
+ *   diskcheck status
+ *       Prints  DISKCHECK status blocks=<n> writes=<n>  (no reading).
+ *   diskcheck stop
+ *       Ends the writer.
+ *
  *   nohup COMMAND [ARG...]
  *       Runs COMMAND immune to SIGHUP, output appended to ./nohup.out when stdout is a
  *       terminal (Debian's busybox-static has no nohup applet).
@@ -274,35 +296,46 @@ static int memsum_write(size_t mib, uint64_t seed) {
     return strncmp(line, "MEMSUM", 6) == 0 ? 0 : 1;
 }
 
-static int memsum_ask(const char *what) {
-    int req = open(REQ_FIFO, O_WRONLY | O_NONBLOCK); /* ENXIO: nobody holds the region */
+/* Send WHAT to the process holding the FIFO pair REQ/RESP and print its one-line answer;
+ * exit status 0 when the answer says ok=1 (or, for 'q', that it stopped). */
+static int ask(const char *tool, const char *req_path, const char *resp_path, const char *what,
+               const char *absent) {
+    int req = open(req_path, O_WRONLY | O_NONBLOCK); /* ENXIO: nobody holds the FIFO */
     if (req < 0) {
-        fprintf(stderr, "memsum: no holder running (run 'memsum write SIZE_MIB' first)\n");
+        fprintf(stderr, "%s: %s\n", tool, absent);
         return 2;
     }
     fcntl(req, F_SETFL, 0);
     if (write(req, what, strlen(what)) < 0) {
-        perror("memsum: write");
+        fprintf(stderr, "%s: write: %s\n", tool, strerror(errno));
         return 1;
     }
     close(req);
-    int resp = open(RESP_FIFO, O_RDONLY); /* 'q': the holder's "stopped", once it is gone */
+    int resp = open(resp_path, O_RDONLY); /* 'q': the holder's "stopped", once it is gone */
     if (resp < 0) {
-        perror("memsum: open");
+        fprintf(stderr, "%s: open: %s\n", tool, strerror(errno));
         return 1;
     }
-    char line[256];
-    ssize_t n = read(resp, line, sizeof line - 1);
+    char line[1024];
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof line - 1 && (n = read(resp, line + got, sizeof line - 1 - got)) > 0)
+        got += n;
     close(resp);
-    if (n <= 0) {
-        fprintf(stderr, "memsum: holder gave no answer\n");
+    if (got == 0) {
+        fprintf(stderr, "%s: no answer\n", tool);
         return 1;
     }
-    line[n] = 0;
+    line[got] = 0;
     if (what[0] == 'q')
-        return strncmp(line, "MEMSUM stopped", 14) == 0 ? 0 : 1;
+        return strstr(line, " stopped") ? 0 : 1;
     fputs(line, stdout);
-    return strstr(line, " ok=1") ? 0 : 1;
+    return strstr(line, " ok=0") ? 1 : 0;
+}
+
+static int memsum_ask(const char *what) {
+    return ask("memsum", REQ_FIFO, RESP_FIFO, what,
+               "no holder running (run 'memsum write SIZE_MIB' first)");
 }
 
 static int memsum(int argc, char **argv) {
@@ -314,6 +347,208 @@ static int memsum(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "stop") == 0)
         return memsum_ask("q\n");
     fprintf(stderr, "usage: memsum write SIZE_MIB [SEED] | memsum verify | memsum stop\n");
+    return 2;
+}
+
+/* ---------------------------------------------------------------- diskcheck */
+
+#define DISK_REQ "/tmp/diskcheck.req"
+#define DISK_RESP "/tmp/diskcheck.resp"
+#define DISK_MAGIC 0x31304b4843534b44ull /* "DKSCHK01" */
+#define NEVER UINT64_MAX
+#define DISK_ABSENT "no writer running (run 'diskcheck write DEVICE' first)"
+
+struct disk {
+    int fd;
+    size_t blocks;
+    uint64_t *latest;  /* latest stamp written to each block, NEVER: not written */
+    uint64_t *initial; /* checksum of each block as found at the start */
+    uint64_t writes;
+    uint64_t *buf;     /* one aligned block */
+};
+
+static size_t gcd(size_t a, size_t b) {
+    while (b) {
+        size_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+static void disk_fill(uint64_t *w, uint64_t index, uint64_t seq) {
+    w[0] = DISK_MAGIC;
+    w[1] = index;
+    w[2] = seq;
+    for (size_t k = 3; k < PAGE / 8; k++)
+        w[k] = pattern(seq, index * (PAGE / 8) + k);
+}
+
+/* Re-read every block; report to FD. Returns the number of bad blocks. */
+static uint64_t disk_verify(struct disk *d, int fd) {
+    uint64_t bad = 0, *expect = malloc(PAGE);
+    for (size_t i = 0; i < d->blocks; i++) {
+        int ok;
+        if (pread(d->fd, d->buf, PAGE, (off_t)i * PAGE) != PAGE)
+            ok = 0;
+        else if (d->latest[i] == NEVER)
+            ok = checksum(d->buf, PAGE / 8) == d->initial[i];
+        else {
+            disk_fill(expect, i, d->latest[i]);
+            ok = memcmp(d->buf, expect, PAGE) == 0;
+        }
+        if (!ok) {
+            if (bad < 5) {
+                char has[32] = "-", want[32] = "-";
+                if (d->buf[0] == DISK_MAGIC && d->buf[1] == i)
+                    snprintf(has, sizeof has, "%" PRIu64, d->buf[2]);
+                if (d->latest[i] != NEVER)
+                    snprintf(want, sizeof want, "%" PRIu64, d->latest[i]);
+                dprintf(fd, "DISKCHECK bad block=%zu has=%s want=%s\n", i, has, want);
+            }
+            bad++;
+        }
+    }
+    free(expect);
+    dprintf(fd, "DISKCHECK verify blocks=%zu writes=%" PRIu64 " bad=%" PRIu64 " ok=%d\n",
+            d->blocks, d->writes, bad, bad == 0);
+    return bad;
+}
+
+static int disk_writer(struct disk *d, double rate, int report_fd) {
+    int req = open(DISK_REQ, O_RDWR | O_NONBLOCK); /* held open: see memsum_holder */
+    if (req < 0) {
+        dprintf(report_fd, "ERROR open %s: %s\n", DISK_REQ, strerror(errno));
+        return 1;
+    }
+    dprintf(report_fd, "DISKCHECK started blocks=%zu pid=%d\n", d->blocks, (int)getpid());
+    close(report_fd);
+    /* scattered: block k of each round is k * stride mod blocks, stride coprime to blocks */
+    size_t stride = 7919;
+    while (gcd(stride, d->blocks) != 1)
+        stride++;
+    double t0 = now();
+    for (size_t k = 0;;) {
+        char cmd[16];
+        ssize_t n = read(req, cmd, sizeof cmd - 1);
+        if (n > 0) {
+            int resp = open(DISK_RESP, O_WRONLY);
+            if (cmd[0] == 'q') {
+                unlink(DISK_REQ);
+                unlink(DISK_RESP);
+                if (resp >= 0)
+                    dprintf(resp, "DISKCHECK stopped\n");
+                return 0;
+            }
+            if (resp >= 0) {
+                if (cmd[0] == 'v')
+                    disk_verify(d, resp);
+                else
+                    dprintf(resp, "DISKCHECK status blocks=%zu writes=%" PRIu64 "\n", d->blocks,
+                            d->writes);
+                close(resp);
+            }
+        }
+        if (rate > 0 && d->writes > rate * 256 * (now() - t0)) {
+            usleep(2000); /* ahead of the rate: requests are still answered meanwhile */
+            continue;
+        }
+        size_t i = (k * stride) % d->blocks;
+        uint64_t seq = d->writes + 1;
+        disk_fill(d->buf, i, seq);
+        if (pwrite(d->fd, d->buf, PAGE, (off_t)i * PAGE) != PAGE) {
+            usleep(100000); /* a failing device: retried, the block keeps its old stamp */
+            continue;
+        }
+        d->latest[i] = seq;
+        d->writes = seq;
+        k = (k + 1) % d->blocks;
+    }
+}
+
+static int diskcheck_write(const char *dev, size_t mib, double rate) {
+    struct disk d = {0};
+    d.fd = open(dev, O_RDWR | O_DIRECT | O_DSYNC);
+    if (d.fd < 0) {
+        fprintf(stderr, "diskcheck: %s: %s\n", dev, strerror(errno));
+        return 1;
+    }
+    off_t size = lseek(d.fd, 0, SEEK_END);
+    if (size < (off_t)(mib << 20)) {
+        fprintf(stderr, "diskcheck: %s holds %lld bytes, less than %zu MiB\n", dev,
+                (long long)size, mib);
+        return 2;
+    }
+    d.blocks = (mib << 20) / PAGE;
+    d.latest = malloc(d.blocks * 8);
+    d.initial = malloc(d.blocks * 8);
+    if (!d.latest || !d.initial || posix_memalign((void **)&d.buf, PAGE, PAGE)) {
+        fprintf(stderr, "diskcheck: out of memory\n");
+        return 1;
+    }
+    for (size_t i = 0; i < d.blocks; i++) {
+        if (pread(d.fd, d.buf, PAGE, (off_t)i * PAGE) != PAGE) {
+            fprintf(stderr, "diskcheck: reading block %zu: %s\n", i, strerror(errno));
+            return 1;
+        }
+        d.initial[i] = checksum(d.buf, PAGE / 8);
+        d.latest[i] = NEVER;
+    }
+    unlink(DISK_REQ);
+    unlink(DISK_RESP);
+    if (mkfifo(DISK_REQ, 0600) || mkfifo(DISK_RESP, 0600)) {
+        perror("diskcheck: mkfifo");
+        return 1;
+    }
+    int pipefd[2];
+    if (pipe(pipefd)) {
+        perror("diskcheck: pipe");
+        return 1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("diskcheck: fork");
+        return 1;
+    }
+    if (pid == 0) {
+        close(pipefd[0]);
+        setsid();
+        signal(SIGHUP, SIG_IGN);
+        int null = open("/dev/null", O_RDWR);
+        dup2(null, 0);
+        dup2(null, 1);
+        dup2(null, 2);
+        _exit(disk_writer(&d, rate, pipefd[1]));
+    }
+    close(pipefd[1]);
+    char line[256];
+    ssize_t n = read(pipefd[0], line, sizeof line - 1);
+    if (n <= 0) {
+        fprintf(stderr, "diskcheck: writer died before reporting\n");
+        return 1;
+    }
+    line[n] = 0;
+    fputs(line, stdout);
+    return strncmp(line, "DISKCHECK", 9) == 0 ? 0 : 1;
+}
+
+static int diskcheck(int argc, char **argv) {
+    if (argc >= 3 && strcmp(argv[1], "write") == 0) {
+        size_t mib = argc > 3 ? strtoul(argv[3], NULL, 10) : 64;
+        if (mib == 0) {
+            fprintf(stderr, "diskcheck: size must be at least 1 MiB\n");
+            return 2;
+        }
+        return diskcheck_write(argv[2], mib, argc > 4 ? atof(argv[4]) : 0);
+    }
+    if (argc == 2 && strcmp(argv[1], "verify") == 0)
+        return ask("diskcheck", DISK_REQ, DISK_RESP, "v\n", DISK_ABSENT);
+    if (argc == 2 && strcmp(argv[1], "status") == 0)
+        return ask("diskcheck", DISK_REQ, DISK_RESP, "s\n", DISK_ABSENT);
+    if (argc == 2 && strcmp(argv[1], "stop") == 0)
+        return ask("diskcheck", DISK_REQ, DISK_RESP, "q\n", DISK_ABSENT);
+    fprintf(stderr, "usage: diskcheck write DEVICE [SIZE_MIB [RATE_MIB_S]] | diskcheck verify | "
+                    "diskcheck status | diskcheck stop\n");
     return 2;
 }
 
@@ -360,6 +595,8 @@ int main(int argc, char **argv) {
         return memsum(argc, argv);
     if (strcmp(name, "nohup") == 0)
         return nohup(argc, argv);
-    fprintf(stderr, "usage: labtools dirtier|memsum|nohup ...\n");
+    if (strcmp(name, "diskcheck") == 0)
+        return diskcheck(argc, argv);
+    fprintf(stderr, "usage: labtools dirtier|memsum|diskcheck|nohup ...\n");
     return 2;
 }
