@@ -36,6 +36,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/queue_pipelining.py
 	$(PY) bench/drain.py
 	$(PY) bench/tls.py
+	$(PY) bench/storage.py
 	$(PY) bench/plan.py
 
 lab-up: setup

@@ -164,14 +164,16 @@ async def test_a_cancelled_disk_copy_leaves_the_source_whole_and_the_destination
     """Cancelled while the disk is being copied (capped at 2 MiB/s, 24 MiB of it written by
     the guest first): rolled back; the VM runs on hostA with every block right; hostB has no
     disk file and no listening export; the source QEMU kept nothing of the copy; a second
-    migration then succeeds."""
+    migration then succeeds. (qemu: over TLS, and meanwhile the export refuses a client
+    without it.)"""
     vm = await disk_vm(driver, "copy-all")
     session = await vm.wait_for_login()
     await session.cmd("dd if=/dev/urandom of=/dev/vda bs=1M seek=40 count=24 oflag=direct "
                       "2>/dev/null")
     await session.cmd(ORACLE)
     m = make_migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
-                       MigrationParams(storage="copy-all", bandwidth_mibs=2), config)
+                       MigrationParams(storage="copy-all", bandwidth_mibs=2,
+                                       tls=driver == "qemu"), config)
 
     def copying() -> bool:
         if driver == "qemu":        # the mirror's progress, as the driver polls it
@@ -182,6 +184,12 @@ async def test_a_cancelled_disk_copy_leaves_the_source_whole_and_the_destination
         while not copying():
             assert not task.done(), task
             await asyncio.sleep(0.05)
+        if driver == "qemu":
+            plain = await hosts["hostB"].run(
+                "qemu-img info --image-opts driver=nbd,server.type=inet,server.host="
+                f"{inventory.hosts['hostB'].address},server.port={m._nbd_port},"
+                "export=migrator-disk0")
+            assert not plain.ok and "TLS" in plain.stderr, plain
         m.cancel("test")
         with pytest.raises(MigrationError, match="cancelled: test") as info:
             await task

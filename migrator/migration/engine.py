@@ -287,6 +287,11 @@ class BaseMigration(BlockingInWorkers):
         """Return at the next phase change or progress record."""
         await self._changed.wait()
 
+    def disk_progress(self) -> tuple[int, int] | None:
+        """While the disk is copied ahead of the memory (storage copy-*): (bytes copied,
+        bytes to copy in all, which grows with the guest's writes); else None."""
+        return None
+
     async def progress(self) -> AsyncIterator[ProgressRecord]:
         """Every progress record, from the first, until the migration ends."""
         i = 0
@@ -698,6 +703,11 @@ class Migration(BaseMigration):
         await self.src_vm.stop()
         await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
+
+    def disk_progress(self) -> tuple[int, int] | None:
+        if self.phase is Phase.MIRRORING and self._mirror is not None:
+            return self._mirror.offset, self._mirror.length
+        return None
 
     async def _export_disk(self, src, dst) -> None:
         """The destination's NBD export of its (new) disk: see :mod:`.storage`."""

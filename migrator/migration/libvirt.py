@@ -37,6 +37,7 @@ from ..hypervisor.libvirt import LibvirtError, LibvirtVM
 from ..hypervisor.libvirt_uri import remote_uri
 from .engine import BaseMigration, Phase, ProgressRecord
 from .params import MIB, THROTTLE_HELD
+from .policy import PolicyTracker
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class LibvirtMigration(BaseMigration):
         self._dst_started = False   # the destination's domain started (its console exists)
         self._console_ahead = False  # ... and the VM's open session connected to it
         self._sdom = None           # the source's domain (set up in PREPARING_DEST)
+        self._memory_started = False  # storage copy-*: the memory follows the disk's copy
 
     # -- what libvirt is asked ----------------------------------------------------------------
 
@@ -245,6 +247,12 @@ class LibvirtMigration(BaseMigration):
 
     # -- what the convergence policy does ---------------------------------------------------
 
+    def disk_progress(self) -> tuple[int, int] | None:
+        if self.copies_disk and not self._memory_started and self.records \
+                and self.phase is Phase.MIGRATING:
+            return self.records[-1].disk_transferred, self.records[-1].disk_total
+        return None
+
     async def _set_downtime(self, ms: int) -> None:
         await self.src_vm.call("migrateSetMaxDowntime", self._sdom.migrateSetMaxDowntime, ms, 0)
 
@@ -402,10 +410,15 @@ class LibvirtMigration(BaseMigration):
             cpu_throttle=stats.get("auto_converge_throttle", 0),
             disk_transferred=stats.get("disk_processed", 0),
             disk_total=stats.get("disk_total", 0)))
-        if self.copies_disk and self.result.mirror_s is None \
+        if self.copies_disk and not self._memory_started \
                 and stats.get("memory_processed", 0) > 0:
-            # libvirt starts the memory once every disk is in sync (its mirror jobs ready)
-            self.result.mirror_s = round(self.records[-1].t, 3)
+            # libvirt starts the memory once the disk is in sync (its mirror job ready): the
+            # convergence policy's clocks start now, as they do for the qemu driver
+            self._memory_started = True
+            self._policy = PolicyTracker(self.params.policy, self.src_vm.spec.mem_mib,
+                                         time.monotonic())
+            if self.result.mirror_s is None:        # no READY event seen: within one poll
+                self.result.mirror_s = round(self.records[-1].t, 3)
 
     async def _find_port(self) -> int | None:
         """The destination QEMU's migration port (libvirt picks it inside migrate3): the local
@@ -500,7 +513,14 @@ class LibvirtMigration(BaseMigration):
             if d.name() == self.src_vm.name:
                 loop.call_soon_threadsafe(self._job_completed, stats)
 
-        for event_id, cb in zip(_EVENTS, (lifecycle, completed, iteration)):
+        def block_job(_c, d, _disk, kind, status, _o):
+            if d.name() == self.src_vm.name and status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
+                loop.call_soon_threadsafe(self._disk_ready)
+
+        events = list(zip(_EVENTS, (lifecycle, completed, iteration)))
+        if self.copies_disk:        # the disk's mirror in sync: when the memory may start
+            events.append((libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, block_job))
+        for event_id, cb in events:
             if side == "dst" and event_id != libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE:
                 continue
             cbid = await conn.register_event(event_id, cb,
@@ -514,6 +534,10 @@ class LibvirtMigration(BaseMigration):
         if not job.cancelled() and job.exception() is not None:
             log.info("[vm=%s] migrate3 ended: %s", self.src_vm.name, job.exception())
         self._pulse()
+
+    def _disk_ready(self) -> None:
+        if self.result.mirror_s is None and self._t_migrate is not None:
+            self.result.mirror_s = round(time.monotonic() - self._t_migrate, 3)
 
     def _job_completed(self, stats: dict) -> None:
         self._completed_stats = dict(stats)
