@@ -361,7 +361,7 @@ class MigrationSettings(_Strict):
     TLS when ``tls``) while the guest runs, then the memory migrates. ``copy-incremental``:
     only the disk's top overlay is mirrored; its backing image must already be on the
     destination at the same path (checked before anything starts). After a copy the
-    source's disk is removed (the VM no longer runs there)."""
+    source's disk is removed once its QEMU is known gone (the VM no longer runs there)."""
 
     @model_validator(mode="after")
     def _compatible(self) -> "MigrationSettings":

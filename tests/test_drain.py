@@ -143,6 +143,7 @@ async def test_vm_start_list_stop_and_a_drain_plan(setup, lab):
            (["drain", "hostA", "--max-parallel", "0"], "--max-parallel 0"),
            (["drain", "hostA", "-p", "queue.per_source=0"], "per_source"),
            (["drain", "hostA", "-p", "driver=qemu"], "its driver is libvirt"),
+           (["drain", "hostA", "-p", "migration.storage=copy-all"], "disks are on shared"),
            (["drain", "hostA"], "no capacity declared for hostB, hostC, hostD")]
     for args, says in bad:
         rc, out, err = await mr(*args, *setup.args)

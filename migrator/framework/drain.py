@@ -151,6 +151,10 @@ def check_drain(config: Config, inventory: Inventory, host: str,
     :raise ConfigError: see the module docstring.
     """
     inventory.host(host)
+    if config.migration.storage != "shared":
+        raise ConfigError(f"migration.storage {config.migration.storage}: a drain moves "
+                          "domains whose disks are on shared storage (copying disks is for "
+                          "a run's own VMs, migrate-run)")
     if "libvirt" not in inventory.drivers:
         raise ConfigError("drain moves libvirt domains, and the inventory's hosts have no "
                           f"libvirt (drivers: {', '.join(inventory.drivers)})")

@@ -262,6 +262,10 @@ class Env(BlockingInWorkers):
                       f"{host.name} (restart_vm_on_source: Autotest's preparation of a "
                       "migration's source)")
             await vm.stop()
+            if self.local_disks and vm.spec.disk:
+                # its disk there goes with it: it boots afresh from a new one on host
+                await vm.host.run(f"rm -f {quote(vm.spec.disk)}", check=True,
+                                  timeout=self.config.timeouts.host_cleanup_s)
             self.unplace(vm.host.name, name, key)
             self._record("vm", vm=name, host=vm.host.name, state="stopped", **ids)
         spec = self.spec(name, key, decl)

@@ -42,7 +42,7 @@ from ..errors import ConfigError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor.libvirt import (DomainInfo, LibvirtVM, open_host_connection,
                                   running_domains)
-from .env import Env, disk_base, prepare_overlay
+from .env import Env, prepare_overlay
 from .journal import write_atomic
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,9 @@ def fleet_run_dir(inventory: Inventory) -> str:
     return f"{inventory.run_dir}/{FLEET}"
 
 
-def fleet_disk_dir(inventory: Inventory, config: Config | None = None) -> str | None:
-    """Where fleet VMs' overlays are: on shared storage, or with ``migration.storage``
-    copy-* on each host's own (None: there is none)."""
-    base = disk_base(config or Config(), inventory)
-    return f"{base}/migrator-vms" if base else None
+def fleet_disk_dir(inventory: Inventory) -> str | None:
+    """Where fleet VMs' overlays are on shared storage (None: no shared storage)."""
+    return f"{inventory.shared_dir}/migrator-vms" if inventory.shared_dir else None
 
 
 @dataclass
@@ -134,7 +132,7 @@ class Fleet:
 def fleet_env(config: Config, inventory: Inventory) -> Env:
     """The specs of fleet VMs (kernel, image overlay, NIC as a run's VMs have them)."""
     return Env(config.model_copy(update={"vms": {}}), inventory, fleet_run_dir(inventory),
-               fleet_disk_dir(inventory, config))
+               fleet_disk_dir(inventory))
 
 
 def fleet_vm(config: Config, inventory: Inventory, host: SSHHost, name: str,

@@ -300,11 +300,12 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
             extra["key"] = key
         ctx.record("phase", instance=instance, mig_id=md.mig_id, vm=vm.name,
                    src=md.src.name, dst=md.dst.name, phase=phase.value, **extra)
-        if phase is Phase.PREPARING_DEST and m.copies_disk:
-            # its copy on the destination is made next: recover removes the copy not kept
-            ctx.record("resource", kind="disk_copy", instance=instance, mig_id=md.mig_id,
-                       vm=vm.name, src=md.src.name, host=md.dst.name, path=vm.spec.disk,
-                       **({"key": key} if key is not None else {}))
+
+    def disk_copy() -> None:       # right before the destination's disk is made
+        ctx.record("resource", kind="disk_copy", instance=instance, mig_id=md.mig_id,
+                   vm=vm.name, src=md.src.name, host=md.dst.name, path=vm.spec.disk,
+                   **({"key": key} if key is not None else {}))
+    mig.on_disk_copy = disk_copy
     mig.observers += [journal, reporter.on_phase]
     ctx.live[(md.mig_id, vm.name)] = (md, mig)
     try:

@@ -52,6 +52,7 @@ from ..hosts import SSHHost, quote
 from ..hypervisor import VMSpec, make_vm
 from ..hypervisor.qemu import alive_test, remove_taps
 from ..migration import storage
+from ..migration.engine import FINAL as FINAL_PHASES
 from . import dhcp_leases, slots
 from .pools import release_command
 from .journal import (RunEntry, RunJournal, RunLock, RunLocked, controller_identity,
@@ -535,10 +536,15 @@ class _RunRecovery:
 
     async def _disk_copy_tidy(self, vm: str, keep: Copy | None,
                               hosts: dict[str, SSHHost]) -> list[str]:
-        """The VM's last migration copied its disk (its ``disk_copy`` record): the copy of
-        the disk not kept is removed, the destination's when the source is kept or no copy
-        runs, the source's when the destination is kept."""
+        """The VM's last migration was copying its disk when the controller died (its
+        ``disk_copy`` record, written right before the destination's disk was made, and no
+        final phase after it): the copy of the disk not kept is removed, the destination's
+        when the source is kept, the source's when the destination is kept. When no copy
+        runs, the destination's only if the migration had not completed (until then the
+        source's disk is the VM's; after, the destination's may be the only one)."""
         last = self._last_phase(vm)
+        if last.get("phase") in {p.value for p in FINAL_PHASES}:
+            return []               # the migration ended: its own cleanup did this
         records = [e for e in self.events if e.get("event") == "resource"
                    and e.get("kind") == "disk_copy" and e.get("vm") == vm
                    and e.get("mig_id") == last.get("mig_id")
@@ -547,6 +553,8 @@ class _RunRecovery:
         if not records:
             return []
         rec = records[-1]
+        if keep is None and last.get("phase") in ("COMPLETED", "VERIFIED"):
+            return []
         if keep is None or keep.host == rec["src"]:
             drop = rec["host"]
         elif keep.host == rec["host"]:

@@ -211,8 +211,12 @@ class SlotQueue:
 
     async def _pass(self, host: SSHHost) -> None:
         """One pass, through ``host``: slots for as many waiting tickets as the limits allow,
-        in order."""
+        in order. Without shared storage ``host`` sees only its own slots: only its own
+        tickets (migrations out of it) are served, their slot files where they are given
+        back (on that host)."""
         waiting = self.waiting
+        if self.ctx.inventory.shared_dir is None:
+            waiting = [t for t in waiting if t.src == host.name]
         if not waiting:
             return
         s = self.settings

@@ -239,6 +239,8 @@ class BaseMigration(BlockingInWorkers):
         self.slot_first = False
         #: the disk migrates with the VM (``storage`` copy-*): the source's image, once known
         self.copies_disk = self.params.storage != "shared" and bool(src_vm.spec.disk)
+        #: called right before the destination's disk is made (the run's journal records it)
+        self.on_disk_copy: Callable[[], None] | None = None
         self.disk: storage.DiskImage | None = None
         self._dst_disk_made = False         # this migration made the destination's disk
         self.result = MigrationResult(src_vm.name, src_vm.host.name, dst_host.name,
@@ -337,8 +339,9 @@ class BaseMigration(BlockingInWorkers):
                 why, outcome))
             raise
         except TimeoutError as exc:
-            limit = (self._deadline() if self.phase in (Phase.MIRRORING, Phase.MIGRATING,
-                                                        Phase.POSTCOPY)
+            limit = (self._deadline(memory=False) if self.phase is Phase.MIRRORING
+                     else self._transfer_deadline()
+                     if self.phase in (Phase.MIGRATING, Phase.POSTCOPY)
                      else timeouts.migration_setup_s)
             raise await self._fail(f"timed out after {limit:g} s", exc) from exc
         except MigrationError as exc:
@@ -362,11 +365,17 @@ class BaseMigration(BlockingInWorkers):
         """PENDING -> ... -> CLEANED; raise on any failure (``run`` rolls back)."""
         raise NotImplementedError
 
-    def _deadline(self) -> float:
-        """How long the transfer may take in all (the policy's deadline), for the guest's
-        memory and, when it is copied too, its disk."""
-        mib = self.src_vm.spec.mem_mib + (self.disk.mib if self.disk else 0)
+    def _deadline(self, memory: bool = True, disk: bool = True) -> float:
+        """How long a transfer may take in all (the policy's deadline), sized by what it
+        moves: the guest's memory and, when it is copied too, its disk."""
+        mib = (self.src_vm.spec.mem_mib if memory else 0) \
+            + (self.disk.mib if self.disk and disk else 0)
         return self.params.policy.deadline_for(mib)
+
+    def _transfer_deadline(self) -> float:
+        """The deadline of the phases MIGRATING and POSTCOPY (this driver: the disk's copy,
+        when there is one, happens inside them too)."""
+        return self._deadline()
 
     # -- the disk, when it moves too --------------------------------------------------------
 
@@ -378,7 +387,7 @@ class BaseMigration(BlockingInWorkers):
         try:
             self.disk = await storage.make_destination_disk(
                 self.src_vm.host, self.dst_host, self.src_vm.spec.disk, self.params.storage,
-                self.config.timeouts.disk_prepare_s)
+                self.config.timeouts.disk_prepare_s, before_create=self.on_disk_copy)
         except ValueError as exc:
             raise self._error(f"storage {self.params.storage}: {exc}") from None
         self._dst_disk_made = True
@@ -548,9 +557,10 @@ class BaseMigration(BlockingInWorkers):
             try:
                 await vm.stop()
                 notes.append(f"what was left on {vm.host.name} removed")
+                if vm is self.dst_vm:       # its QEMU gone: the disk copy it used too
+                    notes += await self._remove_destination_disk()
             except Exception as exc:  # noqa: BLE001 - reported
                 notes.append(f"LEFTOVER NOT REMOVED on {vm.host.name} ({exc})")
-        notes += await self._remove_destination_disk()
         self._set_phase(Phase.LOST)
         self.result.status = "failed"
         outcome = f"VM LOST: {why}; " + ", ".join(notes)
@@ -679,6 +689,7 @@ class Migration(BaseMigration):
         super().__init__(*args, **kwargs)
         self._mirror: storage.NbdMirror | None = None
         self._nbd_port: int | None = None
+        self._switched_over = False     # pre-switchover seen and continued
 
     async def _run_phases(self) -> None:
         timeouts = self.config.timeouts
@@ -703,6 +714,9 @@ class Migration(BaseMigration):
         await self.src_vm.stop()
         await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
+
+    def _transfer_deadline(self) -> float:
+        return self._deadline(disk=False)       # the disk was copied before (MIRRORING)
 
     def disk_progress(self) -> tuple[int, int] | None:
         if self.phase is Phase.MIRRORING and self._mirror is not None:
@@ -736,7 +750,7 @@ class Migration(BaseMigration):
             await mirror.start(self._nbd_port, speed=speed,
                                tls=TLS_CREDS_ID if self.params.tls else None,
                                tls_hostname=self.params.tls_hostname)
-            async with asyncio.timeout(self._deadline()):
+            async with asyncio.timeout(self._deadline(memory=False)):
                 await mirror.wait_ready(policy.stall_s, timeouts.progress_interval_s, check)
         except (QMPError, RuntimeError) as exc:
             raise self._error(f"disk copy: {exc}") from exc
@@ -813,9 +827,22 @@ class Migration(BaseMigration):
         src.events.clear()
         dst.events.clear()
         # the destination's migration state, as it announces it: postcopy recovery cannot
-        # ask for it (see _recover_postcopy)
-        with dst.listener("MIGRATION") as dst_migration:
-            await self._migrate_loop(src, dst, port, dst_migration)
+        # ask for it (see _recover_postcopy); the source's wakes the loop at each change
+        # (completed, pre-switchover: a guest stopped for the disk's switchover waits on
+        # nothing but this loop)
+        with dst.listener("MIGRATION") as dst_migration, \
+                src.listener("MIGRATION") as src_migration:
+            waker = asyncio.ensure_future(self._wake_on(src_migration))
+            try:
+                await self._migrate_loop(src, dst, port, dst_migration)
+            finally:
+                waker.cancel()
+                await asyncio.wait([waker])
+
+    async def _wake_on(self, events) -> None:
+        """Wake the progress loop at every event of ``events`` (until cancelled)."""
+        async for _event in events:
+            self._pulse()
 
     async def _migrate_loop(self, src, dst, port: int, dst_migration) -> None:
         timeouts, policy = self.config.timeouts, self.params.policy
@@ -825,7 +852,7 @@ class Migration(BaseMigration):
         self._set_phase(Phase.MIGRATING)
         info: dict = {}
         moved, moved_at = -1, time.monotonic()
-        async with asyncio.timeout(self._deadline()):
+        async with asyncio.timeout(self._transfer_deadline()):
             while True:
                 if self._cancel_requested:
                     raise self._error(f"cancelled: {self._cancel_requested}")
@@ -833,8 +860,12 @@ class Migration(BaseMigration):
                 status = info.get("status", "?")
                 self._record(info)
                 if status == "completed":
+                    if self._mirror is not None and not self._mirror.completed:
+                        raise self._error("QEMU completed the migration without pausing for "
+                                          "the disk's switchover (pause-before-switchover)")
                     break
-                if status == "pre-switchover":
+                if status == "pre-switchover" and not self._switched_over:
+                    self._switched_over = True          # migrate-continue is sent once
                     await self._switch_disk_over(src)
                     continue
                 now = time.monotonic()
@@ -875,8 +906,12 @@ class Migration(BaseMigration):
             info = await src.execute("query-migrate")
         self._set_phase(Phase.COMPLETED)
         self._final_figures(info)
-        if self._mirror is not None:
-            await self._mirror.stop_export()
+        if self._mirror is not None:    # no client since the switchover: not the VM's fate
+            try:
+                await self._mirror.stop_export()
+            except QMPError as exc:
+                log.warning("[vm=%s] the destination's NBD export was not stopped: %s "
+                            "(it ends with its QEMU)", self.src_vm.name, exc)
 
     async def _set_downtime(self, ms: int) -> None:
         await self._src_qmp.execute("migrate-set-parameters", {"downtime-limit": ms})

@@ -174,7 +174,7 @@ class LibvirtMigration(BaseMigration):
         self._job.add_done_callback(self._job_done)     # wakes the loop below
         self._set_phase(Phase.MIGRATING)
         moved, moved_at = -1, time.monotonic()
-        async with asyncio.timeout(self._deadline()):
+        async with asyncio.timeout(self._transfer_deadline()):
             while True:
                 if self._job.done():
                     if (not self._job.cancelled() and self._job.exception() is not None

@@ -89,9 +89,12 @@ async def image_info(host: SSHHost, path: str, timeout: float) -> DiskImage | No
 
 
 async def make_destination_disk(src: SSHHost, dst: SSHHost, path: str, mode: str,
-                                timeout: float) -> DiskImage:
+                                timeout: float, before_create=None) -> DiskImage:
     """Create the destination's disk for a ``mode`` copy (``copy-all``, ``copy-incremental``)
     of the source's disk ``path``, at the same path on ``dst``; return the source's image.
+    ``before_create()`` is called once everything is checked, right before the file is made
+    (the run's journal records it there: what ``recover`` may remove is only ever a file
+    this made).
 
     :raise ValueError: the message of what prevents it (the caller names VM and phase): no
         disk on the source, a file already at ``path`` on ``dst``, no backing image for an
@@ -117,13 +120,17 @@ async def make_destination_disk(src: SSHHost, dst: SSHHost, path: str, mode: str
                              f"{src.name}'s ({ours.format}, {ours.virtual_size} bytes)")
         backing = (f"-F {quote(disk.backing_format or (ours.format if ours else 'qcow2'))} "
                    f"-b {quote(disk.backing)} ")
+    if (await dst.run(f"test -e {quote(path)}", timeout=timeout)).ok:
+        raise ValueError(f"a file is already at {path} on {dst.name}: not overwritten (remove "
+                         f"it, or use storage: shared if both hosts see the same file)")
+    if before_create is not None:
+        before_create()
     parent = path.rsplit("/", 1)[0] or "/"
     r = await dst.run(f"test -e {quote(path)} && exit {_EXISTS}; mkdir -p {quote(parent)} && "
                       f"qemu-img create -q -f {quote(disk.format)} {backing}{quote(path)} "
                       f"{disk.virtual_size}", timeout=timeout)
     if r.exit_status == _EXISTS:
-        raise ValueError(f"a file is already at {path} on {dst.name}: not overwritten (remove "
-                         f"it, or use storage: shared if both hosts see the same file)")
+        raise ValueError(f"a file appeared at {path} on {dst.name} meanwhile: not overwritten")
     if not r.ok:
         raise ValueError(f"cannot create the destination disk {path} on {dst.name}: "
                          f"{r.stderr.strip() or r}")
@@ -175,10 +182,10 @@ class NbdMirror:
         mirror = NbdMirror(src_qmp, dst_qmp, mode, address)
         port = await mirror.export(dst_host, dst_pid, tls=..., timeout=...)
         await mirror.start(port, speed=..., tls=..., tls_hostname=...)
-        await mirror.wait_ready(stall_s, on_progress)   # MIRRORING
+        await mirror.wait_ready(stall_s, interval_s, check)    # MIRRORING
         ... at pre-switchover: await mirror.complete(timeout)
         await mirror.stop_export()
-        failure: await mirror.abort(timeout)             # what was done, never raises
+        failure: await mirror.abort(timeout, interval_s)       # what was done, never raises
     """
 
     def __init__(self, src: QMPClient, dst: QMPClient, mode: str, address: str,
@@ -272,7 +279,6 @@ class NbdMirror:
         """
         with self.src.listener(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
                                 "BLOCK_JOB_ERROR")) as ends:
-            await self.job()
             await self.src.execute("block-job-cancel", {"device": MIRROR_JOB})
             try:
                 async with asyncio.timeout(timeout):

@@ -278,6 +278,7 @@ static int memsum_write(size_t mib, uint64_t seed) {
         close(pipefd[0]);
         setsid();
         signal(SIGHUP, SIG_IGN);
+        signal(SIGPIPE, SIG_IGN); /* an asker gone before its answer: not the holder's end */
         int null = open("/dev/null", O_RDWR);
         dup2(null, 0);
         dup2(null, 1);
@@ -330,7 +331,9 @@ static int ask(const char *tool, const char *req_path, const char *resp_path, co
     if (what[0] == 'q')
         return strstr(line, " stopped") ? 0 : 1;
     fputs(line, stdout);
-    return strstr(line, " ok=0") ? 1 : 0;
+    if (what[0] == 'v') /* a verify passes on its own answer saying so, nothing else */
+        return strstr(line, " verify ") && strstr(line, " ok=1") ? 0 : 1;
+    return strstr(line, " status ") ? 0 : 1;
 }
 
 static int memsum_ask(const char *what) {
@@ -387,6 +390,11 @@ static void disk_fill(uint64_t *w, uint64_t index, uint64_t seq) {
 /* Re-read every block; report to FD. Returns the number of bad blocks. */
 static uint64_t disk_verify(struct disk *d, int fd) {
     uint64_t bad = 0, *expect = malloc(PAGE);
+    if (!expect) {
+        dprintf(fd, "DISKCHECK verify blocks=%zu writes=%" PRIu64 " bad=? ok=0 (out of memory)\n",
+                d->blocks, d->writes);
+        return 1;
+    }
     for (size_t i = 0; i < d->blocks; i++) {
         int ok;
         if (pread(d->fd, d->buf, PAGE, (off_t)i * PAGE) != PAGE)
@@ -467,6 +475,12 @@ static int disk_writer(struct disk *d, double rate, int report_fd) {
 }
 
 static int diskcheck_write(const char *dev, size_t mib, double rate) {
+    int running = open(DISK_REQ, O_WRONLY | O_NONBLOCK); /* a writer holds it open */
+    if (running >= 0) {
+        close(running);
+        fprintf(stderr, "diskcheck: a writer is running already ('diskcheck stop' first)\n");
+        return 2;
+    }
     struct disk d = {0};
     d.fd = open(dev, O_RDWR | O_DIRECT | O_DSYNC);
     if (d.fd < 0) {
@@ -514,6 +528,7 @@ static int diskcheck_write(const char *dev, size_t mib, double rate) {
         close(pipefd[0]);
         setsid();
         signal(SIGHUP, SIG_IGN);
+        signal(SIGPIPE, SIG_IGN); /* an asker gone before its answer: not the writer's end */
         int null = open("/dev/null", O_RDWR);
         dup2(null, 0);
         dup2(null, 1);
