@@ -14,8 +14,10 @@ verified after every hop: every block must hold its last write.
 Columns, medians of the hops: ``mirror s`` the disk copy until in sync (qemu: the mirror job
 READY; libvirt: the first memory bytes, which libvirt sends once its mirror is in sync: within
 one progress poll), ``whole s`` the driver's whole migration (destination prepared to source
-removed), QEMU's own ``total ms`` and ``downtime ms``, ``disk MiB`` the mirror sent (the
-guest's writes during the copy included), ``x shared`` whole time over the shared peer's.
+removed), QEMU's own ``total ms`` and ``downtime ms``, ``switch ms`` (qemu) the part of the
+downtime the driver spends finishing the disk's copy (the guest stopped at pre-switchover,
+seen -> the migration continued), ``disk MiB`` the mirror sent (the guest's writes during the
+copy included), ``x shared`` whole time over the shared peer's.
 
 usage: bench/storage.py [--hops 3] [--sizes 256,1024] [--drivers qemu,libvirt]
 """
@@ -139,8 +141,8 @@ def main() -> int:
     print(f"storage: guest 256 MiB, disk fully written, hostA <-> hostB, median of {a.hops} "
           f"hops per row; 'writing': {ORACLE!r} in the guest, verified after every hop")
     print(f"{'driver':<8}{'disk':>6} {'workload':<9}{'storage':<17}{'mirror s':>9}"
-          f"{'whole s':>8}{'total ms':>9}{'downtime ms':>12}{'disk MiB':>9}{'mem MiB':>8}"
-          f"{'x shared':>9}  oracle")
+          f"{'whole s':>8}{'total ms':>9}{'downtime ms':>12}{'switch ms':>10}{'disk MiB':>9}"
+          f"{'mem MiB':>8}{'x shared':>9}  oracle")
     med = statistics.median
     for driver in drivers:
         for mib in a.sizes:
@@ -150,12 +152,15 @@ def main() -> int:
                     rs = rows[(driver, mib, workload, storage)]
                     mirror = [r.mirror_s for r, _o in rs if r.mirror_s is not None]
                     disk = [r.disk_bytes for r, _o in rs if r.disk_bytes is not None]
+                    switch = [r.disk_switchover_ms for r, _o in rs
+                              if r.disk_switchover_ms is not None]
                     whole = med(r.run_s for r, _o in rs)
                     oracle = ",".join(sorted({o for _r, o in rs}))
                     print(f"{driver:<8}{mib:>5}M {workload:<9}{storage:<17}"
                           f"{(f'{med(mirror):.2f}' if mirror else '-'):>9}{whole:>8.2f}"
                           f"{med(r.total_time_ms for r, _o in rs):>9.0f}"
                           f"{med(r.downtime_ms for r, _o in rs):>12.0f}"
+                          f"{(f'{med(switch):.0f}' if switch else '-'):>10}"
                           f"{(f'{med(disk) / 2**20:.0f}' if disk else '-'):>9}"
                           f"{med(r.transferred_bytes for r, _o in rs) / 2**20:>8.0f}"
                           f"{whole / peer:>9.2f}  {oracle}")

@@ -189,6 +189,9 @@ class MigrationResult:
     disk_size: int | None = None         #: the copied disk's virtual size, bytes
     disk_bytes: int | None = None        #: bytes the disk copy sent (mirror), writes included
     mirror_s: float | None = None        #: disk copy started -> in sync (READY)
+    #: qemu driver: the guest stopped at pre-switchover, seen -> the disk's copy finished and
+    #: the migration continued (part of the downtime)
+    disk_switchover_ms: float | None = None
     source_disk_removed: bool | None = None  #: the source's copy removed after the move
     #: the guest-visible blackout (VMs with an address, probed: see .blackout): the longest
     #: gap between ICMP replies, and the prober's whole report
@@ -762,6 +765,7 @@ class Migration(BaseMigration):
     async def _switch_disk_over(self, src) -> None:
         """pre-switchover (the guest is stopped): the mirror's last writes copied and the job
         ended (point-in-time copy, no pivot), then the migration goes on."""
+        t0 = time.monotonic()
         if self._mirror is not None and not self._mirror.completed:
             try:
                 await self._mirror.complete(self.config.timeouts.migration_setup_s)
@@ -769,6 +773,7 @@ class Migration(BaseMigration):
                 raise self._error(f"disk copy at the switchover: {exc}") from exc
             self.result.disk_bytes = self._mirror.offset
         await src.execute("migrate-continue", {"state": "pre-switchover"})
+        self.result.disk_switchover_ms = round((time.monotonic() - t0) * 1000, 1)
 
     async def _configure(self, src, dst) -> None:
         # the disk copy's last writes are sent with the guest stopped, before its devices
