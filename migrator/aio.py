@@ -29,3 +29,19 @@ async def shielded(aw: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError("cancelled while an undo step ran (it completed)")
     return result
+
+
+async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
+    """``aw``, or :class:`TimeoutError` after ``timeout`` seconds (None: no limit): what
+    ``asyncio.wait_for`` is from Python 3.12 on, a ``timeout`` block.
+
+    Python 3.11's ``asyncio.wait_for`` loses the caller's cancellation when ``aw`` completes
+    in the same turn of the loop as the cancel arrives: it returns the result instead of
+    raising ``CancelledError`` (CPython gh-86296). A migration's progress loop waits on an
+    event that QEMU's own events set; a Ctrl-C landing at such a moment was dropped, and that
+    migration ran to completion instead of rolling back (seen in the suite,
+    test_ctrl_c_mid_migration_rolls_back_and_leaves_nothing). Every wait with a limit in
+    migrator goes through here.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw

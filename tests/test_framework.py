@@ -55,6 +55,7 @@ async def test_ping_pong_round_trips_with_a_surviving_workload(inventory, tmp_pa
     for m in migs:
         assert [p for p, _, _ in m["phases"]][-1] == "CLEANED"
         assert m["total_time_ms"] > 0 and m["transferred_bytes"] > 0 and m["downtime_ms"] >= 0
+        assert m["progress"] and m["progress"][-1]["status"] == "completed"   # its history
     assert junit.find("testsuite").get("tests") == "5"
     assert junit.find("testsuite").get("failures") == "0"
     assert "verdict: PASSED" in out and "MIGRATING" in out      # live progress was shown

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -122,6 +123,31 @@ async def test_bandwidth_cap_is_honoured(make_vm, hosts, inventory):
     assert r.throughput_mbps <= 32 * 8 * 1.048576 * 1.25, r.throughput_mbps
     assert peak <= 32 * 8 * 1.048576 * 1.25, peak
     await m.dst_vm.stop()
+
+
+async def test_the_record_keeps_a_progress_sample_per_interval(make_vm, hosts, inventory):
+    """``result.progress``: the first poll, one per ``report.progress_interval_s`` (1 s),
+    and the last (completed), in guestperf's names, on the controller's clocks: a 24 MiB
+    pattern at 8 MiB/s takes about 3 s."""
+    vm = await make_vm()
+    await (await vm.wait_for_login()).cmd("memsum write 24 5")
+    before = time.time()
+    r = await migration(vm, hosts, inventory, bandwidth_mibs=8).run()
+    after = time.time()
+    p = r.progress
+    assert len(p) >= 4 and p[-1]["status"] == "completed", p
+    assert set(p[0]) == {"t", "now", "status", "transferred_bytes", "remaining_bytes",
+                         "total_bytes", "dirty_rate_pps", "transfer_rate_mbs", "iterations",
+                         "downtime_expected", "throttle_pcent"}
+    assert all(b["t"] - a["t"] >= 1.0 for a, b in zip(p[:-2], p[1:-1])), p
+    assert all(b["t"] > a["t"] and b["now"] > a["now"] for a, b in zip(p, p[1:])), p
+    assert before <= p[0]["now"] and p[-1]["now"] <= after
+    moved = [s["transferred_bytes"] for s in p]
+    assert moved == sorted(moved) and moved[-1] >= 24 << 20, moved
+    # (the first poll may come while QEMU is still in 'setup': no RAM figures yet)
+    assert p[-1]["remaining_bytes"] == 0 and p[-1]["total_bytes"] >= 128 << 20
+    assert any(s["transfer_rate_mbs"] > 0 for s in p)
+    await vm.stop()
 
 
 @contextlib.asynccontextmanager

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
-from ..aio import shielded
+from ..aio import shielded, wait_for
 from ..errors import CommandError
 from ..hosts import SSHHost, quote
 from .journal import controller_identity
@@ -205,7 +205,7 @@ class SlotQueue:
             if t._error is not None:
                 raise t._error
             try:
-                await asyncio.wait_for(freed.wait(), self.settings.poll_s)
+                await wait_for(freed.wait(), self.settings.poll_s)
             except TimeoutError:
                 pass
 

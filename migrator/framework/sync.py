@@ -32,6 +32,7 @@ from syncserver.client import SyncClient
 from syncserver.protocol import SyncError, error_from_json
 from syncserver.zipapp import build_bytes
 
+from ..aio import wait_for
 from ..config import Config
 from ..errors import BarrierError, HostError
 from ..hosts import Installable, RemoteProcess, SSHHost, quote
@@ -100,7 +101,7 @@ class HostsSync:
         except TimeoutError:
             line = ""
         if _READY not in line:
-            why = await asyncio.wait_for(proc.wait(), self.config.timeouts.host_cleanup_s) \
+            why = await wait_for(proc.wait(), self.config.timeouts.host_cleanup_s) \
                 if not line else line.strip()
             raise HostError(host.name, f"its sync participant did not join the sync server "
                                        f"at {self.url}: {why or 'no answer'}")
@@ -140,7 +141,7 @@ class HostsSync:
         self._pending[host.name][rid] = fut
         try:
             self._participants[host.name].write(json.dumps({"id": rid, **request}) + "\n")
-            return await asyncio.wait_for(fut, within)
+            return await wait_for(fut, within)
         except TimeoutError:
             raise HostError(host.name, f"its sync participant gave no answer within "
                                        f"{within:g} s") from None

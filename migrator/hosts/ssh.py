@@ -32,6 +32,7 @@ from typing import Iterable, Mapping
 
 import asyncssh
 
+from ..aio import wait_for
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config, Inventory, load_inventory
 from ..errors import (CommandError, HostAuthError, HostConnectError, HostError, HostKeyError)
@@ -512,7 +513,7 @@ class RemoteProcess(BlockingInWorkers):
         """
         try:
             self._proc.stdin.write_eof()
-            done = await asyncio.wait_for(self._proc.wait(check=False), timeout)
+            done = await wait_for(self._proc.wait(check=False), timeout)
         except TimeoutError:
             await self.host._kill_group(self.pgid, self.command)
             self._proc.close()
@@ -535,7 +536,7 @@ class RemoteProcess(BlockingInWorkers):
         except (asyncssh.Error, OSError, BrokenPipeError):
             pass
         try:
-            await asyncio.wait_for(self._proc.wait(check=False),
+            await wait_for(self._proc.wait(check=False),
                                    self.host.config.timeouts.host_cleanup_s)
         except (TimeoutError, asyncssh.Error, OSError):
             await self.host._kill_group(self.pgid, self.command)

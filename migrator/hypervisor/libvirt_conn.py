@@ -39,6 +39,7 @@ from typing import Any, Callable
 import libvirt
 import libvirtmod
 
+from ..aio import wait_for
 from ..errors import HostError
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class LibvirtConnection:
         what = f"connect {uri.split('?')[0]}"
         fut = _EXECUTOR.submit(libvirt.open, uri)
         try:
-            raw = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+            raw = await wait_for(asyncio.wrap_future(fut), timeout)
         except libvirt.libvirtError as exc:
             err = _as_error(host, what, exc)
             err.unreachable = True
@@ -260,7 +261,7 @@ class LibvirtConnection:
             the connection is closed.
         """
         try:
-            return await asyncio.wait_for(self.submit(fn, *args), timeout)
+            return await wait_for(self.submit(fn, *args), timeout)
         except libvirt.libvirtError as exc:
             raise _as_error(self.host, what, exc) from exc
         except TimeoutError:

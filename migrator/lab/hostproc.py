@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..aio import wait_for
 from ..errors import LabError
 from . import hostinit
 from .system import Proc
@@ -48,7 +49,7 @@ async def start_host_init(host: str, netns: str, hostdir: Path, address: str, *,
                                  stderr=err, start_new_session=True, close_fds=True)
     budget = ready_timeout_s * (2 if libvirt else 1) + exit_timeout_s
     try:
-        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), budget)
+        line = await wait_for(asyncio.to_thread(child.stdout.readline), budget)
     except TimeoutError:
         child.kill()
         raise LabError(f"{host}: host init not ready within {budget:g} s; see {log}") from None

@@ -54,13 +54,14 @@ from typing import AsyncIterator, Callable
 
 from qemu.qmp import ExecuteError, QMPError
 
-from ..aio import shielded
+from ..aio import shielded, wait_for
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import MigrationError, MigratorError
 from ..hosts.ssh import SSHHost
 from . import storage
 from .params import MigrationParams
+from .timeline import timeline
 from .policy import Decision, PolicyTracker
 
 #: the id of the x509 credentials object a TLS migration adds to both QEMUs
@@ -149,6 +150,7 @@ class ProgressRecord:
     cpu_throttle: int        #: auto-converge throttle, percent
     disk_transferred: int = 0    #: bytes of disk copied (storage copy-*; libvirt)
     disk_total: int = 0          #: bytes of disk to copy in all
+    wall: float = field(default_factory=time.time)   #: the controller's clock at the poll
 
 
 @dataclass
@@ -199,6 +201,8 @@ class MigrationResult:
     blackout: dict | None = None
     params: dict = field(default_factory=dict)
     phases: list[tuple[str, float, float]] = field(default_factory=list)
+    #: the progress history: a sample per ``report.progress_interval_s`` (see .timeline)
+    progress: list[dict] = field(default_factory=list)
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -357,6 +361,8 @@ class BaseMigration(BlockingInWorkers):
                 # connections (QMP, libvirt) end with the run, whatever is kept on the host
                 await shielded(self.dst_vm.disconnect())
             self.result.run_s = time.monotonic() - t0
+            self.result.progress = timeline(self.records,
+                                            self.config.report.progress_interval_s)
             self.result.phase = self.phase.value
             self.result.phases = [(p.value, round(m - self.history[0][1], 4), w)
                                   for p, m, w in self.history]
@@ -899,7 +905,7 @@ class Migration(BaseMigration):
                     await self._start_postcopy()
                 await self._apply_policy()
                 try:
-                    await asyncio.wait_for(self._changed.wait(), timeouts.progress_interval_s)
+                    await wait_for(self._changed.wait(), timeouts.progress_interval_s)
                 except TimeoutError:
                     pass
         self.result.wall_s = time.monotonic() - self._t_migrate

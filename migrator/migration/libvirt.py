@@ -31,6 +31,7 @@ from functools import partial
 
 import libvirt
 
+from ..aio import wait_for
 from ..errors import HostError
 from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
@@ -229,7 +230,7 @@ class LibvirtMigration(BaseMigration):
                     await self._apply_policy()
                 if not self._job.done():
                     try:
-                        await asyncio.wait_for(self.wait_changed(), timeouts.progress_interval_s)
+                        await wait_for(self.wait_changed(), timeouts.progress_interval_s)
                     except TimeoutError:
                         pass
         try:
@@ -380,7 +381,7 @@ class LibvirtMigration(BaseMigration):
             # the domain left the source just before the migrate call returned (p2p does
             # this): the job's own result tells how it ended; wait for it a little
             try:
-                await asyncio.wait_for(asyncio.shield(self._job),
+                await wait_for(asyncio.shield(self._job),
                                        self.config.timeouts.libvirt_call_s)
             except TimeoutError:
                 raise exc from None
@@ -624,7 +625,7 @@ class LibvirtMigration(BaseMigration):
                         "be undone: waiting for libvirt to finish the postcopy",
                         self.src_vm.name, self.src_vm.host.name, self.dst_host.name)
             try:
-                await asyncio.wait_for(asyncio.shield(job), self.params.policy.completion_for(
+                await wait_for(asyncio.shield(job), self.params.policy.completion_for(
                     self.src_vm.spec.mem_mib))
             except (TimeoutError, libvirt.libvirtError):
                 pass
@@ -678,7 +679,7 @@ class LibvirtMigration(BaseMigration):
             # to do with each side (Finish3 and Confirm3, cancelled): let it end before
             # saying where the VM is (a side it stopped makes the VM LOST, not SPLIT)
             try:
-                await asyncio.wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
+                await wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
             except (TimeoutError, libvirt.libvirtError):
                 pass
         resumed = False
@@ -702,7 +703,7 @@ class LibvirtMigration(BaseMigration):
             except LibvirtError as exc:
                 notes.append(f"abortJob failed ({exc.message})")
             try:
-                await asyncio.wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
+                await wait_for(asyncio.shield(self._job), timeouts.migration_cancel_s)
             except TimeoutError:
                 job_running = True
                 notes.append(f"MIGRATE CALL STILL RUNNING after {timeouts.migration_cancel_s:g}"

@@ -41,7 +41,7 @@ from typing import Callable
 
 import yaml
 
-from ..aio import shielded
+from ..aio import shielded, wait_for
 from ..config import Config
 from .model import Plan
 from .schedule import History, Placement
@@ -229,7 +229,7 @@ class PlanRunner:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGINT)
                 try:
-                    await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+                    await wait_for(proc.wait(), self.stop_timeout_s)
                 except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
