@@ -126,6 +126,15 @@ class Controller:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
+    async def killed_at_stop_point(self) -> None:
+        """Start, and SIGKILL once it stopped itself at ``journal.stop_after``."""
+        await self.start()
+        try:
+            await self.wait_stopped()
+            await self.kill()
+        finally:
+            await self.stop()
+
     async def killed_while_migrating(self) -> None:
         """Start, and SIGKILL once the journal says MIGRATING (the caller caps bandwidth so
         that it lasts)."""

@@ -256,12 +256,7 @@ async def test_sigkill_while_the_disk_is_mirrored_then_recover_removes_the_copy(
         ctl = Controller(tmp_path, inv, driver, [
             *COPY_ALL, "-p", "migration.bandwidth_mibs=4", "-p", f"vms.vm1.image={inventory.local_dir}/run-base.qcow2",
             "-p", "journal.stop_after=phase:MIGRATING"])
-        await ctl.start()
-        try:
-            await ctl.wait_stopped()
-            await ctl.kill()
-        finally:
-            await ctl.stop()
+        await ctl.killed_at_stop_point()
         run_id = ctl.run_id()
         copy = [e for e in ctl.journal() if e.get("kind") == "disk_copy"]
         assert [(c["src"], c["host"]) for c in copy] == [("hostA", "hostB")], copy

@@ -340,12 +340,7 @@ async def test_a_killed_task_list_is_recovered_vm_by_host_and_name(lab, inventor
     ctl = Controller(tmp_path, inventory.source, "qemu",
                      ["-p", "migration.bandwidth_mibs=1", "-p",
                       "journal.stop_after=phase:MIGRATING"], scenario=tasks)
-    await ctl.start()
-    try:
-        await ctl.wait_stopped()
-        await ctl.kill()
-    finally:
-        await ctl.stop()
+    await ctl.killed_at_stop_point()
     run_id = ctl.run_id()
     assert ctl.journal()[-1]["key"] == "hostA/vm1"
     rc, out, err = await recover_cli(ctl, run_id)

@@ -60,7 +60,7 @@ from ..config import Config
 from ..errors import MigrationError, MigratorError
 from ..hosts.ssh import SSHHost
 from . import storage
-from .params import MigrationParams
+from .params import MIB, MigrationParams
 from .timeline import timeline
 from .policy import Decision, PolicyTracker
 
@@ -750,7 +750,7 @@ class Migration(BaseMigration):
         mirror = self._mirror
         self._set_phase(Phase.MIRRORING)
         t0 = time.monotonic()
-        speed = int(self.params.bandwidth_mibs * (1 << 20)) if self.params.bandwidth_mibs else 0
+        speed = int(self.params.bandwidth_mibs * MIB) if self.params.bandwidth_mibs else 0
 
         def check() -> None:
             if self._cancel_requested:

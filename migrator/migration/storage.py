@@ -192,7 +192,7 @@ class NbdMirror:
                  device: str = "disk0"):
         self.src, self.dst, self.mode, self.address = src, dst, mode, address
         self.device = device
-        self.exported = self.node_added = self.job_started = False
+        self.exported = False
         self.completed = False
         self.ready_at: float | None = None      #: monotonic time the job became READY
         self.offset = 0                         #: bytes the job copied so far
@@ -229,12 +229,10 @@ class NbdMirror:
             if tls_hostname:
                 node["tls-hostname"] = tls_hostname
         await self.src.execute("blockdev-add", node)
-        self.node_added = True
         await self.src.execute("blockdev-mirror", {
             "job-id": MIRROR_JOB, "device": await _node_of(self.src, self.device),
             "target": NBD_NODE, "sync": "full" if self.mode == "copy-all" else "top",
             "speed": speed, "auto-dismiss": True})
-        self.job_started = True
 
     async def job(self) -> dict | None:
         """The mirror job as ``query-block-jobs`` reports it (None: no such job)."""
@@ -294,10 +292,8 @@ class NbdMirror:
             except TimeoutError:
                 raise RuntimeError(f"the disk mirror did not finish within {timeout:g} s of "
                                    "the guest's stop") from None
-        self.job_started = False
         self.completed = True
         await self.src.execute("blockdev-del", {"node-name": NBD_NODE})
-        self.node_added = False
 
     async def stop_export(self) -> None:
         """The destination's NBD server stopped (its export with it). :raise QMPError."""
@@ -307,27 +303,12 @@ class NbdMirror:
 
     async def abort(self, timeout: float, interval_s: float) -> list[str]:
         """Undo the source's side: the job cancelled (``force``: a ready job is not finished
-        first) and its node removed. Return what was done; never raises. The destination's
-        export ends with its QEMU."""
-        notes = []
+        first) and its node removed, as QEMU reports them (:func:`undo_in_qemu`). Return what
+        was done; never raises. The destination's export ends with its QEMU."""
         try:
-            async with asyncio.timeout(timeout):
-                if self.job_started and await self.job() is not None:
-                    with_force = {"device": MIRROR_JOB, "force": True}
-                    try:
-                        await self.src.execute("block-job-cancel", with_force)
-                    except QMPError as exc:     # it ended meanwhile
-                        log.info("block-job-cancel: %s", exc)
-                    while await self.job() is not None:
-                        await asyncio.sleep(interval_s)
-                    notes.append("disk mirror cancelled")
-                self.job_started = False
-                if self.node_added:
-                    await self.src.execute("blockdev-del", {"node-name": NBD_NODE})
-                    self.node_added = False
+            return await undo_in_qemu(self.src, timeout, interval_s)
         except (Exception, TimeoutError) as exc:  # noqa: BLE001 - reported
-            notes.append(f"DISK MIRROR NOT UNDONE on the source ({type(exc).__name__}: {exc})")
-        return notes
+            return [f"DISK MIRROR NOT UNDONE on the source ({type(exc).__name__}: {exc})"]
 
 
 async def undo_in_qemu(qmp: QMPClient, timeout: float, interval_s: float) -> list[str]:

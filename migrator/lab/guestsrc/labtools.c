@@ -253,25 +253,25 @@ static int memsum_holder(size_t mib, uint64_t seed, int report_fd) {
     }
 }
 
-static int memsum_write(size_t mib, uint64_t seed) {
-    if (mib == 0) {
-        fprintf(stderr, "memsum: size must be at least 1 MiB\n");
-        return 2;
-    }
-    unlink(REQ_FIFO);
-    unlink(RESP_FIFO);
-    if (mkfifo(REQ_FIFO, 0600) || mkfifo(RESP_FIFO, 0600)) {
-        perror("memsum: mkfifo");
+/* Start BODY(ARG, report_fd) in a detached process that serves the FIFO pair REQ/RESP (made
+ * afresh here); print the one line it reports on report_fd first, and succeed when that line
+ * starts with TAG (the tool's answer, not an error). */
+static int spawn_holder(const char *tool, const char *req, const char *resp, const char *tag,
+                        int (*body)(void *arg, int report_fd), void *arg) {
+    unlink(req);
+    unlink(resp);
+    if (mkfifo(req, 0600) || mkfifo(resp, 0600)) {
+        fprintf(stderr, "%s: mkfifo: %s\n", tool, strerror(errno));
         return 1;
     }
     int pipefd[2];
     if (pipe(pipefd)) {
-        perror("memsum: pipe");
+        fprintf(stderr, "%s: pipe: %s\n", tool, strerror(errno));
         return 1;
     }
     pid_t pid = fork();
     if (pid < 0) {
-        perror("memsum: fork");
+        fprintf(stderr, "%s: fork: %s\n", tool, strerror(errno));
         return 1;
     }
     if (pid == 0) {
@@ -283,18 +283,37 @@ static int memsum_write(size_t mib, uint64_t seed) {
         dup2(null, 0);
         dup2(null, 1);
         dup2(null, 2);
-        _exit(memsum_holder(mib, seed, pipefd[1]));
+        _exit(body(arg, pipefd[1]));
     }
     close(pipefd[1]);
     char line[256];
     ssize_t n = read(pipefd[0], line, sizeof line - 1);
     if (n <= 0) {
-        fprintf(stderr, "memsum: holder died before reporting\n");
+        fprintf(stderr, "%s: holder died before reporting\n", tool);
         return 1;
     }
     line[n] = 0;
     fputs(line, stdout);
-    return strncmp(line, "MEMSUM", 6) == 0 ? 0 : 1;
+    return strncmp(line, tag, strlen(tag)) == 0 ? 0 : 1;
+}
+
+struct memsum_args {
+    size_t mib;
+    uint64_t seed;
+};
+
+static int memsum_body(void *arg, int report_fd) {
+    struct memsum_args *a = arg;
+    return memsum_holder(a->mib, a->seed, report_fd);
+}
+
+static int memsum_write(size_t mib, uint64_t seed) {
+    if (mib == 0) {
+        fprintf(stderr, "memsum: size must be at least 1 MiB\n");
+        return 2;
+    }
+    struct memsum_args a = {mib, seed};
+    return spawn_holder("memsum", REQ_FIFO, RESP_FIFO, "MEMSUM", memsum_body, &a);
 }
 
 /* Send WHAT to the process holding the FIFO pair REQ/RESP and print its one-line answer;
@@ -474,6 +493,16 @@ static int disk_writer(struct disk *d, double rate, int report_fd) {
     }
 }
 
+struct writer_args {
+    struct disk *d;
+    double rate;
+};
+
+static int writer_body(void *arg, int report_fd) {
+    struct writer_args *a = arg;
+    return disk_writer(a->d, a->rate, report_fd);
+}
+
 static int diskcheck_write(const char *dev, size_t mib, double rate) {
     int running = open(DISK_REQ, O_WRONLY | O_NONBLOCK); /* a writer holds it open */
     if (running >= 0) {
@@ -508,43 +537,8 @@ static int diskcheck_write(const char *dev, size_t mib, double rate) {
         d.initial[i] = checksum(d.buf, PAGE / 8);
         d.latest[i] = NEVER;
     }
-    unlink(DISK_REQ);
-    unlink(DISK_RESP);
-    if (mkfifo(DISK_REQ, 0600) || mkfifo(DISK_RESP, 0600)) {
-        perror("diskcheck: mkfifo");
-        return 1;
-    }
-    int pipefd[2];
-    if (pipe(pipefd)) {
-        perror("diskcheck: pipe");
-        return 1;
-    }
-    pid_t pid = fork();
-    if (pid < 0) {
-        perror("diskcheck: fork");
-        return 1;
-    }
-    if (pid == 0) {
-        close(pipefd[0]);
-        setsid();
-        signal(SIGHUP, SIG_IGN);
-        signal(SIGPIPE, SIG_IGN); /* an asker gone before its answer: not the writer's end */
-        int null = open("/dev/null", O_RDWR);
-        dup2(null, 0);
-        dup2(null, 1);
-        dup2(null, 2);
-        _exit(disk_writer(&d, rate, pipefd[1]));
-    }
-    close(pipefd[1]);
-    char line[256];
-    ssize_t n = read(pipefd[0], line, sizeof line - 1);
-    if (n <= 0) {
-        fprintf(stderr, "diskcheck: writer died before reporting\n");
-        return 1;
-    }
-    line[n] = 0;
-    fputs(line, stdout);
-    return strncmp(line, "DISKCHECK", 9) == 0 ? 0 : 1;
+    struct writer_args a = {&d, rate};
+    return spawn_holder("diskcheck", DISK_REQ, DISK_RESP, "DISKCHECK", writer_body, &a);
 }
 
 static int diskcheck(int argc, char **argv) {
