@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, TypeVar
 
+# one implementation for both packages (syncserver does not import migrator)
+from syncserver._aio import cancel_and_wait
+
 T = TypeVar("T")
 
 
@@ -45,3 +48,5 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
     """
     async with asyncio.timeout(timeout):
         return await aw
+
+__all__ = ["cancel_and_wait", "shielded", "wait_for"]

@@ -575,7 +575,14 @@ class ReportSettings(_Strict):
     keep_disks: bool = False
     """Keep the run's disk overlays on shared storage after the run (for post-mortems)."""
     progress_interval_s: float = Field(1.0, gt=0)
-    """How often a running migration's progress line is printed."""
+    """How often a running migration's progress line is printed (and a sample kept in its
+    record's ``progress`` history)."""
+    display: Literal["auto", "live", "lines"] = "auto"
+    """``migrate-run``'s terminal output: ``live`` bars per migration in flight, redrawn in
+    place, with the run's lines above them; ``lines``: timestamped lines only (a progress
+    line per ``progress_interval_s``); ``auto``: live when stdout is a terminal."""
+    live_refresh_s: float = Field(0.25, gt=0, le=10)
+    """How often the live view is redrawn."""
 
 
 class PlanSettings(_Strict):

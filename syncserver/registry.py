@@ -137,6 +137,23 @@ class Registry:
     def waiter_count(self) -> int:
         return sum(len(i.waiters) for r in self.runs.values() for i in r.open_instances())
 
+    def open_rounds(self, run_id: str) -> list[dict]:
+        """The open barrier and exchange rounds of ``run_id``, oldest first: each with its
+        members, who arrived, whom it waits on, and how long it has been open (for a live
+        view: "barrier 'ready' waits on hostB"). Does not count as the run's activity."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return []
+        now = time.monotonic()
+        out = []
+        for inst in sorted(run.open_instances(), key=lambda i: i.created):
+            members = list(inst.members or ())
+            out.append({"kind": inst.kind, "name": inst.name, "generation": inst.generation,
+                        "members": members, "arrived": sorted(inst.waiters),
+                        "waiting_on": [m for m in members if m not in inst.waiters],
+                        "open_s": round(now - inst.created, 1)})
+        return out
+
     # -- connections ---------------------------------------------------------------------------
 
     def connected(self, conn: Connection) -> None:

@@ -4,6 +4,7 @@ sync server, participants on every host). VM-heavy: one test at a time."""
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,8 +47,14 @@ def the_run(results: Path) -> tuple[dict, list[dict], ET.Element]:
 
 async def test_ping_pong_round_trips_with_a_surviving_workload(inventory, tmp_path, no_leaks):
     rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "ping_pong",
-                                     "-p", "scenario.rounds=2")
+                                     "-p", "scenario.rounds=2",
+                                     "-p", "report.progress_interval_s=0.2",
+                                     "-p", "migration.bandwidth_mibs=64")   # hops of ~1 s
     assert rc == 0, out + err
+    # stdout is a pipe: plain timestamped lines (a progress line per interval), no live view
+    assert "\x1b[" not in out and "━" not in out
+    assert re.search(r"^\[ *[\d.]+s\] \[pair1-1 vm1 hostA->hostB\] +[\d.]+ s iteration \d+ "
+                     r"+sent +[\d.]+ MiB remaining", out, re.M), out
     run, migs, junit = the_run(tmp_path)
     assert run["verdict"] == "passed" and run["hosts"] == ["hostA", "hostB"]
     assert [(m["src"], m["dst"], m["status"]) for m in migs] == [

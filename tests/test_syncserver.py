@@ -73,6 +73,25 @@ async def _waiting(server, run, name, n, kind="barrier"):
 
 
 
+async def test_open_rounds_say_whom_a_barrier_waits_on(server):
+    """What a live view shows of a barrier: members, who arrived, whom it waits on."""
+    a, b, c = await clients(server, ["hostA", "hostB", "hostC"])
+    try:
+        assert server.registry.open_rounds("run1") == []
+        waits = [asyncio.ensure_future(x.barrier("ready", ["hostA", "hostB", "hostC"],
+                                                 timeout=30)) for x in (a, c)]
+        await _waiting(server, "run1", "ready", 2)
+        (round_,) = server.registry.open_rounds("run1")
+        assert round_["kind"] == "barrier" and round_["name"] == "ready"
+        assert round_["arrived"] == ["hostA", "hostC"] and round_["waiting_on"] == ["hostB"]
+        assert server.registry.open_rounds("another run") == []
+        await b.barrier("ready", ["hostA", "hostB", "hostC"], timeout=30)
+        await asyncio.gather(*waits)
+        assert server.registry.open_rounds("run1") == []
+    finally:
+        await close_all([a, b, c])
+
+
 async def test_random_arrival_orders_release_everyone_once(server):
     names = [f"m{i}" for i in range(12)]
     cs = await clients(server, names)

@@ -70,6 +70,7 @@ async def _answers(config) -> list[tuple[object, dict | str]]:
 async def _status(config, args) -> int:
     import json
 
+    from ..report.live import run_lines
     from ..report.table import text_table
     answers = await _answers(config)
     if args.json:
@@ -87,6 +88,9 @@ async def _status(config, args) -> int:
         print(f"run {run.run_id} (pid {a['pid']}, hosts {','.join(run.hosts)}): "
               f"{len(a['migrations'])} in flight, {a['completed']} completed, "
               f"{a['failed']} failed")
+        for line in run_lines(a, 0)[1:]:        # the queue, and whom each barrier waits on
+            if not line.startswith("queue:"):
+                print(f"  {line}")
         rows = []
         for m in a["migrations"]:
             moved = (f"{m['transferred'] / 2**20:.0f}/{(m['transferred'] + m['remaining']) / 2**20:.0f} MiB"

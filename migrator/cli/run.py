@@ -55,6 +55,9 @@ def _run_parser() -> argparse.ArgumentParser:
                         "(-p migration.downtime_limit_ms=100); overrides the config file")
     p.add_argument("-o", "--results", help="results directory (default: report.results_dir)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("--display", choices=("auto", "live", "lines"),
+                   help="live bars per migration, redrawn in place, or timestamped lines "
+                        "(default: report.display, auto: live on a terminal)")
     p.add_argument("scenario", help="a scenario file, or the name of a ready one "
                                     "(ping_pong, concurrent, ring, cancel_then_migrate, "
                                     "dest_block); or a .yaml: a task list (parallel VM "
@@ -108,7 +111,10 @@ def _run_plan(args) -> dict:
     from ..framework import RunContext, group_hosts
     from ..framework.scenario import make_instances
     hosts = [h.strip() for group in args.machines for h in group.split(",") if h.strip()]
-    config = Config.load(args.config, overrides(args.param))
+    params = overrides(args.param)
+    if args.display:
+        params["report.display"] = args.display
+    config = Config.load(args.config, params)
     inventory = load_any_inventory(args.inventory)
     for h in hosts:
         inventory.host(h)
@@ -145,6 +151,7 @@ def _run_plan(args) -> dict:
 async def _run(plan: dict, args) -> int:
     from ..framework.context import local_address_towards
     from ..report import summary_table, write_results
+    from ..report.live import live_view
     import signal as _signal
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
     # SIGINT (Ctrl-C) and SIGTERM (a CI job's timeout, kill) end the run: rolled back,
@@ -185,8 +192,10 @@ async def _run(plan: dict, args) -> int:
         await ctx.start_server(bind)
         await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
         try:
-            outcomes = await asyncio.gather(*(run() for run in plan["runs"]),
-                                            return_exceptions=True)
+            async with live_view(ctx, ctx.config.report.display,
+                                 ctx.config.report.live_refresh_s):
+                outcomes = await asyncio.gather(*(run() for run in plan["runs"]),
+                                                return_exceptions=True)
         finally:
             await ctx.stop_server()
         for inst, outcome in zip(instances, outcomes):

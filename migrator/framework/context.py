@@ -73,6 +73,9 @@ class RunContext:
         self.config, self.inventory = config, inventory
         self.run_id = run_id or new_run_id()
         self.say = say or (lambda line: log.info("%s", line))
+        #: say a progress line per ``report.progress_interval_s`` (off while a live view
+        #: draws the same as bars: :mod:`migrator.report.live`)
+        self.progress_lines = True
         self.token = secrets.token_urlsafe(32)
         self.server: SyncServer | None = None
         self.migrations: list[MigrationRecord] = []

@@ -16,8 +16,10 @@ loopback for this alone). Where to reach it is written in the run's index entry,
 token).
 
 ``status`` answers what runs now: each migration in flight with its phase, why it waits when
-it is queued, its last progress (sent, remaining, rate, iteration, throttle) and the
-policy's last step. ``cancel`` takes a migration id (``pair1-2``, ``drain-3``: the ids the run
+it is queued, its last progress (sent, remaining, total, rate, dirty rate, iteration,
+throttle; the disk copied while it is copied) and the policy's steps; and the run's open
+barrier rounds, each with whom it waits on. The live view (:mod:`migrator.report.live`)
+draws the same answer. ``cancel`` takes a migration id (``pair1-2``, ``drain-3``: the ids the run
 prints; the call's migrations roll back, or a queued one ends before it starts) or the run's
 own id (the whole run, as Ctrl-C at its terminal does).
 
@@ -64,14 +66,20 @@ def status_of(ctx) -> dict[str, Any]:
             "elapsed_s": round(time.monotonic() - mig.history[0][1], 1),
             "transferred": last.transferred if last else None,
             "remaining": last.remaining if last else None,
+            "total": last.total if last else None,
             "mbps": round(last.mbps, 1) if last else None,
+            "dirty_rate_pps": last.dirty_pages_rate if last else None,
             "iteration": last.iteration if last else None,
             "cpu_throttle": last.cpu_throttle if last else None,
+            "disk": list(disk) if (disk := mig.disk_progress()) is not None else None,
             "policy": policy_steps({"decisions": mig.result.decisions}) or None,
             "cancel_asked": md.stop_asked})
+    server = ctx.server
     return {"run_id": ctx.run_id, "pid": os.getpid(), "migrations": rows,
             "completed": sum(m.status == "completed" for m in ctx.migrations),
-            "failed": sum(m.status != "completed" for m in ctx.migrations)}
+            "failed": sum(m.status != "completed" for m in ctx.migrations),
+            "barriers": server.registry.open_rounds(ctx.run_id) if server is not None
+            else []}
 
 
 def cancel_in(ctx, target: str, reason: str,

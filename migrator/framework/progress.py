@@ -46,8 +46,9 @@ class Progress:
                     return          # copied: the memory lines take over
                 continue
             seen = True
-            self.ctx.say(f"{self.tag}   disk {done[0] / 2**20:7.1f} of "
-                         f"{done[1] / 2**20:7.1f} MiB copied")
+            if self.ctx.progress_lines:
+                self.ctx.say(f"{self.tag}   disk {done[0] / 2**20:7.1f} of "
+                             f"{done[1] / 2**20:7.1f} MiB copied")
 
     async def _follow_memory(self) -> None:
         interval = self.ctx.config.report.progress_interval_s
@@ -55,7 +56,7 @@ class Progress:
         async for r in self.mig.progress():
             if self.mig.disk_progress() is not None:
                 continue            # the disk is still copied: no memory moves yet
-            if r.t - last >= interval and r.status == "active":
+            if r.t - last >= interval and r.status == "active" and self.ctx.progress_lines:
                 last = r.t
                 self.ctx.say(f"{self.tag}   {r.t:6.2f} s iteration {r.iteration:<3} sent "
                              f"{r.transferred / 2**20:7.1f} MiB remaining "

@@ -1,0 +1,163 @@
+"""The live view of a run in a terminal: one bar per migration in flight, and the run's
+lines (what is done, what is queued, which barrier waits on whom), redrawn in place while
+the run's story (phase lines, warnings) scrolls above it.
+
+::
+
+    async with live_view(ctx, mode=config.report.display):
+        ...                       # the run; ctx.say() lines print above the bars
+
+What it draws is :func:`migrator.framework.control.status_of` (the answer ``migrate-run
+status`` gets from another terminal), redrawn every ``report.live_refresh_s`` by a task of
+the event loop (never from a thread: the run's state is only read where it is changed).
+In mode ``auto`` the view is on when stdout is a terminal; otherwise (CI, a pipe, a file)
+the run prints plain timestamped lines, a progress line per ``report.progress_interval_s``,
+as it always did.
+
+Per migration: id, VM, route, phase, a bar of the RAM sent of the guest's RAM (the disk
+copied while the disk is copied first), sent/total, remaining, throughput, dirty rate,
+iteration, auto-converge throttle, the policy's steps, and the time in flight. Queued
+migrations say what they wait for.
+
+Nothing here raises into the run: a frame that cannot be drawn is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from typing import AsyncIterator
+
+log = logging.getLogger(__name__)
+
+MIB = 2 ** 20
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:,.0f}"
+
+
+def fraction(row: dict) -> tuple[float, str, str]:
+    """(done fraction, done, total) of one status row: the disk while it is copied, else
+    the guest's RAM sent (total minus remaining: QEMU's transferred counts pages sent twice
+    and goes past the total)."""
+    if row.get("disk"):
+        done, total = row["disk"]
+        return (done / total if total else 0.0), f"disk {_mib(done)}", f"{_mib(total)} MiB"
+    total = row.get("total")
+    if not total or row.get("remaining") is None:
+        return 0.0, "-", "-"
+    return max(0.0, min(1.0, (total - row["remaining"]) / total)), _mib(row["transferred"]), \
+        f"{_mib(total)} MiB"
+
+
+def run_lines(status: dict, elapsed_s: float) -> list[str]:
+    """The run's lines over the bars: counts, the queue, and each open barrier round with
+    whom it waits on."""
+    migs = status["migrations"]
+    queued = [m for m in migs if m["phase"] == "QUEUED"]
+    lines = [f"run {status['run_id']}  {elapsed_s:,.0f} s   in flight {len(migs) - len(queued)}"
+             f"   queued {len(queued)}   completed {status['completed']}"
+             f"   failed {status['failed']}"]
+    for m in queued[:3]:
+        lines.append(f"queue: {m['mig_id']} {m['vm']} {m['src']}->{m['dst']} waits for "
+                     f"{m['waiting_for'] or 'its turn'}")
+    if len(queued) > 3:
+        lines.append(f"queue: and {len(queued) - 3} more")
+    for b in status.get("barriers", []):
+        lines.append(f"{b['kind']} {b['name']!r}: waiting on "
+                     f"{', '.join(b['waiting_on']) or '-'} ({len(b['arrived'])} of "
+                     f"{len(b['members'])} arrived, open {b['open_s']:.0f} s)")
+    return lines
+
+
+def render(status: dict, elapsed_s: float):
+    """One frame (a rich renderable) of ``status``."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, expand=False, header_style="bold")
+    for name, justify in (("migration", "left"), ("vm", "left"), ("route", "left"),
+                          ("phase", "left"), ("", "left"), ("sent", "right"),
+                          ("of", "right"), ("remaining", "right"), ("Mbit/s", "right"),
+                          ("dirty p/s", "right"), ("iter", "right"), ("throttle", "right"),
+                          ("policy", "left"), ("for", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for m in status["migrations"]:
+        done, sent, total = fraction(m)
+        phase = m["phase"] + (" (cancel asked)" if m.get("cancel_asked") else "")
+        table.add_row(
+            m["mig_id"], m["vm"], f"{m['src']}->{m['dst']}", phase,
+            ProgressBar(total=1.0, completed=done, width=24), sent, total,
+            _mib(m["remaining"]) if m["remaining"] is not None and not m.get("disk") else "-",
+            f"{m['mbps']:,.0f}" if m["mbps"] is not None else "-",
+            f"{m['dirty_rate_pps']:,}" if m.get("dirty_rate_pps") is not None else "-",
+            str(m["iteration"]) if m["iteration"] is not None else "-",
+            f"{m['cpu_throttle']}%" if m["cpu_throttle"] else "-",
+            m["policy"] or "-", f"{m['elapsed_s']:.0f} s")
+    return Group(*(Text(line) for line in run_lines(status, elapsed_s)), table)
+
+
+def wants_live(mode: str, stream=None) -> bool:
+    """Whether ``mode`` (``auto`` | ``live`` | ``lines``) draws the live view on ``stream``
+    (stdout): ``auto`` when it is a terminal."""
+    stream = stream or sys.stdout
+    return mode == "live" or (mode == "auto" and stream.isatty())
+
+
+@contextlib.asynccontextmanager
+async def live_view(ctx, mode: str = "auto", refresh_s: float = 0.25) -> AsyncIterator[bool]:
+    """Draw ``ctx``'s run live while the block runs (when :func:`wants_live`); yields
+    whether it does. While on, whatever the run prints to stdout or stderr (``ctx.say``, a
+    warning) scrolls above the view, and the plain progress lines are off
+    (``ctx.progress_lines``): the bars show the same. The last frame stays on
+    the screen when the block ends."""
+    import asyncio
+
+    from ..aio import cancel_and_wait
+    from ..framework.control import status_of
+    if not wants_live(mode):
+        yield False
+        return
+    from rich.console import Console
+    from rich.live import Live
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    t0 = time.monotonic()
+    lines = ctx.progress_lines
+
+    def frame():
+        return render(status_of(ctx), time.monotonic() - t0)
+
+    live = Live(console=console, auto_refresh=False, transient=False,
+                redirect_stdout=True, redirect_stderr=True)
+
+    async def redraw() -> None:
+        while True:
+            try:
+                live.update(frame(), refresh=True)
+            except Exception:  # noqa: BLE001 - a frame never fails the run
+                log.exception("live view: a frame could not be drawn")
+            await asyncio.sleep(refresh_s)
+
+    live.start()
+    ctx.progress_lines = False
+    task = asyncio.create_task(redraw(), name="live view")   # owned: ended below
+    try:
+        yield True
+    finally:
+        try:
+            await cancel_and_wait(task)
+        finally:
+            ctx.progress_lines = lines
+            try:
+                live.update(frame(), refresh=True)      # the last frame stays
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("live view: the last frame could not be drawn")
+            live.stop()
+
+
+__all__ = ["fraction", "live_view", "render", "run_lines", "wants_live"]

@@ -1,0 +1,131 @@
+"""Watching a run (issue 21): the live view in a real terminal, read off the screen while
+migrations run; the plain lines when stdout is not a terminal. Against the session lab."""
+
+import asyncio
+import os
+import pty
+import re
+
+import pyte
+
+from .conftest import BIN
+from .test_framework import the_run
+
+COLS, ROWS = 180, 50
+
+
+class Terminal:
+    """A pseudo-terminal of COLS x ROWS whose screen a real terminal emulator (pyte) keeps:
+    what a person would see, escape sequences applied."""
+
+    def __init__(self):
+        self.master, self.slave = pty.openpty()
+        os.set_blocking(self.master, False)
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
+        self.screen = pyte.Screen(COLS, ROWS)
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = bytearray()
+        self.changed = asyncio.Event()
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except (BlockingIOError, OSError):
+            return
+        self.raw += data
+        self.stream.feed(data)
+        self.changed.set()
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    async def wait_screen(self, check, timeout: float) -> list[str]:
+        """The screen's lines once ``check(lines)`` holds (checked at every output)."""
+        async with asyncio.timeout(timeout):
+            while not check(self.lines()):
+                self.changed.clear()
+                await self.changed.wait()
+        return self.lines()
+
+
+def bar_rows(lines: list[str], phase: str) -> list[str]:
+    return [line for line in lines if f" {phase} " in line and "━" in line]
+
+
+def sent_mib(row: str) -> int:
+    """The 'sent' figure of a bar row: the first number after the bar."""
+    return int(re.search(r"━[━╸╺ ]*\s+([\d,]+)\s", row).group(1).replace(",", ""))
+
+
+async def test_live_view_in_a_terminal_shows_a_bar_per_migration_that_moves(
+        inventory, tmp_path, no_leaks):
+    term = Terminal()
+    loop = asyncio.get_running_loop()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)}
+    # a bandwidth cap, so that each hop lasts a few seconds (many frames) at any machine speed
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path),
+        "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
+        "-p", "migration.bandwidth_mibs=24", stdin=term.slave, stdout=term.slave,
+        stderr=term.slave, env=env, start_new_session=True)
+    os.close(term.slave)
+    loop.add_reader(term.master, term._readable)
+    try:
+        # a bar while vm1 migrates hostA -> hostB, with the run's line and the header over it
+        lines = await term.wait_screen(
+            lambda ls: any("hostA->hostB" in r and " vm1 " in r for r in
+                           bar_rows(ls, "MIGRATING")), timeout=240)
+        (row,) = bar_rows(lines, "MIGRATING")
+        assert re.search(r"pair1-1\s+vm1\s+hostA->hostB\s+MIGRATING\s+[━╸╺]+", row), row
+        assert re.search(r"\s\d[\d,]*\s+MiB\s", row), row               # sent, of N MiB
+        assert any(re.match(r"run \S+ +\d+ s +in flight 1 +queued 0 +completed 0", line)
+                   for line in lines), lines
+        assert any(line.split()[:4] == ["migration", "vm", "route", "phase"] for line in lines)
+        first = sent_mib(row)
+        # drawn again in place, further on: the same row with more sent
+        lines = await term.wait_screen(
+            lambda ls: any(sent_mib(r) > first for r in bar_rows(ls, "MIGRATING")
+                           if "hostA->hostB" in r) or not bar_rows(ls, "MIGRATING"),
+            timeout=120)
+        assert bar_rows(lines, "MIGRATING"), "the hop ended before a second frame"
+        # the back hop gets its own bar (the first one's row is gone)
+        lines = await term.wait_screen(
+            lambda ls: any("hostB->hostA" in r for r in bar_rows(ls, "MIGRATING")),
+            timeout=240)
+        assert not any("hostA->hostB" in r for r in bar_rows(lines, "MIGRATING"))
+        # the phase lines scrolled above the view, timestamped
+        assert any(re.match(r"\[ *[\d.]+s\] \[pair1-1 vm1 hostA->hostB\] CLEANED", line)
+                   for line in lines), lines
+        async with asyncio.timeout(240):
+            rc = await proc.wait()
+        lines = await term.wait_screen(lambda ls: any("verdict:" in line for line in ls), 10)
+    finally:
+        loop.remove_reader(term.master)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(term.master)
+    text = "\n".join(lines)
+    assert rc == 0, text
+    assert "verdict: PASSED" in text
+    assert not re.search(r"\d s iteration \d", term.raw.decode(errors="replace")), \
+        "plain progress lines printed under the live view"
+    run, migs, _junit = the_run(tmp_path)
+    assert [m["status"] for m in migs] == ["completed"] * 2
+
+
+def test_display_mode_choice():
+    """``auto`` is live on a terminal only; ``live`` and ``lines`` are what they say."""
+    from migrator.report.live import wants_live
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+    assert wants_live("auto", Stream(True)) and not wants_live("auto", Stream(False))
+    assert wants_live("live", Stream(False)) and not wants_live("lines", Stream(True))
