@@ -99,7 +99,8 @@ def render(status: dict, elapsed_s: float):
             str(m["iteration"]) if m["iteration"] is not None else "-",
             f"{m['cpu_throttle']}%" if m["cpu_throttle"] else "-",
             m["policy"] or "-", f"{m['elapsed_s']:.0f} s")
-    return Group(*(Text(line) for line in run_lines(status, elapsed_s)), table)
+    lines = [Text(line) for line in run_lines(status, elapsed_s)]
+    return Group(*lines, table) if status["migrations"] else Group(*lines)
 
 
 def wants_live(mode: str, stream=None) -> bool:
