@@ -6,7 +6,8 @@
         print(server.url)          # http://127.0.0.1:<bound port>
 
 Endpoints: ``GET /v1/ws`` (the protocol, see :mod:`.protocol`; token required),
-``GET /metrics`` (Prometheus text; token required), ``GET /healthz`` (no token, says "ok"),
+``GET /metrics`` (Prometheus text, ``migrator_sync_*``: see :class:`SyncCollector`; token
+required), ``GET /healthz`` (no token, says "ok"),
 ``GET|POST /v1/control/<name>`` (token required): the embedding process's own control calls
 (``migrate-run status`` and ``cancel``), served by the handler :meth:`SyncServer.set_control`
 installs (404 until one is).
@@ -33,7 +34,10 @@ from .registry import Connection, Instance, Registry
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: release latency (last arrival -> release written): milliseconds on a LAN
+RELEASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: barrier wait (round opened by its first arrival -> released): as long as the slowest host
+WAIT_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
 @dataclass(frozen=True)
@@ -51,24 +55,77 @@ class ServerOptions:
     """Connections beyond this are refused with 503 (each costs a file descriptor)."""
 
 
+class Histogram:
+    """Counts per bucket, for a Prometheus histogram made at scrape time."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if seconds <= b:
+                self.counts[i] += 1
+                break
+        self.sum += seconds
+        self.count += 1
+
+    def family(self, name: str, doc: str):
+        from prometheus_client.core import HistogramMetricFamily
+        cumulative, total = [], 0
+        for b, n in zip(self.buckets, self.counts):
+            total += n
+            cumulative.append((repr(b), total))
+        cumulative.append(("+Inf", self.count))
+        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+
+
 class Metrics:
     def __init__(self) -> None:
-        self.release_hist = [0] * (len(BUCKETS) + 1)
-        self.release_sum = 0.0
-        self.release_count = 0
+        self.release = Histogram(RELEASE_BUCKETS)
+        self.wait = Histogram(WAIT_BUCKETS)
         self.protocol_errors = 0
         self.auth_failures = 0
         self.connections = 0
 
-    def observe_release(self, seconds: float) -> None:
-        for i, b in enumerate(BUCKETS):
-            if seconds <= b:
-                self.release_hist[i] += 1
-                break
-        else:
-            self.release_hist[-1] += 1
-        self.release_sum += seconds
-        self.release_count += 1
+
+class SyncCollector:
+    """The sync server's Prometheus metrics (``migrator_sync_*``), read from its state at
+    each scrape: served on the server's own ``/metrics``, and registered in a run's
+    (``migrate-run --metrics``, :mod:`migrator.report.metrics`) under the same names.
+    Call ``collect`` from the server's event loop thread only (aiohttp handlers do)."""
+
+    def __init__(self, registry: "Registry", metrics: Metrics):
+        self.registry, self.metrics = registry, metrics
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        reg, m, c = self.registry, self.metrics, self.registry.counters
+        for name, doc, value in (
+                ("barriers_open", "Barrier and exchange rounds waiting for members.",
+                 reg.open_count()),
+                ("waiters", "Members waiting in open rounds.", reg.waiter_count()),
+                ("runs", "Runs the server knows.", len(reg.runs)),
+                ("connections", "Open client connections.", m.connections)):
+            yield GaugeMetricFamily(f"migrator_sync_{name}", doc, value=value)
+        for name, doc, value in (
+                ("releases", "Rounds released (every member arrived).", c.releases),
+                ("timeouts", "Rounds that timed out.", c.timeouts),
+                ("aborts", "Rounds aborted by a member or a lost member.", c.aborts),
+                ("members_lost", "Members whose last connection was lost.", c.members_lost),
+                ("membership_errors", "Arrivals naming other members than the round's.",
+                 c.membership_errors),
+                ("protocol_errors", "Malformed or refused protocol messages.",
+                 m.protocol_errors),
+                ("auth_failures", "Requests without the token.", m.auth_failures)):
+            yield CounterMetricFamily(f"migrator_sync_{name}", doc, value=value)
+        yield m.release.family("migrator_sync_release_latency_seconds",
+                               "From the last arrival to the round's release.")
+        yield m.wait.family("migrator_sync_barrier_wait_seconds",
+                            "From a round's first arrival to its release: how long the "
+                            "first member waited for the last.")
 
 
 REGISTRY = web.AppKey("registry", Registry)
@@ -78,6 +135,7 @@ OPTIONS = web.AppKey("options", ServerOptions)
 #: the embedding process's control handler: ``async (name, body) -> (HTTP status, JSON)``
 ControlHandler = Callable[[str, dict], Awaitable[tuple[int, dict]]]
 CONTROL = web.AppKey("control", list)
+COLLECTOR = web.AppKey("collector", object)      #: the server's own CollectorRegistry
 
 
 def _bearer(request: web.Request) -> str:
@@ -121,39 +179,9 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    reg, m = request.app[REGISTRY], request.app[METRICS]
-    c = reg.counters
-    lines = [
-        "# HELP syncserver_barriers_open Barrier and exchange rounds waiting for members.",
-        "# TYPE syncserver_barriers_open gauge", f"syncserver_barriers_open {reg.open_count()}",
-        "# HELP syncserver_waiters Members waiting in open rounds.",
-        "# TYPE syncserver_waiters gauge", f"syncserver_waiters {reg.waiter_count()}",
-        "# TYPE syncserver_runs gauge", f"syncserver_runs {len(reg.runs)}",
-        "# TYPE syncserver_connections gauge", f"syncserver_connections {m.connections}",
-        "# HELP syncserver_releases_total Rounds released (every member arrived).",
-        "# TYPE syncserver_releases_total counter", f"syncserver_releases_total {c.releases}",
-        "# TYPE syncserver_timeouts_total counter", f"syncserver_timeouts_total {c.timeouts}",
-        "# TYPE syncserver_aborts_total counter", f"syncserver_aborts_total {c.aborts}",
-        "# TYPE syncserver_members_lost_total counter",
-        f"syncserver_members_lost_total {c.members_lost}",
-        "# TYPE syncserver_membership_errors_total counter",
-        f"syncserver_membership_errors_total {c.membership_errors}",
-        "# TYPE syncserver_protocol_errors_total counter",
-        f"syncserver_protocol_errors_total {m.protocol_errors}",
-        "# TYPE syncserver_auth_failures_total counter",
-        f"syncserver_auth_failures_total {m.auth_failures}",
-        "# HELP syncserver_release_latency_seconds From the last arrival to a member's "
-        "release message being written.",
-        "# TYPE syncserver_release_latency_seconds histogram",
-    ]
-    total = 0
-    for b, n in zip(BUCKETS, m.release_hist):
-        total += n
-        lines.append(f'syncserver_release_latency_seconds_bucket{{le="{b}"}} {total}')
-    lines.append(f'syncserver_release_latency_seconds_bucket{{le="+Inf"}} {m.release_count}')
-    lines.append(f"syncserver_release_latency_seconds_sum {m.release_sum:.6f}")
-    lines.append(f"syncserver_release_latency_seconds_count {m.release_count}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    body = generate_latest(request.app[COLLECTOR])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _websocket(request: web.Request) -> web.StreamResponse:
@@ -259,7 +287,8 @@ def make_app(token: str, options: ServerOptions | None = None) -> web.Applicatio
 
     def released(inst: Instance) -> None:
         # latency to *release* (futures resolved); the send itself is measured by the client
-        metrics.observe_release(inst.released_at - inst.last_arrival)
+        metrics.release.observe(inst.released_at - inst.last_arrival)
+        metrics.wait.observe(inst.released_at - inst.created)
 
     app = web.Application(middlewares=[_auth], client_max_size=MAX_MESSAGE_BYTES)
     app[TOKEN] = token
@@ -267,6 +296,10 @@ def make_app(token: str, options: ServerOptions | None = None) -> web.Applicatio
     app[METRICS] = metrics
     app[REGISTRY] = Registry(on_release=released)
     app[CONTROL] = []
+    from prometheus_client import CollectorRegistry
+    scrape = CollectorRegistry(auto_describe=False)
+    scrape.register(SyncCollector(app[REGISTRY], metrics))
+    app[COLLECTOR] = scrape
 
     async def collector(app: web.Application):
         # owned here: cancelled and awaited at cleanup (a stop() cancelled meanwhile still
@@ -307,6 +340,11 @@ class SyncServer:
     @property
     def registry(self) -> Registry:
         return self.app[REGISTRY]
+
+    @property
+    def collector(self) -> SyncCollector:
+        """The server's Prometheus metrics, to register in another CollectorRegistry."""
+        return SyncCollector(self.app[REGISTRY], self.app[METRICS])
 
     def set_control(self, handler: ControlHandler) -> None:
         """Serve ``/v1/control/<name>`` with ``handler(name, body)`` (token required)."""

@@ -85,9 +85,18 @@ async def test_open_rounds_say_whom_a_barrier_waits_on(server):
         assert round_["kind"] == "barrier" and round_["name"] == "ready"
         assert round_["arrived"] == ["hostA", "hostC"] and round_["waiting_on"] == ["hostB"]
         assert server.registry.open_rounds("another run") == []
+        before = await _metrics(server)
+        assert before["migrator_sync_barriers_open"] == 1
+        assert before["migrator_sync_waiters"] == 2
         await b.barrier("ready", ["hostA", "hostB", "hostC"], timeout=30)
         await asyncio.gather(*waits)
         assert server.registry.open_rounds("run1") == []
+        after = await _metrics(server)          # how long the first arrival waited
+        assert after["migrator_sync_barrier_wait_seconds_count"] == \
+            before["migrator_sync_barrier_wait_seconds_count"] + 1
+        assert after["migrator_sync_barrier_wait_seconds_sum"] > \
+            before["migrator_sync_barrier_wait_seconds_sum"]
+        assert after["migrator_sync_barriers_open"] == 0
     finally:
         await close_all([a, b, c])
 
@@ -553,7 +562,7 @@ async def test_auth_is_required(server):
             assert r.status == 401
         async with http.get(server.url + "/metrics",
                             headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-            assert r.status == 200 and "syncserver_releases_total" in await r.text()
+            assert r.status == 200 and "migrator_sync_releases_total" in await r.text()
         async with http.get(server.url + "/healthz") as r:
             assert r.status == 200 and await r.text() == "ok\n"
         async with http.get(server.url + WS_PATH + "?run=bad%20run&member=a",
@@ -608,15 +617,19 @@ async def test_malformed_oversized_and_wrong_version_get_4xx_and_server_keeps_se
     (c,) = await clients(server, ["c"], run="r")
     assert (await c.barrier("still-serving", ["c"], 5))["generation"] == 1
     await c.close()
-    metrics = await _metrics(server)
-    assert "syncserver_protocol_errors_total 10" in metrics
+    assert (await _metrics(server))["migrator_sync_protocol_errors_total"] == 10
 
 
-async def _metrics(server):
+async def _metrics(server) -> dict[str, float]:
+    """The server's /metrics, parsed by prometheus_client's own parser: sample -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
     async with aiohttp.ClientSession() as http:
         async with http.get(server.url + "/metrics",
                             headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-            return await r.text()
+            text = await r.text()
+    return {s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                      if s.labels else ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def _thread_server():

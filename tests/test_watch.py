@@ -1,5 +1,6 @@
 """Watching a run (issue 21): the live view in a real terminal, read off the screen while
-migrations run; the plain lines when stdout is not a terminal. Against the session lab."""
+migrations run, and the run's Prometheus metrics scraped meanwhile and parsed with
+prometheus_client's own parser. Against the session lab."""
 
 import asyncio
 import os
@@ -7,6 +8,10 @@ import pty
 import re
 
 import pyte
+import pytest
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import BIN
 from .test_framework import the_run
@@ -51,6 +56,17 @@ class Terminal:
         return self.lines()
 
 
+async def scrape(url: str) -> dict[str, float]:
+    """``url``'s metrics, parsed: ``name{label=value,...}`` -> value."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as r:
+            assert r.status == 200 and r.content_type == "text/plain"
+            text = await r.text()
+    return {s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                      if s.labels else ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def bar_rows(lines: list[str], phase: str) -> list[str]:
     return [line for line in lines if f" {phase} " in line and "━" in line]
 
@@ -60,7 +76,7 @@ def sent_mib(row: str) -> int:
     return int(re.search(r"━[━╸╺ ]*\s+([\d,]+)\s", row).group(1).replace(",", ""))
 
 
-async def test_live_view_in_a_terminal_shows_a_bar_per_migration_that_moves(
+async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         inventory, tmp_path, no_leaks):
     term = Terminal()
     loop = asyncio.get_running_loop()
@@ -69,7 +85,7 @@ async def test_live_view_in_a_terminal_shows_a_bar_per_migration_that_moves(
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path),
         "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
-        "-p", "migration.bandwidth_mibs=24", stdin=term.slave, stdout=term.slave,
+        "-p", "migration.bandwidth_mibs=24", "--metrics", "127.0.0.1:0", stdin=term.slave, stdout=term.slave,
         stderr=term.slave, env=env, start_new_session=True)
     os.close(term.slave)
     loop.add_reader(term.master, term._readable)
@@ -85,6 +101,19 @@ async def test_live_view_in_a_terminal_shows_a_bar_per_migration_that_moves(
                    for line in lines), lines
         assert any(line.split()[:4] == ["migration", "vm", "route", "phase"] for line in lines)
         first = sent_mib(row)
+        # the metrics, meanwhile: this migration's figures, KubeVirt-like names
+        (url,) = {m.group(1) for line in lines
+                  if (m := re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", line))}
+        got = await scrape(url)
+        flying = "{dst=hostB,mig_id=pair1-1,src=hostA,vm=vm1}"
+        assert got["migrator_migrations_in_running_phase"] == 1
+        assert got["migrator_migration_data_total_bytes" + flying] > 100 * 2**20
+        assert 0 < got["migrator_migration_data_processed_bytes" + flying]
+        assert got["migrator_migration_data_remaining_bytes" + flying] > 0
+        assert got["migrator_migration_started_total"] == 1
+        assert got["migrator_migration_succeeded_total"] == 0
+        assert got["migrator_sync_barriers_open"] >= 0             # the sync server's own
+        assert got["migrator_sync_barrier_wait_seconds_count"] >= 1   # the run's first ones
         # drawn again in place, further on: the same row with more sent
         lines = await term.wait_screen(
             lambda ls: any(sent_mib(r) > first for r in bar_rows(ls, "MIGRATING")
@@ -96,6 +125,13 @@ async def test_live_view_in_a_terminal_shows_a_bar_per_migration_that_moves(
             lambda ls: any("hostB->hostA" in r for r in bar_rows(ls, "MIGRATING")),
             timeout=240)
         assert not any("hostA->hostB" in r for r in bar_rows(lines, "MIGRATING"))
+        got = await scrape(url)
+        assert got["migrator_migration_succeeded_total"] == 1
+        assert got["migrator_migration_started_total"] == 2
+        assert got["migrator_migration_downtime_seconds_count"] == 1
+        assert got["migrator_migration_total_time_seconds_count"] == 1
+        assert not [k for k in got if k.startswith("migrator_migration_data_total_bytes")
+                    and "src=hostA" in k]                    # the ended one is gone
         # the phase lines scrolled above the view, timestamped
         assert any(re.match(r"\[ *[\d.]+s\] \[pair1-1 vm1 hostA->hostB\] CLEANED", line)
                    for line in lines), lines
@@ -115,6 +151,29 @@ async def test_live_view_in_a_terminal_shows_a_bar_per_migration_that_moves(
         "plain progress lines printed under the live view"
     run, migs, _junit = the_run(tmp_path)
     assert [m["status"] for m in migs] == ["completed"] * 2
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ("127.0.0.1:{port}", "cannot listen there"),
+    ("127.0.0.1", "expected ADDR:PORT"),
+    ("localhost:99999", "expected ADDR:PORT")])
+async def test_a_metrics_address_that_cannot_serve_is_refused_before_anything(
+        inventory, tmp_path, metrics, message):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path),
+            "-m", "hostA,hostB", "ping_pong",
+            "--metrics", metrics.format(port=taken.getsockname()[1]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    assert proc.returncode == 2, out + err
+    (line,) = err.decode().splitlines()
+    assert line.startswith("migrate-run: error: --metrics") and message in line
+    assert not list(tmp_path.iterdir())                  # nothing started: no results
 
 
 def test_display_mode_choice():

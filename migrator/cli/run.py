@@ -58,6 +58,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--display", choices=("auto", "live", "lines"),
                    help="live bars per migration, redrawn in place, or timestamped lines "
                         "(default: report.display, auto: live on a terminal)")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics while the run "
+                        "runs (read-only, no token: bind where only your scraper reaches)")
     p.add_argument("scenario", help="a scenario file, or the name of a ready one "
                                     "(ping_pong, concurrent, ring, cancel_then_migrate, "
                                     "dest_block); or a .yaml: a task list (parallel VM "
@@ -118,6 +121,9 @@ def _run_plan(args) -> dict:
     inventory = load_any_inventory(args.inventory)
     for h in hosts:
         inventory.host(h)
+    if args.metrics:
+        from ..report.metrics import parse_address
+        args.metrics_at = parse_address(args.metrics)
     ctx = RunContext(config, inventory, say=stamp(time.monotonic()))
     out_dir = Path(args.results or config.report.results_dir) / ctx.run_id
     path = Path(args.scenario)
@@ -149,11 +155,11 @@ def _run_plan(args) -> dict:
 
 
 async def _run(plan: dict, args) -> int:
-    from ..framework.context import local_address_towards
-    from ..report import summary_table, write_results
-    from ..report.live import live_view
+    import contextlib
     import signal as _signal
-    ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
+
+    from ..report.metrics import serve_metrics
+    ctx = plan["ctx"]
     # SIGINT (Ctrl-C) and SIGTERM (a CI job's timeout, kill) end the run: rolled back,
     # cleaned up. SIGINT is handled here, not left to asyncio.run: a process started in the
     # background by a non-interactive shell inherits SIGINT *ignored*, and Python then never
@@ -161,6 +167,19 @@ async def _run(plan: dict, args) -> int:
     main_task = asyncio.current_task()
     for sig in (_signal.SIGINT, _signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    async with contextlib.AsyncExitStack() as stack:
+        if args.metrics:        # bound first: an address in use is refused before anything
+            url = await stack.enter_async_context(serve_metrics(ctx, *args.metrics_at))
+            ctx.say(f"metrics: {url}")
+        return await _run_started(plan, args)
+
+
+async def _run_started(plan: dict, args) -> int:
+    from ..framework.context import local_address_towards
+    from ..report import summary_table, write_results
+    from ..report.live import live_view
+    ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
+    main_task = asyncio.current_task()
     if ctx.config.journal.recover_on_start and not await _recover_first(ctx, plan["hosts"]):
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
