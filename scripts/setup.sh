@@ -40,7 +40,8 @@ fi
 
 # ---- 2. packages -----------------------------------------------------------------------------
 base_pkgs=(openssh-server openssh-client busybox-static iproute2 socat nftables gcc libc6-dev
-           pkg-config procps util-linux psmisc xz-utils cpio dnsmasq-base)
+           pkg-config procps util-linux psmisc xz-utils cpio dnsmasq-base
+           chromium)   # the tests load report.html in a real browser (headless, DevTools)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 virt_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
 

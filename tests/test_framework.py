@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from .chromium import Chromium
 from .conftest import BIN, cli, gather_owned
 from migrator import BarrierError, MultihostMigration
 from migrator.config import Config, load_any_inventory
@@ -133,6 +134,45 @@ async def test_dest_block_long_fails_cleanly_short_completes(inventory, tmp_path
     assert "stalled: no bytes moved for 5 s" in migs[0]["error"]
     assert "VM running on hostA" in migs[0]["error"]
     assert "unblocked" in out
+    # the run's report.html, loaded in a real browser: rendered, plots drawn, failure named
+    (run_dir,) = tmp_path.iterdir()
+    async with Chromium() as browser:
+        page = await browser.load(run_dir / "report.html")
+        await page.screenshot(tmp_path / "report.png")
+        seen = await page.evaluate("""(() => {
+            const q = (s) => [...document.querySelectorAll(s)];
+            return {
+              verdict: document.getElementById('verdict').textContent,
+              rows: q('#summary tr').slice(1).map(r => [r.className, r.cells[0].textContent,
+                                                        r.cells[3].textContent]),
+              failures: q('#failures h3.failure').map(h => h.textContent),
+              errors: q('#failures .error').map(e => e.textContent),
+              plots: q('section.migration').map(s => {
+                const svg = s.querySelector('figure.plot svg');
+                if (!svg) return null;
+                const box = svg.getBoundingClientRect();
+                return {width: box.width, height: box.height,
+                        lines: svg.querySelectorAll('path').length,
+                        labels: [...svg.querySelectorAll('text')].map(t => t.textContent)};
+              }),
+              run_plots: q('#plot-time svg, #plot-downtime svg').length,
+              external: q('script[src], link[href], img[src^=http]').length};
+        })()""")
+    assert not page.errors, page.errors
+    assert seen["verdict"] == "PASSED" and seen["external"] == 0      # offline: nothing fetched
+    assert [r[1:] for r in seen["rows"]] == [["pair1-1", "failed (expected)"],
+                                             ["pair1-2", "completed"]]
+    (failure,) = seen["failures"]
+    assert "vm1 hostA → hostB: failed in MIGRATING, ended ROLLED_BACK" in failure, failure
+    assert "stalled: no bytes moved for 5 s" in seen["errors"][0]
+    assert seen["run_plots"] == 2
+    for plot in seen["plots"]:                 # each migration: three panels, drawn
+        assert plot and plot["width"] > 300 and plot["height"] > 150 and plot["lines"] > 20
+        assert {"MIGRATING", "remaining\nMiB"} & set(plot["labels"]) and \
+            "seconds since migrate" in plot["labels"]
+    assert "ROLLING_BACK" in seen["plots"][0]["labels"]         # the failed one's end marked
+    assert "COMPLETED" in seen["plots"][1]["labels"]
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- the framework's promises ----------------------------------------------------------------

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "drain": ("drain", "migrate every VM off a host: drain HOST [--to HOSTS] [--dry-run]"),
     "status": ("control", "what the live runs do now: queued, migrating, policy step"),
     "cancel": ("control", "cancel a migration (MIG-ID) or a whole run (RUN-ID) of a live run"),
+    "report": ("report", "(re)make a finished run's report.html: report RUN_DIR..."),
 }
 
 

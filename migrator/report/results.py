@@ -10,12 +10,15 @@
     results/<run-id>/junit.xml                  a testsuite per instance, a testcase per
                                                 migration and per task, plus one for the
                                                 scenario itself
+    results/<run-id>/report.html                the page for a person: verdict, tables,
+                                                failures, plots (:mod:`.html`)
     results/<run-id>/run.log                    the debug log (written by the CLI)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -24,6 +27,8 @@ from typing import Any
 
 from ..framework.context import RunContext
 from .table import text_table
+
+log = logging.getLogger(__name__)
 
 
 def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
@@ -50,6 +55,12 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
         write_json(out_dir / "tasks.json", [t.to_json() for t in ctx.tasks])
     write_json(out_dir / "run.json", run)
     (out_dir / "junit.xml").write_text(junit_xml(ctx, meta.get("scenario", "scenario")))
+    try:
+        from .html import write_html
+        write_html(out_dir)
+    except Exception as exc:  # noqa: BLE001 - the records are written: the page is extra
+        log.exception("report.html not written")
+        ctx.say(f"WARNING: {out_dir}/report.html not written: {exc}")
     return out_dir
 
 
