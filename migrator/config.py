@@ -583,6 +583,9 @@ class ReportSettings(_Strict):
     line per ``progress_interval_s``); ``auto``: live when stdout is a terminal."""
     live_refresh_s: float = Field(0.25, gt=0, le=10)
     """How often the live view is redrawn."""
+    dirtier_series: bool = True
+    """When the lab's dirtier runs in a migrating VM: keep its rate and stale pages, stamped
+    on the hosts as its lines arrive, in the migration's record (``dirtier``)."""
 
 
 class PlanSettings(_Strict):

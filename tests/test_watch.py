@@ -85,7 +85,10 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path),
         "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
-        "-p", "migration.bandwidth_mibs=24", "--metrics", "127.0.0.1:0", stdin=term.slave, stdout=term.slave,
+        "-p", "migration.bandwidth_mibs=24", "--metrics", "127.0.0.1:0",
+        # the lab's dirtier in the guest: 8 MiB at 8 MiB/s, its lines on ttyS1
+        "-p", "vms.vm1.append=console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.dirty=8 "
+              "lab.rate=8", stdin=term.slave, stdout=term.slave,
         stderr=term.slave, env=env, start_new_session=True)
     os.close(term.slave)
     loop.add_reader(term.master, term._readable)
@@ -151,6 +154,24 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         "plain progress lines printed under the live view"
     run, migs, _junit = the_run(tmp_path)
     assert [m["status"] for m in migs] == ["completed"] * 2
+    # the dirtier's own series, stamped on the hosts: the source's copy until the guest
+    # stopped, the destination's after it resumed, no stale page anywhere
+    for i, m in enumerate(migs):
+        series, phases = m["dirtier"], {p: t for p, t, _wall in m["phases"]}
+        hosts = [d["host"] for d in series]
+        assert hosts == sorted(hosts, key=[m["src"], m["dst"]].index), hosts
+        # (the first hop may start before the freshly booted dirtier's first line)
+        assert hosts.count(m["src"]) >= (2 if i else 0) and hosts.count(m["dst"]) >= 1, \
+            series
+        assert all(d["stale_pages"] == 0 and d["rate_mibs"] > 0 for d in series), series
+        # on the progress axis (seconds since 'migrate'): the source's lines end by the
+        # completion, the destination's start around it (a ~3 s hop)
+        done_at = phases["COMPLETED"] - phases["MIGRATING"]
+        assert all(d["t"] <= done_at + 0.1 for d in series if d["host"] == m["src"]), \
+            (series, done_at)
+        assert all(d["t"] >= done_at - 0.5 for d in series if d["host"] == m["dst"]), \
+            (series, done_at)
+        assert [d["now"] for d in series] == sorted(d["now"] for d in series)
 
 
 @pytest.mark.parametrize("metrics, message", [

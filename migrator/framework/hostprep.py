@@ -25,6 +25,7 @@ from . import pools
 from .context import MigrationRecord, RunContext
 from .data import MigrationData
 from .failures import first_of
+from .guestseries import dirtier_series
 from .journal import controller_identity, owner_file
 from .progress import Progress
 
@@ -312,7 +313,8 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
         try:
             async with ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
                                         md.priority) as ticket, \
-                    blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
+                    blackout_probe(ctx, vm, mig, peer), dirtier_series(ctx, vm, mig), \
+                    asyncio.TaskGroup() as tg:
                 mig.slot, mig.slot_first = ticket, not ctx.config.queue.prepare_while_queued
                 shower = tg.create_task(reporter.follow())
                 try:

@@ -488,6 +488,14 @@ class RemoteProcess(BlockingInWorkers):
             raise HostError(self.host.name, f"{self.command!r} does not take input: "
                                             f"{exc}") from exc
 
+    def close_input(self) -> None:
+        """Close its standard input (a well-behaved process leaves then); its output can
+        still be read to the end. Never raises."""
+        try:
+            self._proc.stdin.write_eof()
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+
     async def wait(self) -> str:
         """Wait until it ends; return why, in words (exit status, signal, or connection lost).
         Never raises for the process's own failure."""

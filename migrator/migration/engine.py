@@ -203,6 +203,9 @@ class MigrationResult:
     phases: list[tuple[str, float, float]] = field(default_factory=list)
     #: the progress history: a sample per ``report.progress_interval_s`` (see .timeline)
     progress: list[dict] = field(default_factory=list)
+    #: the guest dirtier's samples, stamped on the hosts (framework.guestseries); [] when
+    #: it does not run
+    dirtier: list[dict] = field(default_factory=list)
     error: str | None = None
 
     def to_json(self) -> dict:

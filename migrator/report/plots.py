@@ -15,7 +15,7 @@ PAGE = 4096
 #: phases marked on a migration's plots (the others are before 'migrate' or after the end)
 MARKED = ("MIRRORING", "MIGRATING", "POSTCOPY", "COMPLETED", "ROLLING_BACK")
 COLORS = {"remaining": "#1f77b4", "disk": "#9467bd", "throughput": "#2ca02c",
-          "dirty": "#d62728", "throttle": "#ff7f0e", "downtime": "#1f77b4",
+          "dirty": "#d62728", "throttle": "#ff7f0e", "guest": "#8c564b", "downtime": "#1f77b4",
           "blackout": "#d62728", "total": "#7f7f7f"}
 
 
@@ -60,8 +60,9 @@ def policy_marks(mig: dict) -> list[tuple[float, str]]:
 
 def migration_plot(mig: dict) -> str | None:
     """Remaining bytes (RAM, and the disk while it is copied), throughput, and the guest's
-    dirty rate (with the auto-converge throttle) against seconds since 'migrate', each
-    phase change and policy step marked."""
+    dirty rate (QEMU's estimate; the guest dirtier's own rate per host, where it runs; the
+    auto-converge throttle) against seconds since 'migrate', each phase change and policy
+    step marked."""
     progress = mig.get("progress") or []
     if len(progress) < 2:
         return None
@@ -81,6 +82,19 @@ def migration_plot(mig: dict) -> str | None:
     rate.set_ylabel("throughput\nMbit/s", fontsize=8)
     dirty.plot(t, [s["dirty_rate_pps"] * PAGE / MIB for s in progress],
                color=COLORS["dirty"], lw=1.4, marker=".", ms=3, label="dirty rate")
+    guest = [d for d in mig.get("dirtier") or () if d.get("t") is not None]
+    if guest:
+        for i, host in enumerate(sorted({d["host"] for d in guest})):
+            mine = [d for d in guest if d["host"] == host]
+            dirty.plot([d["t"] for d in mine], [d["rate_mibs"] for d in mine],
+                       ls="none", marker="x^"[i % 2], ms=4, color=COLORS["guest"],
+                       label=f"guest's dirtier on {host}")
+        stale = [d for d in guest if d["stale_pages"]]
+        if stale:
+            dirty.annotate(f"{stale[0]['stale_pages']} stale pages",
+                           (stale[0]["t"], stale[0]["rate_mibs"]), fontsize=7,
+                           color=COLORS["dirty"])
+        dirty.legend(fontsize=7, frameon=False, loc="upper left")
     dirty.set_ylabel("dirty rate\nMiB/s", fontsize=8)
     if any(s.get("throttle_pcent") for s in progress):
         throttle = dirty.twinx()
