@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "status": ("control", "what the live runs do now: queued, migrating, policy step"),
     "cancel": ("control", "cancel a migration (MIG-ID) or a whole run (RUN-ID) of a live run"),
     "report": ("report", "(re)make a finished run's report.html: report RUN_DIR..."),
+    "sweep": ("sweep", "a scenario for every combination of config values, compared: "
+                       "sweep --param KEY=V1,V2 [--repeat N] SCENARIO -m HOSTS"),
 }
 
 

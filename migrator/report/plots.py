@@ -19,7 +19,7 @@ COLORS = {"remaining": "#1f77b4", "disk": "#9467bd", "throughput": "#2ca02c",
           "blackout": "#d62728", "total": "#7f7f7f"}
 
 
-def _figure(width: float, height: float, rows: int = 1):
+def figure(width: float, height: float, rows: int = 1):
     import matplotlib
     from matplotlib.figure import Figure
     matplotlib.rcParams["svg.fonttype"] = "none"          # text as <text>, not glyph paths
@@ -31,7 +31,7 @@ def _figure(width: float, height: float, rows: int = 1):
     return fig, axes
 
 
-def _svg(fig, title: str) -> str:
+def svg(fig, title: str) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None,
                                              "Type": None, "Title": title})
@@ -67,7 +67,7 @@ def migration_plot(mig: dict) -> str | None:
     if len(progress) < 2:
         return None
     t = [s["t"] for s in progress]
-    fig, (rem, rate, dirty) = _figure(7.2, 4.6, rows=3)
+    fig, (rem, rate, dirty) = figure(7.2, 4.6, rows=3)
     rem.plot(t, [s["remaining_bytes"] / MIB for s in progress], color=COLORS["remaining"],
              lw=1.4, marker=".", ms=3, label="RAM remaining")
     disk = [(s["t"], (s["disk_total_bytes"] - s["disk_transferred_bytes"]) / MIB)
@@ -114,7 +114,7 @@ def migration_plot(mig: dict) -> str | None:
         rem.annotate(name, (x, 1), xycoords=("data", "axes fraction"), rotation=90,
                      fontsize=7, color="0.35", va="top", ha="right")
     fig.tight_layout(h_pad=0.4)
-    return _svg(fig, f"{mig['mig_id']} {mig['vm']} {mig['src']}->{mig['dst']}")
+    return svg(fig, f"{mig['mig_id']} {mig['vm']} {mig['src']}->{mig['dst']}")
 
 
 def downtime_plot(migs: list[dict]) -> str | None:
@@ -125,7 +125,7 @@ def downtime_plot(migs: list[dict]) -> str | None:
         return None
     blackout = any(m.get("blackout_ms") is not None for m in done)
     width = min(12.0, max(5.0, 0.32 * len(done) + 2))
-    fig, (ax,) = _figure(width, 2.8)
+    fig, (ax,) = figure(width, 2.8)
     xs = range(len(done))
     w = 0.4 if blackout else 0.7
     ax.bar([x - (w / 2 if blackout else 0) for x in xs], [m["downtime_ms"] for m in done],
@@ -142,7 +142,7 @@ def downtime_plot(migs: list[dict]) -> str | None:
     else:
         ax.set_xlabel("migrations, in the run's order", fontsize=8)
     fig.tight_layout()
-    return _svg(fig, "downtime vs blackout")
+    return svg(fig, "downtime vs blackout")
 
 
 def total_time_plot(migs: list[dict]) -> str | None:
@@ -151,7 +151,7 @@ def total_time_plot(migs: list[dict]) -> str | None:
     if not timed:
         return None
     width = min(12.0, max(5.0, 0.32 * len(timed) + 2))
-    fig, (ax,) = _figure(width, 2.6)
+    fig, (ax,) = figure(width, 2.6)
     xs = list(range(len(timed)))
     ax.bar(xs, [m["run_s"] for m in timed], width=0.7, color=COLORS["total"],
            label="whole migration")
@@ -164,8 +164,8 @@ def total_time_plot(migs: list[dict]) -> str | None:
         ax.set_xticks(xs, [f"{m['mig_id']} {m['vm']}" for m in timed], rotation=60,
                       ha="right", fontsize=7)
     fig.tight_layout()
-    return _svg(fig, "time per migration")
+    return svg(fig, "time per migration")
 
 
-__all__ = ["downtime_plot", "migration_plot", "phase_marks", "policy_marks",
+__all__ = ["figure", "svg", "downtime_plot", "migration_plot", "phase_marks", "policy_marks",
            "total_time_plot"]

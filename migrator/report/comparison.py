@@ -1,0 +1,111 @@
+"""A sweep's comparison (``<sweep>/comparison.html``, and the table ``migrate-run sweep``
+prints): per setting, the median with min–max of each figure over every repetition.
+
+Figures: QEMU's total time and downtime (ms), the guest-visible blackout where probed,
+throughput (Mbit/s), the whole migration (setup to cleanup, s) — each over the completed
+migrations of every run of the setting — and per run the controller's CPU seconds (the
+``migrate-run`` process, user + system) and its wall time. Runs that did not pass are
+counted and kept out of nothing: their completed migrations still count, their failures are
+shown.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+from ..plan.sweep import Sweep, SweepRun, label
+from . import plots
+from .table import text_table
+
+#: (key, title, unit, where from: "migration" figures or "run" figures)
+FIGURES = (("total_time_ms", "total time", "ms", "migration"),
+           ("downtime_ms", "downtime", "ms", "migration"),
+           ("blackout_ms", "blackout", "ms", "migration"),
+           ("throughput_mbps", "throughput", "Mbit/s", "migration"),
+           ("run_s", "whole migration", "s", "migration"),
+           ("controller_cpu_s", "controller CPU per run", "s", "run"),
+           ("wall_s", "run wall time", "s", "run"))
+
+
+def summarize(sweep: Sweep, runs: list[SweepRun]) -> list[dict]:
+    """One row per setting: ``label``, ``setting``, ``runs``, ``passed``, ``migrations``,
+    ``completed``, and per figure ``{"median", "min", "max", "n"}`` (None: no sample)."""
+    rows = []
+    for setting in sweep.settings():
+        mine = [r for r in runs if r.setting == setting and r.exit_status is not None]
+        migs = [m for r in mine for m in r.migrations]
+        done = [m for m in migs if m.get("status") == "completed"]
+        row = {"label": label(setting), "setting": setting, "runs": len(mine),
+               "passed": sum(r.verdict == "passed" for r in mine),
+               "migrations": len(migs), "completed": len(done)}
+        for key, _title, _unit, where in FIGURES:
+            values = [m[key] for m in done if m.get(key) is not None] if where == "migration" \
+                else [getattr(r, key) for r in mine]
+            row[key] = {"median": statistics.median(values), "min": min(values),
+                        "max": max(values), "n": len(values)} if values else None
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: dict | None, unit: str) -> str:
+    if stat is None:
+        return "-"
+    fmt = "{:,.0f}" if unit in ("ms", "Mbit/s") else "{:,.2f}"
+    return f"{fmt.format(stat['median'])} ({fmt.format(stat['min'])}–{fmt.format(stat['max'])})"
+
+
+def table(rows: list[dict]) -> str:
+    """The comparison as text: medians (min–max)."""
+    shown = [f for f in FIGURES if any(r[f[0]] for r in rows)]
+    head = ("setting", "passed", "migrations") + tuple(f"{t} {u}" for _k, t, u, _w in shown)
+    body = [(r["label"], f"{r['passed']}/{r['runs']}", f"{r['completed']}/{r['migrations']}",
+             *(_cell(r[k], u) for k, _t, u, _w in shown)) for r in rows]
+    return "\n".join(text_table(head, body)) + "\n(median, min–max over every repetition)"
+
+
+def figure_plot(rows: list[dict], key: str, title: str, unit: str) -> str | None:
+    """Median per setting with min–max bars."""
+    have = [r for r in rows if r[key]]
+    if not have:
+        return None
+    fig, (ax,) = plots.figure(min(12.0, max(4.5, 0.9 * len(have) + 2)), 2.6)
+    xs = list(range(len(have)))
+    med = [r[key]["median"] for r in have]
+    ax.errorbar(xs, med, yerr=[[m - r[key]["min"] for m, r in zip(med, have)],
+                               [r[key]["max"] - m for m, r in zip(med, have)]],
+                fmt="o", color=plots.COLORS["remaining"], ecolor="0.45", capsize=4, ms=5)
+    ax.set_xticks(xs, [r["label"] for r in have], rotation=20 if len(have) > 4 else 0,
+                  ha="right" if len(have) > 4 else "center", fontsize=8)
+    ax.set_xlim(-0.6, len(have) - 0.4)
+    ax.set_ylim(0, max(r[key]["max"] for r in have) * 1.12 or 1)
+    ax.set_ylabel(unit, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return plots.svg(fig, title)
+
+
+def write_comparison(out_dir: Path, sweep: Sweep, runs: list[SweepRun]) -> Path:
+    """``out_dir/comparison.html``: the table and a plot per figure."""
+    import jinja2
+    rows = summarize(sweep, runs)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("migrator.report", "templates"),
+        autoescape=jinja2.select_autoescape(default=True), trim_blocks=True,
+        lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    figures = [(key, title, unit, figure_plot(rows, key, title, unit))
+               for key, title, unit, _w in FIGURES]
+    shown = [f for f in FIGURES if any(r[f[0]] for r in rows)]
+    html = env.get_template("comparison.html.j2").render(
+        sweep=sweep.to_json(), rows=rows,
+        runs=[r.to_json() | {"href": os.path.relpath(Path(r.run_dir) / "report.html", out_dir)
+                             if r.run_dir else None} for r in runs],
+        columns=[(k, f"{t} ({u})", u) for k, t, u, _w in shown], cell=_cell,
+        plots=[(k, t, svg) for k, t, _u, svg in figures if svg])
+    path = out_dir / "comparison.html"
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+__all__ = ["FIGURES", "figure_plot", "summarize", "table", "write_comparison"]
