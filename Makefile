@@ -37,6 +37,7 @@ bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/drain.py
 	$(PY) bench/tls.py
 	$(PY) bench/storage.py
+	$(PY) bench/watch.py
 	$(PY) bench/plan.py
 
 lab-up: setup

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, TypeVar
 
-# one implementation for both packages (syncserver does not import migrator)
-from syncserver._aio import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -48,5 +46,15 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
     """
     async with asyncio.timeout(timeout):
         return await aw
+
+
+async def cancel_and_wait(task: "asyncio.Task[T]") -> "T | None":
+    """Cancel ``task``, a child the caller owns, and wait until it has ended; never swallows
+    the caller's own cancellation. See :func:`syncserver._aio.cancel_and_wait` (the one
+    implementation: ``syncserver`` does not import ``migrator``; imported here when first
+    used, so that the lower layers do not load the sync server's package)."""
+    from syncserver._aio import cancel_and_wait as implementation
+    return await implementation(task)
+
 
 __all__ = ["cancel_and_wait", "shielded", "wait_for"]

@@ -150,6 +150,8 @@ class Chromium:
         self.pages.append(page)                 # closed on leaving
         for domain in ("Page", "Runtime", "Log"):
             await page.send(f"{domain}.enable")
+        page.events.clear()                   # about:blank's, if any: only this page's count
+        page.errors.clear()
         await page.send("Page.navigate", url=path.resolve().as_uri())
         await page.event("Page.loadEventFired", timeout)
         return page

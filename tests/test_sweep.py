@@ -40,9 +40,10 @@ async def test_a_bandwidth_sweep_shows_the_cap_and_compares_in_a_browser(invento
                           / "run.json").read_text())
         assert rec["config"]["migration"]["bandwidth_mibs"] == r["setting"][
             "migration.bandwidth_mibs"] and rec["config"]["scenario"]["rounds"] == 1
-    slow, fast = ([m["total_time_ms"] for m in r["migrations"]] for r in runs)
-    # the cap is real: ~65 MiB sent at 24 MiB/s takes far longer than at 128 MiB/s
-    assert min(slow) > 2 * max(fast), (slow, fast)
+    slow, fast = ([m["throughput_mbps"] for m in r["migrations"]] for r in runs)
+    # the cap is real: at 24 MiB/s (201 Mbit/s; QEMU's average counts the last, uncapped
+    # pass too: seen 227) no hop went much faster, and the other setting clearly did
+    assert max(slow) <= 24 * 8.389 * 1.5 and min(fast) > 1.5 * max(slow), (slow, fast)
     lines = out.splitlines()
     assert any(line.startswith("bandwidth_mibs=24 ") and " 1/1 " in line for line in lines)
     assert any(line.startswith("bandwidth_mibs=128 ") for line in lines), out

@@ -34,12 +34,18 @@ class Terminal:
         self.stream = pyte.ByteStream(self.screen)
         self.raw = bytearray()
         self.changed = asyncio.Event()
+        self.closed = False                   # every writer of the pty is gone
 
     def _readable(self) -> None:
         try:
             data = os.read(self.master, 65536)
-        except (BlockingIOError, OSError):
+        except BlockingIOError:
             return
+        except OSError:                       # EIO: the process and its children left
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+            self.closed = True
         self.raw += data
         self.stream.feed(data)
         self.changed.set()
@@ -51,6 +57,8 @@ class Terminal:
         """The screen's lines once ``check(lines)`` holds (checked at every output)."""
         async with asyncio.timeout(timeout):
             while not check(self.lines()):
+                assert not self.closed, "the run ended first; its screen:\n" + \
+                    "\n".join(self.lines())
                 self.changed.clear()
                 await self.changed.wait()
         return self.lines()
@@ -105,8 +113,8 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         assert any(line.split()[:4] == ["migration", "vm", "route", "phase"] for line in lines)
         first = sent_mib(row)
         # the metrics, meanwhile: this migration's figures, KubeVirt-like names
-        (url,) = {m.group(1) for line in lines
-                  if (m := re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", line))}
+        (url,) = set(re.findall(r"metrics: (http://127\.0\.0\.1:\d+/metrics)",
+                                term.raw.decode(errors="replace")))
         got = await scrape(url)
         flying = "{dst=hostB,mig_id=pair1-1,src=hostA,vm=vm1}"
         assert got["migrator_migrations_in_running_phase"] == 1
@@ -115,8 +123,8 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         assert got["migrator_migration_data_remaining_bytes" + flying] > 0
         assert got["migrator_migration_started_total"] == 1
         assert got["migrator_migration_succeeded_total"] == 0
-        assert got["migrator_sync_barriers_open"] >= 0             # the sync server's own
-        assert got["migrator_sync_barrier_wait_seconds_count"] >= 1   # the run's first ones
+        # the sync server's own: the run's first barriers were released already
+        assert got["migrator_sync_barrier_wait_seconds_count"] >= 1
         # drawn again in place, further on: the same row with more sent
         lines = await term.wait_screen(
             lambda ls: any(sent_mib(r) > first for r in bar_rows(ls, "MIGRATING")
@@ -165,11 +173,12 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
             series
         assert all(d["stale_pages"] == 0 and d["rate_mibs"] > 0 for d in series), series
         # on the progress axis (seconds since 'migrate'): the source's lines end by the
-        # completion, the destination's start around it (a ~3 s hop)
+        # completion, the destination's start around it (a hop of 3 s or more: the cap),
+        # within the follower's poll and the controller's view of the completion
         done_at = phases["COMPLETED"] - phases["MIGRATING"]
-        assert all(d["t"] <= done_at + 0.1 for d in series if d["host"] == m["src"]), \
+        assert all(d["t"] <= done_at + 0.5 for d in series if d["host"] == m["src"]), \
             (series, done_at)
-        assert all(d["t"] >= done_at - 0.5 for d in series if d["host"] == m["dst"]), \
+        assert all(d["t"] >= done_at - 1.0 for d in series if d["host"] == m["dst"]), \
             (series, done_at)
         assert [d["now"] for d in series] == sorted(d["now"] for d in series)
 
@@ -177,7 +186,8 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
 @pytest.mark.parametrize("metrics, message", [
     ("127.0.0.1:{port}", "cannot listen there"),
     ("127.0.0.1", "expected ADDR:PORT"),
-    ("localhost:99999", "expected ADDR:PORT")])
+    ("localhost:99999", "expected ADDR:PORT"),
+    ("localhost:0", "port 0 needs an IP address")])
 async def test_a_metrics_address_that_cannot_serve_is_refused_before_anything(
         inventory, tmp_path, metrics, message):
     import socket

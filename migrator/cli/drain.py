@@ -64,7 +64,7 @@ async def _main(config, inventory, args, targets) -> int:
 
     from ..framework import RunContext
     from ..framework.drain import drain, plan_drain
-    from ..report import write_results
+    from ..report import write_page, write_results
     plan = await plan_drain(config, inventory, args.host, targets, args.max_parallel)
     print(plan.table(), flush=True)
     if args.dry_run:
@@ -101,6 +101,7 @@ async def _main(config, inventory, args, targets) -> int:
         ctx.close_journal([])
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
+        await write_page(ctx, out_dir)
         if report is not None:
             print(report.table(), flush=True)
         print(f"results: {out_dir}", flush=True)

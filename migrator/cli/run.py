@@ -120,6 +120,8 @@ def _run_plan(args) -> dict:
     params = overrides(args.param)
     if args.display:
         params["report.display"] = args.display
+    elif args.verbose:          # debug logs on stderr would tear a live view apart
+        params.setdefault("report.display", "lines")
     config = Config.load(args.config, params)
     inventory = load_any_inventory(args.inventory)
     for h in hosts:
@@ -179,7 +181,7 @@ async def _run(plan: dict, args) -> int:
 
 async def _run_started(plan: dict, args) -> int:
     from ..framework.context import local_address_towards
-    from ..report import summary_table, write_results
+    from ..report import summary_table, write_page, write_results
     from ..report.live import live_view
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
     main_task = asyncio.current_task()
@@ -227,6 +229,7 @@ async def _run_started(plan: dict, args) -> int:
         ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
+        await write_page(ctx, out_dir)
         print(summary_table(ctx), flush=True)
         print(f"results: {out_dir}", flush=True)
         root.removeHandler(handler)

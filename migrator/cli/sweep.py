@@ -68,6 +68,10 @@ def _plan(args):
                           "sweep file that says 'scenario'")
     if not scenario.endswith((".yaml", ".yml")):
         scenario_path(scenario)                  # a scenario that does not exist: now
+    elif not Path(scenario).is_file():
+        raise ConfigError(f"no task list or VM group job {scenario!r}")
+    else:
+        scenario = str(Path(scenario).resolve())   # the runs start elsewhere
     sweep = Sweep.make(scenario, axes or (base.axes if base else {}), fixed,
                        args.repeat if args.repeat is not None else
                        (base.repeat if base else 1),

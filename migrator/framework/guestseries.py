@@ -2,9 +2,10 @@
 (``MigrationResult.dirtier``): what the guest saw, beside what QEMU reports.
 
 When the lab's dirtier runs in the VM (booted with ``lab.dirty=N`` and ``lab.out=ttyS1``:
-its ``DIRTY`` lines on the VM's status port), a
-follower (:mod:`migrator.guest.statusfollow`) on the source host and one on the destination
-read those lines while the VM migrates. Each sample::
+its ``DIRTY`` lines on the VM's status port), a follower
+(:class:`migrator.guest.statusfollow.StatusFollower`) on the source host and one on the
+destination read those lines from the moment the migration starts copying (MIRRORING or
+MIGRATING: not while it waits for a slot) until it ends. Each sample::
 
     {"now": 1796099743.013,   # the host's clock when the line reached the file
      "t": 1.05,               # the same on the migration's progress axis (seconds since
@@ -17,29 +18,35 @@ elsewhere: a skew shifts ``t``). A gap in the samples where the guest was paused
 copy that printed them, show the switchover as the guest lived it; ``stale_pages`` rising
 is a lost write. After a completed migration the destination's first line is waited for
 (up to :data:`LANDED_WAIT_S`: the dirtier prints once a second, so a migration of such a VM
-returns up to a second later). ``report.dirtier_series: false`` turns it off. A follower that cannot
-start is a warning, never the migration's failure.
+returns up to a second later; the migration slot is free by then). A cancelled or failed
+migration waits for nothing. ``report.dirtier_series: false`` turns it off. Whatever goes
+wrong here is a warning, never the migration's failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from typing import TYPE_CHECKING, AsyncIterator
 
-from ..guest.statusfollow import follow_status
-from ..aio import shielded, wait_for
+from ..aio import cancel_and_wait, shielded, wait_for
+from ..guest.statusfollow import StatusFollower
 from ..migration import BaseMigration, Phase
 
 if TYPE_CHECKING:
     from ..hypervisor.vm import GuestVM
     from .context import RunContext
 
+log = logging.getLogger(__name__)
+
 DIRTY = re.compile(r"DIRTY t=(\d+) pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
 #: after a completed migration, how long the destination's first line is waited for (the
 #: dirtier prints once a second)
 LANDED_WAIT_S = 1.5
+#: the phases in which the copy runs: the followers start at the first
+COPYING = (Phase.MIRRORING, Phase.MIGRATING, Phase.POSTCOPY)
 _DIRTY_ARG = re.compile(r"(?:^|\s)lab\.dirty=(\d+)")
 _OUT_ARG = re.compile(r"(?:^|\s)lab\.out=ttyS1(?:\s|$)")
 
@@ -59,46 +66,84 @@ def on_axis(samples: list[dict], progress: list[dict]) -> list[dict]:
             for s in sorted(samples, key=lambda s: s["now"])]
 
 
+class _Series:
+    """The followers of one migration and what they collected."""
+
+    def __init__(self, ctx: "RunContext", vm: "GuestVM", mig: BaseMigration):
+        self.ctx, self.vm, self.mig = ctx, vm, mig
+        self.samples: list[dict] = []
+        self.landed = asyncio.Event()       # a line from the destination's copy came
+        self.followers: list[StatusFollower] = []
+
+    def _collect(self, host: str):
+        def on_line(now: float, line: str) -> None:
+            m = DIRTY.search(line)
+            if m:
+                self.samples.append({
+                    "now": round(now, 3), "host": host, "guest_t": int(m.group(1)),
+                    "pass": int(m.group(2)), "rate_mibs": int(m.group(3)),
+                    "stale_pages": int(m.group(4))})
+                if host == self.mig.dst_host.name:
+                    self.landed.set()
+        return on_line
+
+    async def follow(self) -> None:
+        """Start the followers once the copy starts (not at all if the migration ends
+        before). Returns once they run; :meth:`stop` ends them."""
+        mig = self.mig
+        while mig.phase not in COPYING:
+            if mig.phase.is_final or mig.phase is Phase.ROLLING_BACK:
+                return
+            await mig.wait_changed()
+        pairs = ((self.vm.host, self.vm.paths.status_log),
+                 (mig.dst_host, mig.dst_vm.paths.status_log))
+        # known before they start: stop() ends whatever started, even if this is cancelled
+        self.followers = [StatusFollower(h, str(p), self._collect(h.name)) for h, p in pairs]
+        started = await asyncio.gather(*(f.start() for f in self.followers),
+                                       return_exceptions=True)
+        for f, outcome in zip(self.followers, started):
+            if isinstance(outcome, Exception):
+                self.ctx.warn(f"{self.vm.name}: no dirtier series from {f.host.name}: "
+                              f"{outcome}")
+
+    async def stop(self, completed: bool) -> None:
+        """After a completed migration, wait (bounded) for the destination's first line;
+        then stop every follower at once and keep the series in the record."""
+        dst = [f for f in self.followers if f.host is self.mig.dst_host]
+        if completed and dst and dst[0].running and not self.landed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await wait_for(self.landed.wait(), LANDED_WAIT_S)
+        await asyncio.gather(*(f.stop() for f in self.followers))
+        self.mig.result.dirtier = on_axis(self.samples, self.mig.result.progress)
+
+
 @contextlib.asynccontextmanager
 async def dirtier_series(ctx: "RunContext", vm: "GuestVM", mig: BaseMigration
                          ) -> AsyncIterator[None]:
-    """Around one migration of ``vm``: its dirtier's lines from both hosts, into
+    """Around one migration of ``vm`` (outside its slot: the wait for the destination's
+    first line holds no slot): its dirtier's lines from both hosts, into
     ``mig.result.dirtier`` when the block ends (see the module's docstring)."""
     if not ctx.config.report.dirtier_series or not runs_dirtier(vm.spec.append):
         yield
         return
-    samples: list[dict] = []
-    landed = asyncio.Event()            # a line from the destination's copy came
-
-    def collect(host: str):
-        def on_line(now: float, line: str) -> None:
-            m = DIRTY.search(line)
-            if m:
-                samples.append({"now": round(now, 3), "host": host,
-                                "guest_t": int(m.group(1)), "pass": int(m.group(2)),
-                                "rate_mibs": int(m.group(3)), "stale_pages": int(m.group(4))})
-                if host == mig.dst_host.name:
-                    landed.set()
-        return on_line
-
-    async with contextlib.AsyncExitStack() as stack:
-        for host, path in ((vm.host, vm.paths.status_log),
-                           (mig.dst_host, mig.dst_vm.paths.status_log)):
+    series = _Series(ctx, vm, mig)
+    starter = asyncio.create_task(series.follow(), name=f"dirtier series {vm.name}")
+    completed = False
+    try:
+        yield
+        completed = mig.phase is Phase.CLEANED
+    finally:
+        async def end() -> None:
             try:
-                await stack.enter_async_context(follow_status(host, str(path),
-                                                              collect(host.name)))
+                await cancel_and_wait(starter)
+            except Exception as exc:  # noqa: BLE001 - a measurement, never the migration's
+                ctx.warn(f"{vm.name}: no dirtier series: {exc}")
+            try:
+                await series.stop(completed)
             except Exception as exc:  # noqa: BLE001 - as above
-                ctx.warn(f"{vm.name}: no dirtier series from {host.name}: {exc}")
-        try:
-            yield
-        finally:
-            if mig.phase is Phase.CLEANED and not landed.is_set():
-                # the guest prints once a second: its first line on the destination, which
-                # shows when it ran again, comes up to a second after the switchover
-                with contextlib.suppress(TimeoutError):
-                    await shielded(wait_for(landed.wait(), LANDED_WAIT_S))
-            await stack.aclose()               # the followers' last lines are in
-            mig.result.dirtier = on_axis(samples, mig.result.progress)
+                log.exception("dirtier series of %s", vm.name)
+                ctx.warn(f"{vm.name}: dirtier series lost: {exc}")
+        await shielded(end())
 
 
-__all__ = ["DIRTY", "dirtier_series", "on_axis", "runs_dirtier"]
+__all__ = ["DIRTY", "LANDED_WAIT_S", "dirtier_series", "on_axis", "runs_dirtier"]

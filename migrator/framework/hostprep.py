@@ -311,10 +311,11 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
     ctx.live[(md.mig_id, vm.name)] = (md, mig)
     try:
         try:
-            async with ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
-                                        md.priority) as ticket, \
-                    blackout_probe(ctx, vm, mig, peer), dirtier_series(ctx, vm, mig), \
-                    asyncio.TaskGroup() as tg:
+            # the dirtier series outside the slot: it may wait a second after the move
+            async with dirtier_series(ctx, vm, mig), \
+                    ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
+                                     md.priority) as ticket, \
+                    blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:
                 mig.slot, mig.slot_first = ticket, not ctx.config.queue.prepare_while_queued
                 shower = tg.create_task(reporter.follow())
                 try:

@@ -3,8 +3,10 @@ arrive, each stamped with the *host's* clock when it reached the file.
 
 ::
 
-    async with follow_status(host, vm.paths.status_log, on_line):
-        ...                       # on_line(host_time, "DIRTY t=12 pass=3 rate=80MB/s bad=0")
+    follower = StatusFollower(host, vm.paths.status_log, on_line)
+    await follower.start()        # on_line(host_time, "DIRTY t=12 pass=3 rate=80MB/s bad=0")
+    ...
+    await follower.stop()         # never raises; the lines written until now are delivered
 
 Why the host's clock: the guest's own clock stops while the VM is paused, and its lines come
 once a second; neither shows when the guest really stopped and resumed. A small Python
@@ -14,19 +16,18 @@ starts at the file's end (only what comes from now on); a file that does not exi
 (the destination's QEMU not started) is waited for and read from its start; a file that is
 truncated or replaced (a new QEMU on the same path) is read again from its start.
 
-The follower ends when its stdin closes (leaving the block); the lines written until then
-are still delivered.
+The follower ends when its stdin closes, after one last read of the file. What goes wrong
+while it runs or stops is logged, never raised into the caller.
 
-:raise HostError: (on entering) the follower cannot be started on the host.
+:raise HostError: (:meth:`StatusFollower.start`) the follower cannot be started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from shlex import quote
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from ..aio import cancel_and_wait, shielded, wait_for
 
@@ -36,65 +37,99 @@ log = logging.getLogger(__name__)
 FOLLOWER = r"""
 import os, select, sys, time
 path, f, ino, buf = sys.argv[1], None, None, b""
+def emit(chunk):
+    global buf
+    now = time.time()
+    buf += chunk.replace(b"\r", b"")
+    *lines, buf = buf.split(b"\n")
+    out = "".join("%.3f %s\n" % (now, l.decode(errors="replace")) for l in lines
+                  if l.strip())
+    if out:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+def poll():
+    global f, ino, buf
+    try:
+        st = os.stat(path)
+        if f is None or st.st_ino != ino or st.st_size < f.tell():
+            if f is not None:
+                f.close()
+            f, ino, buf = open(path, "rb"), st.st_ino, b""
+    except OSError:
+        return
+    chunk = f.read()
+    if chunk:
+        emit(chunk)
 try:
     st = os.stat(path)
     f, ino = open(path, "rb"), st.st_ino
     f.seek(0, 2)
 except OSError:
     pass
-while True:
-    if select.select([0], [], [], 0.02)[0] and not os.read(0, 4096):
-        break
-    try:
-        st = os.stat(path)
-    except OSError:
-        continue
-    if f is None or st.st_ino != ino or st.st_size < f.tell():
-        if f is not None:
-            f.close()
-        f, ino, buf = open(path, "rb"), st.st_ino, b""
-    chunk = f.read()
-    if chunk:
-        now = time.time()
-        buf += chunk.replace(b"\r", b"")
-        *lines, buf = buf.split(b"\n")
-        out = "".join("%.3f %s\n" % (now, l.decode(errors="replace")) for l in lines
-                      if l.strip())
-        if out:
-            sys.stdout.write(out)
-            sys.stdout.flush()
+while not (select.select([0], [], [], 0.02)[0] and not os.read(0, 4096)):
+    poll()
+poll()
 """
 
 
-@contextlib.asynccontextmanager
-async def follow_status(host, path: str, on_line: Callable[[float, str], None],
-                        finish_s: float = 5.0) -> AsyncIterator[None]:
-    """Call ``on_line(host_time, line)`` for each line written to ``path`` on ``host`` while
-    the block runs (see the module's docstring). ``on_line`` must not raise."""
-    proc = await host.spawn(f"exec python3 -u -c {quote(FOLLOWER)} {quote(path)}")
+class StatusFollower:
+    """One follower of ``path`` on ``host`` (see the module's docstring). ``on_line`` is
+    called on the event loop with (host time, line); what it raises is logged."""
 
-    async def read() -> None:
+    def __init__(self, host, path: str, on_line: Callable[[float, str], None],
+                 finish_s: float = 2.0):
+        self.host, self.path, self.on_line, self.finish_s = host, str(path), on_line, finish_s
+        self._proc = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """:raise HostError: the host cannot start it."""
+        proc = await self.host.spawn(
+            f"exec python3 -u -c {quote(FOLLOWER)} {quote(self.path)}")
+        self._proc = proc
+        self._reader = asyncio.create_task(self._read(proc),
+                                           name=f"status follower {self.host.name}")
+
+    @property
+    def running(self) -> bool:
+        return self._reader is not None and not self._reader.done()
+
+    async def _read(self, proc) -> None:
         while line := await proc.readline():
             stamp, _sep, text = line.rstrip("\n").partition(" ")
             try:
-                on_line(float(stamp), text)
-            except ValueError:
-                log.debug("[host=%s] status follower said %r", host.name, line)
+                self.on_line(float(stamp), text)
+            except Exception:  # noqa: BLE001 - a measurement: logged, never raised
+                log.exception("[host=%s] status follower: line %r not taken", self.host.name,
+                              line)
 
-    reader = asyncio.create_task(read(), name=f"status follower {host.name}")
-    try:
-        yield
-    finally:
+    async def stop(self) -> None:
+        """Close its stdin (it reads the file once more and leaves), deliver its last lines,
+        reap it (killed if it lingers). Never raises but the caller's own cancellation,
+        after the cleanup."""
+        if self._proc is None:
+            return
+        # both set together in start(), with no await between
+        proc, reader, self._proc, self._reader = self._proc, self._reader, None, None
+
         async def end() -> None:
-            proc.close_input()                   # it leaves; its last lines are still read
             try:
-                await wait_for(asyncio.shield(reader), finish_s)
-            except TimeoutError:
-                log.warning("[host=%s] status follower of %s did not end within %g s",
-                            host.name, path, finish_s)
-            await cancel_and_wait(reader)
-            await proc.stop()                    # reaped (its group killed if it lingers)
+                proc.close_input()
+                try:
+                    await wait_for(asyncio.shield(reader), self.finish_s)
+                except TimeoutError:
+                    log.warning("[host=%s] status follower of %s did not end within %g s",
+                                self.host.name, self.path, self.finish_s)
+                except Exception:  # noqa: BLE001 - _read logs what it can; this is the rest
+                    log.exception("[host=%s] status follower of %s failed", self.host.name,
+                                  self.path)
+            finally:
+                try:
+                    await cancel_and_wait(reader)
+                except Exception:  # noqa: BLE001 - already logged above
+                    pass
+                await proc.stop()             # reaped; its group killed if it lingers
         await shielded(end())
 
 
-__all__ = ["FOLLOWER", "follow_status"]
+__all__ = ["FOLLOWER", "StatusFollower"]

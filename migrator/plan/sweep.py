@@ -25,6 +25,7 @@ key, a value the config refuses, an empty value list, a key swept twice, a bad f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -120,11 +121,18 @@ class Sweep:
             raise ConfigError(f"{path}: a sweep has 'params' (and 'scenario', 'set', "
                               f"'repeat', 'description'); it has: "
                               f"{', '.join(map(str, data)) if isinstance(data, dict) else data}")
-        params = data["params"]
+        params, fixed = data["params"], data.get("set") or {}
         if not isinstance(params, dict) or not all(isinstance(v, list) for v in params.values()):
             raise ConfigError(f"{path}: 'params' maps each key to a list of values")
-        return cls.make(data.get("scenario", ""), params, data.get("set") or {},
-                        int(data.get("repeat", 1)), data.get("description", ""), path.stem)
+        if not isinstance(fixed, dict):
+            raise ConfigError(f"{path}: 'set' maps keys to values")
+        repeat, scenario = data.get("repeat", 1), data.get("scenario", "")
+        if not isinstance(repeat, int) or isinstance(repeat, bool):
+            raise ConfigError(f"{path}: 'repeat' is a whole number, not {repeat!r}")
+        if not isinstance(scenario, str):
+            raise ConfigError(f"{path}: 'scenario' is a name or a path, not {scenario!r}")
+        return cls.make(scenario, params, fixed, repeat, str(data.get("description", "")),
+                        path.stem)
 
     def settings(self) -> list[dict[str, Any]]:
         """Every combination of the axes' values, in the axes' order."""
@@ -192,17 +200,21 @@ async def run_one(args: list[str], log_path: Path, stop: asyncio.Event) -> tuple
             sys.executable, "-m", "migrator.cli.run", *args, stdin=asyncio.subprocess.DEVNULL,
             stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
 
+    def interrupt() -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):     # it ended meanwhile
+                proc.send_signal(signal.SIGINT)
+
     async def interrupt_on_stop() -> None:
         await stop.wait()
-        proc.send_signal(signal.SIGINT)
+        interrupt()
 
     watcher = asyncio.create_task(interrupt_on_stop())   # owned: ended below
     try:
         await proc.wait()
     except asyncio.CancelledError:            # interrupted, its cleanup waited for, then raised
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            await shielded(proc.wait())
+        interrupt()
+        await shielded(proc.wait())
         raise
     finally:
         await cancel_and_wait(watcher)
@@ -229,7 +241,8 @@ async def run_sweep(sweep: Sweep, out_dir: Path, base_args: list[str],
         root.mkdir(exist_ok=True)
         args = [*base_args, "-o", str(root), "--display", "lines", sweep.scenario]
         for key, value in {**sweep.fixed, **run.setting}.items():
-            args += ["-p", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+            # JSON is YAML: the run reads back exactly the value check() validated
+            args += ["-p", f"{key}={json.dumps(value)}"]
         say(f"[{run.index + 1}/{len(runs)}] {label(run.setting)} (repetition {run.repeat})")
         t0 = time.monotonic()
         run.exit_status, run.controller_cpu_s = await run_one(args, root / "output.log", stop)
@@ -246,6 +259,10 @@ async def run_sweep(sweep: Sweep, out_dir: Path, base_args: list[str],
             f"{run.exit_status}) in {run.wall_s:.1f} s, {len(done)}/{len(run.migrations)} "
             f"migrations completed; log {root / 'output.log'}")
         write_sweep(out_dir, sweep, runs)
+        if run.exit_status == 2:       # refused its input: every other run would be too
+            say(f"the run refused its input (exit 2), the sweep stops: see "
+                f"{root / 'output.log'}")
+            break
     return runs
 
 

@@ -1,5 +1,5 @@
-"""Reports of a run: JSON records, JUnit XML for CI, and the summary table."""
+"""Reports of a run: JSON records, JUnit XML for CI, report.html, and the summary table."""
 
-from .results import summary_table, write_results
+from .results import summary_table, write_page, write_results
 
-__all__ = ["write_results", "summary_table"]
+__all__ = ["write_page", "write_results", "summary_table"]

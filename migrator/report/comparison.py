@@ -65,6 +65,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(text_table(head, body)) + "\n(median, min–max over every repetition)"
 
 
+@plots.styled
 def figure_plot(rows: list[dict], key: str, title: str, unit: str) -> str | None:
     """Median per setting with min–max bars."""
     have = [r for r in rows if r[key]]

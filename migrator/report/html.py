@@ -18,7 +18,9 @@ per migration, downtime beside the guest-visible blackout); then per migration i
 its phases, and its plots of remaining bytes, throughput and dirty rate against time with
 the phase changes and policy steps marked.
 
-:raise FileNotFoundError: (:func:`write_html`) the directory has no ``run.json``.
+:raise ConfigError: (:func:`write_html`, :func:`load_run`) the directory's ``run.json``
+    is missing or unreadable. A migration record that cannot be read or drawn is shown as
+    such; the page is still written.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import json
 import logging
 from pathlib import Path
 
+from ..errors import ConfigError
 from . import plots
-from .metrics import failure_labels
-from .results import policy_steps
+from .results import failure_labels, policy_steps
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,18 @@ REPORT = "report.html"
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """(run.json, the migration records in the run's order, tasks.json or [])."""
-    run = json.loads((run_dir / "run.json").read_text())
+    """(run.json, the migration records in the run's order, tasks.json or []).
+
+    :raise ConfigError: ``run.json`` or ``tasks.json`` missing, unreadable or not a run's.
+    """
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        if not isinstance(run, dict) or "run_id" not in run:
+            raise ValueError("not a run's record (no run_id)")
+        tasks_path = run_dir / "tasks.json"
+        tasks = json.loads(tasks_path.read_text()) if tasks_path.exists() else []
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{run_dir}: cannot read the run's records: {exc}") from None
     migs = []
     for m in run.get("migrations", []):
         path = run_dir / "migrations" / f"{m['mig_id']}-{m['vm']}.json"
@@ -47,8 +59,6 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         except (OSError, ValueError) as exc:
             log.warning("report: %s unreadable: %s", path, exc)
             migs.append({**m, "error": f"record unreadable: {exc}"})
-    tasks_path = run_dir / "tasks.json"
-    tasks = json.loads(tasks_path.read_text()) if tasks_path.exists() else []
     return run, migs, tasks
 
 
@@ -92,18 +102,25 @@ def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
     rows = [_row(m) for m in migs]
     sections = []
     for m, row in zip(migs, rows):
-        try:
-            svg = plots.migration_plot(m)
-        except Exception as exc:  # noqa: BLE001 - one bad record never costs the report
-            log.warning("report: no plot for %s %s: %s", m.get("mig_id"), m.get("vm"), exc)
-            svg = None
+        svg = _guarded(plots.migration_plot, m, row["anchor"])
         sections.append({**row, "plot": svg, "samples": len(m.get("progress") or ())})
     return env.get_template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
         instance_failures=[i for i in run.get("instances", []) if i.get("status") != "passed"],
-        downtime_plot=plots.downtime_plot(migs), time_plot=plots.total_time_plot(migs),
+        downtime_plot=_guarded(plots.downtime_plot, migs),
+        time_plot=_guarded(plots.total_time_plot, migs),
         blackout=any(m.get("blackout_ms") is not None for m in migs))
+
+
+def _guarded(draw, *args) -> str | None:
+    """A plot, or None (logged) when its records cannot be drawn: one bad record never
+    costs the page."""
+    try:
+        return draw(*args)
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("report: %s not drawn: %s", draw.__name__, exc)
+        return None
 
 
 def write_html(run_dir: Path) -> Path:

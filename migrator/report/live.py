@@ -9,7 +9,8 @@ the run's story (phase lines, warnings) scrolls above it.
 
 What it draws is :func:`migrator.framework.control.status_of` (the answer ``migrate-run
 status`` gets from another terminal), redrawn every ``report.live_refresh_s`` by a task of
-the event loop (never from a thread: the run's state is only read where it is changed).
+the event loop (the run's state is only read where it is changed), and written to the
+terminal by a thread (the loop never blocks on a slow or stopped terminal).
 In mode ``auto`` the view is on when stdout is a terminal; otherwise (CI, a pipe, a file)
 the run prints plain timestamped lines, a progress line per ``report.progress_interval_s``,
 as it always did.
@@ -25,8 +26,11 @@ Nothing here raises into the run: a frame that cannot be drawn is logged and ski
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import queue
 import sys
+import threading
 import time
 from typing import AsyncIterator
 
@@ -103,6 +107,45 @@ def render(status: dict, elapsed_s: float):
     return Group(*lines, table) if status["migrations"] else Group(*lines)
 
 
+class _TerminalWriter(io.TextIOBase):
+    """The live view's terminal, written by a thread of its own: the event loop only
+    queues text, and never blocks on a terminal that is slow, stopped (Ctrl-S) or not read
+    (the run's QMP polls, policy clocks and barrier timeouts live on that loop)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="live view writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (text := self.queue.get()) is not None:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass                          # the terminal is gone: nothing to show it on
+
+    def write(self, text: str) -> int:
+        self.queue.put(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def finish(self, timeout: float) -> None:
+        """Write what is queued (for at most ``timeout``: a stopped terminal is left)."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
 def wants_live(mode: str, stream=None) -> bool:
     """Whether ``mode`` (``auto`` | ``live`` | ``lines``) draws the live view on ``stream``
     (stdout): ``auto`` when it is a terminal."""
@@ -119,22 +162,25 @@ async def live_view(ctx, mode: str = "auto", refresh_s: float = 0.25) -> AsyncIt
     the screen when the block ends."""
     import asyncio
 
-    from ..aio import cancel_and_wait
+    from ..aio import cancel_and_wait, shielded
     from ..framework.control import status_of
     if not wants_live(mode):
         yield False
         return
     from rich.console import Console
     from rich.live import Live
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    writer = _TerminalWriter(sys.stdout)
+    console = Console(file=writer, force_terminal=True, highlight=False, soft_wrap=True)
     t0 = time.monotonic()
     lines = ctx.progress_lines
 
     def frame():
         return render(status_of(ctx), time.monotonic() - t0)
 
+    # stderr goes above the view too when it is the same terminal; redirected (2>FILE), it
+    # stays where it was sent
     live = Live(console=console, auto_refresh=False, transient=False,
-                redirect_stdout=True, redirect_stderr=True)
+                redirect_stdout=True, redirect_stderr=sys.stderr.isatty())
 
     async def redraw() -> None:
         while True:
@@ -159,6 +205,7 @@ async def live_view(ctx, mode: str = "auto", refresh_s: float = 0.25) -> AsyncIt
             except Exception:  # noqa: BLE001 - as above
                 log.exception("live view: the last frame could not be drawn")
             live.stop()
+            await shielded(asyncio.to_thread(writer.finish, 5.0))  # before what follows
 
 
 __all__ = ["fraction", "live_view", "render", "run_lines", "wants_live"]

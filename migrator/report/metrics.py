@@ -18,11 +18,12 @@ Gauges, per migration in flight (labels ``mig_id``, ``vm``, ``src``, ``dst``):
 ``..._iteration``, ``..._cpu_throttle_percent``, ``..._disk_processed_bytes`` and
 ``..._disk_total_bytes`` (while the disk is copied, storage copy-*).
 
-Gauges of the run: ``migrator_migrations_in_pending_phase`` (queued for a slot),
-``..._in_scheduling_phase`` (destination being prepared), ``..._in_running_phase``
-(copying), ``migrator_migration_queue_length``.
+Gauges of the run: ``migrator_migrations_in_pending_phase`` (queued for a slot; the same
+count as ``migrator_migration_queue_length``), ``..._in_scheduling_phase`` (destination
+being prepared), ``..._in_running_phase`` (copying: MIRRORING, MIGRATING, POSTCOPY).
 
-Counters: ``migrator_migration_started_total``, ``migrator_migration_succeeded_total``,
+Counters: ``migrator_migration_started_total`` (migrations that started copying),
+``migrator_migration_succeeded_total``,
 ``migrator_migration_failed_total`` (labels ``reason``: ``cancelled`` | ``policy_abort`` |
 ``error``; ``phase``: the phase it failed in; ``outcome``: its final phase, ROLLED_BACK ...).
 
@@ -45,6 +46,7 @@ import logging
 from typing import AsyncIterator
 
 from ..errors import ConfigError
+from .results import failure_labels
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +54,8 @@ PAGE = 4096
 DOWNTIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TOTAL_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 SCHEDULING = {"PENDING", "PREPARING_DEST", "CONFIGURED", "LISTENING"}
-ENDING = {"ROLLING_BACK", "ROLLED_BACK", "SPLIT", "LANDED", "UNRESOLVED", "LOST"}
+RUNNING = {"MIRRORING", "MIGRATING", "POSTCOPY"}
 LABELS = ["mig_id", "vm", "src", "dst"]
-
-
-def failure_labels(result: dict) -> tuple[str, str, str]:
-    """(reason, phase failed in, outcome) of an ended migration that did not complete."""
-    if result.get("status") == "cancelled":
-        reason = "cancelled"
-    elif any(d.get("action") == "abort" for d in result.get("decisions") or ()):
-        reason = "policy_abort"
-    else:
-        reason = "error"
-    phases = [p for p, *_ in result.get("phases") or ()]
-    before = [p for p in phases if p not in ENDING]
-    return reason, before[-1] if before else "PENDING", result.get("phase") or "?"
 
 
 def _histogram(name: str, doc: str, values: list[float], buckets: tuple[float, ...]):
@@ -121,16 +110,20 @@ class RunCollector:
                  phases.count("QUEUED")),
                 ("scheduling", "Migrations whose destination is being prepared.",
                  sum(p in SCHEDULING for p in phases)),
-                ("running", "Migrations copying (disk, memory, postcopy) or completing.",
-                 sum(p not in SCHEDULING and p != "QUEUED" and p not in ENDING
-                     for p in phases))):
+                ("running", "Migrations copying: disk, memory, postcopy.",
+                 sum(p in RUNNING for p in phases))):
             yield GaugeMetricFamily(f"migrator_migrations_in_{name}_phase", doc, value=n)
         yield GaugeMetricFamily("migrator_migration_queue_length",
-                                "Migrations waiting for a slot.", value=len(ctx.slots.waiting))
+                                "Migrations waiting for a slot (the pending phase's count).",
+                                value=phases.count("QUEUED"))
         ended = list(ctx.migrations)
+        copied = sum(any(p in RUNNING for p, *_ in m.result.get("phases") or ())
+                     for m in ended) + \
+            sum(any(p.value in RUNNING for p, *_ in mig.history)
+                for _md, mig in ctx.live.values())
         yield CounterMetricFamily("migrator_migration_started",
-                                  "Migrations started (in flight and ended).",
-                                  value=len(ended) + len(flying))
+                                  "Migrations that started copying (in flight and ended; "
+                                  "not those that ended queued or preparing).", value=copied)
         yield CounterMetricFamily("migrator_migration_succeeded", "Migrations completed.",
                                   value=sum(m.status == "completed" for m in ended))
         failed = CounterMetricFamily("migrator_migration_failed",
@@ -164,6 +157,13 @@ def parse_address(text: str) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"--metrics {text!r}: expected ADDR:PORT (127.0.0.1:9464)")
+    if int(port) == 0:
+        import ipaddress
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"--metrics {text!r}: port 0 needs an IP address (a name may "
+                              "stand for several, each given its own port)") from None
     return host, int(port)
 
 
@@ -210,4 +210,4 @@ async def serve_metrics(ctx, host: str, port: int) -> AsyncIterator[str]:
         await shielded(runner.cleanup())
 
 
-__all__ = ["RunCollector", "failure_labels", "parse_address", "serve_metrics"]
+__all__ = ["RunCollector", "parse_address", "serve_metrics"]

@@ -1,5 +1,5 @@
-"""The report's plots, drawn by matplotlib as SVG (no pyplot: no global figure state, safe
-in any thread; the text stays text, so the file stays small and searchable).
+"""The report's plots, drawn by matplotlib as SVG (no pyplot: no global figure state; the
+text stays text, so the file stays small and searchable).
 
 Each function takes the records as ``results/<run>/`` holds them (dicts) and returns one
 ``<svg>`` element as a string, or None when there is nothing to draw.
@@ -7,6 +7,7 @@ Each function takes the records as ``results/<run>/`` holds them (dicts) and ret
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 
@@ -19,10 +20,24 @@ COLORS = {"remaining": "#1f77b4", "disk": "#9467bd", "throughput": "#2ca02c",
           "blackout": "#d62728", "total": "#7f7f7f"}
 
 
+#: every plot's style (:func:`styled`): text stays <text> (small, searchable), and names
+#: are never read as TeX math ("$x$")
+STYLE = {"svg.fonttype": "none", "text.parse_math": False, "svg.hashsalt": None}
+
+
+def styled(draw):
+    """``draw`` under :data:`STYLE` (matplotlib reads some of it when a text is made, the
+    rest when the figure is saved): no global setting is changed."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+    return wrapper
+
+
 def figure(width: float, height: float, rows: int = 1):
-    import matplotlib
     from matplotlib.figure import Figure
-    matplotlib.rcParams["svg.fonttype"] = "none"          # text as <text>, not glyph paths
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     for ax in axes:
@@ -58,7 +73,8 @@ def policy_marks(mig: dict) -> list[tuple[float, str]]:
             if d.get("action") != "downtime" and d.get("t") is not None]
 
 
-def migration_plot(mig: dict) -> str | None:
+@styled
+def migration_plot(mig: dict, gid: str = "mig") -> str | None:
     """Remaining bytes (RAM, and the disk while it is copied), throughput, and the guest's
     dirty rate (QEMU's estimate; the guest dirtier's own rate per host, where it runs; the
     auto-converge throttle) against seconds since 'migrate', each phase change and policy
@@ -69,7 +85,7 @@ def migration_plot(mig: dict) -> str | None:
     t = [s["t"] for s in progress]
     fig, (rem, rate, dirty) = figure(7.2, 4.6, rows=3)
     rem.plot(t, [s["remaining_bytes"] / MIB for s in progress], color=COLORS["remaining"],
-             lw=1.4, marker=".", ms=3, label="RAM remaining")
+             lw=1.4, marker=".", ms=3, label="RAM remaining", gid=f"{gid}-remaining")
     disk = [(s["t"], (s["disk_total_bytes"] - s["disk_transferred_bytes"]) / MIB)
             for s in progress if s.get("disk_total_bytes")]
     if disk:
@@ -78,17 +94,18 @@ def migration_plot(mig: dict) -> str | None:
         rem.legend(fontsize=7, frameon=False, loc="upper right")
     rem.set_ylabel("remaining\nMiB", fontsize=8)
     rate.plot(t, [s["transfer_rate_mbs"] for s in progress], color=COLORS["throughput"],
-              lw=1.4, marker=".", ms=3)
+              lw=1.4, marker=".", ms=3, gid=f"{gid}-throughput")
     rate.set_ylabel("throughput\nMbit/s", fontsize=8)
     dirty.plot(t, [s["dirty_rate_pps"] * PAGE / MIB for s in progress],
-               color=COLORS["dirty"], lw=1.4, marker=".", ms=3, label="dirty rate")
+               color=COLORS["dirty"], lw=1.4, marker=".", ms=3, label="dirty rate",
+               gid=f"{gid}-dirty")
     guest = [d for d in mig.get("dirtier") or () if d.get("t") is not None]
     if guest:
         for i, host in enumerate(sorted({d["host"] for d in guest})):
             mine = [d for d in guest if d["host"] == host]
             dirty.plot([d["t"] for d in mine], [d["rate_mibs"] for d in mine],
                        ls="none", marker="x^"[i % 2], ms=4, color=COLORS["guest"],
-                       label=f"guest's dirtier on {host}")
+                       label=f"guest's dirtier on {host}", gid=f"{gid}-guest-{i}")
         stale = [d for d in guest if d["stale_pages"]]
         if stale:
             dirty.annotate(f"{stale[0]['stale_pages']} stale pages",
@@ -117,6 +134,7 @@ def migration_plot(mig: dict) -> str | None:
     return svg(fig, f"{mig['mig_id']} {mig['vm']} {mig['src']}->{mig['dst']}")
 
 
+@styled
 def downtime_plot(migs: list[dict]) -> str | None:
     """Per completed migration: QEMU's downtime beside the guest-visible blackout (where
     probed), in ms, in the run's order."""
@@ -145,6 +163,7 @@ def downtime_plot(migs: list[dict]) -> str | None:
     return svg(fig, "downtime vs blackout")
 
 
+@styled
 def total_time_plot(migs: list[dict]) -> str | None:
     """Per migration: its whole time (setup to cleanup) and QEMU's total time, s."""
     timed = [m for m in migs if m.get("run_s") is not None]
@@ -167,5 +186,5 @@ def total_time_plot(migs: list[dict]) -> str | None:
     return svg(fig, "time per migration")
 
 
-__all__ = ["figure", "svg", "downtime_plot", "migration_plot", "phase_marks", "policy_marks",
+__all__ = ["STYLE", "figure", "styled", "svg", "downtime_plot", "migration_plot", "phase_marks", "policy_marks",
            "total_time_plot"]

@@ -55,13 +55,41 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
         write_json(out_dir / "tasks.json", [t.to_json() for t in ctx.tasks])
     write_json(out_dir / "run.json", run)
     (out_dir / "junit.xml").write_text(junit_xml(ctx, meta.get("scenario", "scenario")))
+    return out_dir
+
+
+async def write_page(ctx: RunContext, out_dir: Path) -> Path | None:
+    """``report.html`` from the records :func:`write_results` wrote, drawn in a thread (a
+    long run's plots take seconds; the event loop goes on serving, e.g. metrics). A page
+    that cannot be made is a warning (the records are written), never the run's failure."""
+    import asyncio
+
+    from ..aio import shielded
+    from .html import write_html
     try:
-        from .html import write_html
-        write_html(out_dir)
-    except Exception as exc:  # noqa: BLE001 - the records are written: the page is extra
+        return await shielded(asyncio.to_thread(write_html, out_dir))
+    except Exception as exc:  # noqa: BLE001 - see above
         log.exception("report.html not written")
         ctx.say(f"WARNING: {out_dir}/report.html not written: {exc}")
-    return out_dir
+        return None
+
+
+#: the phases a failed migration passes through after its failure
+ENDING_PHASES = {"ROLLING_BACK", "ROLLED_BACK", "SPLIT", "LANDED", "UNRESOLVED", "LOST"}
+
+
+def failure_labels(result: dict) -> tuple[str, str, str]:
+    """(reason, phase it failed in, outcome: its final phase) of an ended migration that
+    did not complete; reason ``cancelled``, ``policy_abort`` (its convergence policy
+    aborted it) or ``error``."""
+    if result.get("status") == "cancelled":
+        reason = "cancelled"
+    elif any(d.get("action") == "abort" for d in result.get("decisions") or ()):
+        reason = "policy_abort"
+    else:
+        reason = "error"
+    before = [p for p, *_ in result.get("phases") or () if p not in ENDING_PHASES]
+    return reason, before[-1] if before else "PENDING", result.get("phase") or "?"
 
 
 def policy_steps(result: dict) -> str:
