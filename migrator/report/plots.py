@@ -22,7 +22,15 @@ COLORS = {"remaining": "#1f77b4", "disk": "#9467bd", "throughput": "#2ca02c",
 
 #: every plot's style (:func:`styled`): text stays <text> (small, searchable), and names
 #: are never read as TeX math ("$x$")
-STYLE = {"svg.fonttype": "none", "text.parse_math": False, "svg.hashsalt": None}
+STYLE = {"svg.fonttype": "none", "text.parse_math": False, "svg.hashsalt": None,
+         # one family, not matplotlib's list of eleven fallbacks in every <text>
+         "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"]}
+#: matplotlib's own group ids (figure_1, xtick_3 ...): unused, and repeated in every plot
+_AUTO_ID = re.compile(r' id="(?:figure|axes|patch|line2d|text|matplotlib\.axis|xtick|ytick'
+                      r'|legend|PolyCollection|LineCollection)_\d+"')
+#: geometry attributes, whose numbers are kept to 0.1 pt (matplotlib writes 6 decimals)
+_GEOMETRY = re.compile(r'(\s(?:d|x|y|x1|x2|y1|y2|transform|points)=")([^"]*)(")')
+_DECIMALS = re.compile(r"(\d+\.\d)\d+")
 
 
 def styled(draw):
@@ -47,12 +55,17 @@ def figure(width: float, height: float, rows: int = 1):
 
 
 def svg(fig, title: str) -> str:
+    """``fig`` as an ``<svg>`` element for a page: no prolog, no indentation, no unused
+    ids, geometry to 0.1 pt (text content is never touched)."""
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None,
                                              "Type": None, "Title": title})
     text = buf.getvalue()
     text = text[text.index("<svg"):]                      # no XML prolog inside HTML
-    return re.sub(r">\s+<", "><", text)                   # indentation only, no content
+    text = re.sub(r">\s+<", "><", text)                   # indentation only, no content
+    text = _AUTO_ID.sub("", text)
+    return _GEOMETRY.sub(lambda m: m.group(1) + _DECIMALS.sub(r"\1", m.group(2)) + m.group(3),
+                         text)
 
 
 def phase_marks(mig: dict) -> list[tuple[float, str]]:
@@ -83,21 +96,21 @@ def migration_plot(mig: dict, gid: str = "mig") -> str | None:
     if len(progress) < 2:
         return None
     t = [s["t"] for s in progress]
+    dots = {"marker": ".", "ms": 3} if len(t) <= 30 else {}    # a dot per sample, if few
     fig, (rem, rate, dirty) = figure(7.2, 4.6, rows=3)
     rem.plot(t, [s["remaining_bytes"] / MIB for s in progress], color=COLORS["remaining"],
-             lw=1.4, marker=".", ms=3, label="RAM remaining", gid=f"{gid}-remaining")
+             lw=1.4, **dots, label="RAM remaining", gid=f"{gid}-remaining")
     disk = [(s["t"], (s["disk_total_bytes"] - s["disk_transferred_bytes"]) / MIB)
             for s in progress if s.get("disk_total_bytes")]
     if disk:
-        rem.plot(*zip(*disk), color=COLORS["disk"], lw=1.4, marker=".", ms=3,
-                 label="disk remaining")
+        rem.plot(*zip(*disk), color=COLORS["disk"], lw=1.4, **dots, label="disk remaining")
         rem.legend(fontsize=7, frameon=False, loc="upper right")
     rem.set_ylabel("remaining\nMiB", fontsize=8)
     rate.plot(t, [s["transfer_rate_mbs"] for s in progress], color=COLORS["throughput"],
-              lw=1.4, marker=".", ms=3, gid=f"{gid}-throughput")
+              lw=1.4, **dots, gid=f"{gid}-throughput")
     rate.set_ylabel("throughput\nMbit/s", fontsize=8)
     dirty.plot(t, [s["dirty_rate_pps"] * PAGE / MIB for s in progress],
-               color=COLORS["dirty"], lw=1.4, marker=".", ms=3, label="dirty rate",
+               color=COLORS["dirty"], lw=1.4, **dots, label="dirty rate",
                gid=f"{gid}-dirty")
     guest = [d for d in mig.get("dirtier") or () if d.get("t") is not None]
     if guest:
