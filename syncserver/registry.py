@@ -137,19 +137,22 @@ class Registry:
     def waiter_count(self) -> int:
         return sum(len(i.waiters) for r in self.runs.values() for i in r.open_instances())
 
-    def open_rounds(self, run_id: str) -> list[dict]:
+    def open_rounds(self, run_id: str, with_parts: bool = False) -> list[dict]:
         """The open barrier and exchange rounds of ``run_id``, oldest first: each with its
-        members, who arrived, whom it waits on, and how long it has been open (for a live
-        view: "barrier 'ready' waits on hostB"). Does not count as the run's activity."""
-        run = self.runs.get(run_id)
-        if run is None:
-            return []
+        run, members, who arrived, whom it waits on, and how long it has been open (for a
+        live view: "barrier 'ready' waits on hostB"). With ``with_parts``, also those of the
+        runs named ``<run_id>.<part>`` (migrate-run's scenario instances sync as
+        ``<run-id>.pair1``, ...). Does not count as any run's activity."""
+        runs = [r for rid, r in self.runs.items()
+                if rid == run_id or (with_parts and rid.startswith(run_id + "."))]
         now = time.monotonic()
         out = []
-        for inst in sorted(run.open_instances(), key=lambda i: i.created):
+        for inst, run in sorted(((i, r) for r in runs for i in r.open_instances()),
+                                key=lambda pair: pair[0].created):
             members = list(inst.members or ())
-            out.append({"kind": inst.kind, "name": inst.name, "generation": inst.generation,
-                        "members": members, "arrived": sorted(inst.waiters),
+            out.append({"run": run.run_id, "kind": inst.kind, "name": inst.name,
+                        "generation": inst.generation, "members": members,
+                        "arrived": sorted(inst.waiters),
                         "waiting_on": [m for m in members if m not in inst.waiters],
                         "open_s": round(now - inst.created, 1)})
         return out

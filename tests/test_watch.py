@@ -207,6 +207,39 @@ async def test_a_metrics_address_that_cannot_serve_is_refused_before_anything(
     assert not list(tmp_path.iterdir())                  # nothing started: no results
 
 
+async def test_the_view_says_which_host_an_instances_barrier_waits_on(config, inventory):
+    """A scenario instance's barrier (the instances sync as <run-id>.<instance>) in what
+    the live view and ``status`` show: a real sync server, members connected as hosts."""
+    from migrator.framework import RunContext
+    from migrator.framework.control import status_of
+    from migrator.report.live import render
+    from syncserver import SyncClient
+    ctx = RunContext(config, inventory)
+    await ctx.start_server("127.0.0.1")
+    members = ["hostA", "hostB", "hostC"]
+    clients = [SyncClient(ctx.sync_url, token=ctx.token, member=m,
+                          run_id=f"{ctx.run_id}.pair1") for m in members]
+    try:
+        await asyncio.gather(*(c.connect() for c in clients))
+        early = [asyncio.ensure_future(c.barrier("disks_prepared", members, timeout=30))
+                 for c in clients[::2]]
+        async with asyncio.timeout(30):
+            while not status_of(ctx)["barriers"] or \
+                    len(status_of(ctx)["barriers"][0]["arrived"]) < 2:
+                await asyncio.sleep(0.01)
+        (b,) = status_of(ctx)["barriers"]
+        assert (b["run"], b["name"], b["waiting_on"]) == (f"{ctx.run_id}.pair1",
+                                                          "disks_prepared", ["hostB"])
+        text = render(status_of(ctx), 3).plain
+        assert "barrier 'disks_prepared' (pair1): waiting on hostB (2 of 3 arrived" in text
+        await clients[1].barrier("disks_prepared", members, timeout=30)
+        await asyncio.gather(*early)
+        assert status_of(ctx)["barriers"] == []
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+        await ctx.stop_server()
+
+
 def test_display_mode_choice():
     """``auto`` is live on a terminal only; ``live`` and ``lines`` are what they say."""
     from migrator.report.live import wants_live

@@ -78,8 +78,9 @@ def status_of(ctx) -> dict[str, Any]:
     return {"run_id": ctx.run_id, "pid": os.getpid(), "migrations": rows,
             "completed": sum(m.status == "completed" for m in ctx.migrations),
             "failed": sum(m.status != "completed" for m in ctx.migrations),
-            "barriers": server.registry.open_rounds(ctx.run_id) if server is not None
-            else []}
+            # the scenario instances sync as <run-id>.<instance>
+            "barriers": server.registry.open_rounds(ctx.run_id, with_parts=True)
+            if server is not None else []}
 
 
 def cancel_in(ctx, target: str, reason: str,

@@ -71,7 +71,8 @@ def run_lines(status: dict, elapsed_s: float) -> list[str]:
     if len(queued) > 3:
         lines.append(f"queue: and {len(queued) - 3} more")
     for b in status.get("barriers", []):
-        lines.append(f"{b['kind']} {b['name']!r}: waiting on "
+        part = b.get("run", "").removeprefix(status["run_id"]).lstrip(".")
+        lines.append(f"{b['kind']} {b['name']!r}{f' ({part})' if part else ''}: waiting on "
                      f"{', '.join(b['waiting_on']) or '-'} ({len(b['arrived'])} of "
                      f"{len(b['members'])} arrived, open {b['open_s']:.0f} s)")
     return lines
