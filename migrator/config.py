@@ -594,7 +594,8 @@ class PlanSettings(_Strict):
     default_test_s: float = Field(60.0, gt=0)
     """A test's expected duration when neither its history nor its ``expected_s`` says."""
     stop_s: float = Field(600.0, gt=0)
-    """How long an interrupted test may take to roll back and clean up before it is killed."""
+    """How long an interrupted test (of a plan, or a run of a sweep) may take to roll back
+    and clean up before it is killed."""
 
 
 def _default_state_dir() -> Path:

@@ -103,6 +103,15 @@ async def gather_owned(*aws: Awaitable) -> list:
         return list(await asyncio.gather(*tasks))
 
 
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus text, parsed by prometheus_client's own parser: ``name{label=value,...}``
+    (labels sorted) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                      if s.labels else ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def lab_dir(name: str) -> Path:
     return TEST_BASE / name
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .conftest import metric_samples
 from syncserver import (AuthError, BarrierAborted, BarrierTimeout, MembershipError,
                         ServerOptions, SyncClient, SyncServer)
 from syncserver._aio import cancel_and_wait
@@ -622,14 +623,10 @@ async def test_malformed_oversized_and_wrong_version_get_4xx_and_server_keeps_se
 
 async def _metrics(server) -> dict[str, float]:
     """The server's /metrics, parsed by prometheus_client's own parser: sample -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
     async with aiohttp.ClientSession() as http:
         async with http.get(server.url + "/metrics",
                             headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-            text = await r.text()
-    return {s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
-                      if s.labels else ""): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+            return metric_samples(await r.text())
 
 
 def _thread_server():

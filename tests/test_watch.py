@@ -11,9 +11,8 @@ import pyte
 import pytest
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import BIN
+from .conftest import BIN, metric_samples
 from .test_framework import the_run
 
 COLS, ROWS = 180, 50
@@ -69,10 +68,7 @@ async def scrape(url: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as http:
         async with http.get(url) as r:
             assert r.status == 200 and r.content_type == "text/plain"
-            text = await r.text()
-    return {s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
-                      if s.labels else ""): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+            return metric_samples(await r.text())
 
 
 def bar_rows(lines: list[str], phase: str) -> list[str]:

@@ -90,20 +90,20 @@ def _plan(args):
         base_args += ["-c", str(Path(args.config).resolve())]
     root = Path(args.results or config.report.results_dir)
     out_dir = root / f"sweep-{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return sweep, base_args, out_dir
+    return sweep, base_args, out_dir, config.plan.stop_s
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        sweep, base_args, out_dir = _plan(args)
+        sweep, base_args, out_dir, stop_s = _plan(args)
     except MigratorError as exc:
         return fail("migrate-run sweep", exc, args.verbose)
-    return asyncio.run(_sweep(sweep, base_args, out_dir))
+    return asyncio.run(_sweep(sweep, base_args, out_dir, stop_s))
 
 
-async def _sweep(sweep, base_args: list[str], out_dir: Path) -> int:
+async def _sweep(sweep, base_args: list[str], out_dir: Path, stop_s: float) -> int:
     from ..plan.sweep import run_sweep, write_sweep
     from ..report.comparison import summarize, table, write_comparison
     stop = asyncio.Event()
@@ -115,7 +115,7 @@ async def _sweep(sweep, base_args: list[str], out_dir: Path) -> int:
     say(f"sweep {sweep.name}: {sweep.scenario}, {n} setting{'s' * (n != 1)} x "
         f"{sweep.repeat} = {n * sweep.repeat} runs; results in {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = await run_sweep(sweep, out_dir, base_args, say, stop)
+    runs = await run_sweep(sweep, out_dir, base_args, say, stop, stop_s)
     write_sweep(out_dir, sweep, runs)
     print(table(summarize(sweep, runs)), flush=True)
     print(f"comparison: {write_comparison(out_dir, sweep, runs)}", flush=True)

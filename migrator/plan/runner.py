@@ -30,9 +30,6 @@ exit, e.g. 2: bad input the plan's own checks did not see), ``skipped`` (never s
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -41,9 +38,10 @@ from typing import Callable
 
 import yaml
 
-from ..aio import shielded, wait_for
+from ..aio import shielded
 from ..config import Config
 from .model import Plan
+from .process import interrupt, wait_run
 from .schedule import History, Placement
 
 STATUS_OF_EXIT = {0: "passed", 1: "failed", 130: "interrupted"}
@@ -187,8 +185,7 @@ class PlanRunner:
         """No test starts any more; the running ones are interrupted (SIGINT)."""
         self._stopping = True
         for proc in self._procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGINT)
+            interrupt(proc)
 
     async def _run_one(self, r: TestRun) -> None:
         p = r.placement
@@ -209,7 +206,7 @@ class PlanRunner:
                 start_new_session=True)
         self._procs[r.name] = proc
         try:
-            r.exit_status = await self._wait(proc)
+            r.exit_status = await wait_run(proc, self.stop_timeout_s)
         finally:
             self._procs.pop(r.name, None)
         r.duration_s = time.monotonic() - self.t0 - r.started_s
@@ -219,21 +216,5 @@ class PlanRunner:
         where = r.results_dir() or r.dir
         self.say(f"[plan] {r.name} on {' '.join(p.queues)}: {r.status} in "
                  f"{r.duration_s:.1f} s ({where})")
-
-    async def _wait(self, proc: asyncio.subprocess.Process) -> int:
-        """Its exit status; if it outlives an interrupt by ``stop_timeout_s``, killed."""
-        try:
-            return await proc.wait()
-        finally:
-            if proc.returncode is None:          # cancelled: interrupt it, then wait
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    await wait_for(proc.wait(), self.stop_timeout_s)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    await proc.wait()
-
 
 __all__ = ["PlanRunner", "TestRun", "config_for"]

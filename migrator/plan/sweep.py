@@ -25,21 +25,20 @@ key, a value the config refuses, an empty value list, a key swept twice, a bad f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..aio import cancel_and_wait, shielded
+from ..aio import cancel_and_wait
 from ..config import Config
 from ..errors import ConfigError
+from .process import interrupt, wait_run
 
 #: ready sweeps: ``configs/sweeps/`` of the source tree, or ``$MIGRATOR_SWEEPS``
 READY_DIR = Path(os.environ.get("MIGRATOR_SWEEPS",
@@ -190,41 +189,35 @@ def _migration_figures(run_dir: Path) -> list[dict]:
     return out
 
 
-async def run_one(args: list[str], log_path: Path, stop: asyncio.Event) -> tuple[int, float]:
+async def run_one(args: list[str], log_path: Path, stop: asyncio.Event,
+                  stop_timeout_s: float) -> tuple[int, float]:
     """Run ``migrate-run ARGS`` as a process (output to ``log_path``); return its exit status
     and the CPU seconds it used. When ``stop`` is set, or the caller is cancelled, it is
-    interrupted (SIGINT, as Ctrl-C: it rolls back and cleans up) and waited for first."""
+    interrupted (SIGINT, as Ctrl-C: it rolls back and cleans up) and waited for first
+    (:mod:`.process`, as a plan's tests)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "migrator.cli.run", *args, stdin=asyncio.subprocess.DEVNULL,
             stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
 
-    def interrupt() -> None:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):     # it ended meanwhile
-                proc.send_signal(signal.SIGINT)
-
     async def interrupt_on_stop() -> None:
         await stop.wait()
-        interrupt()
+        interrupt(proc)
 
     watcher = asyncio.create_task(interrupt_on_stop())   # owned: ended below
     try:
-        await proc.wait()
-    except asyncio.CancelledError:            # interrupted, its cleanup waited for, then raised
-        interrupt()
-        await shielded(proc.wait())
-        raise
+        status = await wait_run(proc, stop_timeout_s)
     finally:
         await cancel_and_wait(watcher)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return proc.returncode, cpu
+    return status, cpu
 
 
 async def run_sweep(sweep: Sweep, out_dir: Path, base_args: list[str],
-                    say: Callable[[str], None], stop: asyncio.Event) -> list[SweepRun]:
+                    say: Callable[[str], None], stop: asyncio.Event,
+                    stop_timeout_s: float = 600.0) -> list[SweepRun]:
     """Run every setting ``sweep.repeat`` times (repetition by repetition); results under
     ``out_dir/runs/NNN/``; ``sweep.json`` rewritten after each run (a sweep stopped midway
     keeps what it did). ``base_args``: the run's other arguments (``-m``, ``-i``, ``-c``).
@@ -245,7 +238,8 @@ async def run_sweep(sweep: Sweep, out_dir: Path, base_args: list[str],
             args += ["-p", f"{key}={json.dumps(value)}"]
         say(f"[{run.index + 1}/{len(runs)}] {label(run.setting)} (repetition {run.repeat})")
         t0 = time.monotonic()
-        run.exit_status, run.controller_cpu_s = await run_one(args, root / "output.log", stop)
+        run.exit_status, run.controller_cpu_s = await run_one(args, root / "output.log", stop,
+                                                              stop_timeout_s)
         run.wall_s = time.monotonic() - t0
         dirs = [d for d in root.iterdir() if (d / "run.json").is_file()]
         if dirs:

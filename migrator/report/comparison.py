@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..plan.sweep import Sweep, SweepRun, label
 from . import plots
+from .html import template
 from .table import text_table
 
 #: (key, title, unit, where from: "migration" figures or "run" figures)
@@ -89,16 +90,11 @@ def figure_plot(rows: list[dict], key: str, title: str, unit: str) -> str | None
 
 def write_comparison(out_dir: Path, sweep: Sweep, runs: list[SweepRun]) -> Path:
     """``out_dir/comparison.html``: the table and a plot per figure."""
-    import jinja2
     rows = summarize(sweep, runs)
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("migrator.report", "templates"),
-        autoescape=jinja2.select_autoescape(default=True), trim_blocks=True,
-        lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     figures = [(key, title, unit, figure_plot(rows, key, title, unit))
                for key, title, unit, _w in FIGURES]
     shown = [f for f in FIGURES if any(r[f[0]] for r in rows)]
-    html = env.get_template("comparison.html.j2").render(
+    html = template("comparison.html.j2").render(
         sweep=sweep.to_json(), rows=rows,
         runs=[r.to_json() | {"href": os.path.relpath(Path(r.run_dir) / "report.html", out_dir)
                              if r.run_dir else None} for r in runs],

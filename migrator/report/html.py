@@ -92,19 +92,24 @@ def _row(m: dict) -> dict:
     }
 
 
-def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
-    """The page, as a string."""
+def template(name: str):
+    """A page template of ``templates/`` (autoescaped; an undefined name is an error)."""
     import jinja2
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("migrator.report", "templates"),
         autoescape=jinja2.select_autoescape(default=True), trim_blocks=True,
         lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.get_template(name)
+
+
+def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
+    """The page, as a string."""
     rows = [_row(m) for m in migs]
     sections = []
     for m, row in zip(migs, rows):
         svg = _guarded(plots.migration_plot, m, row["anchor"])
         sections.append({**row, "plot": svg, "samples": len(m.get("progress") or ())})
-    return env.get_template("report.html.j2").render(
+    return template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
         instance_failures=[i for i in run.get("instances", []) if i.get("status") != "passed"],
@@ -133,4 +138,4 @@ def write_html(run_dir: Path) -> Path:
     return path
 
 
-__all__ = ["REPORT", "load_run", "render_html", "write_html"]
+__all__ = ["REPORT", "load_run", "render_html", "template", "write_html"]

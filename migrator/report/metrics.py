@@ -59,10 +59,12 @@ LABELS = ["mig_id", "vm", "src", "dst"]
 
 
 def _histogram(name: str, doc: str, values: list[float], buckets: tuple[float, ...]):
-    from prometheus_client.core import HistogramMetricFamily
-    cumulative = [(repr(b), sum(v <= b for v in values)) for b in buckets]
-    cumulative.append(("+Inf", len(values)))
-    return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=sum(values))
+    """A histogram family of ``values``, counted as the sync server counts its own."""
+    from syncserver.server import Histogram
+    counts = Histogram(buckets)
+    for v in values:
+        counts.observe(v)
+    return counts.family(name, doc)
 
 
 class RunCollector:
