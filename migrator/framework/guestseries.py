@@ -17,10 +17,12 @@ The hosts' clocks and the controller's are taken to agree (one machine in the la
 elsewhere: a skew shifts ``t``). A gap in the samples where the guest was paused, and the
 copy that printed them, show the switchover as the guest lived it; ``stale_pages`` rising
 is a lost write. After a completed migration the destination's first line is waited for
-(up to :data:`LANDED_WAIT_S`: the dirtier prints once a second, so a migration of such a VM
-returns up to a second later; the migration slot is free by then). A cancelled or failed
-migration waits for nothing. ``report.dirtier_series: false`` turns it off. Whatever goes
-wrong here is a warning, never the migration's failure.
+(up to :data:`LANDED_WAIT_S`: the dirtier prints once a second). Given ``tails`` (the
+scenario's task group), that wait is a task of the group: the migration returns at once, the
+scenario goes on, and the record's ``dirtier`` is completed when the line comes (the group,
+and so the instance, ends only after it); without it, the migration returns after the wait.
+A cancelled or failed migration waits for nothing. ``report.dirtier_series: false`` turns it
+off. Whatever goes wrong here is a warning, never the migration's failure.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def on_axis(samples: list[dict], progress: list[dict]) -> list[dict]:
 class _Series:
     """The followers of one migration and what they collected."""
 
-    def __init__(self, ctx: "RunContext", vm: "GuestVM", mig: BaseMigration):
-        self.ctx, self.vm, self.mig = ctx, vm, mig
+    def __init__(self, ctx: "RunContext", vm: "GuestVM", mig: BaseMigration, mig_id: str):
+        self.ctx, self.vm, self.mig, self.mig_id = ctx, vm, mig, mig_id
         self.samples: list[dict] = []
         self.landed = asyncio.Event()       # a line from the destination's copy came
         self.followers: list[StatusFollower] = []
@@ -106,29 +108,55 @@ class _Series:
                 self.ctx.warn(f"{self.vm.name}: no dirtier series from {f.host.name}: "
                               f"{outcome}")
 
+    def waits(self, completed: bool) -> bool:
+        """Whether :meth:`stop` would wait for the destination's first line."""
+        dst = [f for f in self.followers if f.host is self.mig.dst_host]
+        return completed and bool(dst) and dst[0].running and not self.landed.is_set()
+
+    async def stop_source(self) -> None:
+        """Stop the source's follower: the source's copy is gone, and the next migration
+        back may start a new QEMU there whose lines, on the same path, are not this
+        migration's. Before the migration returns."""
+        await asyncio.gather(*(f.stop() for f in self.followers
+                               if f.host is not self.mig.dst_host))
+
     async def stop(self, completed: bool) -> None:
         """After a completed migration, wait (bounded) for the destination's first line;
-        then stop every follower at once and keep the series in the record."""
-        dst = [f for f in self.followers if f.host is self.mig.dst_host]
-        if completed and dst and dst[0].running and not self.landed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await wait_for(self.landed.wait(), LANDED_WAIT_S)
-        await asyncio.gather(*(f.stop() for f in self.followers))
-        self.mig.result.dirtier = on_axis(self.samples, self.mig.result.progress)
+        then stop every follower and keep the series in the result and, when the
+        migration's record is made already, in the record."""
+        try:
+            if self.waits(completed):
+                with contextlib.suppress(TimeoutError):
+                    await wait_for(self.landed.wait(), LANDED_WAIT_S)
+        finally:
+            await shielded(asyncio.gather(*(f.stop() for f in self.followers)))
+            series = self.mig.result.dirtier = on_axis(self.samples, self.mig.result.progress)
+            for rec in self.ctx.migrations:
+                if rec.mig_id == self.mig_id and rec.vm == self.vm.name:
+                    rec.result["dirtier"] = series
 
 
 @contextlib.asynccontextmanager
-async def dirtier_series(ctx: "RunContext", vm: "GuestVM", mig: BaseMigration
-                         ) -> AsyncIterator[None]:
-    """Around one migration of ``vm`` (outside its slot: the wait for the destination's
-    first line holds no slot): its dirtier's lines from both hosts, into
-    ``mig.result.dirtier`` when the block ends (see the module's docstring)."""
+async def dirtier_series(ctx: "RunContext", vm: "GuestVM", mig: BaseMigration, mig_id: str,
+                         tails: asyncio.TaskGroup | None = None) -> AsyncIterator[None]:
+    """Around migration ``mig_id`` of ``vm`` (outside its slot: the wait for the
+    destination's first line holds no slot): its dirtier's lines from both hosts, into
+    ``mig.result.dirtier`` and the migration's record (see the module's docstring; the
+    wait after a completed migration is a task of ``tails`` when given)."""
     if not ctx.config.report.dirtier_series or not runs_dirtier(vm.spec.append):
         yield
         return
-    series = _Series(ctx, vm, mig)
+    series = _Series(ctx, vm, mig, mig_id)
     starter = asyncio.create_task(series.follow(), name=f"dirtier series {vm.name}")
     completed = False
+
+    async def stop() -> None:
+        try:
+            await series.stop(completed)
+        except Exception as exc:  # noqa: BLE001 - a measurement, never the migration's
+            log.exception("dirtier series of %s", vm.name)
+            ctx.warn(f"{vm.name}: dirtier series lost: {exc}")
+
     try:
         yield
         completed = mig.phase is Phase.CLEANED
@@ -136,13 +164,19 @@ async def dirtier_series(ctx: "RunContext", vm: "GuestVM", mig: BaseMigration
         async def end() -> None:
             try:
                 await cancel_and_wait(starter)
-            except Exception as exc:  # noqa: BLE001 - a measurement, never the migration's
-                ctx.warn(f"{vm.name}: no dirtier series: {exc}")
-            try:
-                await series.stop(completed)
             except Exception as exc:  # noqa: BLE001 - as above
-                log.exception("dirtier series of %s", vm.name)
-                ctx.warn(f"{vm.name}: dirtier series lost: {exc}")
+                ctx.warn(f"{vm.name}: no dirtier series: {exc}")
+            if tails is not None and series.waits(completed):
+                try:
+                    await series.stop_source()
+                except Exception as exc:  # noqa: BLE001 - as above
+                    ctx.warn(f"{vm.name}: dirtier series: {exc}")
+                try:    # owned by the scenario's group, which ends only after it
+                    tails.create_task(stop(), name=f"dirtier series {vm.name} {mig_id}")
+                    return
+                except RuntimeError:        # the group is ending (the scenario failed)
+                    pass
+            await stop()
         await shielded(end())
 
 

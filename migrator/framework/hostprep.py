@@ -280,11 +280,14 @@ async def blackout_probe(ctx: RunContext, vm: "GuestVM", mig: BaseMigration,
 
 async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "GuestVM",
                       dst_address: str, key: str | None = None,
-                      peer: "Callable[[str], GuestVM] | None" = None) -> MigrationResult:
+                      peer: "Callable[[str], GuestVM] | None" = None,
+                      tails: asyncio.TaskGroup | None = None) -> MigrationResult:
     """Migrate ``vm`` to ``md.dst`` through the engine: a journal record before each phase
     (``recover`` reads them; with ``key``, the VM's identity when it is not its name), progress
     lines, and the run's :class:`MigrationRecord` whatever the outcome. The migration waits
-    for its slot (``queue.*`` limits, :mod:`.slots`) in phase QUEUED.
+    for its slot (``queue.*`` limits, :mod:`.slots`) in phase QUEUED. ``tails``: the group
+    that owns what completes the record after the migration returned (the dirtier series'
+    wait for the destination's first line, :mod:`.guestseries`); without it, that waits here.
 
     :return: the result (status ``completed``).
     :raise MigrationError: the migration failed (rolled back; its record says how).
@@ -312,7 +315,7 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
     try:
         try:
             # the dirtier series outside the slot: it may wait a second after the move
-            async with dirtier_series(ctx, vm, mig), \
+            async with dirtier_series(ctx, vm, mig, md.mig_id, tails), \
                     ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
                                      md.priority) as ticket, \
                     blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:

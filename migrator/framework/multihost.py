@@ -541,7 +541,7 @@ class MultihostMigration(BlockingInWorkers):
         entry = self.inventory.host(md.dst.name)
         await hostprep.migrate_one(self.context, self.name, md, vm,
                                    entry.migration_address or entry.address,
-                                   peer=self.env.get_vm)
+                                   peer=self.env.get_vm, tails=self._tg)
 
     def _handled(self, handle: MigrationHandle) -> None:
         """The scenario received ``handle``'s error: its migrations count as expected."""

@@ -13,8 +13,9 @@ once a second; neither shows when the guest really stopped and resumed. A small 
 follower runs on the host (python3 is already needed there by the sync participant): it
 polls the file every 20 ms, so a line's stamp is at most 20 ms after QEMU wrote it. It
 starts at the file's end (only what comes from now on); a file that does not exist yet
-(the destination's QEMU not started) is waited for and read from its start; a file that is
-truncated or replaced (a new QEMU on the same path) is read again from its start.
+(the destination's QEMU not started) is waited for and read from its start. It follows one
+QEMU's file: once that file is truncated or replaced (a new QEMU on the same path: the VM
+migrated back), it reads nothing more.
 
 The follower ends when its stdin closes, after one last read of the file. What goes wrong
 while it runs or stops is logged, never raised into the caller.
@@ -30,9 +31,12 @@ from shlex import quote
 from typing import Callable
 
 from ..aio import cancel_and_wait, shielded, wait_for
+from ..errors import HostError
 
 log = logging.getLogger(__name__)
 
+#: how long the follower's Python may take to start on a busy host
+STARTUP_S = 10.0
 #: the follower's source (run as ``python3 -u -c SOURCE PATH``); prints ``<time> <line>``
 FOLLOWER = r"""
 import os, select, sys, time
@@ -48,14 +52,18 @@ def emit(chunk):
         sys.stdout.write(out)
         sys.stdout.flush()
 def poll():
-    global f, ino, buf
+    global f, ino
+    if ino == -1:
+        return
     try:
         st = os.stat(path)
-        if f is None or st.st_ino != ino or st.st_size < f.tell():
-            if f is not None:
-                f.close()
-            f, ino, buf = open(path, "rb"), st.st_ino, b""
+        if f is None:
+            f, ino = open(path, "rb"), st.st_ino
+        elif st.st_ino != ino or st.st_size < f.tell():
+            ino = -1
     except OSError:
+        pass
+    if f is None:
         return
     chunk = f.read()
     if chunk:
@@ -66,6 +74,8 @@ try:
     f.seek(0, 2)
 except OSError:
     pass
+sys.stdout.write("ready\n")
+sys.stdout.flush()
 while not (select.select([0], [], [], 0.02)[0] and not os.read(0, 4096)):
     poll()
 poll()
@@ -83,9 +93,23 @@ class StatusFollower:
         self._reader: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """:raise HostError: the host cannot start it."""
+        """Returns once the follower has the file's end (or knows it has no file yet):
+        every line written from then on is delivered.
+
+        :raise HostError: the host cannot start it."""
         proc = await self.host.spawn(
             f"exec python3 -u -c {quote(FOLLOWER)} {quote(self.path)}")
+        try:
+            ready = await wait_for(proc.readline(), STARTUP_S)
+        except TimeoutError:
+            ready = f"nothing within {STARTUP_S:g} s"
+        except BaseException:
+            await shielded(proc.stop())
+            raise
+        if ready != "ready\n":
+            await shielded(proc.stop())
+            raise HostError(self.host.name, f"the status follower of {self.path} did not "
+                            f"start (said {ready!r})")
         self._proc = proc
         self._reader = asyncio.create_task(self._read(proc),
                                            name=f"status follower {self.host.name}")

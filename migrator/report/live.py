@@ -8,8 +8,9 @@ the run's story (phase lines, warnings) scrolls above it.
         ...                       # the run; ctx.say() lines print above the bars
 
 What it draws is :func:`migrator.framework.control.status_of` (the answer ``migrate-run
-status`` gets from another terminal), redrawn every ``report.live_refresh_s`` by a task of
-the event loop (the run's state is only read where it is changed), and written to the
+status`` gets from another terminal), made every ``report.live_refresh_s`` by a task of
+the event loop (the run's state is only read where it is changed), drawn when it differs
+from the frame on the screen, and written to the
 terminal by a thread (the loop never blocks on a slow or stopped terminal).
 In mode ``auto`` the view is on when stdout is a terminal; otherwise (CI, a pipe, a file)
 the run prints plain timestamped lines, a progress line per ``report.progress_interval_s``,
@@ -212,9 +213,13 @@ async def live_view(ctx, mode: str = "auto", refresh_s: float = 0.25) -> AsyncIt
                 redirect_stdout=True, redirect_stderr=sys.stderr.isatty())
 
     async def redraw() -> None:
+        shown = None
         while True:
             try:
-                live.update(frame(), refresh=True)
+                text = frame()
+                if text.plain != shown:   # the same frame again (figures change per sample,
+                    live.update(text, refresh=True)   # clocks per second): nothing to draw
+                    shown = text.plain
             except Exception:  # noqa: BLE001 - a frame never fails the run
                 log.exception("live view: a frame could not be drawn")
             await asyncio.sleep(refresh_s)
