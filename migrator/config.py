@@ -588,6 +588,19 @@ class ReportSettings(_Strict):
     on the hosts as its lines arrive, in the migration's record (``dirtier``)."""
 
 
+class Checks(_Strict):
+    """What the framework checks after every completed migration, beside the engine's own
+    (the destination running, the source paused) and the scenario's."""
+
+    dirtier: bool = True
+    """Where a VM runs the lab's dirtier (``lab.dirty=N lab.out=ttyS1``): the guest's own
+    check of every page it keeps dirty must pass on the destination, one whole pass after
+    the guest resumed there. A stale page (a write the migration lost), or no such pass in
+    time, fails the migration (phase VERIFIED)."""
+    dirtier_wait_s: float = Field(30.0, gt=0)
+    """How long that pass is waited for, beyond two passes at the dirtier's ``lab.rate``."""
+
+
 class PlanSettings(_Strict):
     """Test plans (``migrate-run --plan``)."""
 
@@ -725,6 +738,7 @@ class Config(_Strict):
     """Declared VMs. Undeclared names ``vm1`` ... ``vmN`` are lab guests of the default size."""
     sync: SyncSettings = SyncSettings()
     report: ReportSettings = ReportSettings()
+    checks: Checks = Checks()
     journal: JournalSettings = JournalSettings()
     plan: PlanSettings = PlanSettings()
     network: NetworkSettings = NetworkSettings()

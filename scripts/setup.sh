@@ -8,7 +8,10 @@
 #      bookworm-backports with the pins of shared/lab-recipe.md section 10.1: Debian 12's QEMU 7.2
 #      loses dirty pages under TCG, which would make every memory-integrity check meaningless;
 #   3. creates the venv (.venv) and installs migrator editable with its test extras;
-#   4. builds (or reuses) the cached lab guest image.
+#   4. builds (or reuses) the cached lab guest image;
+#   5. extracts Debian 12's QEMU 7.2 into its own prefix (migrate-lab qemu install 7.2), next to
+#      the system's QEMU 10 and replacing nothing: the cross-version tests and the dirtier
+#      check's test (7.2 loses dirty pages under TCG) run it.
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default ./.venv),
 #              MIGRATOR_SKIP_IMAGE=1 to skip step 4.
 set -euo pipefail
@@ -115,4 +118,6 @@ fi
 if [ "${MIGRATOR_SKIP_IMAGE:-0}" != 1 ]; then
   "$VENV/bin/migrate-lab" image
 fi
+# ---- 5. QEMU 7.2 beside the system's ----------------------------------------------------------
+"$VENV/bin/migrate-lab" qemu install 7.2
 log "set-up complete"

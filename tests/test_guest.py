@@ -51,7 +51,7 @@ async def test_guest_oracles_memsum_and_dirtier(lab, inventory, config):
     assert written and verified, out
     assert verified.group(1) == verified.group(2) == written.group(1)
     assert verified.group(3) == "0" and verified.group(4) == "1"
-    dirty = re.findall(r"DIRTY t=\d+ pass=(\d+) rate=\d+MB/s bad=(\d+)", out)
+    dirty = re.findall(r"DIRTY t=[\d.]+ pass=(\d+) rate=\d+MB/s bad=(\d+)", out)
     assert len(dirty) >= 1, out
     assert all(bad == "0" for _, bad in dirty)
     assert int(dirty[-1][0]) > 0
@@ -72,7 +72,7 @@ async def test_dirtier_paced_by_work(lab, inventory, config):
     assert "bad-word=2" in out, out
     pace = re.search(r"PACE cpu loops_per_page=(\d+) target=16MB/s", out)
     assert pace and int(pace.group(1)) >= 1, out
-    dirty = re.findall(r"DIRTY t=\d+ pass=(\d+) rate=\d+MB/s bad=(\d+)", out)
+    dirty = re.findall(r"DIRTY t=[\d.]+ pass=(\d+) rate=\d+MB/s bad=(\d+)", out)
     assert dirty and all(bad == "0" for _, bad in dirty), out
     await _no_guest_left(inventory, "hostC")
 

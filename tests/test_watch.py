@@ -177,6 +177,12 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         assert all(d["t"] >= done_at - 1.0 for d in series if d["host"] == m["dst"]), \
             (series, done_at)
         assert [d["now"] for d in series] == sorted(d["now"] for d in series)
+        # and the guest checked every page on the destination, none stale (checks.dirtier)
+        check = m["dirtier_check"]
+        assert check["host"] == m["dst"] and check["checked"], check
+        assert check["stale_pages"] == 0 and check["new_stale_pages"] == 0, check
+        first = next(d["pass"] for d in series if d["host"] == m["dst"])
+        assert check["pass"] >= first + 2, (check, series)
 
 
 @pytest.mark.parametrize("metrics, message", [

@@ -86,6 +86,11 @@ def _lab_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("probe", help="probe KVM now by booting the guest (ignores the cache)")
 
+    qemu = sub.add_parser("qemu", help="other QEMU builds next to the system's (Debian's "
+                                       "packages extracted into a prefix of their own)")
+    qemu.add_argument("action", choices=["install", "list"])
+    qemu.add_argument("build", nargs="?", help="the build to install, e.g. 7.2")
+
     boot = sub.add_parser("boot", help="boot the lab guest on a host over SSH, run a command "
                                        "on its serial console, stop it")
     _lab_options(boot)
@@ -130,6 +135,21 @@ async def _lab_command(args: argparse.Namespace) -> int:
               f"{img.kernel_package}")
         for path in (img.kernel, img.bzimage, img.initrd):
             print(f"  {path}  {path.stat().st_size / 2**20:.1f} MiB")
+        return 0
+    if args.cmd == "qemu":
+        from ..lab import qemus
+        if args.action == "list":
+            have = qemus.installed()
+            for build in qemus.BUILDS:
+                print(f"{build:6} {have.get(build) or 'not installed'}")
+            return 0
+        if not args.build:
+            raise ConfigError(f"migrate-lab qemu install: name a build ({', '.join(qemus.BUILDS)})")
+        if args.build not in qemus.BUILDS:
+            raise ConfigError(f"unknown QEMU build {args.build!r} (known: "
+                              f"{', '.join(qemus.BUILDS)})")
+        path = await asyncio.to_thread(qemus.install, args.build)
+        print(f"QEMU {args.build}: {path}")
         return 0
     if args.cmd == "probe":
         img = await ensure_image()

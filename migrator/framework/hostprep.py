@@ -25,7 +25,7 @@ from . import pools
 from .context import MigrationRecord, RunContext
 from .data import MigrationData
 from .failures import first_of
-from .guestseries import dirtier_series
+from .dirtier import watch_dirtier
 from .journal import controller_identity, owner_file
 from .progress import Progress
 
@@ -286,8 +286,8 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
     (``recover`` reads them; with ``key``, the VM's identity when it is not its name), progress
     lines, and the run's :class:`MigrationRecord` whatever the outcome. The migration waits
     for its slot (``queue.*`` limits, :mod:`.slots`) in phase QUEUED. ``tails``: the group
-    that owns what completes the record after the migration returned (the dirtier series'
-    wait for the destination's first line, :mod:`.guestseries`); without it, that waits here.
+    that owns what completes the record after the migration returned (the dirtier's check
+    of the guest's memory and its series, :mod:`.dirtier`); without it, that waits here.
 
     :return: the result (status ``completed``).
     :raise MigrationError: the migration failed (rolled back; its record says how).
@@ -315,7 +315,7 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
     try:
         try:
             # the dirtier series outside the slot: it may wait a second after the move
-            async with dirtier_series(ctx, vm, mig, md.mig_id, tails), \
+            async with watch_dirtier(ctx, vm, mig, md.mig_id, tails), \
                     ctx.slots.ticket(md.src, md.dst.name, vm.name, md.mig_id,
                                      md.priority) as ticket, \
                     blackout_probe(ctx, vm, mig, peer), asyncio.TaskGroup() as tg:

@@ -349,6 +349,7 @@ class MultihostMigration(BlockingInWorkers):
             rec.status = ("interrupted" if isinstance(leaf, (asyncio.CancelledError,
                                                              KeyboardInterrupt)) else "failed")
             rec.error, rec.error_type = describe(leaf), type(leaf).__name__
+            self._unhandled(leaf)
             if leaf is exc:
                 raise
             raise leaf
@@ -542,6 +543,15 @@ class MultihostMigration(BlockingInWorkers):
         await hostprep.migrate_one(self.context, self.name, md, vm,
                                    entry.migration_address or entry.address,
                                    peer=self.env.get_vm, tails=self._tg)
+
+    def _unhandled(self, error: BaseException) -> None:
+        """``error`` ended the instance: the migrations whose error it is were not
+        handled by the scenario, though it received them (it raised them again)."""
+        for handle in self._handles:
+            if handle.error is error:
+                for rec in self.context.migrations:
+                    if rec.mig_id == handle.mig_data.mig_id:
+                        rec.handled = False
 
     def _handled(self, handle: MigrationHandle) -> None:
         """The scenario received ``handle``'s error: its migrations count as expected."""

@@ -9,7 +9,7 @@ arrive, each stamped with the *host's* clock when it reached the file.
     await follower.stop()         # never raises; the lines written until now are delivered
 
 Why the host's clock: the guest's own clock stops while the VM is paused, and its lines come
-once a second; neither shows when the guest really stopped and resumed. A small Python
+four times a second; neither shows when the guest really stopped and resumed. A small Python
 follower runs on the host (python3 is already needed there by the sync participant): it
 polls the file every 20 ms, so a line's stamp is at most 20 ms after QEMU wrote it. It
 starts at the file's end (only what comes from now on); a file that does not exist yet

@@ -203,9 +203,11 @@ class MigrationResult:
     phases: list[tuple[str, float, float]] = field(default_factory=list)
     #: the progress history: a sample per ``report.progress_interval_s`` (see .timeline)
     progress: list[dict] = field(default_factory=list)
-    #: the guest dirtier's samples, stamped on the hosts (framework.guestseries); [] when
+    #: the guest dirtier's samples, stamped on the hosts (framework.dirtier); [] when
     #: it does not run
     dirtier: list[dict] = field(default_factory=list)
+    #: the dirtier's check of the guest's memory after the migration (framework.dirtier)
+    dirtier_check: dict | None = None
     error: str | None = None
 
     def to_json(self) -> dict:

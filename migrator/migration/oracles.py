@@ -14,7 +14,7 @@ import re
 from ..errors import GuestError
 from ..hypervisor.qemu import QemuVM
 
-_DIRTY = re.compile(r"DIRTY t=\d+ pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
+_DIRTY = re.compile(r"DIRTY t=[\d.]+ pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
 
 
 async def wait_tick_after(vm: QemuVM, after: int | None, timeout: float) -> int:

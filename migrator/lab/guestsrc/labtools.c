@@ -10,7 +10,8 @@
  *       to RATE_MIB_S, so the rate follows the CPU time the vCPU gets (a compute-bound
  *       workload, what QEMU's auto-converge throttle slows down); prints
  *         PACE cpu loops_per_page=<n> target=<MiB/s>
- *       Prints once per second:  DIRTY t=<s> pass=<n> rate=<MiB/s> bad=<stale pages so far>
+ *       Prints four times a second:  DIRTY t=<s> pass=<n> rate=<MiB/s> bad=<stale pages so far>
+ *       (t: seconds since it started, to 0.01 s; pass: whole passes done so far)
  *       and for the first stale pages:  STALE page=<i> has=<value> want=<value>
  *
  *   memsum write SIZE_MIB [SEED]
@@ -168,8 +169,8 @@ static int dirtier(int argc, char **argv) {
                     usleep(2000);
                     t = now();
                 }
-            if (t - last >= 1.0) {
-                printf("DIRTY t=%.0f pass=%" PRIu64 " rate=%.0fMB/s bad=%" PRIu64 "\n", t - t0,
+            if (t - last >= 0.25) {
+                printf("DIRTY t=%.2f pass=%" PRIu64 " rate=%.0fMB/s bad=%" PRIu64 "\n", t - t0,
                        pass, (touched - touched_at_report) / 256.0 / (t - last), bad);
                 last = t;
                 touched_at_report = touched;
