@@ -450,7 +450,12 @@ class VMSettings(_Strict):
     extra_args: list[str] = []
     """More QEMU arguments (qemu driver only), e.g. ``["-device", "virtio-rng-pci"]``."""
     qemu: str | None = None
-    """The QEMU binary on the hosts (default: ``qemu-system-x86_64`` from PATH)."""
+    """The QEMU binary on every host the VM runs on (default: the host's ``qemu`` in the
+    inventory, else ``qemu-system-x86_64`` from PATH)."""
+    machine: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """QEMU's machine type (qemu driver), e.g. ``pc-i440fx-7.2``; default ``pc``: the newest
+    i440fx of the QEMU it starts on. A migration starts the destination with the source's
+    very type; to migrate between QEMU versions, pin one that both have."""
     cpu_model: str | None = None
     """QEMU's ``-cpu`` model (default: ``qemu64`` under TCG, ``host`` under KVM)."""
     cpu_affinity: str | None = None
@@ -601,6 +606,48 @@ class Checks(_Strict):
     """How long that pass is waited for, beyond two passes at the dirtier's ``lab.rate``."""
 
 
+_COMPARE_RATIOS = {"total_time_ms": 1.25, "downtime_ms": 1.5, "blackout_ms": 1.5,
+                   "throughput_mbps": 0.8, "iterations": 1.5}
+_COMPARE_SLACK = {"total_time_ms": 100.0, "downtime_ms": 20.0, "blackout_ms": 50.0,
+                  "throughput_mbps": 50.0, "iterations": 2.0}
+
+
+class CompareSettings(_Strict):
+    """``migrate-run compare``: when run B's migrations are a regression against run A's
+    (:mod:`migrator.report.baseline`). Per metric, a ratio of the medians and an absolute
+    slack, both exceeded for a regression (B/A above the ratio for times and iterations,
+    below it for throughput); a stale page more than A is always one."""
+
+    ratios: dict[str, float] = _COMPARE_RATIOS
+    """Per metric; those not given keep their defaults."""
+    slack: dict[str, float] = _COMPARE_SLACK
+    baselines_dir: Path = Path("results/baselines")
+    """Where ``--baseline save NAME`` keeps baselines (NAME/run.json, NAME/migrations/)."""
+
+    @field_validator("ratios", "slack", mode="before")
+    @classmethod
+    def _over_defaults(cls, given, info):
+        defaults = _COMPARE_RATIOS if info.field_name == "ratios" else _COMPARE_SLACK
+        if not isinstance(given, dict):
+            return given
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown metric(s) "
+                             f"{', '.join(unknown)} (known: {', '.join(defaults)})")
+        return {**defaults, **given}
+
+    @model_validator(mode="after")
+    def _every_metric(self) -> "CompareSettings":
+        for what, given in (("ratios", self.ratios), ("slack", self.slack)):
+            if any(v < 0 for v in given.values()):
+                raise ValueError(f"compare.{what}: no negative value")
+        if self.ratios["throughput_mbps"] > 1 or any(
+                v < 1 for k, v in self.ratios.items() if k != "throughput_mbps"):
+            raise ValueError("compare.ratios: at least 1 for times and iterations, at most 1 "
+                             "for throughput (B/A past it is a regression)")
+        return self
+
+
 class PlanSettings(_Strict):
     """Test plans (``migrate-run --plan``)."""
 
@@ -739,6 +786,7 @@ class Config(_Strict):
     sync: SyncSettings = SyncSettings()
     report: ReportSettings = ReportSettings()
     checks: Checks = Checks()
+    compare: CompareSettings = CompareSettings()
     journal: JournalSettings = JournalSettings()
     plan: PlanSettings = PlanSettings()
     network: NetworkSettings = NetworkSettings()
@@ -847,6 +895,10 @@ class HostEntry(_Strict):
     """Where the destination QEMU listens for migrations, if not ``address``."""
     ssh: SSHSettings | None = None
     """Per-host SSH settings; fields not given here come from the inventory's ``ssh``."""
+    qemu: str | None = None
+    """This host's QEMU binary (qemu driver), for the VMs that do not name their own
+    (``vms.X.qemu``): e.g. an older QEMU on one host, to migrate across versions
+    (``migrate-lab up --qemu hostA=7.2``). Default: ``qemu-system-x86_64`` from PATH."""
     capacity: HostCapacity | None = None
     """What the host may give to tests: a plan's ``queues: auto`` sizes its queues from it
     (lab hosts share one machine, so what a host reports is not its capacity)."""

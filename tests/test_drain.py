@@ -273,8 +273,9 @@ async def test_status_and_cancel_from_another_terminal(setup, lab):
     for n in ("web1", "web2", "web3"):
         assert "MEMSUM wrote" in await memsum(setup, n, "hostA", "write 24 3")
     setup.with_capacity(hostB=(4, 500))
+    # 4 MiB/s: each VM's ~40 MiB take ~10 s, the window for status and each cancel
     ctl = drain_process(setup, "hostA", "--max-parallel", "1", "--to", "hostB",
-                        "-p", "migration.bandwidth_mibs=2")
+                        "-p", "migration.bandwidth_mibs=4")
     try:
         await ctl.start()
         now = await wait_status(setup, ctl, lambda m: len(m) == 3 and (

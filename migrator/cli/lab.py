@@ -44,6 +44,10 @@ def _lab_parser() -> argparse.ArgumentParser:
                     "bridge; default: the lab subnet + 2^16, e.g. 10.78.0.0/24)")
     up.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                     help="guest accelerator; auto probes KVM by booting a guest (default auto)")
+    up.add_argument("--qemu", action="append", default=[], metavar="HOST=BUILD|PATH",
+                    help="that host's own QEMU (qemu driver), e.g. hostA=7.2 (a build the "
+                         "lab installs: migrate-lab qemu list) or a binary's path; "
+                         "repeatable")
 
     down = sub.add_parser("down", help="remove everything the lab made")
     _lab_options(down)
@@ -170,8 +174,16 @@ async def _lab_command(args: argparse.Namespace) -> int:
         elif args.count is not None:
             from ..lab.lab import default_host_names
             hosts = default_host_names(args.count)
+        qemu = {}
+        for item in args.qemu:
+            host, sep, what = item.partition("=")
+            if not sep or not host or not what:
+                raise ConfigError(f"--qemu {item}: expected HOST=BUILD or HOST=PATH")
+            if host in qemu:
+                raise ConfigError(f"--qemu: {host} given twice")
+            qemu[host] = what
         report = await lab.up(hosts, args.subnet, args.libvirt, args.accel, progress=say,
-                              guest_subnet=args.guest_subnet, shared=args.shared)
+                              guest_subnet=args.guest_subnet, shared=args.shared, qemu=qemu)
         st = report.state
         if not report.already_up:
             say(f"lab {st.name} up: {len(st.hosts)} hosts on {st.subnet}, guests on "

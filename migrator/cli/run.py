@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "report": ("report", "(re)make a finished run's report.html: report RUN_DIR..."),
     "sweep": ("sweep", "a scenario for every combination of config values, compared: "
                        "sweep --param KEY=V1,V2 [--repeat N] SCENARIO -m HOSTS"),
+    "compare": ("compare", "did it get worse? compare RUN_A RUN_B | --baseline [save] NAME RUN"),
 }
 
 

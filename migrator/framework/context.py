@@ -95,6 +95,9 @@ class RunContext:
         self.journal: RunJournal | None = None
         #: what went wrong without failing the run (a blocked event loop), for the report
         self.warnings: list[str] = []
+        #: host -> its kernel, QEMU (binary, version) and libvirt versions, probed when the
+        #: run claims its run directory there (:func:`.hostprep.claim_run_dirs`)
+        self.versions: dict[str, dict] = {}
         self._watch: LoopStallWatch | None = None
         self._watchers = 0
         self._code_files: set[str] = set()

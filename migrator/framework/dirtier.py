@@ -14,13 +14,15 @@ copying (MIRRORING or MIGRATING: not while it waits for a slot) until it ends.
 destination's lines are followed until the guest has checked every page there: two passes
 past its first line on the destination (the pass in progress when it resumed, then a whole
 one). The count of stale pages then, less the most the source reported during the migration
-(an earlier hop's, reported then), must be 0. Stale pages, or no such pass within
-``checks.dirtier_wait_s`` plus two passes at the dirtier's ``lab.rate``, fail the migration
-(:class:`MigrationError`, phase VERIFIED, naming the destination): its record says
-``failed``, with ``dirtier_check``::
+(an earlier hop's, reported then), must be 0, and the dirtier must be the same one going
+on: its clock and pass count never go back (a dirtier that started over is a guest that
+rebooted — the lost pages crashed its kernel: QEMU 7.2 does that too — or a dirtier that
+died). Stale pages, a restart, or no such pass within ``checks.dirtier_wait_s`` plus two
+passes at the dirtier's ``lab.rate``, fail the migration (:class:`MigrationError`, phase
+VERIFIED, naming the destination): its record says ``failed``, with ``dirtier_check``::
 
     {"host": "hostB", "checked": true, "pass": 7, "stale_pages": 0, "new_stale_pages": 0,
-     "after_s": 2.1, "stale": ["STALE page=12 has=3 want=4"]}
+     "after_s": 2.1, "stale": ["STALE page=12 has=3 want=4"], "restarted": false}
 
 The QEMU migration itself completed (the VM runs on the destination); what failed is the
 guest's memory. The migration returns after the check (outside its slot): the guest must
@@ -231,16 +233,28 @@ class _Watch:
     def verdict(self, after_s: float, wait_s: float) -> tuple[dict, MigrationError | None]:
         """(the check's figures, the migration's error or None)."""
         src, dst = self.mig.result.src, self.mig.dst_host.name
-        before = max((s["stale_pages"] for s in self._mine(src)), default=0)
+        theirs = self._mine(src)
+        before = max((s["stale_pages"] for s in theirs), default=0)
         checked = self.checked_pass()
         mine = self._mine(dst)
         last = checked or (mine[-1] if mine else None)
         stale = last["stale_pages"] if last else 0
-        verdict = {"host": dst, "checked": checked is not None,
+        # the same dirtier goes on: its clock and passes never go back (one that started
+        # over is a guest that rebooted, a kernel the lost pages crashed, or a killed process)
+        seq = theirs[-1:] + mine
+        restart = next(((a, b) for a, b in zip(seq, seq[1:])
+                        if b["pass"] < a["pass"] or b["guest_t"] < a["guest_t"]), None)
+        verdict = {"host": dst, "checked": checked is not None and restart is None,
                    "pass": last["pass"] if last else None, "stale_pages": stale,
                    "new_stale_pages": max(0, stale - before), "after_s": round(after_s, 2),
-                   "stale": list(self.stale)}
-        if stale > before:
+                   "stale": list(self.stale), "restarted": restart is not None}
+        if restart is not None:
+            (a, b) = restart
+            why = (f"the guest's dirtier started over on {dst} after the migration (pass "
+                   f"{b['pass']} at {b['guest_t']:g} s, after pass {a['pass']} at "
+                   f"{a['guest_t']:g} s on {a['host']}): the guest rebooted, or its "
+                   "dirtier died, so its memory did not survive")
+        elif stale > before:
             why = (f"the guest's dirtier found {stale - before} stale page(s) on {dst} after "
                    f"the migration: writes made on {src} never reached {dst}"
                    + (f" ({self.stale[0]})" if self.stale else ""))

@@ -131,6 +131,7 @@ class Env(BlockingInWorkers):
                           accel=self.inventory.accel, disk=disk,
                           extra_args=tuple(decl.extra_args) if decl else (),
                           **({"qemu": decl.qemu} if decl and decl.qemu else {}),
+                          **({"machine": decl.machine} if decl and decl.machine else {}),
                           cpu_model=decl.cpu_model if decl else None,
                           cpu_affinity=decl.cpu_affinity if decl else None,
                           hugepages=decl.hugepages if decl else False)

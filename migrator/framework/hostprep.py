@@ -19,6 +19,7 @@ from ..config import Config
 from ..errors import ConfigError, HostError, MigratorError
 from ..hosts import SSHHost, quote
 from ..hypervisor.qemu import remove_taps
+from ..hypervisor.vm import DEFAULT_QEMU
 from ..migration import BaseMigration, MigrationResult, Phase, make_migration
 from ..migration.blackout import BlackoutProbe, GuestPingProbe, switchover_time
 from . import pools
@@ -59,10 +60,28 @@ async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: st
         ctx.record("resource", kind="run_dir", host=h.name, path=run_dir)
     root = str(ctx.inventory.run_dir)
     path = owner_file(root, ctx.run_id)
-    await asyncio.gather(*(h.run(f"mkdir -p {quote(root)} && cat > {quote(path)}",
-                                 stdin=owner, check=True,
-                                 timeout=config.timeouts.host_cleanup_s)
-                           for h in hosts))
+
+    async def claim(h: SSHHost) -> None:
+        # the host's versions in the same round trip (what each failing probe says: "")
+        qemu = h.qemu or DEFAULT_QEMU
+        r = await h.run(f"mkdir -p {quote(root)} && cat > {quote(path)} && "
+                        f"{{ echo \"kernel $(uname -r)\"; "
+                        f"echo \"qemu $({quote(qemu)} --version 2>/dev/null | head -1)\"; "
+                        "echo \"libvirt $(libvirtd --version 2>/dev/null | head -1)\"; }",
+                        stdin=owner, check=True, timeout=config.timeouts.host_cleanup_s)
+        ctx.versions.setdefault(h.name, host_versions(r.stdout, qemu))
+    await asyncio.gather(*(claim(h) for h in hosts))
+
+
+def host_versions(probe: str, qemu: str) -> dict:
+    """A host's versions from the claim's probe: kernel, QEMU (binary and ``--version``'s
+    version), libvirt (``libvirtd --version``'s); None where a probe said nothing."""
+    said = dict(line.partition(" ")[::2] for line in probe.splitlines() if " " in line)
+    version = said.get("qemu", "").strip().removeprefix("QEMU emulator version ").strip()
+    libvirt = said.get("libvirt", "").strip().rpartition(" ")[2]
+    return {"kernel": said.get("kernel", "").strip() or None,
+            "qemu": {"binary": qemu, "version": version or None},
+            "libvirt": libvirt or None}
 
 
 async def check_guest_bridges(ctx: RunContext, hosts: Sequence[SSHHost],

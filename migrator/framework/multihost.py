@@ -126,6 +126,11 @@ class MultihostMigration(BlockingInWorkers):
             raise ConfigError(f"driver {self.config.driver!r}: the inventory's hosts offer "
                               f"{', '.join(self.inventory.drivers)} (a lab runs libvirtd with "
                               "'migrate-lab up --libvirt')")
+        own = [n for n in names if self.inventory.host(n).qemu]
+        if own and self.config.driver != "qemu":
+            raise ConfigError(f"driver {self.config.driver!r}: {', '.join(own)} name their own "
+                              "QEMU (the inventory's hosts.X.qemu), which only the qemu driver "
+                              "runs (libvirt's domains name their emulator)")
         self.hosts: list[SSHHost] = [
             h if isinstance(h, SSHHost) else SSHHost.from_inventory(h, self.inventory,
                                                                     self.config)

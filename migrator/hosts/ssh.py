@@ -100,6 +100,8 @@ class SSHHost(BlockingInWorkers):
         #: where the host keeps its x509 credentials for migration over TLS (the
         #: inventory's ``tls_dir``); None: none
         self.tls_dir: str | None = None
+        #: this host's QEMU binary (the inventory's ``qemu``); None: the VM's, or PATH's
+        self.qemu: str | None = None
 
     @classmethod
     def from_inventory(cls, name: str, inventory: Inventory | str | os.PathLike | None = None,
@@ -118,6 +120,7 @@ class SSHHost(BlockingInWorkers):
                    client_keys=[ssh.identity_file] if ssh.identity_file else None,
                    config=config)
         host.tls_dir = str(entry.tls_dir) if entry.tls_dir else None
+        host.qemu = entry.qemu
         return host
 
     def __repr__(self) -> str:

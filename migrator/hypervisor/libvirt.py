@@ -87,7 +87,7 @@ def domain_xml(spec: VMSpec, paths: VMPaths) -> str:
     ET.SubElement(dom, "on_reboot").text = "restart"
     ET.SubElement(dom, "on_crash").text = "destroy"
     devices = ET.SubElement(dom, "devices")
-    if spec.qemu.startswith("/"):
+    if spec.qemu and spec.qemu.startswith("/"):
         ET.SubElement(devices, "emulator").text = spec.qemu
     if spec.disk:
         disk = ET.SubElement(devices, "disk", type="file", device="disk")

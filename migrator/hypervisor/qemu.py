@@ -15,18 +15,19 @@ from qemu.qmp import QMPClient
 
 from ..errors import GuestError, HostError
 from ..hosts.ssh import SSHHost, join, quote
-from .vm import GuestVM, VMPaths, VMSpec, vm_paths
+from .vm import GuestVM, VMPaths, VMSpec, qemu_binary, vm_paths
 
 __all__ = ["QemuVM", "VMSpec", "VMPaths", "vm_paths", "qemu_argv", "start_vm", "stop_vm",
            "qmp_session"]
 
 def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
-              paused: bool = False) -> list[str]:
-    """The QEMU command line for ``spec`` (TCG: ``-cpu qemu64``; KVM: ``-cpu host``)."""
+              paused: bool = False, binary: str | None = None) -> list[str]:
+    """The QEMU command line for ``spec`` (TCG: ``-cpu qemu64``; KVM: ``-cpu host``), run
+    as ``binary`` (default: the VM's, else ``qemu-system-x86_64``)."""
     default_cpu = "qemu64" if spec.accel == "tcg" else "host"
     accel = ["-accel", spec.accel, "-cpu", spec.cpu_model or default_cpu]
-    argv = [spec.qemu, "-name", spec.name, "-msg", "timestamp=on", *accel,
-            "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", "pc",
+    argv = [binary or qemu_binary(spec, None), "-name", spec.name, "-msg", "timestamp=on",
+            *accel, "-smp", str(spec.vcpus), "-m", str(spec.mem_mib), "-machine", spec.machine,
             # no -no-reboot: it turns every reset, QMP system_reset included, into an exit
             "-nodefaults", "-no-user-config", "-display", "none"]
     if spec.hugepages:
@@ -82,7 +83,9 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
                   f"exit 1; fi; fi")
     prepare = (f"mkdir -p {quote(paths.dir)} && rm -f {quote(paths.qmp)} {quote(paths.serial)} "
                f"{quote(paths.pidfile)} {ident} {quote(paths.status_log)}")
-    launch = (f"{taskset}{join(qemu_argv(spec, paths, paused=paused, incoming=incoming))}"
+    argv = qemu_argv(spec, paths, paused=paused, incoming=incoming,
+                     binary=qemu_binary(spec, host))
+    launch = (f"{taskset}{join(argv)}"
               f" && p=$(cat {quote(paths.pidfile)}) && {_STARTTIME} && "
               f"echo \"$p $st\" > {ident} && echo $p")
     if spec.network == "bridge":

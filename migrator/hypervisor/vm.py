@@ -41,6 +41,16 @@ _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CPU_LIST = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
 
 
+#: the QEMU binary when neither the VM nor its host names one
+DEFAULT_QEMU = "qemu-system-x86_64"
+
+
+def qemu_binary(spec: "VMSpec", host) -> str:
+    """The QEMU binary ``spec`` runs with on ``host``: the VM's own, else the host's, else
+    :data:`DEFAULT_QEMU`."""
+    return spec.qemu or getattr(host, "qemu", None) or DEFAULT_QEMU
+
+
 @dataclass(frozen=True)
 class VMSpec:
     """A VM, described once: what to boot and how big it is."""
@@ -53,8 +63,12 @@ class VMSpec:
     append: str = "console=ttyS0 quiet panic=-1"
     accel: str = "tcg"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
-    qemu: str = "qemu-system-x86_64"
-    """The QEMU binary on the host (e.g. /usr/libexec/qemu-kvm on RHEL-like hosts)."""
+    qemu: str | None = None
+    """The QEMU binary (e.g. /usr/libexec/qemu-kvm on RHEL-like hosts); None: the host's
+    (:attr:`SSHHost.qemu`), else ``qemu-system-x86_64`` from PATH (:func:`qemu_binary`)."""
+    machine: str = "pc"
+    """QEMU's machine type; an alias (``pc``) names the newest of its kind of the QEMU it
+    starts on: a migration starts the destination with the source's resolved type."""
     disk: str | None = None
     """A qcow2 image on shared storage (the same path on every host), as a virtio-blk disk
     with cache=none, so the destination reads what the source wrote. Booted from when no

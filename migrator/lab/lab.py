@@ -255,7 +255,8 @@ class Lab:
     async def up(self, hosts: list[str] | None = None, subnet: str | None = None,
                  libvirt: bool = False, accel: str = "auto",
                  progress: Callable[[str], None] | None = None,
-                 guest_subnet: str | None = None, shared: bool = True) -> UpReport:
+                 guest_subnet: str | None = None, shared: bool = True,
+                 qemu: dict[str, str] | None = None) -> UpReport:
         """Build the lab (or confirm it is up, or rebuild a broken one).
 
         Steps: validate everything (no change is made before this passes); tear down the
@@ -267,7 +268,8 @@ class Lab:
         Every host has its own storage at ``<lab>/local`` (the same path everywhere, a
         different directory behind it on each host); ``shared=False`` leaves ``shared_dir``
         out of the inventory, so runs there must copy their disks
-        (``migration.storage``).
+        (``migration.storage``). ``qemu``: host -> a QEMU build the lab installs
+        (:mod:`.qemus`, e.g. ``7.2``) or a binary's path, that host's QEMU in the inventory.
 
         :raise ConfigError: bad input (names, subnet overlap, dir, missing packages).
         :raise LabError: a step failed; everything made so far has been removed again.
@@ -280,6 +282,7 @@ class Lab:
             raise ConfigError(f"--accel must be auto, tcg or kvm, not {accel!r}")
         plan = self.plan(hosts, subnet, libvirt, guest_subnet)
         plan.shared = shared
+        plan.qemus = self._qemus(qemu or {}, hosts, libvirt)
         self._check_dir()
         self._check_tools(libvirt)
         base_existed = self.dir.parent.exists()
@@ -301,14 +304,16 @@ class Lab:
                         all(h.ok for h in await self.health(old)):
                     same = ([h.name for h in old.hosts] == hosts and old.subnet == plan.subnet
                             and old.libvirt == libvirt and old.shared == shared
-                            and old.guest_subnet == plan.guest_subnet)
+                            and old.guest_subnet == plan.guest_subnet
+                            and old.qemus == plan.qemus)
                     if not same:
                         raise ConfigError(
                             f"lab {self.name} is already up with hosts "
                             f"{','.join(h.name for h in old.hosts)} on {old.subnet}"
                             f"{' (guests ' + old.guest_subnet + ')' if old.guest_subnet else ''}"
                             f"{' with libvirt' if old.libvirt else ''}"
-                            f"{'' if old.shared else ' without shared storage'}: run "
+                            f"{'' if old.shared else ' without shared storage'}"
+                            f"{''.join(f' {h}={q}' for h, q in old.qemus.items())}: run "
                             f"'migrate-lab down --name {self.name}' first")
                     say(f"lab {self.name} is already up")
                     return UpReport(old, self.inventory_path, time.monotonic() - t0,
@@ -464,10 +469,37 @@ class Lab:
         for h in plan.hosts:
             pki.host_credentials(ca, self.host_dir(h.name) / "pki", h.name, [h.address])
 
+    def _qemus(self, wanted: dict[str, str], hosts: list[str], libvirt: bool) -> dict[str, str]:
+        """Host -> QEMU binary of ``--qemu``: a known build installed (:mod:`.qemus`), or a
+        path that exists.
+
+        :raise ConfigError: an unknown host, a binary that is not there, or libvirt (whose
+            domains name their emulator themselves).
+        :raise LabError: a build could not be installed.
+        """
+        from . import qemus
+        out = {}
+        for host, what in wanted.items():
+            if host not in hosts:
+                raise ConfigError(f"--qemu {host}={what}: no host {host!r} in this lab "
+                                  f"({', '.join(hosts)})")
+            if what in qemus.BUILDS:
+                out[host] = str(qemus.install(what))
+            elif what.startswith("/") and os.access(what, os.X_OK):
+                out[host] = what
+            else:
+                raise ConfigError(f"--qemu {host}={what}: neither a QEMU build the lab knows "
+                                  f"({', '.join(qemus.BUILDS)}) nor an executable path")
+        if out and libvirt:
+            raise ConfigError("--qemu: a host's own QEMU is for the qemu driver (libvirt's "
+                              "domains name their emulator); leave out --libvirt")
+        return out
+
     def _write_inventory(self, plan: LabState) -> None:
         inv = Inventory(
             hosts={h.name: HostEntry(address=h.address,
-                                     tls_dir=self.host_dir(h.name) / "pki")
+                                     tls_dir=self.host_dir(h.name) / "pki",
+                                     qemu=plan.qemus.get(h.name))
                    for h in plan.hosts},
             ssh=SSHSettings(user="root", port=22, identity_file=self.ssh_dir / "id_ed25519",
                             known_hosts=self.ssh_dir / "known_hosts",

@@ -69,6 +69,9 @@ class LabState(BaseModel):
     phase: LabPhase
     libvirt: bool
     shared: bool = True
+    qemus: dict[str, str] = {}
+    """Host -> its own QEMU binary (``migrate-lab up --qemu HOST=BUILD|PATH``); the others
+    run the system's."""
     """The inventory names the shared directory as shared storage (``up --no-shared``:
     it does not, and VM disks live on each host's own ``local/``)."""
     accel: str = "tcg"

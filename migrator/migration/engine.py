@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -58,7 +59,8 @@ from ..aio import shielded, wait_for
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import MigrationError, MigratorError
-from ..hosts.ssh import SSHHost
+from ..hosts.ssh import SSHHost, quote
+from ..hypervisor.vm import qemu_binary
 from . import storage
 from .params import MIB, MigrationParams
 from .timeline import timeline
@@ -208,10 +210,25 @@ class MigrationResult:
     dirtier: list[dict] = field(default_factory=list)
     #: the dirtier's check of the guest's memory after the migration (framework.dirtier)
     dirtier_check: dict | None = None
+    #: the machine type the guest runs as (an alias such as ``pc`` resolved on the source)
+    machine: str | None = None
+    #: each side's QEMU: ``{"src": {"host", "binary", "version"}, "dst": {...}}`` (qemu
+    #: driver: query-version; the destination's known once it started)
+    qemu: dict = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+async def qmp_version(qmp) -> str:
+    """QEMU's version as ``--version`` prints it: ``10.0.2 (Debian 1:10.0.2+ds-2...)``.
+
+    :raise QMPError: QEMU did not answer.
+    """
+    v = await qmp.execute("query-version")
+    q, package = v["qemu"], (v.get("package") or "").strip()
+    return f"{q['major']}.{q['minor']}.{q['micro']}" + (f" ({package})" if package else "")
 
 
 class BaseMigration(BlockingInWorkers):
@@ -709,10 +726,13 @@ class Migration(BaseMigration):
         timeouts = self.config.timeouts
         async with asyncio.timeout(timeouts.migration_setup_s):
             self._set_phase(Phase.PREPARING_DEST)
+            src = await self.src_vm.qmp()
+            await self._match_destination(src)
             if self.copies_disk:
                 await self._make_destination_disk()
             await self.dst_vm.start(incoming=True)
-            src, dst = await self.src_vm.qmp(), await self.dst_vm.qmp()
+            dst = await self.dst_vm.qmp()
+            self.result.qemu["dst"]["version"] = await qmp_version(dst)
             await self._configure(src, dst)
             self._set_phase(Phase.CONFIGURED)
             if self.copies_disk:
@@ -785,6 +805,46 @@ class Migration(BaseMigration):
             self.result.disk_bytes = self._mirror.offset
         await src.execute("migrate-continue", {"state": "pre-switchover"})
         self.result.disk_switchover_ms = round((time.monotonic() - t0) * 1000, 1)
+
+    async def _match_destination(self, src) -> None:
+        """The destination QEMU is started as the source's very machine type (an alias like
+        ``pc`` is the newest type of whichever QEMU starts it); when it is another QEMU
+        binary, it must have that type: checked before anything is started.
+
+        :raise MigrationError: the destination's QEMU has no such machine type (both QEMU
+            versions and the type named), or it cannot be asked.
+        """
+        try:
+            qom = await src.execute("qom-get", {"path": "/machine", "property": "type"})
+            version = await qmp_version(src)
+        except QMPError as exc:
+            raise self._error(f"the source's machine type: {exc}") from exc
+        machine = str(qom).removesuffix("-machine")
+        src_bin = qemu_binary(self.src_vm.spec, self.src_vm.host)
+        dst_bin = qemu_binary(self.src_vm.spec, self.dst_host)
+        self.result.machine = machine
+        self.result.qemu = {
+            "src": {"host": self.src_vm.host.name, "binary": src_bin, "version": version},
+            "dst": {"host": self.dst_host.name, "binary": dst_bin, "version": None}}
+        self.dst_vm.spec = dataclasses.replace(self.dst_vm.spec, machine=machine)
+        if dst_bin == src_bin:
+            return                      # the same QEMU: it has the type the source runs
+        r = await self.dst_host.run(f"{quote(dst_bin)} --version && {quote(dst_bin)} "
+                                    "-machine help", timeout=self.config.timeouts.qmp_probe_s)
+        if not r.ok:
+            raise self._error(f"{self.dst_host.name}'s QEMU {dst_bin} does not run: "
+                              f"{(r.stderr.strip() or r.stdout.strip())[-300:]}")
+        lines = r.stdout.splitlines()
+        dst_version = lines[0].removeprefix("QEMU emulator version ").strip() if lines else "?"
+        self.result.qemu["dst"]["version"] = dst_version
+        types = {w for line in lines[1:] for w in line.split()[:1]}
+        if machine not in types:
+            raise self._error(
+                f"{self.dst_host.name}'s QEMU {dst_version} has no machine type {machine}, "
+                f"which {self.src_vm.name} runs as on {self.src_vm.host.name}'s QEMU "
+                f"{version}: pin vms.{self.src_vm.name}.machine to a type both have",
+                f"{self.src_vm.name} runs on {self.src_vm.host.name}, nothing started on "
+                f"{self.dst_host.name}")
 
     async def _configure(self, src, dst) -> None:
         # the disk copy's last writes are sent with the guest stopped, before its devices

@@ -31,6 +31,31 @@ from .table import text_table
 log = logging.getLogger(__name__)
 
 
+def run_versions(ctx: RunContext) -> dict:
+    """What the run ran: migrator's version, Python's, and each host's kernel, QEMU and
+    libvirt (``ctx.versions``)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        mine = version("migrator")
+    except PackageNotFoundError:
+        mine = None
+    return {"migrator": mine, "python": platform.python_version(),
+            "hosts": dict(sorted(ctx.versions.items()))}
+
+
+def version_properties(ctx: RunContext) -> list[tuple[str, str]]:
+    """The versions as JUnit properties: ``migrator``, ``hostA.qemu``, ``hostA.kernel`` ..."""
+    v = run_versions(ctx)
+    props = [("migrator", v["migrator"] or "?")]
+    for host, hv in v["hosts"].items():
+        props += [(f"{host}.qemu", f"{hv['qemu']['version'] or '?'} ({hv['qemu']['binary']})"),
+                  (f"{host}.kernel", hv["kernel"] or "?")]
+        if hv.get("libvirt"):
+            props.append((f"{host}.libvirt", hv["libvirt"]))
+    return props
+
+
 def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
     """Write the run's records under ``out_dir`` (created); return it."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +73,7 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
            "migrations": [{"mig_id": m.mig_id, "vm": m.vm, "src": m.src, "dst": m.dst,
                            "status": m.status, "passed": m.passed} for m in ctx.migrations],
            "warnings": list(ctx.warnings),
+           "versions": run_versions(ctx),
            "config": ctx.config.model_dump(mode="json")}
     if ctx.tasks:
         run["tasks"] = {status: len([t for t in ctx.tasks if t.status == status])
@@ -109,6 +135,10 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
                               hostname=",".join(inst.hosts),
                               timestamp=time.strftime("%Y-%m-%dT%H:%M:%S",
                                                       time.localtime(inst.started)))
+        suite_props = ET.SubElement(suite, "properties")   # what ran: versions per host
+        for name, value in version_properties(ctx):
+            if "." not in name or name.split(".")[0] in inst.hosts:
+                ET.SubElement(suite_props, "property", name=f"version.{name}", value=value)
         failures = 0
         for m in migs:
             case = ET.SubElement(suite, "testcase", classname=f"{scenario}.{inst.instance}",
@@ -116,8 +146,15 @@ def junit_xml(ctx: RunContext, scenario: str) -> str:
                                  time=f"{m.result.get('run_s') or 0:.3f}")
             blackout = m.result.get("blackout") or {}
             decided = policy_steps(m.result)
-            if blackout or decided:
+            qemu = m.result.get("qemu") or {}
+            if blackout or decided or qemu or m.result.get("machine"):
                 props = ET.SubElement(case, "properties")
+            for side in ("src", "dst"):         # what migrated: each side's QEMU
+                if (qemu.get(side) or {}).get("version"):
+                    ET.SubElement(props, "property", name=f"qemu.{side}",
+                                  value=qemu[side]["version"])
+            if m.result.get("machine"):
+                ET.SubElement(props, "property", name="machine", value=m.result["machine"])
             if decided:                 # what the convergence policy did
                 ET.SubElement(props, "property", name="policy.decisions", value=decided)
             if blackout:                # the guest-visible blackout, next to QEMU's downtime
