@@ -77,6 +77,13 @@ async def test_a_ready_scenario_runs_through_libvirt_unchanged(inventory, tmp_pa
     assert run["config"]["driver"] == "libvirt"
     assert [(m["driver"], m["status"]) for m in migs] == [("libvirt", "completed")] * 2
     assert all(0 < m["total_time_net_ms"] <= m["total_time_ms"] for m in migs)
+    # what ran, as the qemu driver records it: libvirt's canonical machine type, each
+    # side's QEMU (libvirt's getVersion), each host's libvirt
+    for m in migs:
+        assert re.fullmatch(r"pc-i440fx-\d+\.\d+", m["machine"] or ""), m["machine"]
+        assert m["qemu"]["src"]["version"] == m["qemu"]["dst"]["version"], m["qemu"]
+        assert m["qemu"]["src"]["version"].startswith("10."), m["qemu"]
+    assert run["versions"]["hosts"]["hostC"]["libvirt"].startswith("11."), run["versions"]
 
 
 async def test_four_hosts_make_two_concurrent_pairs(inventory, tmp_path, no_leaks):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
-from .common import Parser, fail, overrides, setup_logging
+from .common import Parser, add_setup_options, fail, overrides, setup_logging
 
 
 def main(argv: list[str]) -> int:
@@ -29,11 +29,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--baseline", metavar="NAME",
                    help="compare RUN against baseline NAME; '--baseline save NAME RUN': keep "
                         "RUN as baseline NAME (in compare.baselines_dir)")
-    p.add_argument("-c", "--config", help="YAML config (compare.ratios, .slack, "
-                                          ".baselines_dir)")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    add_setup_options(p, inventory=False)        # -c, -p (compare.*), -v
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     from ..report import baseline as bl

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import weakref
 
 from qemu.qmp import QMPClient
 
@@ -18,7 +19,7 @@ from ..hosts.ssh import SSHHost, join, quote
 from .vm import GuestVM, VMPaths, VMSpec, qemu_binary, vm_paths
 
 __all__ = ["QemuVM", "VMSpec", "VMPaths", "vm_paths", "qemu_argv", "start_vm", "stop_vm",
-           "qmp_session"]
+           "qmp_session", "machine_types"]
 
 def qemu_argv(spec: VMSpec, paths: VMPaths, *, incoming: bool = False,
               paused: bool = False, binary: str | None = None) -> list[str]:
@@ -108,6 +109,30 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["?"]
         raise GuestError(host.name, spec.name, f"QEMU did not start: {detail[0]}")
     return int(result.stdout.split()[-1])
+
+
+#: host -> binary -> (version, machine types): what :func:`machine_types` learnt
+_PROBED: "weakref.WeakKeyDictionary[object, dict[str, tuple[str, frozenset[str]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+async def machine_types(host: SSHHost, binary: str, timeout: float) -> tuple[str, frozenset[str]]:
+    """(version, machine types and aliases) of QEMU ``binary`` on ``host``, as ``--version``
+    and ``-machine help`` print them; asked once per host object and binary.
+
+    :raise HostError: the host cannot be reached, or the binary does not run there.
+    """
+    known = _PROBED.setdefault(host, {})
+    if binary not in known:
+        r = await host.run(f"{quote(binary)} --version && {quote(binary)} -machine help",
+                           timeout=timeout)
+        if not r.ok:
+            raise HostError(host.name, f"QEMU {binary} does not run: "
+                            f"{(r.stderr.strip() or r.stdout.strip())[-300:]}")
+        lines = r.stdout.splitlines()
+        version = lines[0].removeprefix("QEMU emulator version ").strip() if lines else "?"
+        known[binary] = (version, frozenset(w for line in lines[1:] for w in line.split()[:1]))
+    return known[binary]
 
 
 #: the start command's exit status for a missing bridge (QEMU itself exits 1)

@@ -58,8 +58,9 @@ from qemu.qmp import ExecuteError, QMPError
 from ..aio import shielded, wait_for
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
-from ..errors import MigrationError, MigratorError
-from ..hosts.ssh import SSHHost, quote
+from ..errors import HostError, MigrationError, MigratorError
+from ..hosts.ssh import SSHHost
+from ..hypervisor.qemu import machine_types
 from ..hypervisor.vm import qemu_binary
 from . import storage
 from .params import MIB, MigrationParams
@@ -808,8 +809,9 @@ class Migration(BaseMigration):
 
     async def _match_destination(self, src) -> None:
         """The destination QEMU is started as the source's very machine type (an alias like
-        ``pc`` is the newest type of whichever QEMU starts it); when it is another QEMU
-        binary, it must have that type: checked before anything is started.
+        ``pc`` is the newest type of whichever QEMU starts it); when it is another QEMU (its
+        binary or its version: hosts at different package versions share a path), it must
+        have that type: checked before anything is started (each host's QEMU asked once).
 
         :raise MigrationError: the destination's QEMU has no such machine type (both QEMU
             versions and the type named), or it cannot be asked.
@@ -827,17 +829,14 @@ class Migration(BaseMigration):
             "src": {"host": self.src_vm.host.name, "binary": src_bin, "version": version},
             "dst": {"host": self.dst_host.name, "binary": dst_bin, "version": None}}
         self.dst_vm.spec = dataclasses.replace(self.dst_vm.spec, machine=machine)
-        if dst_bin == src_bin:
-            return                      # the same QEMU: it has the type the source runs
-        r = await self.dst_host.run(f"{quote(dst_bin)} --version && {quote(dst_bin)} "
-                                    "-machine help", timeout=self.config.timeouts.qmp_probe_s)
-        if not r.ok:
-            raise self._error(f"{self.dst_host.name}'s QEMU {dst_bin} does not run: "
-                              f"{(r.stderr.strip() or r.stdout.strip())[-300:]}")
-        lines = r.stdout.splitlines()
-        dst_version = lines[0].removeprefix("QEMU emulator version ").strip() if lines else "?"
+        if self.dst_host is self.src_vm.host and dst_bin == src_bin:
+            return                      # the very same QEMU: it has the type the source runs
+        try:
+            dst_version, types = await machine_types(self.dst_host, dst_bin,
+                                                     self.config.timeouts.qmp_probe_s)
+        except HostError as exc:
+            raise self._error(str(exc)) from exc
         self.result.qemu["dst"]["version"] = dst_version
-        types = {w for line in lines[1:] for w in line.split()[:1]}
         if machine not in types:
             raise self._error(
                 f"{self.dst_host.name}'s QEMU {dst_version} has no machine type {machine}, "

@@ -127,6 +127,24 @@ class LibvirtMigration(BaseMigration):
 
     # -- the phases ---------------------------------------------------------------------------
 
+    async def _record_versions(self, sdom, dconn) -> None:
+        """The domain's machine type (libvirt's canonical name) and each side's QEMU
+        (``getVersion``) in the result, as the qemu driver records them. A figure that
+        cannot be read is logged and left out: never the migration's failure."""
+        import xml.etree.ElementTree as ET
+        try:
+            root = ET.fromstring(await self.src_vm.call("XMLDesc", sdom.XMLDesc))
+            node, emulator = root.find("os/type"), root.findtext("devices/emulator")
+            self.result.machine = node.get("machine") if node is not None else None
+            sconn = await self.src_vm.conn()
+            for side, vm, conn in (("src", self.src_vm, sconn), ("dst", self.dst_vm, dconn)):
+                v = await vm.call("getVersion", conn.getVersion)
+                self.result.qemu[side] = {
+                    "host": vm.host.name, "binary": emulator,
+                    "version": f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"}
+        except (LibvirtError, libvirt.libvirtError, ET.ParseError) as exc:
+            log.warning("[vm=%s] versions not recorded: %s", self.src_vm.name, exc)
+
     async def _run_phases(self) -> None:
         timeouts = self.config.timeouts
         src = self.src_vm
@@ -140,6 +158,7 @@ class LibvirtMigration(BaseMigration):
                 raise self._error(f"no domain {src.name} on {src.host.name}")
             dconn = await self.dst_vm.conn()
             self._dst_version = await self.dst_vm.call("getLibVersion", dconn.getLibVersion)
+            await self._record_versions(sdom, dconn)
             flags, params = self.flags_and_params()
             self._sdom = sdom
             if self.params.downtime_limit_ms is not None:
