@@ -66,6 +66,7 @@ async def test_old_to_new_the_dirtier_flags_what_qemu_72_lost(cross_lab, tmp_pat
     versions = run_json["versions"]["hosts"]
     assert versions["hostA"]["qemu"]["version"].startswith("7.2."), versions
     assert versions["hostB"]["qemu"]["version"].startswith("10."), versions
+    assert run_json["versions"]["vms"] == {"vm1": "pc-i440fx-7.2"}, run_json["versions"]
     assert re.search(r"QEMU 7\.2\.\S+ .*on hostA <-> QEMU 10\.\S+ .*on hostB, machine "
                      r"pc-i440fx-7\.2", out), out
     # 7.2 -> 10: QEMU said completed; the guest's memory says otherwise, and so does the

@@ -32,16 +32,20 @@ log = logging.getLogger(__name__)
 
 
 def run_versions(ctx: RunContext) -> dict:
-    """What the run ran: migrator's version, Python's, and each host's kernel, QEMU and
-    libvirt (``ctx.versions``)."""
+    """What the run ran: migrator's version, Python's, each host's kernel, QEMU and libvirt
+    (``ctx.versions``), and each VM's machine type (as its migrations found it)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
     try:
         mine = version("migrator")
     except PackageNotFoundError:
         mine = None
+    machines: dict[str, str] = {}
+    for m in ctx.migrations:
+        if m.result.get("machine"):
+            machines[m.vm] = m.result["machine"]
     return {"migrator": mine, "python": platform.python_version(),
-            "hosts": dict(sorted(ctx.versions.items()))}
+            "hosts": dict(sorted(ctx.versions.items())), "vms": machines}
 
 
 def version_properties(ctx: RunContext) -> list[tuple[str, str]]:
