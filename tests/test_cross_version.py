@@ -71,17 +71,18 @@ async def test_old_to_new_the_dirtier_flags_what_qemu_72_lost(cross_lab, tmp_pat
                      r"pc-i440fx-7\.2", out), out
     # 7.2 -> 10: QEMU said completed; the guest's memory says otherwise, and so does the
     # run. 7.2, booted there, loses dirty pages under TCG (fixed in 9.0): the dirtier finds
-    # its own pages stale, or the lost pages were the kernel's and the guest rebooted (its
-    # dirtier started over)
+    # its own pages stale; or the lost pages were the kernel's, and the guest rebooted (its
+    # dirtier started over) or never got to report again (seen once in the suite)
     (hop,) = migs                                  # the scenario ended there
     assert hop["phases"][-1][0] == "CLEANED" and hop["status"] == "failed", hop
     assert hop["machine"] == "pc-i440fx-7.2"
     assert hop["qemu"]["src"]["version"].startswith("7.2.")
     assert hop["qemu"]["dst"]["version"].startswith("10.")
     check = hop["dirtier_check"]
-    assert check["new_stale_pages"] > 0 or check["restarted"], check
+    assert check["new_stale_pages"] > 0 or check["restarted"] or not check["checked"], check
     assert re.match(r"vm1 hostA->hostB \[VERIFIED\]: the guest's dirtier (found \d+ stale "
-                    r"page\(s\) on hostB|started over on hostB)", hop["error"]), hop["error"]
+                    r"page\(s\) on hostB|started over on hostB|did not check all its pages "
+                    r"on hostB)", hop["error"]), hop["error"]
     assert re.search(r"^pair1-1 +vm1 +hostA->hostB +failed +\d", out, re.M), out
     assert rc == 1 and run_json["verdict"] == "failed", out
     (inst,) = run_json["instances"]
@@ -106,9 +107,10 @@ async def test_new_to_old_and_back_each_verdict_is_what_the_dirtier_saw(cross_la
     assert there["qemu"]["dst"]["version"].startswith("7.2.")
     assert there["dirtier_check"]["checked"] and there["dirtier_check"]["stale_pages"] == 0
     # 7.2 -> 10, the guest having come in to 7.2 by migration: 7.2 may or may not lose pages
-    # here (it has not in the runs seen); whichever, the verdict says what the dirtier saw
+    # here (both seen); whichever, the verdict says what the dirtier saw
     check = back["dirtier_check"]
-    lost = check["new_stale_pages"] > 0 or check["restarted"]
+    # lost: pages stale, a dirtier that started over, or none that reported again
+    lost = check["new_stale_pages"] > 0 or check["restarted"] or not check["checked"]
     assert back["qemu"]["src"]["version"].startswith("7.2.")
     assert back["status"] == ("failed" if lost else "completed"), back
     assert (rc, run_json["verdict"]) == ((1, "failed") if lost else (0, "passed")), out

@@ -98,9 +98,11 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
     loop.add_reader(term.master, term._readable)
     try:
         # a bar while vm1 migrates hostA -> hostB, with the run's line and the header over it
+        # (its figures from the first progress sample on: the frame drawn when the phase
+        # changed may come before it, with "-" for each)
         lines = await term.wait_screen(
-            lambda ls: any("hostA->hostB" in r and " vm1 " in r for r in
-                           bar_rows(ls, "MIGRATING")), timeout=240)
+            lambda ls: any("hostA->hostB" in r and " vm1 " in r and " MiB " in r
+                           for r in bar_rows(ls, "MIGRATING")), timeout=240)
         (row,) = bar_rows(lines, "MIGRATING")
         assert re.search(r"pair1-1\s+vm1\s+hostA->hostB\s+MIGRATING\s+[━╸╺]+", row), row
         assert re.search(r"\s\d[\d,]*\s+MiB\s", row), row               # sent, of N MiB
