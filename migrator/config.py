@@ -103,6 +103,12 @@ class Timeouts(_Strict):
     abortJob ...). They answer in milliseconds; a hung daemon must not hang the run (KubeVirt
     guards abortJob the same way)."""
 
+    libvirt_event_s: float = Field(5.0, gt=0)
+    """An event libvirt has already sent: the source's job-completed event, which carries the
+    migration's final figures and may reach the controller just after ``migrate3`` returned
+    (measured: milliseconds). Past it, the destination's figures are taken (no disk mirror
+    figures in them)."""
+
     qmp_probe_s: float = Field(30.0, gt=0)
     """Asking a QEMU found by ``recover`` where it stands (QMP query-status, query-migrate):
     answered in milliseconds, unless its main thread is blocked, e.g. a postcopy destination

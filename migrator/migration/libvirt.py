@@ -258,12 +258,12 @@ class LibvirtMigration(BaseMigration):
             raise self._error(f"libvirt: {exc.get_error_message() or exc}") from exc
         self.result.wall_s = time.monotonic() - self._t_migrate
         self._set_phase(Phase.COMPLETED)
-        stats = self._completed_stats
-        if stats is None:           # the event did not come (yet): ask the destination
+        stats = await self._completed_figures()
+        if stats is None:           # the event did not come: ask the destination
             ddom = ddom or await self.dst_vm.domain()
             stats = await self.dst_vm.call("completed job stats", ddom.jobStats,
                                            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        self._final_figures(stats)
+        self._final_figures(stats, from_source=self._completed_stats is not None)
 
     # -- what the convergence policy does ---------------------------------------------------
 
@@ -453,7 +453,30 @@ class LibvirtMigration(BaseMigration):
                 return int(fields[2].rsplit(":", 1)[1])
         return None
 
-    def _final_figures(self, stats: dict) -> None:
+    async def _completed_figures(self) -> dict | None:
+        """The source's job-completed event's figures, waited for a little
+        (``timeouts.libvirt_event_s``): the source libvirtd sends it while it confirms the
+        migration, inside migrate3, yet it may reach us after migrate3's answer (seen in the
+        suite). None if it did not come: the destination's completed job stats are the
+        fallback, and they are not the same figures: libvirt builds them from the migration
+        cookie, which has QEMU's figures only, not the disk mirror's (``disk_processed`` 0
+        after a storage copy over NBD; libvirt 11.3)."""
+        deadline = time.monotonic() + self.config.timeouts.libvirt_event_s
+        while self._completed_stats is None and (left := deadline - time.monotonic()) > 0:
+            try:
+                await wait_for(self.wait_changed(), left)
+            except TimeoutError:
+                break
+        if self._completed_stats is None:
+            log.info("[vm=%s %s->%s] no job-completed event within %g s: the destination's "
+                     "figures are taken", self.src_vm.name, self.src_vm.host.name,
+                     self.dst_host.name, self.config.timeouts.libvirt_event_s)
+        return self._completed_stats
+
+    def _final_figures(self, stats: dict, from_source: bool) -> None:
+        """The result's final figures from libvirt's completed job stats: the source's
+        (``from_source``), or the destination's, whose disk figures are not the mirror's:
+        then the disk's bytes are the mirror's count at the last progress record."""
         r = self.result
         r.status = "completed"
         r.total_time_ms = stats.get("time_elapsed")
@@ -466,7 +489,8 @@ class LibvirtMigration(BaseMigration):
         r.iterations = stats.get("memory_iteration")
         r.postcopy_requests = stats.get("memory_postcopy_requests")
         if self.copies_disk:
-            r.disk_bytes = stats.get("disk_processed")
+            r.disk_bytes = stats.get("disk_processed") if from_source else max(
+                (rec.disk_transferred for rec in self.records), default=None)
         r.max_cpu_throttle = max(r.max_cpu_throttle, stats.get("auto_converge_throttle", 0))
 
     async def _verify(self) -> None:
@@ -658,7 +682,7 @@ class LibvirtMigration(BaseMigration):
         try:
             self.result.wall_s = time.monotonic() - self._t_migrate
             self._set_phase(Phase.COMPLETED)
-            stats = self._completed_stats
+            stats = await self._completed_figures()
             if stats is None:
                 try:
                     ddom = (job.result() if self._job_succeeded() else None) \
@@ -667,7 +691,7 @@ class LibvirtMigration(BaseMigration):
                                                    libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                 except LibvirtError as exc:     # the figures only: the VM is what counts
                     log.info("[vm=%s] no completed job stats: %s", self.src_vm.name, exc)
-            self._final_figures(stats or {})
+            self._final_figures(stats or {}, from_source=self._completed_stats is not None)
             await self._verify()
             return True
         except Exception as exc:  # noqa: BLE001 - not finished: said so
