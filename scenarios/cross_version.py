@@ -25,6 +25,7 @@ import asyncio
 from migrator import MultihostMigration
 from migrator.errors import ScenarioError
 from migrator.framework.dirtier import runs_dirtier
+from migrator.guest.workload import SurvivingWorkload
 from migrator.migration.oracles import dirtier_report
 
 
@@ -32,7 +33,7 @@ class CrossVersion(MultihostMigration):
     async def migration_scenario(self):
         rounds = int(self.params.scenario.get("rounds", 1))
         settle = int(self.params.scenario.get("settle_passes", 30))
-        state = {}
+        workload = SurvivingWorkload(16, 2026)
 
         def first_hop(vm) -> None:
             if not runs_dirtier(vm.spec.append) or not self.params.checks.dirtier:
@@ -48,7 +49,7 @@ class CrossVersion(MultihostMigration):
 
         async def worker(mig_data):
             vm = self.env.get_vm("vm1")
-            if not state:
+            if workload.pid is None:
                 first_hop(vm)
             # each hop starts with the dirtier well into its work (settle_passes more
             # passes): a warm guest, as a real one is
@@ -61,23 +62,11 @@ class CrossVersion(MultihostMigration):
                         if report[0] >= start + settle:
                             break
                     await asyncio.sleep(0.25)
-            session = await vm.wait_for_login(timeout=self.login_timeout)
-            if "pid" not in state:
-                await session.cmd("memsum write 16 2026")
-                state["pid"] = (await session.cmd(
-                    "echo 0 > /tmp/count; (i=0; while :; do i=$((i+1)); "
-                    "echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; "
-                    "done) </dev/null >/dev/null 2>&1 & echo $!")).strip()
-            await session.cmd(f"kill -0 {state['pid']}")
-            state["count"] = int(await session.cmd("cat /tmp/count"))
+            await workload.before(await vm.wait_for_login(timeout=self.login_timeout))
 
         async def check_worker(mig_data):
             session = await self.env.get_vm("vm1").wait_for_login(timeout=self.login_timeout)
-            await session.cmd("memsum verify")
-            await session.cmd(f"kill -0 {state['pid']}")
-            async with asyncio.timeout(self.params.timeouts.guest_cmd_s):
-                while int(await session.cmd("cat /tmp/count")) <= state["count"]:
-                    await asyncio.sleep(0.2)
+            await workload.after(session, self.params.timeouts.guest_cmd_s)
 
         src, dst = self.hosts[0], self.hosts[1]
         for _ in range(2 * rounds):

@@ -60,6 +60,7 @@ from ..aio import cancel_and_wait, shielded
 from ..errors import MigrationError
 from ..guest.statusfollow import StatusFollower
 from ..migration import BaseMigration, Phase
+from ..migration.oracles import DIRTY
 
 if TYPE_CHECKING:
     from ..hypervisor.vm import GuestVM
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIRTY = re.compile(r"DIRTY t=([\d.]+) pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
 STALE = re.compile(r"STALE page=\d+ has=\d+ want=\d+")
 #: with the check off, how long the destination's first line is waited for after a
 #: completed migration (the dirtier prints four times a second)
@@ -131,7 +131,7 @@ class _Watch:
 
     async def follow(self) -> None:
         """Start the followers once the copy starts (not at all if the migration ends
-        before). Returns once they run; :meth:`stop` ends them."""
+        before). Returns once they run; :meth:`finish` ends them."""
         mig = self.mig
         while mig.phase not in COPYING:
             if mig.phase.is_final or mig.phase is Phase.ROLLING_BACK:
@@ -139,7 +139,7 @@ class _Watch:
             await mig.wait_changed()
         pairs = ((self.vm.host, self.vm.paths.status_log),
                  (mig.dst_host, mig.dst_vm.paths.status_log))
-        # known before they start: stop() ends whatever started, even if this is cancelled
+        # known before they start: finish() ends whatever started, even if this is cancelled
         self.followers = [StatusFollower(h, str(p), self._collect(h.name)) for h, p in pairs]
         started = await asyncio.gather(*(f.start() for f in self.followers),
                                        return_exceptions=True)

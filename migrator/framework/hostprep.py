@@ -18,7 +18,7 @@ from ..aio import shielded
 from ..config import Config
 from ..errors import ConfigError, HostError, MigratorError
 from ..hosts import SSHHost, quote
-from ..hypervisor.qemu import remove_taps
+from ..hypervisor.qemu import emulator_version, remove_taps
 from ..hypervisor.vm import DEFAULT_QEMU
 from ..migration import BaseMigration, MigrationResult, Phase, make_migration
 from ..migration.blackout import BlackoutProbe, GuestPingProbe, switchover_time
@@ -77,10 +77,10 @@ def host_versions(probe: str, qemu: str) -> dict:
     """A host's versions from the claim's probe: kernel, QEMU (binary and ``--version``'s
     version), libvirt (``libvirtd --version``'s); None where a probe said nothing."""
     said = dict(line.partition(" ")[::2] for line in probe.splitlines() if " " in line)
-    version = said.get("qemu", "").strip().removeprefix("QEMU emulator version ").strip()
+    version = emulator_version(said.get("qemu", ""))
     libvirt = said.get("libvirt", "").strip().rpartition(" ")[2]
     return {"kernel": said.get("kernel", "").strip() or None,
-            "qemu": {"binary": qemu, "version": version or None},
+            "qemu": {"binary": qemu, "version": version},
             "libvirt": libvirt or None}
 
 

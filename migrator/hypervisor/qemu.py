@@ -111,6 +111,13 @@ async def start_vm(host: SSHHost, spec: VMSpec, run_dir: str, *, paused: bool = 
     return int(result.stdout.split()[-1])
 
 
+def emulator_version(line: str) -> str | None:
+    """The version in the first line ``qemu-system-* --version`` prints
+    (``QEMU emulator version 10.0.2 (Debian ...)`` -> ``10.0.2 (Debian ...)``); None for
+    an empty line (the binary did not run)."""
+    return line.strip().removeprefix("QEMU emulator version ").strip() or None
+
+
 #: host -> binary -> (version, machine types): what :func:`machine_types` learnt
 _PROBED: "weakref.WeakKeyDictionary[object, dict[str, tuple[str, frozenset[str]]]]" = \
     weakref.WeakKeyDictionary()
@@ -130,7 +137,7 @@ async def machine_types(host: SSHHost, binary: str, timeout: float) -> tuple[str
             raise HostError(host.name, f"QEMU {binary} does not run: "
                             f"{(r.stderr.strip() or r.stdout.strip())[-300:]}")
         lines = r.stdout.splitlines()
-        version = lines[0].removeprefix("QEMU emulator version ").strip() if lines else "?"
+        version = (emulator_version(lines[0]) if lines else None) or "?"
         known[binary] = (version, frozenset(w for line in lines[1:] for w in line.split()[:1]))
     return known[binary]
 

@@ -14,7 +14,8 @@ import re
 from ..errors import GuestError
 from ..hypervisor.qemu import QemuVM
 
-_DIRTY = re.compile(r"DIRTY t=[\d.]+ pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
+#: the lab dirtier's report: guest time, pass, rate in MiB/s, stale pages so far
+DIRTY = re.compile(r"DIRTY t=([\d.]+) pass=(\d+) rate=(\d+)MB/s bad=(\d+)")
 
 
 async def wait_tick_after(vm: QemuVM, after: int | None, timeout: float) -> int:
@@ -37,9 +38,9 @@ async def wait_tick_after(vm: QemuVM, after: int | None, timeout: float) -> int:
 async def dirtier_report(vm: QemuVM) -> tuple[int, int] | None:
     """(passes, stale pages) from the last DIRTY line on ``vm``'s ttyS1, or None."""
     for line in reversed(await vm.status_lines()):
-        m = _DIRTY.search(line)
+        m = DIRTY.search(line)
         if m:
-            return int(m.group(1)), int(m.group(3))
+            return int(m.group(2)), int(m.group(4))
     return None
 
 
@@ -53,9 +54,9 @@ async def wait_dirtying(vm: QemuVM, timeout: float) -> int:
     deadline = loop.time() + timeout
     while True:
         for line in reversed(await vm.status_lines()):
-            m = _DIRTY.search(line)
+            m = DIRTY.search(line)
             if m:
-                return int(m.group(2))
+                return int(m.group(3))
         if loop.time() >= deadline:
             raise GuestError(vm.host.name, vm.name, f"the dirtier reported nothing within "
                                                     f"{timeout:g} s")
