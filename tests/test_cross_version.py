@@ -6,8 +6,8 @@ versions recorded: tests/test_compare.py). The ready ``cross_version`` scenario 
 8 MiB dirtied at 64 MiB/s, sent at 128 MiB/s, 50 ms downtime limit).
 
 It is also the dirtier check's test against a real lost write: QEMU 7.2 as the source loses
-dirty pages under TCG (bench/discriminating_case.py: 5 of 5 runs), and the verdict must say
-so, whatever QEMU's own status says."""
+dirty pages under TCG in most hops (not all: see LOSS_SAMPLES), and the verdict must say so,
+whatever QEMU's own status says; where it lost nothing, the verdict must say that too."""
 
 import re
 from pathlib import Path
@@ -59,40 +59,58 @@ def test_the_lab_gives_hosta_its_own_qemu(cross_lab):
     assert inv.drivers == ["qemu"]
 
 
+#: fresh 7.2 -> 10 hops a test may sample for one that loses pages: 7.2 loses pages in most
+#: hops, not all (lost in every measured run of bench/discriminating_case.py, and in all but
+#: one of the suite's runs so far); each hop sampled is asserted, lost or not
+LOSS_SAMPLES = 4
+
+
 async def test_old_to_new_the_dirtier_flags_what_qemu_72_lost(cross_lab, tmp_path):
-    rc, out = await run(cross_lab, tmp_path, "-c", CONFIG, "-m", "hostA,hostB",
-                        "cross_version")
-    run_json, migs, junit = the_run(tmp_path)
-    versions = run_json["versions"]["hosts"]
-    assert versions["hostA"]["qemu"]["version"].startswith("7.2."), versions
-    assert versions["hostB"]["qemu"]["version"].startswith("10."), versions
-    assert run_json["versions"]["vms"] == {"vm1": "pc-i440fx-7.2"}, run_json["versions"]
-    assert re.search(r"QEMU 7\.2\.\S+ .*on hostA <-> QEMU 10\.\S+ .*on hostB, machine "
-                     r"pc-i440fx-7\.2", out), out
-    # 7.2 -> 10: QEMU said completed; the guest's memory says otherwise, and so does the
-    # run. 7.2, booted there, loses dirty pages under TCG (fixed in 9.0): the dirtier finds
-    # its own pages stale; or the lost pages were the kernel's, and the guest rebooted (its
-    # dirtier started over) or never got to report again (seen once in the suite)
-    (hop,) = migs                                  # the scenario ended there
-    assert hop["phases"][-1][0] == "CLEANED" and hop["status"] == "failed", hop
-    assert hop["machine"] == "pc-i440fx-7.2"
-    assert hop["qemu"]["src"]["version"].startswith("7.2.")
-    assert hop["qemu"]["dst"]["version"].startswith("10.")
-    check = hop["dirtier_check"]
-    assert check["new_stale_pages"] > 0 or check["restarted"] or not check["checked"], check
-    assert re.match(r"vm1 hostA->hostB \[VERIFIED\]: the guest's dirtier (found \d+ stale "
-                    r"page\(s\) on hostB|started over on hostB|did not check all its pages "
-                    r"on hostB)", hop["error"]), hop["error"]
-    assert re.search(r"^pair1-1 +vm1 +hostA->hostB +failed +\d", out, re.M), out
-    assert rc == 1 and run_json["verdict"] == "failed", out
-    (inst,) = run_json["instances"]
-    assert inst["status"] == "failed" and "[VERIFIED]" in inst["error"], inst
-    # the versions in JUnit, per instance and per migration
-    props = {p.get("name"): p.get("value") for p in junit.iter("property")}
-    assert props["version.hostA.qemu"].startswith("7.2."), props
-    assert props["version.hostB.qemu"].startswith("10."), props
-    assert props["qemu.src"].startswith("7.2.") and props["qemu.dst"].startswith("10.")
-    assert props["machine"] == "pc-i440fx-7.2"
+    lost = []
+    for attempt in range(LOSS_SAMPLES):
+        results = tmp_path / f"try{attempt}"
+        rc, out = await run(cross_lab, results, "-c", CONFIG, "-m", "hostA,hostB",
+                            "cross_version")
+        run_json, migs, junit = the_run(results)
+        versions = run_json["versions"]["hosts"]
+        assert versions["hostA"]["qemu"]["version"].startswith("7.2."), versions
+        assert versions["hostB"]["qemu"]["version"].startswith("10."), versions
+        assert run_json["versions"]["vms"] == {"vm1": "pc-i440fx-7.2"}, run_json["versions"]
+        assert re.search(r"QEMU 7\.2\.\S+ .*on hostA <-> QEMU 10\.\S+ .*on hostB, machine "
+                         r"pc-i440fx-7\.2", out), out
+        hop = migs[0]
+        assert hop["machine"] == "pc-i440fx-7.2"
+        assert hop["qemu"]["src"]["version"].startswith("7.2.")
+        assert hop["qemu"]["dst"]["version"].startswith("10.")
+        # the versions in JUnit, per instance and per migration
+        props = {p.get("name"): p.get("value") for p in junit.iter("property")}
+        assert props["version.hostA.qemu"].startswith("7.2."), props
+        assert props["version.hostB.qemu"].startswith("10."), props
+        assert props["qemu.src"].startswith("7.2.") and props["qemu.dst"].startswith("10.")
+        assert props["machine"] == "pc-i440fx-7.2"
+        check = hop["dirtier_check"]
+        if not (check["new_stale_pages"] > 0 or check["restarted"] or not check["checked"]):
+            # 7.2 lost nothing this time, and the dirtier checked every page to say so:
+            # the hop passes, and so does the run
+            assert check["checked"] and check["stale_pages"] == 0, check
+            assert hop["status"] == "completed", hop
+            assert rc == 0 and run_json["verdict"] == "passed", out
+            continue
+        # 7.2 -> 10: QEMU said completed; the guest's memory says otherwise, and so does the
+        # run: the dirtier finds its own pages stale; or the lost pages were the kernel's, and
+        # the guest rebooted (its dirtier started over) or never got to report again
+        assert len(migs) == 1, migs                        # the scenario ended there
+        assert hop["phases"][-1][0] == "CLEANED" and hop["status"] == "failed", hop
+        assert re.match(r"vm1 hostA->hostB \[VERIFIED\]: the guest's dirtier (found \d+ stale "
+                        r"page\(s\) on hostB|started over on hostB|did not check all its pages "
+                        r"on hostB)", hop["error"]), hop["error"]
+        assert re.search(r"^pair1-1 +vm1 +hostA->hostB +failed +\d", out, re.M), out
+        assert rc == 1 and run_json["verdict"] == "failed", out
+        (inst,) = run_json["instances"]
+        assert inst["status"] == "failed" and "[VERIFIED]" in inst["error"], inst
+        lost.append(check)
+        break
+    assert lost, f"QEMU 7.2 lost no page in {LOSS_SAMPLES} hops"
 
 
 async def test_new_to_old_and_back_each_verdict_is_what_the_dirtier_saw(cross_lab, tmp_path):
