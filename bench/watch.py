@@ -191,6 +191,21 @@ async def cost(inv: Path, work: Path, runs: int) -> None:
               f"{100 * (figures[c][1] / base[1] - 1):+15.1f}%")
     print("(plain B vs plain A is the A/A noise; goal: watched total time within 2 % or "
           "the noise, controller CPU at most +5 %)")
+    # paired, round by round (the conditions of a round ran back to back): each condition's
+    # CPU against the mean of the round's two plain runs; plain B against plain A is the
+    # noise of one plain run against another. Drift over the benchmark (other load, the
+    # page cache) cancels out of these, not out of the medians above
+    head = "controller CPU vs the round's plain mean: median (IQR)"
+    print(f"\n{'paired':10} {head:>56}")
+    for c in ("plain B", "watched", "+metrics"):
+        diffs = []
+        for i in range(runs):
+            a, b = got["plain A"][i]["cpu"], got["plain B"][i]["cpu"]
+            ref = a if c == "plain B" else (a + b) / 2
+            diffs.append(100 * (got[c][i]["cpu"] / ref - 1))
+        q = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else [diffs[0]] * 3
+        print(f"{c:10} {statistics.median(diffs):+15.1f}% ({q[0]:+.1f}% to {q[2]:+.1f}%)"
+              + ("   (against plain A: the A/A noise)" if c == "plain B" else ""))
 
 
 async def report(inv: Path, work: Path, migrations: int) -> None:
