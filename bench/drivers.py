@@ -13,6 +13,9 @@ A lab guest (128 MiB, idle; and 128 MiB keeping 32 MiB dirty) migrates hostA -> 
 The libvirt gross-minus-net figures are libvirt's own orchestration cost inside the job
 (its Prepare/Finish/Confirm RPCs over the wire).
 
+The libvirt driver's VMs share one connection per host (``shared_connections``, as every
+``migrate-run`` instance does with the libvirt driver), opened by the first migration.
+
 The peer a user would otherwise pick: ``virsh migrate --live --p2p --persistent
 --undefinesource`` run on hostA, on the same guest, to the same destination URI and migration
 address as the libvirt driver's (its wall time on hostA, virsh's start to its exit), in the
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migrator.config import Config, Inventory  # noqa: E402
 from migrator.hosts import SSHHost, quote  # noqa: E402
+from migrator.hypervisor.libvirt_pool import shared_connections  # noqa: E402
 from migrator.hypervisor.libvirt_uri import remote_uri  # noqa: E402
 from migrator.hypervisor import make_vm  # noqa: E402
 from migrator.hypervisor.vm import VMSpec  # noqa: E402
@@ -105,8 +109,9 @@ def main() -> int:
     async def measure():
         inv = Inventory.load(lab.inventory_path)
         results = {}
+        # as a migrate-run instance does: one libvirt connection per host, shared
         async with SSHHost.from_inventory("hostA", inv, config) as ha, \
-                SSHHost.from_inventory("hostB", inv, config) as hb:
+                SSHHost.from_inventory("hostB", inv, config) as hb, shared_connections():
             for label, extra in CASES:
                 rows = {"qemu": [], "libvirt": [], "virsh": []}
                 for i in range(a.runs):

@@ -252,6 +252,34 @@ async def test_a_failure_after_completion_ends_landed_and_says_where_the_vm_is(
     assert await settled(lambda: [p for p in lab_processes(lab) if spec.name in p], 15) == []
 
 
+async def test_a_connection_pool_shares_one_connection_per_host_and_closes_them(
+        inventory, config, hosts):
+    """Inside shared_connections() VMs on one host share one connection; a VM's close lets
+    go of it, and the pool's end closes every one; a connection that died is opened again."""
+    from migrator.hypervisor.libvirt import LibvirtVM
+    from migrator.hypervisor.libvirt_conn import open_connections
+    from migrator.hypervisor.libvirt_pool import current_pool, shared_connections
+
+    def vm(name: str, host: str) -> LibvirtVM:
+        return LibvirtVM(VMSpec(name, kernel=str(inventory.guest.kernel)), hosts[host],
+                         str(inventory.run_dir), config)
+    before = set(open_connections())
+    async with shared_connections() as pool:
+        assert current_pool() is pool
+        a1, a2, b = vm("p1", "hostA"), vm("p2", "hostA"), vm("p3", "hostB")
+        ca = await a1.connection()
+        assert await a2.connection() is ca and await b.connection() is not ca
+        assert pool.opened == 2
+        await a1.close()                            # lets go: a2 still uses it
+        assert ca.is_alive() and not ca.closed and await a2.conn() is ca.raw
+        await ca.close()                            # dead (as a daemon gone would be)
+        await a2.close()
+        again = await a2.connection()
+        assert again is not ca and again.is_alive() and pool.opened == 3
+    assert current_pool() is None
+    assert again.closed and set(open_connections()) == before
+
+
 async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab, inventory):
     """Before: one process running 3 scenario runs x 4 libvirt migrations kept its libvirt
     connections (left to the garbage collector) and their daemons' RPC streams open, one
@@ -266,14 +294,18 @@ async def test_scenario_runs_in_one_process_leave_no_libvirt_connection_open(lab
     before = set(sshd_sessions(lab))
     from migrator.config import Config
     from migrator.framework.scenario import load_scenario
-    from migrator.hypervisor.libvirt_conn import open_connections
+    from migrator.hypervisor.libvirt_conn import LibvirtConnection, open_connections
     config = Config.load(None, {"driver": "libvirt", "scenario.rounds": 1})
     PingPong = load_scenario("ping_pong")
     for _ in range(2):
+        opened_before = LibvirtConnection._serials
         run = PingPong(["hostC", "hostD"], config=config, inventory=inventory)
         await run.run()
         assert run.record.status == "passed"
         assert open_connections() == []
+        # one connection per host for the whole run, shared by the VM and both hops (each
+        # hop opened one to its destination before: 3 here)
+        assert LibvirtConnection._serials - opened_before == 2
 
     def rpc_streams():
         return [p.describe() for p in host_processes(lab) if "virt-ssh-helper" in p.cmdline]

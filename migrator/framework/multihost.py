@@ -46,6 +46,7 @@ Autotest's constructor ``TestX(test, params, env)`` works in a control file
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -328,8 +329,17 @@ class MultihostMigration(BlockingInWorkers):
         return self._run()
 
     async def _run(self) -> InstanceRecord:
-        async with self.context.loop_watch(self._code_files()):
+        async with self.context.loop_watch(self._code_files()), self._libvirt_connections():
             return await self._run_watched()
+
+    def _libvirt_connections(self) -> contextlib.AbstractAsyncContextManager:
+        """With the libvirt driver, one connection per host for the whole instance, shared
+        by its VMs and migrations (each migration opened one to its destination: an SSH
+        handshake per hop), closed when the instance ends."""
+        if self.config.driver != "libvirt":
+            return contextlib.nullcontext()
+        from ..hypervisor.libvirt_pool import shared_connections
+        return shared_connections(self.config.timeouts.libvirt_call_s)
 
     async def _run_watched(self) -> InstanceRecord:
         ctx = self.context

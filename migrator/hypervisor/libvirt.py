@@ -34,6 +34,7 @@ import libvirt
 from ..errors import GuestError
 from ..hosts.ssh import SSHHost, quote
 from .libvirt_conn import LibvirtConnection, LibvirtError, open_connections
+from .libvirt_pool import current_pool
 from .libvirt_uri import host_uri
 from .vm import GuestVM, VMPaths, VMSpec
 
@@ -166,9 +167,11 @@ class LibvirtVM(GuestVM):
     """One VM as a libvirt domain on one host. See the module docstring.
 
     The VM object owns its connection (:class:`LibvirtConnection`): :meth:`stop` and
-    :meth:`close` close it, :meth:`adopt` takes over another object's. Domain objects are
-    never kept beyond the call that needs them, other than through the connection, which
-    frees them when it closes.
+    :meth:`close` close it, :meth:`adopt` takes over another object's. Inside
+    :func:`~migrator.hypervisor.libvirt_pool.shared_connections` it takes its host's
+    connection from the pool instead, which owns and closes it; :meth:`close` then lets go
+    of it. Domain objects are never kept beyond the call that needs them, other than
+    through the connection, which frees them when it closes.
     """
 
     def __init__(self, spec: VMSpec, host: SSHHost, run_dir: str, config=None):
@@ -177,6 +180,7 @@ class LibvirtVM(GuestVM):
                             self.config.timeouts.ssh_connect_s)
         self.pid: int | None = None
         self._conn: LibvirtConnection | None = None
+        self._pooled = False        # _conn is a shared_connections() pool's
 
     def __repr__(self) -> str:
         return f"<LibvirtVM {self.name} on {self.host.name} pid={self.pid}>"
@@ -200,7 +204,13 @@ class LibvirtVM(GuestVM):
         if self._conn is not None and not self._conn.is_alive():   # local check, no RPC
             await self.close()                        # dead (daemon or link gone): reopen
         if self._conn is None:
-            self._conn = await open_host_connection(self.host, self.config, self.uri)
+            pool = current_pool()
+            if pool is not None:
+                self._conn = await pool.get(self.host.name, self.uri, lambda: (
+                    open_host_connection(self.host, self.config, self.uri)))
+                self._pooled = True
+            else:
+                self._conn = await open_host_connection(self.host, self.config, self.uri)
         return self._conn
 
     async def conn(self) -> libvirt.virConnect:
@@ -210,7 +220,8 @@ class LibvirtVM(GuestVM):
     async def close(self) -> None:
         """Close the connection (the domain is left as it is). Idempotent."""
         conn, self._conn = self._conn, None
-        if conn is not None:
+        pooled, self._pooled = self._pooled, False
+        if conn is not None and not pooled:     # a pool's: the pool closes it
             await conn.close(self.config.timeouts.libvirt_call_s)
 
     async def disconnect(self) -> None:
@@ -343,8 +354,9 @@ class LibvirtVM(GuestVM):
         and console; this object's old connection is closed."""
         await self.close()
         self.host, self.uri, self.paths = other.host, other.uri, other.paths
-        self._conn, self.pid = other._conn, other.pid
+        self._conn, self._pooled, self.pid = other._conn, other._pooled, other.pid
         other._conn = other.pid = None
+        other._pooled = False
         await self._take_session(other)
 
 
