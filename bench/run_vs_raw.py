@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,14 @@ class One(MultihostMigration):
 '''
 
 
+def busy_cpu_s() -> float:
+    """CPU-seconds the whole machine has been busy (every process: the controller, the
+    QEMUs, sshd, the hosts' helpers), from /proc/stat."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(argv: list[str]) -> tuple[float, str]:
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -53,8 +62,10 @@ def timed(argv: list[str]) -> tuple[float, str]:
 
 
 def migrate_run(inv: Path, out: Path, hosts: list[str], scenario: Path) -> dict:
+    cpu0 = busy_cpu_s()
     wall, _ = timed([str(BIN / "migrate-run"), "-i", str(inv), "-o", str(out),
                      "-m", ",".join(hosts), str(scenario)])
+    cpu = busy_cpu_s() - cpu0
     run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
     run = json.loads((run_dir / "run.json").read_text())
     migs = [json.loads(p.read_text()) for p in (run_dir / "migrations").glob("*.json")]
@@ -63,7 +74,7 @@ def migrate_run(inv: Path, out: Path, hosts: list[str], scenario: Path) -> dict:
     return {"wall": wall, "migrations": len(migs), "mig_span": max(ends) - min(starts),
             "mig_run": statistics.median(m["run_s"] for m in migs),
             "total": statistics.median(m["total_time_ms"] for m in migs) / 1000,
-            "verdict": run["verdict"]}
+            "verdict": run["verdict"], "cpu": cpu, "bound": cpu / os.cpu_count()}
 
 
 def main() -> int:
@@ -111,6 +122,16 @@ def main() -> int:
     print(f"wall ratio 4 pairs / 1 pair: {med(x['wall'] for x in four) / med(x['wall'] for x in one):.2f}"
           f"; migration-phase ratio: "
           f"{med(x['mig_span'] for x in four) / med(x['mig_span'] for x in one):.2f}")
+    # the machine's bound: a run cannot take less wall time than the CPU-seconds everything
+    # spent during it (controller, QEMUs, sshd, helpers) spread over every core
+    print(f"\nagainst this machine's CPU bound ({os.cpu_count()} cores; busy CPU-seconds of "
+          "every process during the run, from /proc/stat)")
+    print(f"{'case':<34}{'wall s':>8}{'CPU s':>8}{'bound s':>9}{'wall/bound':>12}")
+    for label, rows in (("1 pair", one), ("4 pairs", four)):
+        w, b = med(x['wall'] for x in rows), med(x['bound'] for x in rows)
+        print(f"{label:<34}{w:>8.2f}{med(x['cpu'] for x in rows):>8.2f}{b:>9.2f}"
+              f"{w / b:>12.2f}")
+    print("goal (issue 22): 4 pairs' wall <= 1.2 x its CPU bound")
     return 0
 
 

@@ -4,6 +4,7 @@ the subcommands of the one command grammar (``migrate-run SUBCOMMAND ...``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import logging
 import sys
@@ -161,7 +162,6 @@ def _run_plan(args) -> dict:
 
 
 async def _run(plan: dict, args) -> int:
-    import contextlib
     import signal as _signal
 
     from ..report.metrics import serve_metrics
@@ -182,7 +182,9 @@ async def _run(plan: dict, args) -> int:
 
 async def _run_started(plan: dict, args) -> int:
     from ..framework.context import local_address_towards
+    from ..aio import shielded
     from ..report import summary_table, write_page, write_results
+    from ..report.html import prefetch as prefetch_page
     from ..report.live import live_view
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
     main_task = asyncio.current_task()
@@ -200,7 +202,7 @@ async def _run_started(plan: dict, args) -> int:
             if h is not handler:
                 h.setLevel(logging.WARNING)
                 h.addFilter(lambda record: not record.name.startswith("migrator"))
-    for noisy in ("asyncssh", "qemu.qmp", "aiohttp", "virEventAsyncIOImpl"):
+    for noisy in ("asyncssh", "qemu.qmp", "aiohttp", "virEventAsyncIOImpl", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.INFO)
     meta = {"scenario": plan["scenario"], "class": plan["cls"].__name__,
             "hosts": plan["hosts"], "all_hosts": args.all_hosts,
@@ -210,12 +212,20 @@ async def _run_started(plan: dict, args) -> int:
             + "; ".join(f"{i.name}=({','.join(h.name for h in i.hosts)})" for i in instances)
             + f"; results in {out_dir}")
     ctx.open_journal(plan["hosts"], out_dir / "journal.jsonl")
+    prefetch = None
     try:
         first = ctx.inventory.host(instances[0].hosts[0].name)
         bind = ctx.config.sync.bind or local_address_towards(
             first.address, (first.ssh or ctx.inventory.ssh).port)
         await ctx.start_server(bind)
         await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
+        # report.html's libraries imported and warmed up while the first guest boots (the
+        # controller waits then; earlier, the thread would slow the run's setup down for the
+        # GIL); owned: awaited before the page is drawn, or cancelled if no guest booted
+        async def warm_up() -> None:
+            await ctx.guest_booting.wait()
+            await asyncio.to_thread(prefetch_page)
+        prefetch = asyncio.ensure_future(warm_up())
         try:
             async with live_view(ctx, ctx.config.report.display,
                                  ctx.config.report.live_refresh_s):
@@ -230,6 +240,11 @@ async def _run_started(plan: dict, args) -> int:
         ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
+        if prefetch is not None:
+            if not ctx.guest_booting.is_set():
+                prefetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shielded(prefetch)        # never raises otherwise (prefetch_page)
         await write_page(ctx, out_dir)
         print(summary_table(ctx), flush=True)
         print(f"results: {out_dir}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -98,6 +99,10 @@ class RunContext:
         #: host -> its kernel, QEMU (binary, version) and libvirt versions, probed when the
         #: run claims its run directory there (:func:`.hostprep.claim_run_dirs`)
         self.versions: dict[str, dict] = {}
+        #: set when a VM of the run has started and its guest boots: the controller waits
+        #: (seconds under TCG), and ``migrate-run`` does work of its own then (it warms up
+        #: its report's libraries)
+        self.guest_booting = asyncio.Event()
         self._watch: LoopStallWatch | None = None
         self._watchers = 0
         self._code_files: set[str] = set()
@@ -145,6 +150,8 @@ class RunContext:
         """One journal record, durable when this returns (nothing without a journal)."""
         if self.journal is not None:
             self.journal.record(event, **fields)
+        if event == "vm" and fields.get("state") == "started":
+            self.guest_booting.set()
 
     def close_journal(self, leftovers: list[str]) -> None:
         """The run is over and cleaned up (``leftovers``: what could not be removed)."""

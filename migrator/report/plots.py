@@ -68,6 +68,16 @@ def svg(fig, title: str) -> str:
                          text)
 
 
+@styled
+def warm_up() -> None:
+    """Draw a small plot and throw it away: matplotlib imported, its fonts found (the first
+    text of a process scores every installed font) before the first real plot."""
+    fig, (ax,) = figure(2, 1)
+    ax.plot([0, 1], [0, 1], label="x")
+    ax.set_xlabel("t (s)")
+    svg(fig, "warm-up")
+
+
 def phase_marks(mig: dict) -> list[tuple[float, str]]:
     """(seconds on the progress axis, phase) of the phases worth marking: the samples' ``t``
     counts from 'migrate' issued, the phases carry the wall clock; both are the
