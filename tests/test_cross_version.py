@@ -65,6 +65,7 @@ def test_the_lab_gives_hosta_its_own_qemu(cross_lab):
 LOSS_SAMPLES = 4
 
 
+@pytest.mark.timeout(LOSS_SAMPLES * 300 + 60)       # each run is bounded by run()'s 300 s
 async def test_old_to_new_the_dirtier_flags_what_qemu_72_lost(cross_lab, tmp_path):
     lost = []
     for attempt in range(LOSS_SAMPLES):

@@ -2,6 +2,7 @@
 ``migrate-run`` and its subcommands (:mod:`.run`, :mod:`.recover`), ``migrate-syncserver``
 (:mod:`.sync`). User mistakes get one line and exit 2 (:mod:`.common`)."""
 
+import atexit
 import logging
 import os
 import sys
@@ -16,10 +17,18 @@ def run_command() -> None:
     owns is closed and written by then (hosts, VMs, records, report, journal); what is left is
     the interpreter tearing down a thousand modules one by one, 0.14 s measured (issue 22),
     and waiting for non-daemon threads, among them any libvirt call abandoned to its timeout
-    (``os._exit`` does neither). Streams and log handlers are flushed first."""
+    (``os._exit`` does neither). The atexit handlers run and the streams are flushed first;
+    with a libvirt connection still open (a call abandoned to its timeout) the usual exit
+    is taken."""
     code = run_main()
+    conn = sys.modules.get("migrator.hypervisor.libvirt_conn")
+    if conn is not None and conn.open_connections():
+        # a libvirt call still running (abandoned to its timeout: the run said UNRESOLVED):
+        # the interpreter's usual exit, which lets it end rather than cut its connection
+        sys.exit(code)
     try:
-        sys.stdout.flush()
+        atexit._run_exitfuncs()     # what libraries registered (matplotlib's temporary
+        sys.stdout.flush()          # config dir, logging's flush), not the teardown
         sys.stderr.flush()
         logging.shutdown()
     finally:

@@ -240,11 +240,12 @@ async def _run_started(plan: dict, args) -> int:
         ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
-        if prefetch is not None:
+        if prefetch is not None:              # ended before the page: never left running
             if not ctx.guest_booting.is_set():
                 prefetch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await shielded(prefetch)        # never raises otherwise (prefetch_page)
+            # asyncio.wait: the prefetch's own end (even cancelled) is not raised here; a
+            # cancellation of this task meanwhile is, after it
+            await shielded(asyncio.wait([prefetch]))
         await write_page(ctx, out_dir)
         print(summary_table(ctx), flush=True)
         print(f"results: {out_dir}", flush=True)

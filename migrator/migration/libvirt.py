@@ -461,6 +461,8 @@ class LibvirtMigration(BaseMigration):
         fallback, and they are not the same figures: libvirt builds them from the migration
         cookie, which has QEMU's figures only, not the disk mirror's (``disk_processed`` 0
         after a storage copy over NBD; libvirt 11.3)."""
+        if self._completed_stats is None and not self._callbacks:
+            return None             # no longer listening (a rollback finishing a postcopy)
         deadline = time.monotonic() + self.config.timeouts.libvirt_event_s
         while self._completed_stats is None and (left := deadline - time.monotonic()) > 0:
             try:
@@ -592,7 +594,7 @@ class LibvirtMigration(BaseMigration):
         for conn, cbid in callbacks:
             try:
                 await conn.deregister_event(cbid, timeout=self.config.timeouts.libvirt_call_s)
-            except LibvirtError as exc:       # the connection's close deregisters it then
+            except LibvirtError as exc:       # its owner closing it (VM or pool) does
                 log.debug("%s", exc)
 
     # -- failure ------------------------------------------------------------------------------
