@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _machine import busy_seconds  # noqa: E402  (bench/, the script's directory)
 from migrator.config import Config, HostCapacity, Inventory, VMSettings  # noqa: E402
 from migrator.framework import RunContext  # noqa: E402
 from migrator.framework.drain import drain, plan_drain  # noqa: E402
@@ -41,13 +42,6 @@ from migrator.lab import Lab  # noqa: E402
 
 NAME, SUBNET, DIR = "mdrain", "10.77.232.0/24", Path("/srv/migrator-bench/mdrain")
 HOSTS = ["hostA", "hostB", "hostC", "hostD"]
-
-
-def busy_seconds() -> float:
-    """CPU-seconds the machine has spent busy since boot (all cores; /proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def memsum(config, inventory, name: str, host: str, command: str) -> str:

@@ -50,9 +50,14 @@ NAME, SUBNET, DIR = "mdrv", "10.77.253.0/24", Path("/srv/migrator-bench/mdrv")
 CASES = [("128 MiB idle", ""), ("128 MiB, 32 MiB dirty", "lab.dirty=32")]
 
 
-async def one(driver, inv, a, b, config, extra, name):
-    spec = VMSpec(name, kernel=str(inv.guest.kernel), initrd=str(inv.guest.initrd),
+def guest(inv, extra: str, name: str) -> VMSpec:
+    """The lab guest, its status on ttyS1, with ``extra`` kernel arguments."""
+    return VMSpec(name, kernel=str(inv.guest.kernel), initrd=str(inv.guest.initrd),
                   append=f"{inv.guest.append} lab.out=ttyS1 {extra}".strip())
+
+
+async def one(driver, inv, a, b, config, extra, name):
+    spec = guest(inv, extra, name)
     vm = make_vm(driver, spec, a, str(inv.run_dir), config)
     try:
         await vm.start()
@@ -67,8 +72,7 @@ async def virsh(inv, a, b, config, extra, name):
     """The peer: the same guest, started by the libvirt driver's VM, migrated by virsh on
     hostA; virsh's wall time as hostA measures it. The destination's domain is stopped and
     undefined afterwards through the driver's VM there."""
-    spec = VMSpec(name, kernel=str(inv.guest.kernel), initrd=str(inv.guest.initrd),
-                  append=f"{inv.guest.append} lab.out=ttyS1 {extra}".strip())
+    spec = guest(inv, extra, name)
     vm = make_vm("libvirt", spec, a, str(inv.run_dir), config)
     there = make_vm("libvirt", spec, b, str(inv.run_dir), config)
     try:

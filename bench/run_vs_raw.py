@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _machine import busy_seconds  # noqa: E402  (bench/, the script's directory)
 from migrator.config import Config  # noqa: E402
 from migrator.lab import Lab  # noqa: E402
 
@@ -44,14 +45,6 @@ class One(MultihostMigration):
 '''
 
 
-def busy_cpu_s() -> float:
-    """CPU-seconds the whole machine has been busy (every process: the controller, the
-    QEMUs, sshd, the hosts' helpers), from /proc/stat."""
-    fields = open("/proc/stat").readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def timed(argv: list[str]) -> tuple[float, str]:
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -62,10 +55,10 @@ def timed(argv: list[str]) -> tuple[float, str]:
 
 
 def migrate_run(inv: Path, out: Path, hosts: list[str], scenario: Path) -> dict:
-    cpu0 = busy_cpu_s()
+    cpu0 = busy_seconds()
     wall, _ = timed([str(BIN / "migrate-run"), "-i", str(inv), "-o", str(out),
                      "-m", ",".join(hosts), str(scenario)])
-    cpu = busy_cpu_s() - cpu0
+    cpu = busy_seconds() - cpu0
     run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
     run = json.loads((run_dir / "run.json").read_text())
     migs = [json.loads(p.read_text()) for p in (run_dir / "migrations").glob("*.json")]

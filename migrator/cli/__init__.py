@@ -3,7 +3,6 @@
 (:mod:`.sync`). User mistakes get one line and exit 2 (:mod:`.common`)."""
 
 import atexit
-import logging
 import os
 import sys
 
@@ -28,9 +27,8 @@ def run_command() -> None:
         sys.exit(code)
     try:
         atexit._run_exitfuncs()     # what libraries registered (matplotlib's temporary
-        sys.stdout.flush()          # config dir, logging's flush), not the teardown
-        sys.stderr.flush()
-        logging.shutdown()
+        sys.stdout.flush()          # config dir; logging's shutdown, which flushes its
+        sys.stderr.flush()          # handlers), not the teardown
     finally:
         os._exit(code)
 

@@ -4,8 +4,8 @@ the subcommands of the one command grammar (``migrate-run SUBCOMMAND ...``)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -181,8 +181,8 @@ async def _run(plan: dict, args) -> int:
 
 
 async def _run_started(plan: dict, args) -> int:
-    from ..framework.context import local_address_towards
     from ..aio import shielded
+    from ..framework.context import local_address_towards
     from ..report import summary_table, write_page, write_results
     from ..report.html import prefetch as prefetch_page
     from ..report.live import live_view

@@ -263,7 +263,7 @@ class LibvirtMigration(BaseMigration):
             ddom = ddom or await self.dst_vm.domain()
             stats = await self.dst_vm.call("completed job stats", ddom.jobStats,
                                            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        self._final_figures(stats, from_source=self._completed_stats is not None)
+        self._final_figures(stats)
 
     # -- what the convergence policy does ---------------------------------------------------
 
@@ -475,10 +475,11 @@ class LibvirtMigration(BaseMigration):
                      self.dst_host.name, self.config.timeouts.libvirt_event_s)
         return self._completed_stats
 
-    def _final_figures(self, stats: dict, from_source: bool) -> None:
+    def _final_figures(self, stats: dict) -> None:
         """The result's final figures from libvirt's completed job stats: the source's
-        (``from_source``), or the destination's, whose disk figures are not the mirror's:
-        then the disk's bytes are the mirror's count at the last progress record."""
+        job-completed event's, or (it did not come) the destination's, whose disk figures
+        are not the mirror's: then the disk's bytes are the mirror's count at the last
+        progress record."""
         r = self.result
         r.status = "completed"
         r.total_time_ms = stats.get("time_elapsed")
@@ -491,6 +492,7 @@ class LibvirtMigration(BaseMigration):
         r.iterations = stats.get("memory_iteration")
         r.postcopy_requests = stats.get("memory_postcopy_requests")
         if self.copies_disk:
+            from_source = self._completed_stats is not None
             r.disk_bytes = stats.get("disk_processed") if from_source else max(
                 (rec.disk_transferred for rec in self.records), default=None)
         r.max_cpu_throttle = max(r.max_cpu_throttle, stats.get("auto_converge_throttle", 0))
@@ -693,7 +695,7 @@ class LibvirtMigration(BaseMigration):
                                                    libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                 except LibvirtError as exc:     # the figures only: the VM is what counts
                     log.info("[vm=%s] no completed job stats: %s", self.src_vm.name, exc)
-            self._final_figures(stats or {}, from_source=self._completed_stats is not None)
+            self._final_figures(stats or {})
             await self._verify()
             return True
         except Exception as exc:  # noqa: BLE001 - not finished: said so
