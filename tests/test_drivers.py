@@ -181,6 +181,12 @@ async def test_there_and_back_with_a_session_and_sane_stats(vm, hosts, inventory
         if vm.driver == "libvirt":             # libvirt's figures without its own RPCs
             assert 0 < r.total_time_net_ms <= r.total_time_ms
             assert 0 <= r.downtime_net_ms <= r.downtime_ms
+        # what it cost QEMU outside the vCPUs, each side: sending, receiving (libvirt starts
+        # the destination inside the migration: from its launch)
+        cpu = r.qemu_cpu
+        assert cpu["dst_since"] == ("launch" if vm.driver == "libvirt" else "migration")
+        assert 0 < cpu["src_s"] <= 2 * r.run_s and 0 < cpu["dst_s"] <= 2 * r.run_s, cpu
+        assert r.migration_cpu_s == round(cpu["src_s"] + cpu["dst_s"], 3)
         # the session object the test holds followed the VM
         assert (await session.cmd("memsum verify")).split()[-1] == "ok=1"
         await alive_on(vm, dst)

@@ -35,6 +35,9 @@ async def test_a_bandwidth_sweep_shows_the_cap_and_compares_in_a_browser(invento
                                                         "passed")]
     for r in runs:                                # each a whole run with its own records
         assert len(r["migrations"]) == 2 and r["controller_cpu_s"] > 0
+        # and what each migration cost QEMU on the hosts, both sides
+        assert all(m["migration_cpu_s"] > 0 and m["qemu_cpu"]["src_s"] > 0
+                   and m["qemu_cpu"]["dst_s"] > 0 for m in r["migrations"]), r["migrations"]
         assert (sweep_dir / "runs" / f"{r['index']:03d}" / "output.log").exists()
         rec = json.loads((next((sweep_dir / "runs" / f"{r['index']:03d}").glob("2*"))
                           / "run.json").read_text())
@@ -55,6 +58,7 @@ async def test_a_bandwidth_sweep_shows_the_cap_and_compares_in_a_browser(invento
             plots: [...document.querySelectorAll('figure.plot svg')]
                    .map(s => s.getBoundingClientRect().width),
             total: !!document.querySelector('#plot-total_time_ms svg'),
+            cpu: !!document.querySelector('#plot-migration_cpu_s svg'),
             links: [...document.querySelectorAll('#runs a')].map(a => a.href)}))()""")
         # each run's own report is linked, and opens
         linked = await browser.load(__import__("pathlib").Path(
@@ -62,7 +66,7 @@ async def test_a_bandwidth_sweep_shows_the_cap_and_compares_in_a_browser(invento
         verdict = await linked.evaluate("document.getElementById('verdict').textContent")
     assert not page.errors and not linked.errors, page.errors + linked.errors
     assert seen["rows"] == ["bandwidth_mibs=24", "bandwidth_mibs=128"]
-    assert seen["total"] and len(seen["plots"]) >= 5 and min(seen["plots"]) > 200
+    assert seen["total"] and seen["cpu"] and len(seen["plots"]) >= 6 and min(seen["plots"]) > 200
     assert verdict == "PASSED"
 
 

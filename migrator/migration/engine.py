@@ -62,7 +62,7 @@ from ..errors import HostError, MigrationError, MigratorError
 from ..hosts.ssh import SSHHost
 from ..hypervisor.qemu import machine_types
 from ..hypervisor.vm import qemu_binary
-from . import storage
+from . import cpu, storage
 from .params import MIB, MigrationParams
 from .timeline import timeline
 from .policy import Decision, PolicyTracker
@@ -216,6 +216,11 @@ class MigrationResult:
     #: each side's QEMU: ``{"src": {"host", "binary", "version"}, "dst": {...}}`` (qemu
     #: driver: query-version; the destination's known once it started)
     qemu: dict = field(default_factory=dict)
+    #: each side's QEMU CPU seconds outside its vCPU threads while the migration ran (see
+    #: .cpu): ``{"src_s", "dst_s", "dst_since": "migration" | "launch"}``; None: not
+    #: measured (the migration did not complete)
+    qemu_cpu: dict | None = None
+    migration_cpu_s: float | None = None     #: qemu_cpu's src_s + dst_s (None: one missing)
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -741,17 +746,29 @@ class Migration(BaseMigration):
             port = await self._listen(dst)
             self._set_phase(Phase.LISTENING)
             await self.src_vm.connect_console_ahead(self.dst_vm)
+            tids = await asyncio.gather(cpu.vcpu_threads(src), cpu.vcpu_threads(dst))
         await self._wait_for_slot()             # prepared: the transfer starts at the slot
+        cpu_start = await self._read_cpu(*tids)
         if self._mirror is not None:
             await self._mirror_disk()
         await self._migrate(src, dst, port)
         await self._verify(src, dst)
+        cpu_end = await self._read_cpu(*tids)
+        cpu.record(self.result, cpu.spent(cpu_start[0], cpu_end[0]),
+                   cpu.spent(cpu_start[1], cpu_end[1]), "migration")
         await self.src_vm.stop()
         await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
 
     def _transfer_deadline(self) -> float:
         return self._deadline(disk=False)       # the disk was copied before (MIRRORING)
+
+    async def _read_cpu(self, src_tids, dst_tids) -> tuple:
+        """Both QEMUs' CPU now (a side whose vCPU threads are unknown: None)."""
+        async def side(vm, tids):
+            return None if tids is None else await cpu.read_side(vm, tids)
+        return tuple(await asyncio.gather(side(self.src_vm, src_tids),
+                                          side(self.dst_vm, dst_tids)))
 
     def disk_progress(self) -> tuple[int, int] | None:
         if self.phase is Phase.MIRRORING and self._mirror is not None:

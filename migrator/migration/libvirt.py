@@ -36,6 +36,8 @@ from ..errors import HostError
 from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
 from ..hypervisor.libvirt_uri import remote_uri
+from ..hypervisor.qemu_cpu import CpuSampler
+from . import cpu
 from .engine import BaseMigration, Phase, ProgressRecord
 from .params import MIB, THROTTLE_HELD
 from .policy import PolicyTracker
@@ -174,8 +176,15 @@ class LibvirtMigration(BaseMigration):
             self._set_phase(Phase.CONFIGURED)
         try:
             await self._wait_for_slot()
-            await self._migrate(sdom, dconn, flags, params)
+            src_cpu = await cpu.read_side(src) if src.pid else None
+            # libvirt kills the source QEMU inside migrate3: followed while it runs
+            async with CpuSampler(src.host, src.pid, src_cpu,
+                                  timeouts.progress_interval_s) as sampler:
+                await self._migrate(sdom, dconn, flags, params)
             await self._verify()
+            cpu.record(self.result, cpu.spent(src_cpu, sampler.last),
+                       cpu.spent(None, await cpu.read_side(self.dst_vm), since_launch=True),
+                       "launch")
         finally:
             await self._unwatch()
         await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)   # source's run dir

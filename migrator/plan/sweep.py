@@ -185,7 +185,7 @@ def _migration_figures(run_dir: Path) -> list[dict]:
         out.append({k: rec.get(k) for k in (
             "mig_id", "vm", "src", "dst", "status", "total_time_ms", "downtime_ms",
             "blackout_ms", "throughput_mbps", "transferred_bytes", "iterations", "run_s",
-            "max_cpu_throttle", "postcopy_switched")})
+            "max_cpu_throttle", "postcopy_switched", "migration_cpu_s", "qemu_cpu")})
     return out
 
 

@@ -85,6 +85,7 @@ def _row(m: dict) -> dict:
         "final": m.get("phase", "?"),
         "phases": [(p, f"{t:.3f}") for p, t, _w in m.get("phases") or ()],
         "figures": [(k, m[k]) for k in ("wall_s", "run_s", "overhead_s", "queued_s",
+                                        "migration_cpu_s",
                                         "setup_time_ms", "downtime_events_ms",
                                         "max_cpu_throttle", "postcopy_switched",
                                         "postcopy_requests", "mirror_s", "disk_bytes",
