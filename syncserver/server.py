@@ -30,6 +30,7 @@ from aiohttp import WSMsgType, web
 from ._aio import cancel_and_wait
 from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH, ProtocolError, SyncError, check_name, encode,
                        parse_request)
+from .gcpolicy import IdleFullCollections
 from .registry import Connection, Instance, Registry
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 RELEASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: barrier wait (round opened by its first arrival -> released): as long as the slowest host
 WAIT_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+#: a full garbage collection's pause: tens of ms with 1000 members connected
+GC_PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Metrics:
         self.protocol_errors = 0
         self.auth_failures = 0
         self.connections = 0
+        #: full garbage collections run by the server's own policy (.gcpolicy: the
+        #: standalone server only), and their pauses
+        self.gc_full = Histogram(GC_PAUSE_BUCKETS)
 
 
 class SyncCollector:
@@ -123,6 +129,9 @@ class SyncCollector:
             yield CounterMetricFamily(f"migrator_sync_{name}", doc, value=value)
         yield m.release.family("migrator_sync_release_latency_seconds",
                                "From the last arrival to the round's release.")
+        yield m.gc_full.family("migrator_sync_gc_full_pause_seconds",
+                               "Full garbage collections the server ran when no round was "
+                               "open (migrate-syncserver), and how long each paused it.")
         yield m.wait.family("migrator_sync_barrier_wait_seconds",
                             "From a round's first arrival to its release: how long the "
                             "first member waited for the last.")
@@ -381,10 +390,15 @@ class SyncServer:
 async def serve_forever(host: str, port: int, token: str,
                         options: ServerOptions | None = None,
                         stop: asyncio.Event | None = None) -> None:
-    """Run a server until ``stop`` is set (the ``migrate-syncserver`` command)."""
+    """Run a server until ``stop`` is set (the ``migrate-syncserver`` command). The process
+    is the server's: its full garbage collections run when no round is open
+    (:mod:`.gcpolicy`), not in the middle of a release."""
     async with SyncServer(host, port, token=token, options=options) as server:
-        print(f"migrate-syncserver: listening on {server.url}", flush=True)
-        await (stop or asyncio.Event()).wait()
+        metrics = server.app[METRICS]
+        async with IdleFullCollections(lambda: server.registry.open_count() == 0,
+                                       on_collect=metrics.gc_full.observe):
+            print(f"migrate-syncserver: listening on {server.url}", flush=True)
+            await (stop or asyncio.Event()).wait()
 
 
 __all__ = ["SyncServer", "ServerOptions", "make_app", "serve_forever"]

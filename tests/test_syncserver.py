@@ -734,6 +734,48 @@ async def test_cli_exit_codes_and_messages(server, pyz):
     assert proc.returncode == 3 and b"cannot reach sync server" in err
 
 
+async def _until(condition, within_s: float = 10.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_full_garbage_collections_wait_until_no_round_is_open(server):
+    """The standalone server's full collections (50 ms with 1000 members connected, see
+    syncserver.gcpolicy) never run while a round waits for members, unless the longest
+    interval passed; then the automatic thresholds are back."""
+    import gc
+    from syncserver.gcpolicy import NEVER, IdleFullCollections
+    before = gc.get_threshold()
+    a, b = await clients(server, ["a", "b"])
+    try:
+        async with IdleFullCollections(lambda: server.registry.open_count() == 0,
+                                       check_s=0.01, min_interval_s=0.0,
+                                       max_interval_s=3600) as policy:
+            assert gc.get_threshold() == (before[0], before[1], NEVER)
+            await _until(lambda: policy.collections >= 1)       # idle: collected
+            waiting = asyncio.ensure_future(a.barrier("x", ["a", "b"], 30))
+            try:
+                await _waiting(server, "run1", "x", 1)
+                seen, checks = policy.collections, policy.checks
+                await _until(lambda: policy.checks >= checks + 10)
+                assert policy.collections == seen                # a round is open: none
+                await b.barrier("x", ["a", "b"], 30)
+                await waiting
+            finally:
+                waiting.cancel()
+            await _until(lambda: policy.collections > seen)     # released: collected
+            assert policy.last_pause_s is not None
+        assert gc.get_threshold() == before
+        # the longest interval is kept whatever the load
+        async with IdleFullCollections(lambda: False, check_s=0.01,
+                                       max_interval_s=0.05) as busy:
+            await _until(lambda: busy.collections >= 2)
+        assert gc.get_threshold() == before
+    finally:
+        await close_all([a, b])
+
+
 async def test_migrate_syncserver_command(tmp_path):
     token_file = tmp_path / "token"
     proc = await asyncio.create_subprocess_exec(
@@ -748,6 +790,14 @@ async def test_migrate_syncserver_command(tmp_path):
         token = token_file.read_text().strip()
         async with SyncClient(url, token=token, member="a", run_id="r") as c:
             assert (await c.barrier("b", ["a"], 5))["generation"] == 1
+        # served with the token: the rounds, and the full collections' pauses (none yet:
+        # the first comes 10 s after the start at the earliest)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/metrics",
+                                headers={"Authorization": f"Bearer {token}"}) as r:
+                samples = metric_samples(await r.text())
+        assert samples["migrator_sync_gc_full_pause_seconds_count"] == 0     # 10 s not yet
+        assert samples["migrator_sync_releases_total"] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
