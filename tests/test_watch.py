@@ -256,3 +256,25 @@ def test_display_mode_choice():
             return self.tty
     assert wants_live("auto", Stream(True)) and not wants_live("auto", Stream(False))
     assert wants_live("live", Stream(False)) and not wants_live("lines", Stream(True))
+
+
+def test_a_plot_drawn_ahead_is_the_pages_only_while_its_record_is_unchanged(caplog):
+    """report.html takes a migration's plot drawn while the run went on (draw_ahead) only
+    if the record's plotted fields are still the same; a record changed since is drawn
+    again, from what it is now."""
+    import json
+    from pathlib import Path
+
+    from migrator.report import html
+    run_dir = Path(__file__).parent / "data" / "report-run"
+    run, migs, tasks = html.load_run(run_dir)
+    same, changed = (json.loads(json.dumps(m)) for m in migs[:2])
+    html.draw_ahead([same, changed])
+    ahead = {k: v for k, v in html._drawn.items()}
+    assert len(ahead) == 2 and all(ahead.values())
+    changed["progress"][1]["remaining_bytes"] += 2**20           # its record changed since
+    with caplog.at_level("INFO", logger="migrator.report.html"):
+        page = html.render_html(run, [same, changed], tasks)
+    assert "report: 1 of 2 migration plots drawn ahead" in caplog.text
+    assert ahead[html._plot_key(same)] in page                  # taken as drawn
+    html._drawn.clear()

@@ -184,7 +184,9 @@ async def _run_started(plan: dict, args) -> int:
     from ..aio import shielded
     from ..framework.context import local_address_towards
     from ..report import summary_table, write_page, write_results
+    from ..report.html import draw_ahead
     from ..report.html import prefetch as prefetch_page
+    from ..report.results import migration_body
     from ..report.live import live_view
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
     main_task = asyncio.current_task()
@@ -212,7 +214,7 @@ async def _run_started(plan: dict, args) -> int:
             + "; ".join(f"{i.name}=({','.join(h.name for h in i.hosts)})" for i in instances)
             + f"; results in {out_dir}")
     ctx.open_journal(plan["hosts"], out_dir / "journal.jsonl")
-    prefetch = None
+    prefetch, drawing = None, True
     try:
         first = ctx.inventory.host(instances[0].hosts[0].name)
         bind = ctx.config.sync.bind or local_address_towards(
@@ -221,10 +223,20 @@ async def _run_started(plan: dict, args) -> int:
         await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
         # report.html's libraries imported and warmed up while the first guest boots (the
         # controller waits then; earlier, the thread would slow the run's setup down for the
-        # GIL); owned: awaited before the page is drawn, or cancelled if no guest booted
+        # GIL), then each migration's plot drawn as it ends; owned: ended and awaited before
+        # the page is drawn (never cut in the middle of a drawing: one thread draws at a
+        # time), or cancelled if no guest booted
         async def warm_up() -> None:
             await ctx.guest_booting.wait()
             await asyncio.to_thread(prefetch_page)
+            drawn = 0
+            while drawing:
+                await ctx.migration_recorded.wait()
+                ctx.migration_recorded.clear()
+                new = [migration_body(ctx, r) for r in ctx.migrations[drawn:]]
+                drawn += len(new)
+                if new and drawing:
+                    await asyncio.to_thread(draw_ahead, new)
         prefetch = asyncio.ensure_future(warm_up())
         try:
             async with live_view(ctx, ctx.config.report.display,
@@ -241,6 +253,8 @@ async def _run_started(plan: dict, args) -> int:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
         if prefetch is not None:              # ended before the page: never left running
+            drawing = False
+            ctx.migration_recorded.set()
             if not ctx.guest_booting.is_set():
                 prefetch.cancel()
             # asyncio.wait: the prefetch's own end (even cancelled) is not raised here; a

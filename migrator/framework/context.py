@@ -103,9 +103,17 @@ class RunContext:
         #: (seconds under TCG), and ``migrate-run`` does work of its own then (it warms up
         #: its report's libraries)
         self.guest_booting = asyncio.Event()
+        #: set when a migration's record is added (:meth:`add_migration`): ``migrate-run``
+        #: draws its plot ahead, while the run goes on
+        self.migration_recorded = asyncio.Event()
         self._watch: LoopStallWatch | None = None
         self._watchers = 0
         self._code_files: set[str] = set()
+
+    def add_migration(self, record: MigrationRecord) -> None:
+        """A migration ended: its record joins the run's."""
+        self.migrations.append(record)
+        self.migration_recorded.set()
 
     def warn(self, text: str) -> None:
         """A warning of the run: said, logged, and kept for the report."""

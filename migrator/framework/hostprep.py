@@ -352,5 +352,5 @@ async def migrate_one(ctx: RunContext, instance: str, md: MigrationData, vm: "Gu
         ctx.live.pop((md.mig_id, vm.name), None)
         r = mig.result
         md.results.setdefault(vm.name, r)
-        ctx.migrations.append(MigrationRecord(instance, md.mig_id, vm.name, md.src.name,
-                                              md.dst.name, r.status, r.error, r.to_json()))
+        ctx.add_migration(MigrationRecord(instance, md.mig_id, vm.name, md.src.name,
+                                          md.dst.name, r.status, r.error, r.to_json()))

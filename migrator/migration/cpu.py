@@ -5,8 +5,10 @@ controller). See :mod:`migrator.hypervisor.qemu_cpu` for what is read and how.
 
 When each side is read:
 
-- source: at the migration's start (after its slot, before a disk's copy) and at its end;
-  the qemu driver reads the paused source after completion, exactly; under libvirt the
+- source: at the migration's start and at its end. The qemu driver reads both QEMUs at the
+  end of the preparation (while the console connects ahead: off the transfer's path), again
+  after the slot if the migration was queued for one, and the paused source after
+  completion, exactly; under libvirt (read after the slot) the
   source QEMU is killed inside ``migrate3`` (Confirm), so a :class:`CpuSampler` follows it
   and its last snapshot (at most ``timeouts.progress_interval_s`` before it went) is the
   end;

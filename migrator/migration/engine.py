@@ -727,6 +727,7 @@ class Migration(BaseMigration):
         self._mirror: storage.NbdMirror | None = None
         self._nbd_port: int | None = None
         self._switched_over = False     # pre-switchover seen and continued
+        self._tids: tuple | None = None   # each QEMU's vCPU thread ids (.cpu)
 
     async def _run_phases(self) -> None:
         timeouts = self.config.timeouts
@@ -745,15 +746,18 @@ class Migration(BaseMigration):
                 await self._export_disk(src, dst)
             port = await self._listen(dst)
             self._set_phase(Phase.LISTENING)
-            await self.src_vm.connect_console_ahead(self.dst_vm)
-            tids = await asyncio.gather(cpu.vcpu_threads(src), cpu.vcpu_threads(dst))
+            # the CPU figures' start, read while the console connects ahead (both are off
+            # the transfer's path); again at the slot if the migration waited for it
+            _, cpu_start = await asyncio.gather(
+                self.src_vm.connect_console_ahead(self.dst_vm), self._read_cpu(src, dst))
         await self._wait_for_slot()             # prepared: the transfer starts at the slot
-        cpu_start = await self._read_cpu(*tids)
+        if self.result.queued_s is not None:
+            cpu_start = await self._read_cpu(src, dst)
         if self._mirror is not None:
             await self._mirror_disk()
         await self._migrate(src, dst, port)
         await self._verify(src, dst)
-        cpu_end = await self._read_cpu(*tids)
+        cpu_end = await self._read_cpu(src, dst)
         cpu.record(self.result, cpu.spent(cpu_start[0], cpu_end[0]),
                    cpu.spent(cpu_start[1], cpu_end[1]), "migration")
         await self.src_vm.stop()
@@ -763,8 +767,18 @@ class Migration(BaseMigration):
     def _transfer_deadline(self) -> float:
         return self._deadline(disk=False)       # the disk was copied before (MIRRORING)
 
-    async def _read_cpu(self, src_tids, dst_tids) -> tuple:
-        """Both QEMUs' CPU now (a side whose vCPU threads are unknown: None)."""
+    async def _vcpu_threads(self, src, dst) -> tuple:
+        """Each QEMU's vCPU thread ids (None: not answered), asked once."""
+        if self._tids is None:
+            self._tids = tuple(await asyncio.gather(cpu.vcpu_threads(src),
+                                                    cpu.vcpu_threads(dst)))
+        return self._tids
+
+    async def _read_cpu(self, src, dst) -> tuple:
+        """Both QEMUs' CPU now (:mod:`.cpu`; ``src``, ``dst``: their QMP connections, which
+        name their vCPU threads once; a side whose threads are unknown: None)."""
+        src_tids, dst_tids = await self._vcpu_threads(src, dst)
+
         async def side(vm, tids):
             return None if tids is None else await cpu.read_side(vm, tids)
         return tuple(await asyncio.gather(side(self.src_vm, src_tids),

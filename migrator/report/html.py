@@ -70,7 +70,7 @@ def _row(m: dict) -> dict:
     failed = not m.get("passed", m.get("status") == "completed")
     reason = failure_labels(m) if m.get("status") != "completed" else None
     return {
-        "anchor": f"mig-{m['mig_id']}-{m['vm']}", "mig_id": m["mig_id"], "vm": m["vm"],
+        "anchor": _anchor(m), "mig_id": m["mig_id"], "vm": m["vm"],
         "route": f"{m['src']} → {m['dst']}", "status": m.get("status", "?"),
         "handled": m.get("handled_by_scenario", False), "failed": failed,
         "driver": m.get("driver", "?"), "storage": m.get("storage", "shared"),
@@ -117,13 +117,43 @@ def template(name: str):
     return env.get_template(name)
 
 
+#: migration plots drawn ahead (:func:`draw_ahead`), by what they were drawn from
+_drawn: dict[str, str | None] = {}
+
+
+def _plot_key(m: dict) -> str:
+    return json.dumps({k: m.get(k) for k in plots.PLOT_FIELDS}, sort_keys=True, default=str)
+
+
+def draw_ahead(records: list[dict]) -> None:
+    """Draw the plots of migrations that ended (their records as
+    :func:`migrator.report.results.migration_body` makes them), before the page: a run's
+    page then draws only what changed since (about 70 ms per migration under TCG, seconds
+    for a long run's, after its last migration). Call from one thread at a time, never while
+    a page is drawn (matplotlib is not thread-safe). Never raises (see :func:`_guarded`)."""
+    for m in records:
+        key = _plot_key(m)
+        if key not in _drawn:
+            _drawn[key] = _guarded(plots.migration_plot, m, _anchor(m))
+
+
+def _anchor(m: dict) -> str:
+    return f"mig-{m['mig_id']}-{m['vm']}"
+
+
 def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
     """The page, as a string."""
     rows = [_row(m) for m in migs]
     sections = []
+    ahead = 0
     for m, row in zip(migs, rows):
-        svg = _guarded(plots.migration_plot, m, row["anchor"])
+        key = _plot_key(m)
+        if key in _drawn:
+            svg, ahead = _drawn.pop(key), ahead + 1
+        else:
+            svg = _guarded(plots.migration_plot, m, row["anchor"])
         sections.append({**row, "plot": svg, "samples": len(m.get("progress") or ())})
+    log.info("report: %d of %d migration plots drawn ahead", ahead, len(migs))
     return template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
@@ -148,9 +178,12 @@ def write_html(run_dir: Path) -> Path:
     run, migs, tasks = load_run(run_dir)
     path = run_dir / REPORT
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(run, migs, tasks), encoding="utf-8")
+    try:
+        tmp.write_text(render_html(run, migs, tasks), encoding="utf-8")
+    finally:
+        _drawn.clear()          # drawn ahead and not taken: records that changed since
     tmp.replace(path)
     return path
 
 
-__all__ = ["REPORT", "load_run", "render_html", "template", "write_html"]
+__all__ = ["REPORT", "draw_ahead", "load_run", "render_html", "template", "write_html"]

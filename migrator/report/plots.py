@@ -96,6 +96,11 @@ def policy_marks(mig: dict) -> list[tuple[float, str]]:
             if d.get("action") != "downtime" and d.get("t") is not None]
 
 
+#: the record's fields :func:`migration_plot` draws from (a plot drawn ahead is the page's
+#: while these are unchanged: :func:`migrator.report.html.draw_ahead`)
+PLOT_FIELDS = ("mig_id", "vm", "src", "dst", "progress", "dirtier", "phases", "decisions")
+
+
 @styled
 def migration_plot(mig: dict, gid: str = "mig") -> str | None:
     """Remaining bytes (RAM, and the disk while it is copied), throughput, and the guest's

@@ -60,18 +60,22 @@ def version_properties(ctx: RunContext) -> list[tuple[str, str]]:
     return props
 
 
+def migration_body(ctx: RunContext, rec) -> dict:
+    """What ``migrations/<mig>-<vm>.json`` holds for the migration record ``rec``."""
+    return {"run_id": ctx.run_id, "instance": rec.instance, "mig_id": rec.mig_id,
+            "vm": rec.vm, "src": rec.src, "dst": rec.dst, "status": rec.status,
+            "passed": rec.passed, "handled_by_scenario": rec.handled, "error": rec.error,
+            **{k: v for k, v in rec.result.items() if k not in ("vm", "src", "dst",
+                                                                 "status", "error")}}
+
+
 def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
     """Write the run's records under ``out_dir`` (created); return it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mig_dir = out_dir / "migrations"
     mig_dir.mkdir(exist_ok=True)
     for rec in ctx.migrations:
-        body = {"run_id": ctx.run_id, "instance": rec.instance, "mig_id": rec.mig_id,
-                "vm": rec.vm, "src": rec.src, "dst": rec.dst, "status": rec.status,
-                "passed": rec.passed, "handled_by_scenario": rec.handled, "error": rec.error,
-                **{k: v for k, v in rec.result.items() if k not in ("vm", "src", "dst",
-                                                                     "status", "error")}}
-        write_json(mig_dir / f"{rec.mig_id}-{rec.vm}.json", body)
+        write_json(mig_dir / f"{rec.mig_id}-{rec.vm}.json", migration_body(ctx, rec))
     run = {"run_id": ctx.run_id, "verdict": "passed" if ctx.verdict else "failed", **meta,
            "instances": [vars(i) for i in ctx.instances],
            "migrations": [{"mig_id": m.mig_id, "vm": m.vm, "src": m.src, "dst": m.dst,
