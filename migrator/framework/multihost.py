@@ -416,26 +416,36 @@ class MultihostMigration(BlockingInWorkers):
         async with asyncio.TaskGroup() as tg:               # connect: errors name the host
             for h in self.hosts:
                 tg.create_task(h.connect())
-        await hostprep.check_guest_bridges(ctx, self.hosts)
-        await hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir)
-        await hostprep.check_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
-                                     bool(self.env.images()))
-        self._claim = await pools.claim_range(ctx, self.name, self.hosts[0])
-        self.env.use_range(self._claim.range if self._claim else None)
-        if self.env.images():
-            # on shared storage, all at once; on each host's own, each where its VM starts
-            ctx.record("resource", kind="overlays", host=self.hosts[0].name,
-                       path=self.env.disk_dir, local=self.env.local_disks)
-            if not self.env.local_disks:
-                await prepare_overlays(self.hosts[0], self.env, timeouts.disk_prepare_s)
-        if own_server:
-            first = self.inventory.host(self.hosts[0].name)
-            bind = cfg.sync.bind or local_address_towards(first.address,
-                                                          (first.ssh or self.inventory.ssh).port)
-            await ctx.start_server(bind)
-        self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
-                              f"{ctx.run_id}.{self.name}", cfg)
-        await self.sync.start()
+
+        async def hosts_checked() -> None:
+            await hostprep.check_guest_bridges(ctx, self.hosts)
+            await hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir)
+            await hostprep.check_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
+                                         bool(self.env.images()))
+            self._claim = await pools.claim_range(ctx, self.name, self.hosts[0])
+            self.env.use_range(self._claim.range if self._claim else None)
+            if self.env.images():
+                # on shared storage, all at once; on each host's own, each where its VM starts
+                ctx.record("resource", kind="overlays", host=self.hosts[0].name,
+                           path=self.env.disk_dir, local=self.env.local_disks)
+                if not self.env.local_disks:
+                    await prepare_overlays(self.hosts[0], self.env, timeouts.disk_prepare_s)
+
+        async def sync_started() -> None:
+            if own_server:
+                first = self.inventory.host(self.hosts[0].name)
+                bind = cfg.sync.bind or local_address_towards(
+                    first.address, (first.ssh or self.inventory.ssh).port)
+                await ctx.start_server(bind)
+            self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
+                                  f"{ctx.run_id}.{self.name}", cfg)
+            await self.sync.start()
+
+        # the hosts' checks and claims, and their sync participants, at once: neither needs
+        # the other (each is undone by _cleanup, whichever got how far)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(hosts_checked())
+            tg.create_task(sync_started())
         await self.barrier("disks_prepared", timeout=timeouts.disk_prepare_s)
         ctx.say(f"[{self.name}] hosts {', '.join(h.name for h in self.hosts)} ready "
                 f"(sync {ctx.sync_url}, run dir {self.run_dir})")

@@ -88,10 +88,9 @@ class HostsSync:
 
     async def _start_participant(self, host: SSHHost, pyz: Installable,
                                  token: Installable) -> None:
-        client = await pyz.install(host)
+        client, token_file = await asyncio.gather(pyz.install(host), token.install(host))
         env = {"MIGRATE_SYNC_URL": self.url, "MIGRATE_SYNC_RUN": self.sync_run,
-               "MIGRATE_SYNC_MEMBER": host.name,
-               "MIGRATE_SYNC_TOKEN_FILE": await token.install(host)}
+               "MIGRATE_SYNC_MEMBER": host.name, "MIGRATE_SYNC_TOKEN_FILE": token_file}
         proc = await host.spawn(f"exec python3 {quote(client)} member --until-stdin-eof",
                                 env=env)
         self._participants[host.name] = proc
