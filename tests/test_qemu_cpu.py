@@ -70,7 +70,7 @@ async def test_outside_the_vcpus_is_the_process_minus_its_vcpu_threads(no_leaks,
             await host.run(f"kill -KILL {pid}", check=True)
             # the loop ends with the process (it is not stopped by the block's end)
             async with asyncio.timeout(10):
-                await asyncio.shield(sampler._reader)
+                await asyncio.shield(sampler._task)
         assert abs(sampler.last.outside_vcpus_s - by_name.outside_vcpus_s) <= tick
     finally:
         await proc.stop()
@@ -89,7 +89,7 @@ async def test_the_sampler_ends_when_its_block_ends(no_leaks, host):
             async with asyncio.timeout(10):
                 while sampler.last is None:
                     await asyncio.sleep(0.05)
-        assert sampler._reader.done()
+        assert sampler._task.done()
         left = await host.run("pgrep -af 'p=/proc/[0-9]+; while read' || true")
         assert left.stdout.strip() == "", left.stdout
     finally:

@@ -112,7 +112,8 @@ class CpuSampler:
         self.interval_s, self.hz = interval_s, start.hz if start else 100
         self.last: QemuCpu | None = None
         self._proc = None
-        self._reader: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
+        self._spawned = asyncio.Event()     # its start ended, started or not
 
     def script(self) -> str:
         """The loop run on the host (bash: ``read -t`` takes a fraction of a second)."""
@@ -129,16 +130,19 @@ class CpuSampler:
     async def __aenter__(self) -> "CpuSampler":
         if self.start is None or not self.pid:
             return self             # nothing to follow: no start figures
+        # started in the background: the block's work (a migration) does not wait for it
+        self._task = asyncio.create_task(self._follow())    # owned: ended in __aexit__
+        return self
+
+    async def _follow(self) -> None:
         try:
             self._proc = await self.host.spawn(self.script())
         except HostError as exc:
             log.warning("[host=%s] QEMU pid %d: no CPU sampler (%s): its CPU is not "
                         "recorded", self.host.name, self.pid, exc)
-            return self
-        self._reader = asyncio.create_task(self._read())     # owned: ended in __aexit__
-        return self
-
-    async def _read(self) -> None:
+            return
+        finally:
+            self._spawned.set()
         while line := await self._proc.readline():
             try:
                 total, vcpu = (int(x) for x in line.split())
@@ -147,17 +151,19 @@ class CpuSampler:
             self.last = QemuCpu(total / self.hz, vcpu / self.hz, self.vcpu_tids, self.hz)
 
     async def __aexit__(self, *exc) -> None:
-        if self._proc is not None:
+        if self._task is not None:
             await shielded(self._stop())
 
     async def _stop(self) -> None:
-        await self._proc.stop()
-        if self._reader is not None:
-            # the loop's output ends with it: what it sent before is read, then the reader ends
-            try:
-                await wait_for(asyncio.shield(self._reader), 1.0)
-            except TimeoutError:
-                await cancel_and_wait(self._reader)
+        """Let its start finish (a spawn cut short would leave the loop running on the
+        host), close its input, read what it sent to the end."""
+        await self._spawned.wait()     # spawn() is bounded by ssh_connect_s itself
+        if self._proc is not None:
+            await self._proc.stop()
+        try:
+            await wait_for(asyncio.shield(self._task), 1.0)
+        except TimeoutError:
+            await cancel_and_wait(self._task)
 
 
 __all__ = ["CpuSampler", "QemuCpu", "VCPU_NAME", "read_qemu_cpu"]

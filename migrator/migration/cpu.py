@@ -8,10 +8,9 @@ When each side is read:
 - source: at the migration's start and at its end. The qemu driver reads both QEMUs at the
   end of the preparation (while the console connects ahead: off the transfer's path), again
   after the slot if the migration was queued for one, and the paused source after
-  completion, exactly; under libvirt (read after the slot) the
-  source QEMU is killed inside ``migrate3`` (Confirm), so a :class:`CpuSampler` follows it
-  and its last snapshot (at most ``timeouts.progress_interval_s`` before it went) is the
-  end;
+  completion, exactly. Under libvirt (read alike) the source QEMU is killed inside
+  ``migrate3`` (Confirm), so a :class:`CpuSampler` follows it and its last snapshot (at
+  most ``timeouts.progress_interval_s`` before it went) is the end;
 - destination: the qemu driver's from the migration's start, libvirt's from its launch
   (libvirt starts it inside ``migrate3``: its start-up, libvirt's CPU checks over QMP
   included, is the migration's).

@@ -171,12 +171,15 @@ class LibvirtMigration(BaseMigration):
                 self._p2p_uri = await remote_uri(
                     src.host, src.paths.dir, self.dst_vm.host, self.config.libvirt.transport,
                     timeouts.ssh_connect_s)
-            await self._watch(src, sdom)
+            # the CPU figures' start read meanwhile (off the transfer's path); again at the
+            # slot if the migration waited for one
+            _, src_cpu = await asyncio.gather(self._watch(src, sdom), cpu.read_side(src))
             await self._watch(self.dst_vm, None)
             self._set_phase(Phase.CONFIGURED)
         try:
             await self._wait_for_slot()
-            src_cpu = await cpu.read_side(src) if src.pid else None
+            if self.result.queued_s is not None:
+                src_cpu = await cpu.read_side(src)
             # libvirt kills the source QEMU inside migrate3: followed while it runs
             async with CpuSampler(src.host, src.pid, src_cpu,
                                   timeouts.progress_interval_s) as sampler:
