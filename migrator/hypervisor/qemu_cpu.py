@@ -12,8 +12,8 @@ their names ``CPU n/ACCEL``.
 
 Two ways to read it:
 
-- :func:`read_qemu_cpu`: one snapshot, one SSH command (shell built-ins only: no process is
-  started on the host beyond the command's shell).
+- :func:`read_qemu_cpu`: one snapshot, one SSH command (shell built-ins, and ``getconf`` for
+  the clock rate).
 - :class:`CpuSampler`: a snapshot every ``interval_s`` streamed back by one small shell loop
   on the host, for a QEMU that someone else stops (libvirt kills the source QEMU inside
   ``migrate3``, before its caller could read it): its last snapshot is at most one interval
