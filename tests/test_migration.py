@@ -480,6 +480,12 @@ async def test_multifd_and_xbzrle(make_vm, hosts, inventory, params, cap):
             assert dst_params["multifd-channels"] == 4
         r = await run
     assert r.status == "completed"
+    if cap == "xbzrle":     # the cache's work recorded: the pages dirtied again went past it
+        x = r.xbzrle
+        assert x["cache_size"] == 16 * 2**20 and r.iterations >= 2, (x, r.iterations)
+        assert x["pages"] + x["cache_miss"] + x["overflow"] > 0, x
+    else:
+        assert r.xbzrle is None
     dst = m.dst_vm
     async with asyncio.timeout(30):
         while (report := await dirtier_report(dst)) is None:

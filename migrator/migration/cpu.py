@@ -5,10 +5,11 @@ controller). See :mod:`migrator.hypervisor.qemu_cpu` for what is read and how.
 
 When each side is read:
 
-- source: at the migration's start and at its end. The qemu driver reads both QEMUs at the
-  end of the preparation (while the console connects ahead: off the transfer's path), again
-  after the slot if the migration was queued for one, and the paused source after
-  completion, exactly. Under libvirt (read alike) the source QEMU is killed inside
+- source: at the migration's start and at its end. The qemu driver reads each QEMU during
+  the preparation, alongside its next step (the source while the destination starts, the
+  destination while it is configured): off the transfer's path; again after the slot if
+  the migration was queued for one; and the paused source after completion, exactly.
+  Under libvirt (the start read alike) the source QEMU is killed inside
   ``migrate3`` (Confirm), so a :class:`CpuSampler` follows it and its last snapshot (at
   most ``timeouts.progress_interval_s`` before it went) is the end;
 - destination: the qemu driver's from the migration's start, libvirt's from its launch
@@ -21,12 +22,16 @@ migration itself is never failed by its measurement.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Awaitable, TypeVar
 
+from ..aio import cancel_and_wait
 from ..errors import HostError
 from ..hypervisor.qemu_cpu import QemuCpu, read_qemu_cpu
 
 log = logging.getLogger(__name__)
+T, S = TypeVar("T"), TypeVar("S")
 
 
 async def read_side(vm, vcpu_tids: tuple[int, ...] | None = None) -> QemuCpu | None:
@@ -49,6 +54,19 @@ async def vcpu_threads(qmp) -> tuple[int, ...] | None:
         return None
 
 
+async def alongside(main: Awaitable[T], side: Awaitable[S]) -> tuple[T, S]:
+    """``main``'s result and ``side``'s, run at once: a reading taken while the migration's
+    own step goes on. ``side`` must not raise; if ``main`` does, ``side`` is cancelled and
+    waited for before the error goes on."""
+    task = asyncio.ensure_future(side)
+    try:
+        result = await main
+    except BaseException:
+        await cancel_and_wait(task)
+        raise
+    return result, await task
+
+
 def spent(start: QemuCpu | None, end: QemuCpu | None,
           since_launch: bool = False) -> float | None:
     """Seconds outside the vCPUs between two snapshots, or with ``since_launch`` up to
@@ -66,4 +84,4 @@ def record(result, src_s: float | None, dst_s: float | None, dst_since: str) -> 
                               if src_s is not None and dst_s is not None else None)
 
 
-__all__ = ["read_side", "record", "spent", "vcpu_threads"]
+__all__ = ["alongside", "read_side", "record", "spent", "vcpu_threads"]

@@ -213,6 +213,11 @@ class MigrationResult:
     dirtier_check: dict | None = None
     #: the machine type the guest runs as (an alias such as ``pc`` resolved on the source)
     machine: str | None = None
+    #: XBZRLE's work, where its cache was on (QEMU's xbzrle-cache figures): ``cache_size``,
+    #: ``bytes`` and ``pages`` sent as deltas, ``cache_miss`` (pages not in the cache: sent
+    #: whole), ``overflow`` (deltas larger than the page: sent whole), ``cache_miss_rate``,
+    #: ``encoding_rate``
+    xbzrle: dict | None = None
     #: each side's QEMU: ``{"src": {"host", "binary", "version"}, "dst": {...}}`` (qemu
     #: driver: query-version; the destination's known once it started)
     qemu: dict = field(default_factory=dict)
@@ -727,7 +732,7 @@ class Migration(BaseMigration):
         self._mirror: storage.NbdMirror | None = None
         self._nbd_port: int | None = None
         self._switched_over = False     # pre-switchover seen and continued
-        self._tids: tuple | None = None   # each QEMU's vCPU thread ids (.cpu)
+        self._tids: dict[int, tuple | None] = {}  # each QEMU's vCPU thread ids (.cpu)
 
     async def _run_phases(self) -> None:
         timeouts = self.config.timeouts
@@ -737,19 +742,14 @@ class Migration(BaseMigration):
             await self._match_destination(src)
             if self.copies_disk:
                 await self._make_destination_disk()
-            await self.dst_vm.start(incoming=True)
+            # the CPU figures' start (.cpu), each side's read alongside the preparation's
+            # next step: off the transfer's path; again at the slot if it was waited for
+            _, src_cpu = await cpu.alongside(self.dst_vm.start(incoming=True),
+                                             self._cpu_now(self.src_vm, src))
             dst = await self.dst_vm.qmp()
-            self.result.qemu["dst"]["version"] = await qmp_version(dst)
-            await self._configure(src, dst)
-            self._set_phase(Phase.CONFIGURED)
-            if self.copies_disk:
-                await self._export_disk(src, dst)
-            port = await self._listen(dst)
-            self._set_phase(Phase.LISTENING)
-            # the CPU figures' start, read while the console connects ahead (both are off
-            # the transfer's path); again at the slot if the migration waited for it
-            _, cpu_start = await asyncio.gather(
-                self.src_vm.connect_console_ahead(self.dst_vm), self._read_cpu(src, dst))
+            port, dst_cpu = await cpu.alongside(self._configure_and_listen(src, dst),
+                                                self._cpu_now(self.dst_vm, dst))
+        cpu_start = (src_cpu, dst_cpu)
         await self._wait_for_slot()             # prepared: the transfer starts at the slot
         if self.result.queued_s is not None:
             cpu_start = await self._read_cpu(src, dst)
@@ -767,22 +767,31 @@ class Migration(BaseMigration):
     def _transfer_deadline(self) -> float:
         return self._deadline(disk=False)       # the disk was copied before (MIRRORING)
 
-    async def _vcpu_threads(self, src, dst) -> tuple:
-        """Each QEMU's vCPU thread ids (None: not answered), asked once."""
-        if self._tids is None:
-            self._tids = tuple(await asyncio.gather(cpu.vcpu_threads(src),
-                                                    cpu.vcpu_threads(dst)))
-        return self._tids
+    async def _configure_and_listen(self, src, dst) -> int:
+        """The destination started: its version, both sides' migration settings, the disk's
+        export, the listening port (returned), the console connected ahead."""
+        self.result.qemu["dst"]["version"] = await qmp_version(dst)
+        await self._configure(src, dst)
+        self._set_phase(Phase.CONFIGURED)
+        if self.copies_disk:
+            await self._export_disk(src, dst)
+        port = await self._listen(dst)
+        self._set_phase(Phase.LISTENING)
+        await self.src_vm.connect_console_ahead(self.dst_vm)
+        return port
+
+    async def _cpu_now(self, vm, qmp):
+        """``vm``'s QEMU CPU now (:mod:`.cpu`); its vCPU threads asked over ``qmp`` once.
+        None: not read. Never raises."""
+        if id(vm) not in self._tids:
+            self._tids[id(vm)] = await cpu.vcpu_threads(qmp)
+        tids = self._tids[id(vm)]
+        return None if tids is None else await cpu.read_side(vm, tids)
 
     async def _read_cpu(self, src, dst) -> tuple:
-        """Both QEMUs' CPU now (:mod:`.cpu`; ``src``, ``dst``: their QMP connections, which
-        name their vCPU threads once; a side whose threads are unknown: None)."""
-        src_tids, dst_tids = await self._vcpu_threads(src, dst)
-
-        async def side(vm, tids):
-            return None if tids is None else await cpu.read_side(vm, tids)
-        return tuple(await asyncio.gather(side(self.src_vm, src_tids),
-                                          side(self.dst_vm, dst_tids)))
+        """Both QEMUs' CPU now (``src``, ``dst``: their QMP connections)."""
+        return tuple(await asyncio.gather(self._cpu_now(self.src_vm, src),
+                                          self._cpu_now(self.dst_vm, dst)))
 
     def disk_progress(self) -> tuple[int, int] | None:
         if self.phase is Phase.MIRRORING and self._mirror is not None:
@@ -1144,6 +1153,8 @@ class Migration(BaseMigration):
         r.throughput_mbps = ram.get("mbps")
         r.iterations = ram.get("dirty-sync-count")
         r.postcopy_requests = ram.get("postcopy-requests")
+        if self.params.xbzrle_cache_mib is not None and "xbzrle-cache" in info:
+            r.xbzrle = {k.replace("-", "_"): v for k, v in info["xbzrle-cache"].items()}
 
     async def _verify(self, src, dst) -> None:
         """Destination running (waited for), source postmigrate; downtime from the events.

@@ -508,6 +508,11 @@ class LibvirtMigration(BaseMigration):
             r.disk_bytes = stats.get("disk_processed") if from_source else max(
                 (rec.disk_transferred for rec in self.records), default=None)
         r.max_cpu_throttle = max(r.max_cpu_throttle, stats.get("auto_converge_throttle", 0))
+        if self.params.xbzrle_cache_mib is not None and "compression_cache" in stats:
+            r.xbzrle = {name: stats.get(key) for name, key in (
+                ("cache_size", "compression_cache"), ("bytes", "compression_bytes"),
+                ("pages", "compression_pages"), ("cache_miss", "compression_cache_misses"),
+                ("overflow", "compression_overflow"))}
 
     async def _verify(self) -> None:
         """Destination running (waited for), source domain gone; downtime from the events.

@@ -182,10 +182,13 @@ def _migration_figures(run_dir: Path) -> list[dict]:
                              .read_text())
         except (OSError, ValueError):
             continue
-        out.append({k: rec.get(k) for k in (
+        figures = {k: rec.get(k) for k in (
             "mig_id", "vm", "src", "dst", "status", "total_time_ms", "downtime_ms",
             "blackout_ms", "throughput_mbps", "transferred_bytes", "iterations", "run_s",
-            "max_cpu_throttle", "postcopy_switched", "migration_cpu_s", "qemu_cpu")})
+            "max_cpu_throttle", "postcopy_switched", "migration_cpu_s", "qemu_cpu",
+            "xbzrle")}
+        figures["xbzrle_pages"] = (rec.get("xbzrle") or {}).get("pages")
+        out.append(figures)
     return out
 
 

@@ -29,6 +29,7 @@ FIGURES = (("total_time_ms", "total time", "ms", "migration"),
            ("throughput_mbps", "throughput", "Mbit/s", "migration"),
            ("run_s", "whole migration", "s", "migration"),
            ("migration_cpu_s", "QEMU CPU outside vCPUs", "s", "migration"),
+           ("xbzrle_pages", "XBZRLE delta pages", "pages", "migration"),
            ("controller_cpu_s", "controller CPU per run", "s", "run"),
            ("wall_s", "run wall time", "s", "run"))
 
@@ -56,7 +57,7 @@ def summarize(sweep: Sweep, runs: list[SweepRun]) -> list[dict]:
 def _cell(stat: dict | None, unit: str) -> str:
     if stat is None:
         return "-"
-    fmt = "{:,.0f}" if unit in ("ms", "Mbit/s") else "{:,.2f}"
+    fmt = "{:,.0f}" if unit in ("ms", "Mbit/s", "pages") else "{:,.2f}"
     return f"{fmt.format(stat['median'])} ({fmt.format(stat['min'])}–{fmt.format(stat['max'])})"
 
 

@@ -90,8 +90,16 @@ def _row(m: dict) -> dict:
                                         "max_cpu_throttle", "postcopy_switched",
                                         "postcopy_requests", "mirror_s", "disk_bytes",
                                         "disk_switchover_ms")
-                    if m.get(k) is not None],
+                    if m.get(k) is not None]
+        + ([("xbzrle", xbzrle_text(m["xbzrle"]))] if m.get("xbzrle") else []),
     }
+
+
+def xbzrle_text(x: dict) -> str:
+    """XBZRLE's figures in words (see ``MigrationResult.xbzrle``)."""
+    return (f"{x.get('pages') or 0:,} pages as deltas ({(x.get('bytes') or 0) / 2**20:,.1f} "
+            f"MiB), {x.get('cache_miss') or 0:,} not cached, {x.get('overflow') or 0:,} "
+            f"overflowed; cache {(x.get('cache_size') or 0) / 2**20:,.0f} MiB")
 
 
 def prefetch() -> None:
