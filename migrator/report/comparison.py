@@ -29,7 +29,7 @@ FIGURES = (("total_time_ms", "total time", "ms", "migration"),
            ("throughput_mbps", "throughput", "Mbit/s", "migration"),
            ("run_s", "whole migration", "s", "migration"),
            ("migration_cpu_s", "QEMU CPU outside vCPUs", "s", "migration"),
-           ("xbzrle_pages", "XBZRLE delta pages", "pages", "migration"),
+           ("xbzrle_pages", "XBZRLE deltas", "pages", "migration"),
            ("controller_cpu_s", "controller CPU per run", "s", "run"),
            ("wall_s", "run wall time", "s", "run"))
 
