@@ -61,6 +61,7 @@ from ..config import Config, Inventory, VMSettings, load_inventory
 from ..errors import ConfigError, HostError, MigratorError, ScenarioError
 from ..guest.host import GuestHost
 from ..hosts import SSHHost
+from ..hypervisor.qemu_cpu import process_cpu_s
 from ..migration import MigrationParams
 from . import hostprep, pools
 from .context import InstanceRecord, RunContext
@@ -779,7 +780,7 @@ class ParallelVMTasks(BlockingInWorkers):
     async def _start(self, task: TaskResult) -> None:
         host = self._by_name[task.host]
         vm = await self.env.ensure_running(task.vm, host, decl=task.spec.get("decl"))
-        task.cpu_s = await _cpu_seconds(host, vm.pid)
+        task.cpu_s = await process_cpu_s(host, vm.pid) if vm.pid else None
         task.output = f"{task.vm} on {task.host}: QEMU pid {vm.pid}, its shell answers"
         task.status = "passed"
 
@@ -873,16 +874,3 @@ class ParallelVMTasks(BlockingInWorkers):
                                  f"first: {first.error}")
         else:
             self.record.status, self.record.error = "passed", None
-
-
-async def _cpu_seconds(host: SSHHost, pid: int | None) -> float | None:
-    """CPU seconds (user + system) process ``pid`` used so far, or None."""
-    if not pid:
-        return None
-    r = await host.run(f"sed 's/.*) //' /proc/{int(pid)}/stat | cut -d' ' -f12,13; "
-                       "getconf CLK_TCK")
-    try:
-        ticks, hz = r.stdout.split("\n")[0].split(), int(r.stdout.split()[-1])
-        return (int(ticks[0]) + int(ticks[1])) / hz
-    except (ValueError, IndexError):
-        return None

@@ -61,6 +61,37 @@ def _ticks(stat_line: str) -> tuple[str, int]:
     return head.partition(" (")[2], int(fields[11]) + int(fields[12])
 
 
+async def _read_stat(host: SSHHost, pid: int, threads: bool) -> tuple | None:
+    """``(hz, total ticks, [(tid, name, ticks)] or [])`` of process ``pid`` on ``host``
+    (its threads' only with ``threads``); None when the process is gone or its ``/proc``
+    could not be read (logged).
+
+    :raise HostError: the host cannot be reached.
+    """
+    p = f"/proc/{int(pid)}"
+    each = (f" && for t in {p}/task/*; do read -r s < $t/stat && echo \"$s\"; "
+            f"done 2>/dev/null" if threads else "")
+    r = await host.run(f"read -r s < {p}/stat && echo \"$s\"{each}; getconf CLK_TCK")
+    lines = r.stdout.splitlines()
+    try:
+        return (int(lines[-1]), _ticks(lines[0])[1],
+                [(int(line.split(" ", 1)[0]), *_ticks(line)) for line in lines[1:-1]])
+    except (ValueError, IndexError):
+        log.info("[host=%s] pid %s: no CPU figures (%s)", host.name, pid,
+                 (r.stderr.strip() or r.stdout.strip() or f"status {r.status}")[:200])
+        return None
+
+
+async def process_cpu_s(host: SSHHost, pid: int) -> float | None:
+    """CPU seconds (user + system, every thread) process ``pid`` on ``host`` used so far;
+    None when it is gone or could not be read.
+
+    :raise HostError: the host cannot be reached.
+    """
+    stat = await _read_stat(host, pid, threads=False)
+    return None if stat is None else stat[1] / stat[0]
+
+
 async def read_qemu_cpu(host: SSHHost, pid: int,
                         vcpu_tids: tuple[int, ...] | None = None) -> QemuCpu | None:
     """The CPU of QEMU process ``pid`` on ``host`` now; its vCPU threads are ``vcpu_tids``,
@@ -69,19 +100,10 @@ async def read_qemu_cpu(host: SSHHost, pid: int,
 
     :raise HostError: the host cannot be reached.
     """
-    p = f"/proc/{int(pid)}"
-    r = await host.run(f"read -r s < {p}/stat && echo \"$s\" && for t in {p}/task/*; do "
-                       f"read -r s < $t/stat && echo \"$s\"; done 2>/dev/null; "
-                       f"getconf CLK_TCK")
-    lines = r.stdout.splitlines()
-    try:
-        hz = int(lines[-1])
-        _, total = _ticks(lines[0])
-        threads = [(int(line.split(" ", 1)[0]), *_ticks(line)) for line in lines[1:-1]]
-    except (ValueError, IndexError):
-        log.info("[host=%s] QEMU pid %s: no CPU figures (%s)", host.name, pid,
-                 (r.stderr.strip() or r.stdout.strip() or f"status {r.status}")[:200])
+    stat = await _read_stat(host, pid, threads=True)
+    if stat is None:
         return None
+    hz, total, threads = stat
     vcpus = tuple(tid for tid, name, _ in threads
                   if (tid in vcpu_tids if vcpu_tids is not None else VCPU_NAME.match(name)))
     if not vcpus:       # QEMU without debug-threads=on: the guest's share cannot be told
@@ -166,4 +188,4 @@ class CpuSampler:
             await cancel_and_wait(self._task)
 
 
-__all__ = ["CpuSampler", "QemuCpu", "VCPU_NAME", "read_qemu_cpu"]
+__all__ = ["CpuSampler", "QemuCpu", "VCPU_NAME", "process_cpu_s", "read_qemu_cpu"]

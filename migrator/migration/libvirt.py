@@ -173,7 +173,7 @@ class LibvirtMigration(BaseMigration):
                     timeouts.ssh_connect_s)
             # the CPU figures' start read meanwhile (off the transfer's path); again at the
             # slot if the migration waited for one
-            _, src_cpu = await asyncio.gather(self._watch(src, sdom), cpu.read_side(src))
+            _, src_cpu = await cpu.alongside(self._watch(src, sdom), cpu.read_side(src))
             await self._watch(self.dst_vm, None)
             self._set_phase(Phase.CONFIGURED)
         try:
