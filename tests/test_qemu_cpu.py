@@ -94,3 +94,69 @@ async def test_the_sampler_ends_when_its_block_ends(no_leaks, host):
         assert left.stdout.strip() == "", left.stdout
     finally:
         await proc.stop()
+
+
+
+#: a QEMU-shaped process whose "migration thread" works while it is sampled: a vCPU thread
+#: that idles, a thread that burns 0.3 s once told to (a line on stdin) and then says
+#: "done"; prints its pid first
+WORKS_WHEN_TOLD = r"""
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None)
+def vcpu():
+    libc.prctl(15, b"CPU 0/TCG", 0, 0, 0)
+    threading.Event().wait()
+threading.Thread(target=vcpu, daemon=True).start()
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+def mig():
+    libc.prctl(15, b"mig/src/send", 0, 0, 0)
+    end = time.thread_time() + 0.3
+    while time.thread_time() < end:
+        pass
+    print("done", flush=True)
+threading.Thread(target=mig).start()
+sys.stdin.readline()
+"""
+
+
+async def test_a_snapshot_asked_for_comes_at_once_and_is_kept(no_leaks, host):
+    """``snapshot_now`` (libvirt's source: its destination resumed, the source is killed
+    next) takes the figure at once, not at the next interval; a snapshot that arrived while
+    the controller was busy is still the last when the block ends (read to the end before
+    the loop is reaped); the block's end stops a loop that sleeps for long at once."""
+    import time
+    proc = await host.spawn(f"exec python3 -c {quote(WORKS_WHEN_TOLD)}")
+    try:
+        pid = int(await proc.readline())
+        start = await read_qemu_cpu(host, pid)
+        assert start is not None and len(start.vcpu_tids) == 1, start
+        tick = 0.02
+        # an interval far longer than the test: every snapshot after the first is asked for
+        async with CpuSampler(host, pid, start, 600) as sampler:
+            async with asyncio.timeout(10):
+                while sampler.last is None:
+                    await asyncio.sleep(0.05)
+            first = sampler.last
+            assert abs(first.outside_vcpus_s - start.outside_vcpus_s) <= tick
+            proc.write("go\n")
+            async with asyncio.timeout(10):
+                assert await proc.readline() == "done\n"
+            sampler.snapshot_now()
+            async with asyncio.timeout(10):
+                while sampler.last is first:
+                    await asyncio.sleep(0.01)
+            worked = sampler.last.outside_vcpus_s - start.outside_vcpus_s
+            assert 0.3 - tick <= worked <= 0.3 + 2 * tick, (worked, sampler.last)
+            # asked again, and the controller busy until the block ends: that snapshot
+            # waits unread in the connection when the block ends
+            asked = sampler.last
+            sampler.snapshot_now()
+            time.sleep(0.5)
+            ended = time.monotonic()
+        assert time.monotonic() - ended < 5          # not the loop's 600 s sleep
+        assert sampler.last is not asked and sampler.last.total_s >= asked.total_s
+    finally:
+        await proc.stop()
+    left = await host.run("pgrep -af 'p=/proc/[0-9]+; while read' || true")
+    assert left.stdout.strip() == "", left.stdout

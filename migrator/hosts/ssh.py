@@ -541,7 +541,8 @@ class RemoteProcess(BlockingInWorkers):
 
     async def stop(self) -> None:
         """Close its stdin; if it has not left within ``host_cleanup_s``, kill its process
-        group. Idempotent; never raises (a lost host is logged)."""
+        group. Idempotent; never raises (a lost host is logged). Output not read yet is
+        dropped: to keep it, :meth:`close_input` and :meth:`readline` to the end first."""
         try:
             self._proc.stdin.write_eof()
         except (asyncssh.Error, OSError, BrokenPipeError):

@@ -16,8 +16,11 @@ Two ways to read it:
   the clock rate).
 - :class:`CpuSampler`: a snapshot every ``interval_s`` streamed back by one small shell loop
   on the host, for a QEMU that someone else stops (libvirt kills the source QEMU inside
-  ``migrate3``, before its caller could read it): its last snapshot is at most one interval
-  old when the QEMU went away.
+  ``migrate3``, before its caller could read it), and one at once when asked
+  (:meth:`CpuSampler.snapshot_now`: when the caller learns the QEMU's work is done, e.g.
+  the destination resumed). Its last snapshot is the later of the last asked for and the
+  last periodic one, at most one interval before the QEMU went away: a migration shorter
+  than a few intervals needs the asked-for one for a figure that means anything.
 """
 
 from __future__ import annotations
@@ -121,11 +124,13 @@ class CpuSampler:
     the host's clock rate (None: the block samples nothing).
 
     On the host, one shell loop of built-ins (``read`` from ``/proc``, arithmetic; its sleep
-    is a ``read -t`` on its standard input, so closing that ends it at once): no process
-    started per snapshot. The block's end closes its input and waits for it (shielded);
-    a loop that does not leave is killed with its process group (:meth:`RemoteProcess.stop`).
-    A sampler that cannot start (host unreachable) is logged and leaves :attr:`last` None:
-    the figure is missing, the migration is not disturbed.
+    is a ``read -t`` on its standard input: a line there takes a snapshot at once, closing
+    it ends the loop at once): no process started per snapshot. The block's end closes its
+    input, reads what it sent to the end (snapshots that arrived while the controller was
+    busy elsewhere included), then reaps it (shielded); a loop that does not leave is killed
+    with its process group (:meth:`RemoteProcess.stop`). A sampler that cannot start (host
+    unreachable) is logged and leaves :attr:`last` None: the figure is missing, the
+    migration is not disturbed.
     """
 
     def __init__(self, host: SSHHost, pid: int, start: QemuCpu | None, interval_s: float):
@@ -145,7 +150,8 @@ class CpuSampler:
         script = (f"p={p}; while read -r s < $p/stat; do {ticks}; tot=$n; v=0; "
                   f"for t in {tids}; do read -r s < $p/task/$t/stat || exit 0; {ticks}; "
                   f"v=$(( v + n )); done; echo \"$tot $v\"; "
-                  f"read -t {self.interval_s:g} _; [ $? -gt 128 ] || exit 0; "
+                  f"read -t {self.interval_s:g} _; r=$?; "     # 0 asked, >128 timed out
+                  f"[ $r -eq 0 ] || [ $r -gt 128 ] || exit 0; "  # else its input closed
                   f"done 2>/dev/null")
         return f"exec bash -c {quote(script)}"
 
@@ -172,20 +178,34 @@ class CpuSampler:
                 continue
             self.last = QemuCpu(total / self.hz, vcpu / self.hz, self.vcpu_tids, self.hz)
 
+    def snapshot_now(self) -> None:
+        """Ask for a snapshot at once (the QEMU's work is done: its figure is final now).
+        Not started yet, or ended: nothing happens. Never raises."""
+        if self._proc is not None and not self._task.done():
+            try:
+                self._proc.write("\n")
+            except HostError:
+                pass                        # the loop left: its last snapshot stands
+
     async def __aexit__(self, *exc) -> None:
         if self._task is not None:
             await shielded(self._stop())
 
     async def _stop(self) -> None:
         """Let its start finish (a spawn cut short would leave the loop running on the
-        host), close its input, read what it sent to the end."""
+        host), close its input, read what it sent to the end, reap it. The reading comes
+        first: reaping collects the output nobody read yet, and it would be lost."""
         await self._spawned.wait()     # spawn() is bounded by ssh_connect_s itself
         if self._proc is not None:
-            await self._proc.stop()
+            self._proc.close_input()
         try:
             await wait_for(asyncio.shield(self._task), 1.0)
         except TimeoutError:
+            log.info("[host=%s] QEMU pid %d: its CPU sampler did not end within 1 s",
+                     self.host.name, self.pid)
             await cancel_and_wait(self._task)
+        if self._proc is not None:
+            await self._proc.stop()
 
 
 __all__ = ["CpuSampler", "QemuCpu", "VCPU_NAME", "process_cpu_s", "read_qemu_cpu"]

@@ -73,6 +73,7 @@ class LibvirtMigration(BaseMigration):
         self._completed_stats: dict | None = None
         #: (side, kind, event, detail, monotonic time) of libvirt's events for this VM
         self.events: list[tuple[str, str, int, int, float]] = []
+        self._cpu_sampler: CpuSampler | None = None   # the source QEMU's, while it is followed
         self._callbacks: list[tuple[object, int]] = []    # (LibvirtConnection, id)
         self._p2p_uri = ""          # the destination's URI as the source's libvirtd opens it
         self._waiting_out = False   # a postcopy stall this libvirt cannot recover: waited for
@@ -183,7 +184,11 @@ class LibvirtMigration(BaseMigration):
             # libvirt kills the source QEMU inside migrate3: followed while it runs
             async with CpuSampler(src.host, src.pid, src_cpu,
                                   timeouts.progress_interval_s) as sampler:
-                await self._migrate(sdom, dconn, flags, params)
+                self._cpu_sampler = sampler
+                try:
+                    await self._migrate(sdom, dconn, flags, params)
+                finally:
+                    self._cpu_sampler = None
             await self._verify()
             cpu.record(self.result, cpu.spent(src_cpu, sampler.last),
                        cpu.spent(None, await cpu.read_side(self.dst_vm), since_launch=True),
@@ -562,6 +567,12 @@ class LibvirtMigration(BaseMigration):
 
         def note(kind: str, event: int, detail: int) -> None:
             self.events.append((side, kind, event, detail, time.monotonic()))
+            if kind == "lifecycle" and self._cpu_sampler is not None and (
+                    (side, event) in (("src", libvirt.VIR_DOMAIN_EVENT_SUSPENDED),
+                                      ("dst", libvirt.VIR_DOMAIN_EVENT_RESUMED))):
+                # the source paused for the switchover, or its work is done (the destination
+                # runs; libvirt kills the source next): its CPU snapshot now, before it goes
+                self._cpu_sampler.snapshot_now()
             if (side, kind, event) == ("dst", "lifecycle", libvirt.VIR_DOMAIN_EVENT_STARTED):
                 self._dst_started = True        # its console can be connected: wake the loop
                 self._pulse()
