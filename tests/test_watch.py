@@ -6,6 +6,7 @@ import asyncio
 import os
 import pty
 import re
+import sys
 
 import pyte
 import pytest
@@ -55,12 +56,16 @@ class Terminal:
 
     async def wait_screen(self, check, timeout: float) -> list[str]:
         """The screen's lines once ``check(lines)`` holds (checked at every output)."""
-        async with asyncio.timeout(timeout):
-            while not check(self.lines()):
-                assert not self.closed, "the run ended first; its screen:\n" + \
-                    "\n".join(self.lines())
-                self.changed.clear()
-                await self.changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not check(self.lines()):
+                    assert not self.closed, "the run ended first; its screen:\n" + \
+                        "\n".join(self.lines())
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"not seen within {timeout:g} s; the screen:\n" +
+                                 "\n".join(self.lines())) from None
         return self.lines()
 
 
@@ -81,6 +86,57 @@ def sent_mib(row: str) -> int:
     not drawn that far yet: the screen is read between the chunks of a frame)."""
     found = re.search(r"━[━╸╺ ]*\s+([\d,]+)\s", row)
     return int(found.group(1).replace(",", "")) if found else -1
+
+
+#: a live view over a run with nothing in flight, and a warning logged while it is up
+WARNS_UNDER_THE_VIEW = """
+import asyncio, logging, types
+from migrator.cli.common import setup_logging
+from migrator.report.live import live_view
+async def main():
+    setup_logging(False)
+    ctx = types.SimpleNamespace(progress_lines=True, live={}, migrations=[], server=None,
+                                run_id="r1")
+    async with live_view(ctx, mode="live", refresh_s=0.05):
+        await asyncio.sleep(0.3)
+        logging.getLogger("migrator.somewhere").warning("a warning while the view is up")
+        await asyncio.sleep(0.3)
+asyncio.run(main())
+"""
+
+
+async def test_a_warning_logged_under_the_live_view_scrolls_above_it():
+    """The run's log handler writes to the stderr of the moment (the live view's, which
+    prints above the bars), not to the terminal behind the view's back."""
+    term = Terminal()
+    loop = asyncio.get_running_loop()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WARNS_UNDER_THE_VIEW, stdin=term.slave, stdout=term.slave,
+        stderr=term.slave, env={**os.environ, "TERM": "xterm-256color"},
+        start_new_session=True)
+    os.close(term.slave)
+    loop.add_reader(term.master, term._readable)
+    try:
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0, term.raw.decode(errors="replace")
+            while not term.closed:
+                term.changed.clear()
+                await term.changed.wait()
+    finally:
+        loop.remove_reader(term.master)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(term.master)
+    shown = [line for line in term.lines() if line]
+    text = "\n".join(shown)
+    warned = [i for i, line in enumerate(shown) if "WARNING a warning while the view" in line]
+    views = [i for i, line in enumerate(shown) if line.startswith("run r1 ")]
+    # the warning on a line of its own, above the view's one line; nothing else drawn
+    assert len(warned) == 1 and len(views) == 1 and warned[0] < views[0], text
+    assert re.match(r"\d{4}-\d\d-\d\d [\d:,]+ migrator\.somewhere WARNING a warning while the "
+                    r"view is up$", shown[warned[0]]), text
+    assert len(shown) == 2, text
 
 
 async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
@@ -140,7 +196,7 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
             return "MIGRATING" in phases and phases[-1] != "MIGRATING"
 
         lines = await term.wait_screen(lambda ls: further(ls) or hop_over(ls), timeout=120)
-        assert further(lines), "the hop ended before a second frame"
+        assert further(lines), "the hop ended before a second frame:\n" + "\n".join(lines)
         # the back hop gets its own bar (the first one's row is gone)
         lines = await term.wait_screen(
             lambda ls: any("hostB->hostA" in r for r in bar_rows(ls, "MIGRATING")),
