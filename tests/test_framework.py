@@ -221,6 +221,38 @@ async def test_check_worker_error_fails_the_run_and_keeps_its_type(inventory, tm
     assert "verdict: FAILED" in out
 
 
+SILENT_GUEST = '''
+from migrator import MultihostMigration
+
+class SilentGuest(MultihostMigration):
+    """The guest's shell busy (a long sleep typed, not waited for) when the checks come."""
+    async def before_migration(self, mig_data):
+        session = await mig_data.vms[0].wait_for_login(self.login_timeout)
+        await session.sendline("sleep 600")
+
+    async def migration_scenario(self):
+        await self.migrate_wait(["vm1"], self.hosts[0], self.hosts[1])
+'''
+
+
+async def test_a_destination_guest_that_does_not_answer_fails_check_vms_dst(
+        inventory, tmp_path, no_leaks):
+    """The checks after a migration (run side by side): the source's passes, the
+    destination's asks the guest's shell for one command, on the session the migration
+    kept, and fails when no answer comes within guest_cmd_s."""
+    scenario = tmp_path / "silent_guest.py"
+    scenario.write_text(SILENT_GUEST)
+    rc, out, err = await migrate_run(inventory, tmp_path / "results", "-m", "hostC,hostD",
+                                     "-p", "timeouts.guest_cmd_s=3", str(scenario))
+    assert rc == 1, out + err
+    run, migs, _junit = the_run(tmp_path / "results")
+    inst = run["instances"][0]
+    assert inst["status"] == "failed", inst
+    assert "in check_vms_dst of migration pair1-1 (vm1 hostC->hostD)" in inst["error"], inst
+    assert "also failed" not in inst["error"], inst          # the source's check passed
+    assert migs[0]["status"] == "completed"                  # the migration itself worked
+
+
 DISK_SCENARIO = '''
 from migrator import MultihostMigration
 

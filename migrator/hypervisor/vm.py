@@ -296,6 +296,21 @@ class GuestVM(BlockingInWorkers):
                                            self.spec.login_user, self.spec.login_password)
         return self._session
 
+    async def answers(self, login_timeout: float | None = None) -> None:
+        """The guest's shell runs a command now (``true``): the check that a VM lives after
+        a migration. On the session already open (a migration keeps the guest's console
+        session and its shell) that is one exchange; without one, :meth:`wait_for_login`
+        comes first.
+
+        :raise GuestError: no answer within ``guest_cmd_s`` (a login first: within
+            ``login_timeout``, default ``guest_boot_s``), or the console closed.
+        :raise ConsoleCommandError: the shell ran it and failed.
+        """
+        session = self._session
+        if session is None or session.writer.is_closing():
+            session = await self.wait_for_login(login_timeout)
+        await session.cmd("true")
+
     async def migrate(self, dst, vm_ports=None):
         """Migrate this VM to ``dst``, as one step of the framework's ``migrate()`` call that
         holds it (for a ``migrate_vms_src`` hook that migrates a subset of its VMs; the seed's
