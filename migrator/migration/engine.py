@@ -297,7 +297,8 @@ class BaseMigration(BlockingInWorkers):
     def _set_phase(self, phase: Phase) -> None:
         if phase not in EDGES[self.phase]:
             raise AssertionError(f"{self}: illegal transition {self.phase.value} -> {phase.value}")
-        log.info("[vm=%s %s->%s] %s -> %s", self.src_vm.name, self.src_vm.host.name,
+        # the source by name: the VM object's host is the destination once it moved
+        log.info("[vm=%s %s->%s] %s -> %s", self.src_vm.name, self.result.src,
                  self.dst_host.name, self.phase.value, phase.value)
         self.phase = phase
         self.history.append((phase, time.monotonic(), time.time()))
