@@ -1,8 +1,10 @@
 """A guest used as a host (``GuestHost``, Autoserv's ``KVMGuest``) on a real lab guest that asks
 for a login on its console: the whole host interface, through the serial console."""
 
+import asyncio
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -140,3 +142,47 @@ def test_a_vms_login_config_reaches_its_spec():
     assert (spec.login_user, spec.login_password, spec.prompt) == ("qe", "pw", r"\$ $")
     with pytest.raises(Exception, match="not a regular expression"):
         Config.model_validate({"vms": {"vm1": {"login": {"prompt": "("}}}})
+
+
+async def test_a_commands_start_is_seen_before_a_request_it_prints_is_answered(guest):
+    """The guest's begin marker and a multinode request of the same command in one read
+    (the controller was busy while the guest printed both): the command counts as begun
+    at once, and the request's answer (a key nobody sends) is waited for after it, so the
+    command's timeout says it timed out while running, not that the shell never took it
+    (a VM group's test saw that once, under load: the answer was awaited before the marker
+    already read was looked at)."""
+    import secrets
+    import time
+
+    from migrator.guest import multinode
+    from migrator.guest.console import ConsoleTimeout
+    await guest.wait_up()
+    nonce = secrets.token_hex(8)
+    await multinode.install(guest, nonce, env={"MIGRATE_SYNC_MEMBER": "gh1"})
+    session = await guest._session()
+    asked = asyncio.Event()
+
+    async def never_answered(op: str, args: list[str]):
+        asked.set()
+        await asyncio.Event().wait()            # a key nobody sends
+
+    multinode.serve(session, nonce, never_answered)
+    seen_before = len("".join(session.transcript))
+    command = asyncio.create_task(session.cmd("migrate-sync wait nobody-sends-this", 5))
+    # a few steps of the loop: the command's line typed, the task waits on the console's
+    # read (a round trip to the guest takes far longer); then the controller busy while the
+    # guest prints its begin marker and the request after it
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not command.done()
+    time.sleep(2)
+    with pytest.raises(ConsoleTimeout) as raised:
+        await command
+    assert raised.value.started, raised.value            # begun: its marker was read
+    assert asked.is_set()                                # and the request was read too
+    both = "".join(session.transcript)[seen_before:]
+    assert re.search(r"__MB\d+__\r?\n.*<MN:" + nonce, both, re.S), both
+    # interrupted as GuestHost.run does at a command's timeout: the console goes on
+    await guest._interrupt(session)
+    r = await guest.run("echo still here")
+    assert r.stdout == "still here\n"

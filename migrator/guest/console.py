@@ -208,12 +208,17 @@ class SerialConsole(BlockingInWorkers):
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         try:
             async with asyncio.timeout(timeout):
-                if self.requests is not None:
-                    await self._answer_requests()
-                while (match := regex.search(self.buffer)) is None:
+                while True:
+                    match = regex.search(self.buffer)
+                    # the guest's requests printed before the match are answered (and cut from
+                    # the output) first; one printed after it is not this read's: its answer
+                    # may wait long (a key nobody sends), and the match is here already
+                    if self.requests is not None and await self._answer_requests(
+                            before=match.start() if match is not None else None):
+                        continue                  # the buffer changed: look again
+                    if match is not None:
+                        break
                     await self._read_more()
-                    if self.requests is not None:
-                        await self._answer_requests()
         except TimeoutError:
             tail = self.buffer.strip().splitlines()[-3:]
             raise ConsoleTimeout(self.host, self.vm, f"no {regex.pattern!r} on the serial "
@@ -222,11 +227,13 @@ class SerialConsole(BlockingInWorkers):
         self.buffer = self.buffer[match.end():]
         return match
 
-    async def _answer_requests(self) -> None:
-        """Cut each complete request line out of the buffer and type its answer."""
+    async def _answer_requests(self, before: int | None = None) -> bool:
+        """Cut each complete request line out of the buffer (those that start before
+        ``before`` when given) and type its answer; whether any was cut."""
         pattern, answer = self.requests
-        pos = 0
-        while (m := pattern.search(self.buffer, pos)) is not None:
+        pos, cut = 0, False
+        while (m := pattern.search(self.buffer, pos)) is not None and (
+                before is None or m.start() < before):
             # cut first: a request whose answer is cancelled (the command's timeout, which
             # then interrupts the asker) is not asked again by the next read
             self.buffer = self.buffer[:m.start()] + self.buffer[m.end():]
@@ -235,9 +242,12 @@ class SerialConsole(BlockingInWorkers):
                 self.buffer = self.buffer[:m.start()] + m.group(0) + self.buffer[m.start():]
                 pos = m.end()
                 continue
-            pos = m.start()
+            pos, cut = m.start(), True
+            if before is not None:
+                before -= m.end() - m.start()
             self.writer.write(reply)
             await self.writer.drain()
+        return cut
 
     async def sendline(self, line: str = "") -> None:
         async with self.lock:
