@@ -62,12 +62,13 @@ async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: st
     path = owner_file(root, ctx.run_id)
 
     async def claim(h: SSHHost) -> None:
-        # the host's versions in the same round trip (what each failing probe says: "")
+        # the host's versions in the same round trip, the two slow probes side by side
+        # (a line each, in any order; what a failing probe says: "")
         qemu = h.qemu or DEFAULT_QEMU
         r = await h.run(f"mkdir -p {quote(root)} && cat > {quote(path)} && "
-                        f"{{ echo \"kernel $(uname -r)\"; "
-                        f"echo \"qemu $({quote(qemu)} --version 2>/dev/null | head -1)\"; "
-                        "echo \"libvirt $(libvirtd --version 2>/dev/null | head -1)\"; }",
+                        f"{{ echo \"qemu $({quote(qemu)} --version 2>/dev/null | head -1)\" & "
+                        "echo \"libvirt $(libvirtd --version 2>/dev/null | head -1)\" & "
+                        "echo \"kernel $(uname -r)\"; wait; }",
                         stdin=owner, check=True, timeout=config.timeouts.host_cleanup_s)
         ctx.versions.setdefault(h.name, host_versions(r.stdout, qemu))
     await asyncio.gather(*(claim(h) for h in hosts))

@@ -87,15 +87,15 @@ class Installable:
         known = self._installed.get(id(host))
         if known is not None and known[0] is host and host.owns_tmp_dir(os.path.dirname(known[1])):
             return known[1]
-        tmp = await host.get_tmp_dir()
-        dest = f"{tmp}/{self.name}"
         if self.is_dir:
+            tmp = await host.get_tmp_dir()
+            dest = f"{tmp}/{self.name}"
             archive = f"{tmp}/.{self.name}.tar"
             await host.write_file(archive, self.data, 0o600)
             await host.run(f"tar -xf {quote(archive)} -C {quote(tmp)} && rm -f {quote(archive)}",
                            check=True)
-        else:
-            await host.write_file(dest, self.data, self.mode)
+        else:                   # the directory and the file in one round trip
+            dest = await host.write_tmp_file(self.name, self.data, self.mode)
         self._installed[id(host)] = (host, dest)
         return dest
 

@@ -327,18 +327,24 @@ class SSHHost(BlockingInWorkers):
             except asyncssh.Error as exc:
                 raise HostError(self.name, f"sftp {op} failed: {exc.reason}") from exc
 
+    @staticmethod
+    def _writing(dest: str, mode: int) -> str:
+        """The shell that writes its stdin to ``dest``: created private (umask 077), then
+        given ``mode``, so a secret is never readable by others, not even for a moment."""
+        return f"(umask 077 && cat > {dest}) && chmod {mode & 0o7777:o} {dest}"
+
     async def write_file(self, dest: str, data: bytes, mode: int = 0o644) -> None:
-        """Write ``data`` to the file ``dest`` on the host (SFTP), with ``mode``."""
-        async with self._channels:
-            conn = await self.connect()
-            try:
-                async with conn.start_sftp_client() as sftp:
-                    async with sftp.open(dest, "wb") as f:
-                        await f.write(data)
-                    await sftp.chmod(dest, mode)
-            except (asyncssh.SFTPError, OSError) as exc:
-                raise HostError(self.name, f"cannot write {dest}: "
-                                f"{getattr(exc, 'reason', exc)}") from exc
+        """Write ``data`` to the file ``dest`` on the host, with ``mode``: one command with
+        the data on its stdin (one round trip; SFTP takes five).
+
+        :raise HostError: the file cannot be written (the host's reason), or the host cannot
+            be reached.
+        """
+        r = await self.run(self._writing(quote(dest), mode), stdin=data,
+                           timeout=self.config.timeouts.host_cleanup_s)
+        if not r.ok:
+            raise HostError(self.name, f"cannot write {dest}: "
+                            f"{r.stderr.strip() or f'status {r.status}'}")
 
     async def get_tmp_dir(self) -> str:
         """Make a new private directory on the host; it is removed when the host is closed."""
@@ -346,6 +352,24 @@ class SSHHost(BlockingInWorkers):
         path = result.stdout.strip()
         self._tmp_dirs.append(path)
         return path
+
+    async def write_tmp_file(self, name: str, data: bytes, mode: int = 0o644) -> str:
+        """A new private directory (as :meth:`get_tmp_dir`) holding ``data`` as ``name``,
+        with ``mode``, in one round trip; returns the file's path.
+
+        :raise HostError: the directory or the file cannot be made (a directory made is
+            removed with the others when the host is closed), or the host cannot be reached.
+        """
+        r = await self.run('d=$(mktemp -d /tmp/migrator.XXXXXXXX) && echo "$d" && '
+                           + self._writing(f'"$d"/{quote(name)}', mode), stdin=data,
+                           timeout=self.config.timeouts.host_cleanup_s)
+        made = r.stdout.strip()
+        if made.startswith("/tmp/migrator."):
+            self._tmp_dirs.append(made)
+        if not r.ok:
+            raise HostError(self.name, f"cannot write {name} in a new directory of /tmp: "
+                            f"{r.stderr.strip() or f'status {r.status}'}")
+        return f"{made}/{name}"
 
     def owns_tmp_dir(self, path: str) -> bool:
         return path in self._tmp_dirs
