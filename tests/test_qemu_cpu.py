@@ -80,7 +80,7 @@ async def test_outside_the_vcpus_is_the_process_minus_its_vcpu_threads(no_leaks,
 
 
 async def test_the_sampler_ends_when_its_block_ends(no_leaks, host):
-    proc = await host.spawn("exec sh -c 'echo $$; exec sleep 600'")
+    proc = await host.spawn("exec sh -c 'echo $$; exec cat > /dev/null'")   # ends with its stdin
     try:
         pid = int(await proc.readline())
         start = await read_qemu_cpu(host, pid, (pid,))       # its one thread as the vCPU

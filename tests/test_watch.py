@@ -3,10 +3,12 @@ migrations run, and the run's Prometheus metrics scraped meanwhile and parsed wi
 prometheus_client's own parser. Against the session lab."""
 
 import asyncio
+import contextlib
 import os
 import pty
 import re
 import sys
+from typing import AsyncIterator
 
 import pyte
 import pytest
@@ -53,6 +55,25 @@ class Terminal:
 
     def lines(self) -> list[str]:
         return [line.rstrip() for line in self.screen.display]
+
+    @contextlib.asynccontextmanager
+    async def running(self, *argv: str, env: dict) -> AsyncIterator[asyncio.subprocess.Process]:
+        """``argv`` on this terminal (its stdin, stdout and stderr), in a session of its own;
+        killed if it still runs when the block ends; the terminal is closed then."""
+        loop = asyncio.get_running_loop()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=self.slave, stdout=self.slave, stderr=self.slave, env=env,
+            start_new_session=True)
+        os.close(self.slave)
+        loop.add_reader(self.master, self._readable)
+        try:
+            yield proc
+        finally:
+            loop.remove_reader(self.master)
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            os.close(self.master)
 
     async def wait_screen(self, check, timeout: float) -> list[str]:
         """The screen's lines once ``check(lines)`` holds (checked at every output)."""
@@ -109,25 +130,13 @@ async def test_a_warning_logged_under_the_live_view_scrolls_above_it():
     """The run's log handler writes to the stderr of the moment (the live view's, which
     prints above the bars), not to the terminal behind the view's back."""
     term = Terminal()
-    loop = asyncio.get_running_loop()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WARNS_UNDER_THE_VIEW, stdin=term.slave, stdout=term.slave,
-        stderr=term.slave, env={**os.environ, "TERM": "xterm-256color"},
-        start_new_session=True)
-    os.close(term.slave)
-    loop.add_reader(term.master, term._readable)
-    try:
+    async with term.running(sys.executable, "-c", WARNS_UNDER_THE_VIEW,
+                            env={**os.environ, "TERM": "xterm-256color"}) as proc:
         async with asyncio.timeout(60):
             assert await proc.wait() == 0, term.raw.decode(errors="replace")
             while not term.closed:
                 term.changed.clear()
                 await term.changed.wait()
-    finally:
-        loop.remove_reader(term.master)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(term.master)
     shown = [line for line in term.lines() if line]
     text = "\n".join(shown)
     warned = [i for i, line in enumerate(shown) if "WARNING a warning while the view" in line]
@@ -142,20 +151,15 @@ async def test_a_warning_logged_under_the_live_view_scrolls_above_it():
 async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         inventory, tmp_path, no_leaks):
     term = Terminal()
-    loop = asyncio.get_running_loop()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)}
     # a bandwidth cap, so that each hop lasts a few seconds (many frames) at any machine speed
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path),
-        "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
-        "-p", "migration.bandwidth_mibs=24", "--metrics", "127.0.0.1:0",
-        # the lab's dirtier in the guest: 8 MiB at 8 MiB/s, its lines on ttyS1
-        "-p", "vms.vm1.append=console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.dirty=8 "
-              "lab.rate=8", stdin=term.slave, stdout=term.slave,
-        stderr=term.slave, env=env, start_new_session=True)
-    os.close(term.slave)
-    loop.add_reader(term.master, term._readable)
-    try:
+    async with term.running(
+            str(BIN / "migrate-run"), "-i", str(inventory.source), "-o", str(tmp_path),
+            "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
+            "-p", "migration.bandwidth_mibs=24", "--metrics", "127.0.0.1:0",
+            # the lab's dirtier in the guest: 8 MiB at 8 MiB/s, its lines on ttyS1
+            "-p", "vms.vm1.append=console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.dirty=8 "
+                  "lab.rate=8", env=env) as proc:
         # a bar while vm1 migrates hostA -> hostB, with the run's line and the header over it
         # (its figures from the first progress sample on: the frame drawn when the phase
         # changed may come before it, with "-" for each)
@@ -215,12 +219,6 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
         async with asyncio.timeout(240):
             rc = await proc.wait()
         lines = await term.wait_screen(lambda ls: any("verdict:" in line for line in ls), 10)
-    finally:
-        loop.remove_reader(term.master)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(term.master)
     text = "\n".join(lines)
     assert rc == 0, text
     assert "verdict: PASSED" in text
