@@ -28,9 +28,6 @@ class CurrentStderr(logging.StreamHandler):
     there when it was made: the live view (:mod:`migrator.report.live`) redirects stderr
     above its bars, and a warning written past it would land inside them."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

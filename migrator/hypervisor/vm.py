@@ -287,7 +287,7 @@ class GuestVM(BlockingInWorkers):
             ``config.timeouts.guest_boot_s``).
         :raise GuestError: a login is asked for and none is configured, or it was refused.
         """
-        if self._session is None or self._session.writer.is_closing():
+        if self._open_session() is None:
             old = self._session
             self._session = await self.console()
             if old is not None:         # what answers the guest's requests stays (multinode)
@@ -295,6 +295,11 @@ class GuestVM(BlockingInWorkers):
         await self._session.wait_for_shell(timeout or self.config.timeouts.guest_boot_s,
                                            self.spec.login_user, self.spec.login_password)
         return self._session
+
+    def _open_session(self):
+        """The VM's console session if it is open, else None."""
+        session = self._session
+        return None if session is None or session.writer.is_closing() else session
 
     async def answers(self, login_timeout: float | None = None) -> None:
         """The guest's shell runs a command now (``true``): the check that a VM lives after
@@ -306,9 +311,7 @@ class GuestVM(BlockingInWorkers):
             ``login_timeout``, default ``guest_boot_s``), or the console closed.
         :raise ConsoleCommandError: the shell ran it and failed.
         """
-        session = self._session
-        if session is None or session.writer.is_closing():
-            session = await self.wait_for_login(login_timeout)
+        session = self._open_session() or await self.wait_for_login(login_timeout)
         await session.cmd("true")
 
     async def migrate(self, dst, vm_ports=None):
@@ -357,8 +360,8 @@ class GuestVM(BlockingInWorkers):
         guest's output on the destination is read from its first byte. Never raises: without
         it the session re-attaches after the migration and may miss what the guest printed
         in between (said in the log)."""
-        session = self._session
-        if session is None or session.writer.is_closing():
+        session = self._open_session()
+        if session is None:
             return
         try:
             reader, writer = await dst.host.open_unix_connection(dst.paths.serial)
