@@ -707,6 +707,47 @@ def test_zipapp_is_stdlib_only_and_reproducible(pyz):
     assert "--token " not in out.stdout
 
 
+def _pyz_with(pyz, tmp_path, name: str, replace: dict[str, bytes]):
+    """A copy of the zipapp ``pyz`` whose members in ``replace`` hold other bytes."""
+    import zipfile
+    out = tmp_path / name
+    data = pyz.read_bytes()
+    head = data[:data.index(b"PK")]
+    out.write_bytes(head)
+    with zipfile.ZipFile(pyz) as src, zipfile.ZipFile(out, "a") as dst:
+        for info in src.infolist():
+            dst.writestr(info, replace.get(info.filename, src.read(info.filename)))
+    return out
+
+
+def test_zipapp_runs_its_bytecode_where_it_can_and_its_source_elsewhere(pyz, tmp_path):
+    """The participant's Python runs the archive's bytecode when it is of its own version
+    (no compiling at each start), and compiles the source when the bytecode is foreign.
+    Told apart by breaking the other half: a source that does not compile, bytecode whose
+    magic number no Python has."""
+    import importlib.util
+    host_magic = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c",
+         "import importlib.util, sys; sys.stdout.write(importlib.util.MAGIC_NUMBER.hex())"],
+        capture_output=True, text=True, timeout=30).stdout
+    broken_source = _pyz_with(pyz, tmp_path, "bytecode.pyz",
+                              {"syncserver/hostclient.py": b"this is not python\n"})
+    run = subprocess.run(["/usr/bin/python3", "-I", "-S", str(broken_source), "--help"],
+                         capture_output=True, text=True, timeout=30)
+    if host_magic == importlib.util.MAGIC_NUMBER.hex():
+        assert run.returncode == 0 and "barrier" in run.stdout, run.stderr
+    else:       # another version than the builder's: its bytecode cannot be used
+        assert run.returncode != 0
+    with __import__("zipfile").ZipFile(pyz) as z:
+        pyc = z.read("syncserver/hostclient.pyc")
+    foreign = _pyz_with(pyz, tmp_path, "foreign.pyz",
+                        {"syncserver/hostclient.pyc": b"\xff\xff\r\n" + pyc[4:],
+                         "syncserver/protocol.pyc": b"\xff\xff\r\n"})
+    run = subprocess.run(["/usr/bin/python3", "-I", "-S", str(foreign), "--help"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and "barrier" in run.stdout, run.stderr
+
+
 async def test_cli_exit_codes_and_messages(server, pyz):
     ok = await _spawn_cli(pyz, server, "solo", "barrier", "one", "--members", "solo",
                           "--timeout", "5")
