@@ -163,6 +163,21 @@ async def test_tmp_dirs_are_removed_on_close(inventory):
     await h.close()                                     # idempotent
 
 
+async def test_close_runs_a_last_command_with_the_tmp_dirs_removal(inventory):
+    """close(last): the command's result, the tmp dirs removed in the same round trip,
+    whatever the command did (here it fails); the connection closed."""
+    h = SSHHost.from_inventory("hostB", inventory)
+    tmp = await h.get_tmp_dir()
+    r = await h.close(f"ls -d {tmp}; echo gone >&2; exit 7")
+    assert r.exit_status == 7 and r.stdout.strip() == tmp and r.stderr.strip() == "gone"
+    assert not h.connected
+    async with SSHHost.from_inventory("hostB", inventory) as other:
+        assert (await other.run(f"test -e {tmp}")).exit_status == 1
+    r = await h.close("echo again")                     # no tmp dirs left: the command alone
+    assert r.ok and r.stdout == "again\n"
+    assert await h.close() is None
+
+
 # -- connection errors -------------------------------------------------------------------------
 
 async def test_unknown_host_names(inventory):

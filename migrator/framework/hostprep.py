@@ -199,12 +199,11 @@ async def tidy_hosts(ctx: RunContext, hosts: Sequence[SSHHost], run_dir: str,
             cmd += (f" {quote(disk_dir)}; rmdir --ignore-fail-on-non-empty "
                     f"{quote(os.path.dirname(disk_dir))}")
         try:
-            r = await h.run(cmd, timeout=ctx.config.timeouts.host_cleanup_s)
+            r = await h.close(cmd)          # the host's tmp dirs too, in the same command
             if not r.ok:
                 problems.append(f"{h.name}: {cmd!r} failed: {r.stderr.strip()}")
         except HostError as exc:
             problems.append(f"{h.name}: not cleaned up ({exc.message})")
-        await h.close()
     await asyncio.gather(*(tidy(h, i == 0) for i, h in enumerate(hosts)))
     return problems
 

@@ -181,23 +181,39 @@ class SSHHost(BlockingInWorkers):
                 log.debug("[host=%s] connected to %s:%s", self.name, self.address, self.port)
             return self._conn
 
-    async def close(self) -> None:
-        """Remove this host's tmp dirs (best effort) and close the connection.
+    async def close(self, last: str | None = None) -> CmdResult | None:
+        """Remove this host's tmp dirs (best effort) and close the connection; with
+        ``last``, run that shell command first, in the same round trip, and return its
+        result (the tmp dirs are removed whatever it does).
 
-        Safe in any state and more than once.
+        Safe in any state and more than once (without ``last``, it runs nothing on a host
+        whose connection is closed already).
+
+        :raise HostError: ``last`` could not be run (the connection is closed all the same).
         """
-        if self._tmp_dirs and self.connected:
-            dirs, self._tmp_dirs = self._tmp_dirs, []
-            try:
-                await self.run(f"rm -rf -- {join(dirs)}",
-                               timeout=self.config.timeouts.host_cleanup_s)
-            except HostError as exc:
-                log.warning("[host=%s] could not remove tmp dirs %s: %s", self.name, dirs, exc)
-        self._tmp_dirs = []
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-            await conn.wait_closed()
+        dirs, self._tmp_dirs = self._tmp_dirs, []
+        try:
+            if dirs and (last or self.connected):
+                rm = f"rm -rf -- {join(dirs)}"
+                # a subshell: an ``exit`` in ``last`` ends it, not the removal
+                cmd = f"( {last}\n); s=$?; {rm}; exit $s" if last else rm
+                try:
+                    result = await self.run(cmd, timeout=self.config.timeouts.host_cleanup_s)
+                except HostError as exc:
+                    log.warning("[host=%s] could not remove tmp dirs %s: %s", self.name,
+                                dirs, exc)
+                    if last:
+                        raise
+                    return None
+                return result if last else None
+            if last:
+                return await self.run(last, timeout=self.config.timeouts.host_cleanup_s)
+            return None
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+                await conn.wait_closed()
 
     # -- commands ------------------------------------------------------------------------------
 
