@@ -58,6 +58,14 @@ async def test_ping_pong_round_trips_with_a_surviving_workload(inventory, tmp_pa
                      r"+sent +[\d.]+ MiB remaining", out, re.M), out
     run, migs, junit = the_run(tmp_path)
     assert run["verdict"] == "passed" and run["hosts"] == ["hostA", "hostB"]
+    # each destination's QEMU asked once for its machine types, the first while the guest
+    # booted (before the first migration's PREPARING_DEST), the answer kept for every hop
+    (run_dir,) = tmp_path.iterdir()
+    log = (run_dir / "run.log").read_text()
+    asked = [line[:23] for line in log.splitlines()
+             if "run: qemu-system-x86_64 --version && qemu-system-x86_64 -machine help" in line]
+    first_hop = next(line[:23] for line in log.splitlines() if "-> PREPARING_DEST" in line)
+    assert len(asked) == 2 and asked[0] < first_hop, (asked, first_hop)
     assert [(m["src"], m["dst"], m["status"]) for m in migs] == [
         ("hostA", "hostB", "completed"), ("hostB", "hostA", "completed")] * 2
     for m in migs:

@@ -18,8 +18,8 @@ from ..aio import shielded
 from ..config import Config
 from ..errors import ConfigError, HostError, MigratorError
 from ..hosts import SSHHost, quote
-from ..hypervisor.qemu import emulator_version, remove_taps
-from ..hypervisor.vm import DEFAULT_QEMU
+from ..hypervisor.qemu import emulator_version, machine_types, remove_taps
+from ..hypervisor.vm import DEFAULT_QEMU, qemu_binary
 from ..migration import BaseMigration, MigrationResult, Phase, make_migration
 from ..migration.blackout import BlackoutProbe, GuestPingProbe, switchover_time
 from . import pools
@@ -83,6 +83,23 @@ def host_versions(probe: str, qemu: str) -> dict:
     return {"kernel": said.get("kernel", "").strip() or None,
             "qemu": {"binary": qemu, "version": version},
             "libvirt": libvirt or None}
+
+
+async def probe_destination(env: "Env", dst: SSHHost, names: Sequence[str]) -> None:
+    """Ask ``dst`` now what a QEMU-driver migration of VMs ``names`` to it asks before it
+    starts (its QEMU's version and machine types: :func:`.qemu.machine_types`, kept per
+    host and binary): called while the source's guests boot, so the migration finds the
+    answer at hand rather than waiting for two QEMU start-ups on its own path.
+    Never raises: a probe that fails is not kept, and the migration asks again and says
+    why."""
+    if env.config.driver != "qemu":
+        return
+    try:
+        binaries = {qemu_binary(env.spec(n), dst) for n in names}
+        await asyncio.gather(*(machine_types(dst, b, env.config.timeouts.qmp_probe_s)
+                               for b in binaries))
+    except Exception as exc:  # noqa: BLE001 - asked again, and reported, by the migration
+        log.debug("[host=%s] destination probe ahead: %s", dst.name, exc)
 
 
 async def check_guest_bridges(ctx: RunContext, hosts: Sequence[SSHHost],

@@ -477,10 +477,13 @@ class MultihostMigration(BlockingInWorkers):
             claimed = True
             self.context.say(f"[{md.mig_id}] {','.join(md.vm_names)}: {md.src.name} -> "
                              f"{md.dst.name}")
-            # booted side by side (the first that fails stops the others)
-            md.vms = await self._step("starting the VMs", md, first_error([
-                self.env.ensure_running(n, md.src, self.restart_vm_on_source)
-                for n in md.vm_names]))
+            # booted side by side (the first that fails stops the others), the destination
+            # asked meanwhile what the migration will ask it first
+            started = await self._step("starting the VMs", md, first_error([
+                *(self.env.ensure_running(n, md.src, self.restart_vm_on_source)
+                  for n in md.vm_names),
+                hostprep.probe_destination(self.env, md.dst, md.vm_names)]))
+            md.vms = started[:-1]
             if worker is not None:
                 await self._step("worker", md, self._call(worker, md, "worker"))
             await self._step("before_migration", md,
