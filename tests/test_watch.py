@@ -324,6 +324,43 @@ def test_display_mode_choice():
     assert wants_live("live", Stream(False)) and not wants_live("lines", Stream(True))
 
 
+def test_the_runs_plots_drawn_ahead_are_the_pages_only_for_the_same_figures(caplog):
+    """The run's plots (downtime, time per migration) drawn once the migrations are over
+    (draw_run_plots_ahead) are the page's only if every record's plotted figures, in the
+    run's order, are still the same; otherwise the page draws them from what it has."""
+    import json
+    from pathlib import Path
+
+    from migrator.report import html
+    run_dir = Path(__file__).parent / "data" / "report-run"
+    run, migs, tasks = html.load_run(run_dir)
+    migs = [json.loads(json.dumps(m)) for m in migs]
+    html.draw_run_plots_ahead(migs)
+    ((_key, ahead),) = html._run_plots
+    assert ahead["downtime"] and ahead["time"]
+    try:
+        with caplog.at_level("INFO", logger="migrator.report.html"):
+            page = html.render_html(run, migs, tasks)
+        assert "the run's plots drawn ahead" in caplog.text
+        assert ahead["downtime"] in page and ahead["time"] in page      # taken as drawn
+        caplog.clear()
+        html.draw_run_plots_ahead(migs)
+        done = [m for m in migs if m.get("downtime_ms") is not None]
+        done[0]["downtime_ms"] += 1000                  # a record's figure changed since
+        with caplog.at_level("INFO", logger="migrator.report.html"):
+            page = html.render_html(run, migs, tasks)
+        assert "the run's plots drawn now" in caplog.text
+        assert ahead["downtime"] not in page
+        caplog.clear()
+        html.draw_run_plots_ahead(migs)                 # and one more migration since
+        with caplog.at_level("INFO", logger="migrator.report.html"):
+            html.render_html(run, migs + [dict(migs[0], mig_id="late")], tasks)
+        assert "the run's plots drawn now" in caplog.text
+    finally:
+        html._run_plots.clear()
+        html._drawn.clear()
+
+
 def test_a_plot_drawn_ahead_is_the_pages_only_while_its_record_is_unchanged(caplog):
     """report.html takes a migration's plot drawn while the run went on (draw_ahead) only
     if the record's plotted fields are still the same; a record changed since is drawn

@@ -184,7 +184,7 @@ async def _run_started(plan: dict, args) -> int:
     from ..aio import shielded
     from ..framework.context import local_address_towards
     from ..report import summary_table, write_page, write_results
-    from ..report.html import draw_ahead
+    from ..report.html import draw_ahead, draw_run_plots_ahead
     from ..report.html import prefetch as prefetch_page
     from ..report.results import migration_body
     from ..report.live import live_view
@@ -214,7 +214,7 @@ async def _run_started(plan: dict, args) -> int:
             + "; ".join(f"{i.name}=({','.join(h.name for h in i.hosts)})" for i in instances)
             + f"; results in {out_dir}")
     ctx.open_journal(plan["hosts"], out_dir / "journal.jsonl")
-    prefetch, drawing = None, True
+    prefetch, run_over = None, False
     try:
         first = ctx.inventory.host(instances[0].hosts[0].name)
         bind = ctx.config.sync.bind or local_address_towards(
@@ -223,20 +223,27 @@ async def _run_started(plan: dict, args) -> int:
         await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
         # report.html's libraries imported and warmed up while the first guest boots (the
         # controller waits then; earlier, the thread would slow the run's setup down for the
-        # GIL), then each migration's plot drawn as it ends; owned: ended and awaited before
-        # the page is drawn (never cut in the middle of a drawing: one thread draws at a
-        # time), or cancelled if no guest booted
+        # GIL), then each migration's plot drawn as it ends, and the run's plots once the
+        # migrations are over (while the run checks and cleans up: round trips to the
+        # hosts). At the run's end it draws what is left and ends: the page takes it all.
+        # Owned: awaited before the page is drawn (never cut in the middle of a drawing:
+        # one thread draws at a time), or cancelled if no guest booted
         async def warm_up() -> None:
             await ctx.guest_booting.wait()
             await asyncio.to_thread(prefetch_page)
             drawn = 0
-            while drawing:
+            while True:
                 await ctx.migration_recorded.wait()
                 ctx.migration_recorded.clear()
                 new = [migration_body(ctx, r) for r in ctx.migrations[drawn:]]
                 drawn += len(new)
-                if new and drawing:
+                if new:
                     await asyncio.to_thread(draw_ahead, new)
+                if run_over or (ctx.migrations_over.is_set() and not ctx.live):
+                    await asyncio.to_thread(draw_run_plots_ahead,
+                                            [migration_body(ctx, r) for r in ctx.migrations])
+                    if run_over and drawn == len(ctx.migrations):
+                        return
         prefetch = asyncio.ensure_future(warm_up())
         try:
             async with live_view(ctx, ctx.config.report.display,
@@ -252,8 +259,8 @@ async def _run_started(plan: dict, args) -> int:
         ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
-        if prefetch is not None:              # ended before the page: never left running
-            drawing = False
+        if prefetch is not None:    # it draws what is left, then ends: never left running
+            run_over = True
             ctx.migration_recorded.set()
             if not ctx.guest_booting.is_set():
                 prefetch.cancel()

@@ -351,9 +351,12 @@ class MultihostMigration(BlockingInWorkers):
             ctx.open_journal([h.name for h in self.hosts])
         try:
             await self._prepare(own_server)
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                tg.create_task(self._scenario(), name=f"scenario {self.name}")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    tg.create_task(self._scenario(), name=f"scenario {self.name}")
+            finally:
+                ctx.scenario_ended(rec)     # every migration of it has ended and is recorded
             await self.barrier("all_done")
             rec.status = "passed"
             return rec

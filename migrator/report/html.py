@@ -133,6 +133,35 @@ def _plot_key(m: dict) -> str:
     return json.dumps({k: m.get(k) for k in plots.PLOT_FIELDS}, sort_keys=True, default=str)
 
 
+#: the run's plots drawn ahead (:func:`draw_run_plots_ahead`): (key, {name: svg or None})
+_run_plots: list[tuple[str, dict[str, str | None]]] = []
+
+
+def _run_plots_key(records: list[dict]) -> str:
+    return json.dumps([{k: m.get(k) for k in plots.RUN_PLOT_FIELDS} for m in records],
+                      sort_keys=True, default=str)
+
+
+def draw_run_plots_ahead(records: list[dict]) -> None:
+    """Draw the run's plots (downtime, time per migration) from every migration record
+    (in the run's order, as :func:`draw_ahead` takes them) when no more migrations are to
+    come, before the page: the page takes them if its records draw the same, and draws
+    them itself otherwise. Same rules as :func:`draw_ahead`; never raises."""
+    key = _run_plots_key(records)
+    if not _run_plots or _run_plots[0][0] != key:
+        _run_plots[:] = [(key, {"downtime": _guarded(plots.downtime_plot, records),
+                                "time": _guarded(plots.total_time_plot, records)})]
+
+
+def _run_plot(name: str, migs: list[dict]) -> str | None:
+    """The run's plot ``name`` for ``migs``: the one drawn ahead from the same figures,
+    or drawn now."""
+    if _run_plots and _run_plots[0][0] == _run_plots_key(migs):
+        return _run_plots[0][1][name]
+    draw = {"downtime": plots.downtime_plot, "time": plots.total_time_plot}[name]
+    return _guarded(draw, migs)
+
+
 def draw_ahead(records: list[dict]) -> None:
     """Draw the plots of migrations that ended (their records as
     :func:`migrator.report.results.migration_body` makes them), before the page: a run's
@@ -161,13 +190,15 @@ def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
         else:
             svg = _guarded(plots.migration_plot, m, row["anchor"])
         sections.append({**row, "plot": svg, "samples": len(m.get("progress") or ())})
-    log.info("report: %d of %d migration plots drawn ahead", ahead, len(migs))
+    run_ahead = bool(_run_plots) and _run_plots[0][0] == _run_plots_key(migs)
+    log.info("report: %d of %d migration plots drawn ahead; the run's plots %s", ahead,
+             len(migs), "drawn ahead" if run_ahead else "drawn now")
     return template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
         instance_failures=[i for i in run.get("instances", []) if i.get("status") != "passed"],
-        downtime_plot=_guarded(plots.downtime_plot, migs),
-        time_plot=_guarded(plots.total_time_plot, migs),
+        downtime_plot=_run_plot("downtime", migs),
+        time_plot=_run_plot("time", migs),
         blackout=any(m.get("blackout_ms") is not None for m in migs))
 
 
@@ -190,8 +221,10 @@ def write_html(run_dir: Path) -> Path:
         tmp.write_text(render_html(run, migs, tasks), encoding="utf-8")
     finally:
         _drawn.clear()          # drawn ahead and not taken: records that changed since
+        _run_plots.clear()
     tmp.replace(path)
     return path
 
 
-__all__ = ["REPORT", "draw_ahead", "load_run", "render_html", "template", "write_html"]
+__all__ = ["REPORT", "draw_ahead", "draw_run_plots_ahead", "load_run", "render_html",
+           "template", "write_html"]

@@ -100,6 +100,11 @@ def policy_marks(mig: dict) -> list[tuple[float, str]]:
 #: while these are unchanged: :func:`migrator.report.html.draw_ahead`)
 PLOT_FIELDS = ("mig_id", "vm", "src", "dst", "progress", "dirtier", "phases", "decisions")
 
+#: the fields of each record :func:`downtime_plot` and :func:`total_time_plot` draw from
+#: (the run's plots drawn ahead are the page's while these, in the run's order, are
+#: unchanged: :func:`migrator.report.html.draw_run_plots_ahead`)
+RUN_PLOT_FIELDS = ("mig_id", "vm", "downtime_ms", "blackout_ms", "run_s", "total_time_ms")
+
 
 @styled
 def migration_plot(mig: dict, gid: str = "mig") -> str | None:
