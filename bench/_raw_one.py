@@ -10,6 +10,7 @@ usage: _raw_one.py INVENTORY SRC DST
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +31,9 @@ async def main(inv_path: str, src: str, dst: str) -> None:
         there = QemuVM(spec, b, run_dir, config)
         try:
             await vm.start()
+            booting = time.monotonic()
             await vm.wait_for_login()
+            print(f"raw: booted, logged in after {time.monotonic() - booting:.3f} s")
             await there.start(incoming=True)
             sq, dq = await vm.qmp(), await there.qmp()
             for q in (sq, dq):

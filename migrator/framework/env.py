@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import logging
 import re
+import time
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable
 
@@ -291,7 +292,10 @@ class Env(BlockingInWorkers):
                     await vm.start()
                 self._record("vm", vm=name, host=host.name, state="started", pid=vm.pid,
                              **ids)
+                booting = time.monotonic()
                 await vm.wait_for_login(self.config.timeouts.guest_boot_s)
+                log.info("[vm=%s host=%s] booted, logged in after %.3f s", name, host.name,
+                         time.monotonic() - booting)
         except BaseException:
             if vm is None or vm.pid is None:        # never ran: the name is free again
                 self.unplace(host.name, name, key)
