@@ -381,3 +381,91 @@ def test_a_plot_drawn_ahead_is_the_pages_only_while_its_record_is_unchanged(capl
     assert "report: 1 of 2 migration plots drawn ahead" in caplog.text
     assert ahead[html._plot_key(same)] in page                  # taken as drawn
     html._drawn.clear()
+
+
+# -- report.html drawn by a process of its own --------------------------------------------------
+
+DRAWER_RUN = '''
+import asyncio, json, logging, shutil, sys
+from pathlib import Path
+from migrator.report.drawer import PageDrawer
+from migrator.report.html import load_run
+
+class Kept(logging.Handler):
+    lines = []
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+async def main(run_dir):
+    logging.getLogger().addHandler(Kept())
+    logging.getLogger().setLevel(logging.INFO)
+    _run, migs, _tasks = load_run(run_dir)
+    async with PageDrawer(10) as drawer:
+        await drawer.start()
+        drawer.draw(migs[:1])
+        drawer.draw(migs[1:])
+        drawer.draw_run_plots(migs)
+        page = await drawer.write_page(run_dir)
+        pid = drawer._proc.pid
+    print(json.dumps({"page": str(page), "log": Kept.lines, "pid": pid,
+                      "matplotlib": "matplotlib" in sys.modules}))
+
+asyncio.run(main(Path(sys.argv[1])))
+'''
+
+
+def _report_run_copy(tmp_path):
+    import shutil
+    from pathlib import Path
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "report-run", run_dir)
+    return run_dir
+
+
+def test_the_drawer_process_draws_ahead_and_writes_the_page(tmp_path):
+    """The page's plots drawn ahead in the drawer process, the page written there with all
+    of them taken; its log line arrives in the controller's log; the controller never
+    imports matplotlib; the process has ended when the drawer's block ends."""
+    import json
+    import subprocess
+    run_dir = _report_run_copy(tmp_path)
+    out = subprocess.run([sys.executable, "-c", DRAWER_RUN, str(run_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    said = json.loads(out.stdout)
+    migs = len(list((run_dir / "migrations").iterdir()))
+    assert said["page"] == str(run_dir / "report.html")
+    assert (f"report: {migs} of {migs} migration plots drawn ahead; the run's plots drawn "
+            "ahead") in said["log"], said["log"]
+    assert not said["matplotlib"]
+    page = (run_dir / "report.html").read_text()
+    assert page.count("<svg") >= migs + 2             # each migration's and the run's plots
+    assert not os.path.exists(f"/proc/{said['pid']}")
+
+
+async def test_a_drawer_that_died_leaves_the_page_to_the_controller(tmp_path, caplog):
+    """The drawer process killed mid-run: requests to it fail without raising, and the page
+    is drawn by the controller, with a warning saying why."""
+    import signal
+
+    from migrator.config import Config, Inventory
+    from migrator.framework.context import RunContext
+    from migrator.report.drawer import DrawerError, PageDrawer
+    from migrator.report.html import load_run
+    from migrator.report.results import write_page
+    run_dir = _report_run_copy(tmp_path)
+    _run, migs, _tasks = load_run(run_dir)
+    ctx = RunContext(Config(), Inventory(hosts={"hostA": {"address": "192.0.2.1"}}))
+    async with PageDrawer(10) as drawer:
+        await drawer.start()
+        drawer._proc.send_signal(signal.SIGKILL)
+        await drawer._proc.wait()
+        await drawer._reader                        # it saw the end
+        assert not drawer.running
+        drawer.draw(migs)                           # no error raised at the caller
+        with pytest.raises(DrawerError, match=r"drawer ended \(exit status -9\)"):
+            await drawer.write_page(run_dir)
+        with caplog.at_level("WARNING", logger="migrator.report.results"):
+            page = await write_page(ctx, run_dir, drawer)
+    assert page == run_dir / "report.html" and "<svg" in page.read_text()
+    assert "report.html drawn in the controller: the report's drawer ended" in caplog.text

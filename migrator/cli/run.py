@@ -15,6 +15,8 @@ from ..config import Config
 from ..errors import ConfigError, MigratorError
 from .common import Parser, fail, overrides, setup_logging, stamp
 
+log = logging.getLogger(__name__)
+
 
 #: ``migrate-run SUBCOMMAND ...``: name -> (module of migrator.cli, one-line help). A first
 #: argument that is not one of these is a scenario (``run`` is implied), as it always was.
@@ -184,8 +186,7 @@ async def _run_started(plan: dict, args) -> int:
     from ..aio import shielded
     from ..framework.context import local_address_towards
     from ..report import summary_table, write_page, write_results
-    from ..report.html import draw_ahead, draw_run_plots_ahead
-    from ..report.html import prefetch as prefetch_page
+    from ..report.drawer import DrawerError, PageDrawer
     from ..report.results import migration_body
     from ..report.live import live_view
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
@@ -215,36 +216,40 @@ async def _run_started(plan: dict, args) -> int:
             + f"; results in {out_dir}")
     ctx.open_journal(plan["hosts"], out_dir / "journal.jsonl")
     prefetch, run_over = None, False
+    drawer = PageDrawer(ctx.config.timeouts.host_cleanup_s)
     try:
         first = ctx.inventory.host(instances[0].hosts[0].name)
         bind = ctx.config.sync.bind or local_address_towards(
             first.address, (first.ssh or ctx.inventory.ssh).port)
         await ctx.start_server(bind)
         await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
-        # report.html's libraries imported and warmed up while the first guest boots (the
-        # controller waits then; earlier, the thread would slow the run's setup down for the
-        # GIL), then each migration's plot drawn as it ends, and the run's plots once the
-        # migrations are over (while the run checks and cleans up: round trips to the
-        # hosts). At the run's end it draws what is left and ends: the page takes it all.
-        # Owned: awaited before the page is drawn (never cut in the middle of a drawing:
-        # one thread draws at a time), or cancelled if no guest booted
-        async def warm_up() -> None:
+        # report.html drawn by a process of its own (report.drawer: matplotlib off the
+        # controller, on another core), started while the first guest boots (the
+        # controller waits then; earlier, it would slow the run's setup down), fed each
+        # migration's record as it ends and all of them once the migrations are over (its
+        # plots drawn while the run goes on, checks and cleans up); at the run's end it is
+        # fed what is left, then writes the page. Owned: awaited before the page, or
+        # cancelled if no guest booted
+        async def feed() -> None:
             await ctx.guest_booting.wait()
-            await asyncio.to_thread(prefetch_page)
-            drawn = 0
+            try:
+                await drawer.start()
+            except DrawerError as exc:      # the page is drawn here at the end instead
+                log.warning("%s", exc)
+                return
+            fed = 0
             while True:
                 await ctx.migration_recorded.wait()
                 ctx.migration_recorded.clear()
-                new = [migration_body(ctx, r) for r in ctx.migrations[drawn:]]
-                drawn += len(new)
+                new = [migration_body(ctx, r) for r in ctx.migrations[fed:]]
+                fed += len(new)
                 if new:
-                    await asyncio.to_thread(draw_ahead, new)
+                    drawer.draw(new)
                 if run_over or (ctx.migrations_over.is_set() and not ctx.live):
-                    await asyncio.to_thread(draw_run_plots_ahead,
-                                            [migration_body(ctx, r) for r in ctx.migrations])
-                    if run_over and drawn == len(ctx.migrations):
+                    drawer.draw_run_plots([migration_body(ctx, r) for r in ctx.migrations])
+                    if run_over and fed == len(ctx.migrations):
                         return
-        prefetch = asyncio.ensure_future(warm_up())
+        prefetch = asyncio.ensure_future(feed())
         try:
             async with live_view(ctx, ctx.config.report.display,
                                  ctx.config.report.live_refresh_s):
@@ -259,15 +264,18 @@ async def _run_started(plan: dict, args) -> int:
         ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(ctx, out_dir, meta)
-        if prefetch is not None:    # it draws what is left, then ends: never left running
+        if prefetch is not None:    # it feeds what is left, then ends: never left running
             run_over = True
             ctx.migration_recorded.set()
             if not ctx.guest_booting.is_set():
                 prefetch.cancel()
-            # asyncio.wait: the prefetch's own end (even cancelled) is not raised here; a
+            # asyncio.wait: the feed's own end (even cancelled) is not raised here; a
             # cancellation of this task meanwhile is, after it
             await shielded(asyncio.wait([prefetch]))
-        await write_page(ctx, out_dir)
+        try:
+            await write_page(ctx, out_dir, drawer)
+        finally:
+            await shielded(drawer.close())
         print(summary_table(ctx), flush=True)
         print(f"results: {out_dir}", flush=True)
         root.removeHandler(handler)

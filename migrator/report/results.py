@@ -23,10 +23,13 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..framework.context import RunContext
 from .table import text_table
+
+if TYPE_CHECKING:       # the page's drawer process imports this module: not the framework
+    from ..framework.context import RunContext
+    from .drawer import PageDrawer
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +95,22 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
     return out_dir
 
 
-async def write_page(ctx: RunContext, out_dir: Path) -> Path | None:
-    """``report.html`` from the records :func:`write_results` wrote, drawn in a thread (a
-    long run's plots take seconds; the event loop goes on serving, e.g. metrics). A page
-    that cannot be made is a warning (the records are written), never the run's failure."""
+async def write_page(ctx: RunContext, out_dir: Path,
+                     drawer: "PageDrawer | None" = None) -> Path | None:
+    """``report.html`` from the records :func:`write_results` wrote: by ``drawer`` (the
+    run's drawer process, with the plots it drew ahead) when it runs, else (or when it
+    fails: logged) drawn here in a thread (a long run's plots take seconds; the event loop
+    goes on serving, e.g. metrics). A page that cannot be made is a warning (the records
+    are written), never the run's failure."""
     import asyncio
 
     from ..aio import shielded
+    from .drawer import DrawerError
+    if drawer is not None and drawer.started:
+        try:
+            return await shielded(drawer.write_page(out_dir))
+        except DrawerError as exc:
+            log.warning("report.html drawn in the controller: %s", exc)
     from .html import write_html
     try:
         return await shielded(asyncio.to_thread(write_html, out_dir))
