@@ -144,7 +144,7 @@ OPTIONS = web.AppKey("options", ServerOptions)
 #: the embedding process's control handler: ``async (name, body) -> (HTTP status, JSON)``
 ControlHandler = Callable[[str, dict], Awaitable[tuple[int, dict]]]
 CONTROL = web.AppKey("control", list)
-COLLECTOR = web.AppKey("collector", object)      #: the server's own CollectorRegistry
+COLLECTOR = web.AppKey("collector", list)        #: [its own CollectorRegistry], once scraped
 
 
 def _bearer(request: web.Request) -> str:
@@ -188,8 +188,13 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    body = generate_latest(request.app[COLLECTOR])
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    kept = request.app[COLLECTOR]
+    if not kept:        # made at the first scrape: prometheus_client is imported only then
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(SyncCollector(request.app[REGISTRY], request.app[METRICS]))
+        kept.append(scrape)
+    body = generate_latest(kept[0])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -305,10 +310,7 @@ def make_app(token: str, options: ServerOptions | None = None) -> web.Applicatio
     app[METRICS] = metrics
     app[REGISTRY] = Registry(on_release=released)
     app[CONTROL] = []
-    from prometheus_client import CollectorRegistry
-    scrape = CollectorRegistry(auto_describe=False)
-    scrape.register(SyncCollector(app[REGISTRY], metrics))
-    app[COLLECTOR] = scrape
+    app[COLLECTOR] = []         # the /metrics registry, made at the first scrape
 
     async def collector(app: web.Application):
         # owned here: cancelled and awaited at cleanup (a stop() cancelled meanwhile still

@@ -166,7 +166,6 @@ def _run_plan(args) -> dict:
 async def _run(plan: dict, args) -> int:
     import signal as _signal
 
-    from ..report.metrics import serve_metrics
     ctx = plan["ctx"]
     # SIGINT (Ctrl-C) and SIGTERM (a CI job's timeout, kill) end the run: rolled back,
     # cleaned up. SIGINT is handled here, not left to asyncio.run: a process started in the
@@ -177,6 +176,7 @@ async def _run(plan: dict, args) -> int:
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     async with contextlib.AsyncExitStack() as stack:
         if args.metrics:        # bound first: an address in use is refused before anything
+            from ..report.metrics import serve_metrics      # (prometheus_client only then)
             url = await stack.enter_async_context(serve_metrics(ctx, *args.metrics_at))
             ctx.say(f"metrics: {url}")
         return await _run_started(plan, args)

@@ -454,12 +454,19 @@ class MultihostMigration(BlockingInWorkers):
 
     async def _cleanup(self, own_server: bool) -> list[str]:
         """Undo everything; return the problems met (never raises)."""
-        problems = await hostprep.stop_vms(self.env, self.config)
-        problems += await hostprep.release_range(self.context, self.hosts[0],
-                                                 getattr(self, "_claim", None),
-                                                 vms_stopped=not problems)
-        if self.sync is not None:
-            await self.sync.stop()
+        async def vms_stopped() -> list[str]:
+            problems = await hostprep.stop_vms(self.env, self.config)
+            return problems + await hostprep.release_range(
+                self.context, self.hosts[0], getattr(self, "_claim", None),
+                vms_stopped=not problems)
+
+        async def sync_stopped() -> None:
+            if self.sync is not None:
+                await self.sync.stop()
+
+        # the participants end while the VMs stop (neither needs the other; both never
+        # raise); the hosts are tidied after both (their tmp dirs hold the participants)
+        problems, _ = await asyncio.gather(vms_stopped(), sync_stopped())
         problems += await hostprep.tidy_hosts(
             self.context, self.hosts, self.run_dir,
             self.env.disk_dir if self.env.images() else None)
