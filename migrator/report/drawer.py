@@ -158,6 +158,8 @@ class PageDrawer:
                     log.warning("report drawer said %r", line[:200])
                     continue
                 fut = self._pending.pop(answer.get("id"), None)
+                if fut is not None and fut.done():      # its caller stopped waiting
+                    fut = None
                 if answer.get("ok"):
                     if fut is not None:
                         fut.set_result(answer)
@@ -169,7 +171,8 @@ class PageDrawer:
                     fut.exception()
             await said
         finally:
-            said.cancel()
+            said.cancel()                   # (at its EOF already, unless this one failed)
+            await asyncio.gather(said, return_exceptions=True)
             code = await proc.wait()
             self._gone = f"ended (exit status {code})"
             for fut in self._pending.values():
