@@ -216,6 +216,9 @@ async def test_recover_refuses_a_live_run_and_a_run_being_recovered(lab, invento
     assert (other[0] == 2 and "being recovered" in other[2]) or (
         other[0] == 0 and "recovered already" in other[1]), results
     assert vm_processes(lab, "vm1") == ["hostA"]
+    # once more, after: it says so (the note was left out when nothing was recovered)
+    rc, out, err = await recover_cli(ctl, run_id)
+    assert rc == 0 and f"run {run_id}: recovered already, kept vm1@hostA" in out, out + err
     rc, out, err = await recover_cli(ctl, "--stop", run_id)
     assert rc == 0, out + err
 

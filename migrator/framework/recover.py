@@ -102,8 +102,8 @@ class RecoverReport:
 
     def table(self) -> str:
         """What was found and done: one row per VM."""
-        if not self.runs:
-            return "recover: no dead run found"
+        if not self.runs:       # what was found instead (recovered already, held) said too
+            return "\n".join(["recover: no dead run found", *self.notes])
         cols = ["run", "vm", "result", "host", "state", "done"]
         rows = [[o.run_id, o.vm, "UNRESOLVED" if o.problem else "resolved", o.kept or "-",
                  o.state or "-", "; ".join(o.actions + ([o.problem] if o.problem else []))
