@@ -15,7 +15,8 @@ async def shielded(aw: Awaitable[T]) -> T:
 
     For undo steps that must not be cut in half: a rollback (a VM left paused), a firewall
     rule removed in a ``finally`` (a port left blocked). Keep what it runs bounded by its own
-    timeouts: the caller waits for it.
+    timeouts: the caller waits for it. If ``aw`` fails after the caller was cancelled, its
+    error is raised and the cancellation delivered again (at the caller's next wait).
     """
     task = asyncio.ensure_future(aw)
     cancelled = False
@@ -27,6 +28,10 @@ async def shielded(aw: Awaitable[T]) -> T:
             if task.done():
                 raise
             cancelled = True
+        except BaseException:
+            if cancelled:       # the step failed: its error now, the cancellation not lost
+                asyncio.current_task().cancel()
+            raise
     if cancelled:
         raise asyncio.CancelledError("cancelled while an undo step ran (it completed)")
     return result

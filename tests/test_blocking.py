@@ -300,3 +300,41 @@ async def test_bad_callbacks_and_a_handle_of_another_instance_are_refused():
     with pytest.raises(ScenarioError, match=r"^join\(\): migration one-1 \(vm1 hostA->hostB\) "
                                             r"belongs to instance one, not to two$"):
         await asyncio.create_task(in_two())
+
+
+# -- migrator.aio.shielded ----------------------------------------------------------------------
+
+async def test_a_shielded_step_runs_to_its_end_and_the_cancellation_is_delivered_after():
+    """Cancelled while a shielded step runs: the step completes, then CancelledError. If
+    the step fails instead, its error is raised and the cancellation is still delivered at
+    the caller's next wait (it was lost before: the error went out, the cancel never did)."""
+    from migrator.aio import shielded
+    release, done = asyncio.Event(), []
+
+    async def step(fail: bool) -> str:
+        await release.wait()
+        done.append(fail)
+        if fail:
+            raise OSError("the undo step failed")
+        return "undone"
+
+    async def caller(fail: bool) -> list[str]:
+        seen = []
+        try:
+            seen.append(await shielded(step(fail)))
+        except OSError as exc:
+            seen.append(str(exc))
+            await asyncio.sleep(0)                  # the caller's next wait
+            seen.append("not cancelled")
+        return seen
+
+    for fail, error in ((False, "cancelled while an undo step ran"), (True, None)):
+        release.clear()
+        task = asyncio.ensure_future(caller(fail))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError, match=error):
+            await task
+        assert done[-1] is fail                     # the step ran to its end either way

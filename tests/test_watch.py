@@ -400,7 +400,7 @@ async def main(run_dir):
     logging.getLogger().addHandler(Kept())
     logging.getLogger().setLevel(logging.INFO)
     _run, migs, _tasks = load_run(run_dir)
-    async with PageDrawer(10) as drawer:
+    async with PageDrawer(10, 60) as drawer:
         await drawer.start()
         drawer.draw(migs[:1])
         drawer.draw(migs[1:])
@@ -456,7 +456,7 @@ async def test_a_drawer_that_died_leaves_the_page_to_the_controller(tmp_path, ca
     run_dir = _report_run_copy(tmp_path)
     _run, migs, _tasks = load_run(run_dir)
     ctx = RunContext(Config(), Inventory(hosts={"hostA": {"address": "192.0.2.1"}}))
-    async with PageDrawer(10) as drawer:
+    async with PageDrawer(10, 60) as drawer:
         await drawer.start()
         drawer._proc.send_signal(signal.SIGKILL)
         await drawer._proc.wait()
@@ -469,3 +469,26 @@ async def test_a_drawer_that_died_leaves_the_page_to_the_controller(tmp_path, ca
             page = await write_page(ctx, run_dir, drawer)
     assert page == run_dir / "report.html" and "<svg" in page.read_text()
     assert "report.html drawn in the controller: the report's drawer ended" in caplog.text
+
+
+async def test_a_drawer_that_stopped_answering_is_not_waited_for(tmp_path, caplog):
+    """A drawer that stopped (SIGSTOP): the page is drawn by the controller after
+    report_page_s; closing it kills it after its stop time; nothing is left running."""
+    import signal
+
+    from migrator.config import Config, Inventory
+    from migrator.framework.context import RunContext
+    from migrator.report.drawer import PageDrawer
+    from migrator.report.results import write_page
+    run_dir = _report_run_copy(tmp_path)
+    ctx = RunContext(Config(), Inventory(hosts={"hostA": {"address": "192.0.2.1"}}))
+    with caplog.at_level("WARNING"):
+        async with PageDrawer(0.5, 1) as drawer:
+            await drawer.start()
+            pid = drawer._proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            page = await write_page(ctx, run_dir, drawer)
+            assert page == run_dir / "report.html" and "<svg" in page.read_text()
+    assert "the report's drawer gave no page within 1 s" in caplog.text
+    assert f"report drawer (pid {pid}) did not end within 0.5 s: killed" in caplog.text
+    assert not os.path.exists(f"/proc/{pid}")

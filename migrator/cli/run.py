@@ -216,7 +216,7 @@ async def _run_started(plan: dict, args) -> int:
             + f"; results in {out_dir}")
     ctx.open_journal(plan["hosts"], out_dir / "journal.jsonl")
     prefetch, run_over = None, False
-    drawer = PageDrawer(ctx.config.timeouts.host_cleanup_s)
+    drawer = PageDrawer(ctx.config.timeouts.process_exit_s, ctx.config.timeouts.report_page_s)
     try:
         first = ctx.inventory.host(instances[0].hosts[0].name)
         bind = ctx.config.sync.bind or local_address_towards(
@@ -261,25 +261,34 @@ async def _run_started(plan: dict, args) -> int:
             if isinstance(outcome, BaseException) and args.verbose:
                 traceback.print_exception(outcome)
     finally:
-        ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
-        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_results(ctx, out_dir, meta)
-        if prefetch is not None:    # it feeds what is left, then ends: never left running
-            run_over = True
-            ctx.migration_recorded.set()
-            if not ctx.guest_booting.is_set():
-                prefetch.cancel()
-            # asyncio.wait: the feed's own end (even cancelled) is not raised here; a
-            # cancellation of this task meanwhile is, after it
-            await shielded(asyncio.wait([prefetch]))
         try:
+            ctx.close_journal([p for i in ctx.instances for p in i.cleanup_problems])
+            meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            write_results(ctx, out_dir, meta)
+            interrupted = None
+            if prefetch is not None:    # it feeds what is left, then ends: never left running
+                run_over = True
+                ctx.migration_recorded.set()
+                if not ctx.guest_booting.is_set():
+                    prefetch.cancel()
+                # asyncio.wait: the feed's own end (even cancelled) is not raised here; a
+                # cancellation of this task meanwhile is, after it: the page first
+                try:
+                    await shielded(asyncio.wait([prefetch]))
+                except asyncio.CancelledError as exc:
+                    interrupted = exc
+                failed = prefetch.done() and not prefetch.cancelled() and prefetch.exception()
+                if failed:
+                    log.error("feeding the report's drawer failed", exc_info=failed)
             await write_page(ctx, out_dir, drawer)
+            print(summary_table(ctx), flush=True)
+            print(f"results: {out_dir}", flush=True)
+            if interrupted is not None:
+                raise interrupted
         finally:
-            await shielded(drawer.close())
-        print(summary_table(ctx), flush=True)
-        print(f"results: {out_dir}", flush=True)
-        root.removeHandler(handler)
-        handler.close()
+            await shielded(drawer.close())      # whatever failed above: never left running
+            root.removeHandler(handler)
+            handler.close()
     return 0 if ctx.verdict else 1
 
 

@@ -372,6 +372,7 @@ class MultihostMigration(BlockingInWorkers):
             raise leaf
         finally:
             self._tg = None
+            ctx.scenario_ended(rec)         # (also when it never began: _prepare failed)
             try:
                 # a second Ctrl-C / SIGTERM while cleaning up must not orphan the cleanup
                 rec.cleanup_problems = await shielded(self._cleanup(own_server))

@@ -205,6 +205,9 @@ class SSHHost(BlockingInWorkers):
                     if last:
                         raise
                     return None
+                if result.timed_out:
+                    log.warning("[host=%s] tmp dirs %s may be left: the command removing "
+                                "them timed out", self.name, dirs)
                 return result if last else None
             if last:
                 return await self.run(last, timeout=self.config.timeouts.host_cleanup_s)

@@ -24,6 +24,7 @@ itself (:func:`migrator.report.results.write_page` does): the page is never lost
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -43,9 +44,11 @@ class DrawerError(Exception):
 class PageDrawer:
     """The controller's side of the drawer process (see the module's docstring)."""
 
-    def __init__(self, stop_s: float):
+    def __init__(self, stop_s: float, page_s: float):
         #: how long the process has to end after its stdin closed, before it is killed
         self.stop_s = stop_s
+        #: how long :meth:`write_page` waits for the page
+        self.page_s = page_s
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -96,13 +99,13 @@ class PageDrawer:
 
     async def write_page(self, out_dir: Path) -> Path:
         """Write ``out_dir/report.html`` (after everything asked before: one request at a
-        time); the drawer's log lines about it are logged here, under its logger.
+        time). What the drawer logs about the plots and the page is logged here, under
+        ``migrator.report.html``, at its level, as each answer arrives.
 
         :raise DrawerError: the drawer is not running, died, or could not write the page.
+        :raise TimeoutError: no page within :attr:`page_s`.
         """
-        answer = await self._send({"op": "page", "dir": str(out_dir)})
-        for line in answer.get("log", ()):
-            logging.getLogger("migrator.report.html").info("%s", line)
+        answer = await wait_for(self._send({"op": "page", "dir": str(out_dir)}), self.page_s)
         return Path(answer["path"])
 
     async def close(self) -> None:
@@ -117,7 +120,8 @@ class PageDrawer:
             except TimeoutError:
                 log.warning("report drawer (pid %d) did not end within %g s: killed",
                             proc.pid, self.stop_s)
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
                 await proc.wait()
         if self._reader is not None:        # ends at the process's EOF
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -145,9 +149,9 @@ class PageDrawer:
         ends, every request left fails with why."""
         proc = self._proc
 
-        async def stderr() -> None:
-            while line := await proc.stderr.readline():
-                log.debug("report drawer: %s", line.decode(errors="replace").rstrip())
+        async def stderr() -> None:     # drained whatever it says (a full pipe stops it)
+            while chunk := await proc.stderr.read(65536):
+                log.debug("report drawer: %s", chunk.decode(errors="replace").rstrip())
 
         said = asyncio.get_running_loop().create_task(stderr())
         try:
@@ -157,6 +161,8 @@ class PageDrawer:
                 except ValueError:
                     log.warning("report drawer said %r", line[:200])
                     continue
+                for level, text in answer.get("log", ()):     # as the page's own log
+                    logging.getLogger("migrator.report.html").log(level, "%s", text)
                 fut = self._pending.pop(answer.get("id"), None)
                 if fut is not None and fut.done():      # its caller stopped waiting
                     fut = None
@@ -170,6 +176,11 @@ class PageDrawer:
                     fut.set_exception(error)
                     fut.exception()
             await said
+        except asyncio.CancelledError:     # torn down (the loop ends): the process with it
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            raise
         finally:
             said.cancel()                   # (at its EOF already, unless this one failed)
             await asyncio.gather(said, return_exceptions=True)
@@ -187,14 +198,14 @@ def _serve(requests, answers) -> None:
     from . import html
 
     class Kept(logging.Handler):
-        """html's log lines about the page, kept for its answer."""
+        """html's log lines (a plot not drawn, the page), sent with each answer."""
 
         def __init__(self) -> None:
             super().__init__(logging.INFO)
-            self.lines: list[str] = []
+            self.lines: list[tuple[int, str]] = []
 
         def emit(self, record: logging.LogRecord) -> None:
-            self.lines.append(record.getMessage())
+            self.lines.append((record.levelno, record.getMessage()))
 
     kept = Kept()
     page_log = logging.getLogger("migrator.report.html")
@@ -214,13 +225,12 @@ def _serve(requests, answers) -> None:
             elif op == "run_plots":
                 html.draw_run_plots_ahead(request["records"])
             elif op == "page":
-                kept.lines.clear()
                 answer["path"] = str(html.write_html(Path(request["dir"])))
-                answer["log"] = list(kept.lines)
             else:
                 raise ValueError(f"no such request: {op!r}")
         except Exception as exc:  # noqa: BLE001 - the answer says it
             answer.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        answer["log"], kept.lines = kept.lines, []
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
 

@@ -109,8 +109,10 @@ async def write_page(ctx: RunContext, out_dir: Path,
     if drawer is not None and drawer.started:
         try:
             return await shielded(drawer.write_page(out_dir))
-        except DrawerError as exc:
-            log.warning("report.html drawn in the controller: %s", exc)
+        except (DrawerError, TimeoutError) as exc:
+            log.warning("report.html drawn in the controller: %s",
+                        exc if isinstance(exc, DrawerError) else
+                        f"the report's drawer gave no page within {drawer.page_s:g} s")
     from .html import write_html
     try:
         return await shielded(asyncio.to_thread(write_html, out_dir))
