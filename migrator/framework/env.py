@@ -237,6 +237,12 @@ class Env(BlockingInWorkers):
         """The identity of a VM object of this Env."""
         return next((k for k, v in self._vms.items() if v is vm), vm.name)
 
+    def runs_on(self, name: str, host: SSHHost) -> bool:
+        """Whether VM ``name`` runs on ``host`` now (:meth:`ensure_running` then boots
+        nothing)."""
+        vm = self._vms.get(self.key(name, host.name))
+        return vm is not None and vm.pid is not None and vm.host.name == host.name
+
     async def ensure_running(self, name: str, host: SSHHost,
                              restart_elsewhere: bool = False,
                              decl: VMSettings | None = None) -> GuestVM:

@@ -489,12 +489,15 @@ class MultihostMigration(BlockingInWorkers):
             self.context.say(f"[{md.mig_id}] {','.join(md.vm_names)}: {md.src.name} -> "
                              f"{md.dst.name}")
             # booted side by side (the first that fails stops the others), the destination
-            # asked meanwhile what the migration will ask it first
+            # asked meanwhile what the migration will ask it first; only while a guest
+            # boots: otherwise the migration asks it itself, in the order it was called
+            # (a probe here would reorder calls that queue for a slot)
+            ahead = [] if all(self.env.runs_on(n, md.src) for n in md.vm_names) else [
+                hostprep.probe_destination(self.env, md.dst, md.vm_names)]
             started = await self._step("starting the VMs", md, first_error([
                 *(self.env.ensure_running(n, md.src, self.restart_vm_on_source)
-                  for n in md.vm_names),
-                hostprep.probe_destination(self.env, md.dst, md.vm_names)]))
-            md.vms = started[:-1]
+                  for n in md.vm_names), *ahead]))
+            md.vms = started[:len(md.vm_names)]
             if worker is not None:
                 await self._step("worker", md, self._call(worker, md, "worker"))
             await self._step("before_migration", md,
