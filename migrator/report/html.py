@@ -142,6 +142,11 @@ def _run_plots_key(records: list[dict]) -> str:
                       sort_keys=True, default=str)
 
 
+def _draw_run_plots(records: list[dict]) -> dict[str, str | None]:
+    return {"downtime": _guarded(plots.downtime_plot, records),
+            "time": _guarded(plots.total_time_plot, records)}
+
+
 def draw_run_plots_ahead(records: list[dict]) -> None:
     """Draw the run's plots (downtime, time per migration) from every migration record
     (in the run's order, as :func:`draw_ahead` takes them) when no more migrations are to
@@ -149,17 +154,15 @@ def draw_run_plots_ahead(records: list[dict]) -> None:
     them itself otherwise. Same rules as :func:`draw_ahead`; never raises."""
     key = _run_plots_key(records)
     if not _run_plots or _run_plots[0][0] != key:
-        _run_plots[:] = [(key, {"downtime": _guarded(plots.downtime_plot, records),
-                                "time": _guarded(plots.total_time_plot, records)})]
+        _run_plots[:] = [(key, _draw_run_plots(records))]
 
 
-def _run_plot(name: str, migs: list[dict]) -> str | None:
-    """The run's plot ``name`` for ``migs``: the one drawn ahead from the same figures,
-    or drawn now."""
+def _run_plots_for(migs: list[dict]) -> tuple[dict[str, str | None], bool]:
+    """The run's plots for ``migs``, and whether they were drawn ahead (from the same
+    figures) rather than now."""
     if _run_plots and _run_plots[0][0] == _run_plots_key(migs):
-        return _run_plots[0][1][name]
-    draw = {"downtime": plots.downtime_plot, "time": plots.total_time_plot}[name]
-    return _guarded(draw, migs)
+        return _run_plots[0][1], True
+    return _draw_run_plots(migs), False
 
 
 def draw_ahead(records: list[dict]) -> None:
@@ -190,15 +193,14 @@ def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
         else:
             svg = _guarded(plots.migration_plot, m, row["anchor"])
         sections.append({**row, "plot": svg, "samples": len(m.get("progress") or ())})
-    run_ahead = bool(_run_plots) and _run_plots[0][0] == _run_plots_key(migs)
+    run_plots, run_ahead = _run_plots_for(migs)
     log.info("report: %d of %d migration plots drawn ahead; the run's plots %s", ahead,
              len(migs), "drawn ahead" if run_ahead else "drawn now")
     return template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
         instance_failures=[i for i in run.get("instances", []) if i.get("status") != "passed"],
-        downtime_plot=_run_plot("downtime", migs),
-        time_plot=_run_plot("time", migs),
+        downtime_plot=run_plots["downtime"], time_plot=run_plots["time"],
         blackout=any(m.get("blackout_ms") is not None for m in migs))
 
 
