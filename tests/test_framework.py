@@ -152,7 +152,7 @@ async def test_dest_block_long_fails_cleanly_short_completes(inventory, tmp_path
     # the run's report.html, loaded in a real browser: rendered, plots drawn, failure named
     (run_dir,) = tmp_path.iterdir()
     # each migration's plot was drawn while the run went on, not after its end
-    # and the run's plots once the migrations were over, while the run checked and cleaned
+    # and the run's plots when no migration was in flight, while the run checked and cleaned
     assert ("report: 2 of 2 migration plots drawn ahead; the run's plots drawn ahead"
             in (run_dir / "run.log").read_text())
     async with Chromium() as browser:

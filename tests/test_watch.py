@@ -492,3 +492,35 @@ async def test_a_drawer_that_stopped_answering_is_not_waited_for(tmp_path, caplo
     assert "the report's drawer gave no page within 1 s" in caplog.text
     assert f"report drawer (pid {pid}) did not end within 0.5 s: killed" in caplog.text
     assert not os.path.exists(f"/proc/{pid}")
+
+
+async def test_the_drawers_children_draw_side_by_side_and_end_with_it(tmp_path, caplog):
+    """The drawer draws each plot in a child of its own: the run's plots of fewer
+    migrations are replaced by a later set's (the page takes the later set as drawn ahead);
+    its children are gone once the drawer is closed, even those still drawing."""
+    from migrator.report.drawer import PageDrawer
+    from migrator.report.html import load_run
+    run_dir = _report_run_copy(tmp_path)
+    _run, migs, _tasks = load_run(run_dir)
+
+    def children(pid: int) -> set[int]:
+        return set(map(int, open(f"/proc/{pid}/task/{pid}/children").read().split()))
+
+    with caplog.at_level("INFO", logger="migrator.report.html"):
+        async with PageDrawer(10, 60) as drawer:
+            await drawer.start()
+            pid = drawer._proc.pid
+            await drawer._send({"op": "run_plots", "records": migs[:1]})
+            await drawer._send({"op": "run_plots", "records": migs})
+            await drawer._send({"op": "draw", "records": migs})     # answered once forked
+            drawing = children(pid)
+            assert drawing                  # at least the last migration's plot
+            page = await drawer.write_page(run_dir)
+            assert not children(pid)        # all collected for the page
+            await drawer._send({"op": "draw", "records": [{**migs[0], "vm": "other"}]})
+            drawing |= children(pid)
+    assert (f"report: {len(migs)} of {len(migs)} migration plots drawn ahead; the run's plots "
+            "drawn ahead") in caplog.text
+    assert page.read_text().count("<svg") >= len(migs) + 2
+    for child in drawing:                   # reaped by the drawer, none orphaned
+        assert not os.path.exists(f"/proc/{child}")

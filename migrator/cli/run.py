@@ -187,6 +187,7 @@ async def _run_started(plan: dict, args) -> int:
     from ..framework.context import local_address_towards
     from ..report import summary_table, write_page, write_results
     from ..report.drawer import DrawerError, PageDrawer
+    from ..report.plots import RUN_PLOT_FIELDS
     from ..report.results import migration_body
     from ..report.live import live_view
     ctx, instances, out_dir = plan["ctx"], plan["instances"], plan["out_dir"]
@@ -245,8 +246,13 @@ async def _run_started(plan: dict, args) -> int:
                 fed += len(new)
                 if new:
                     drawer.draw(new)
-                if run_over or (ctx.migrations_over.is_set() and not ctx.live):
-                    drawer.draw_run_plots([migration_body(ctx, r) for r in ctx.migrations])
+                # the run's plots whenever no migration is in flight: the last one may have
+                # ended (a newer set replaces them in the drawer), and once no more are to
+                # come; of each record, only what they draw
+                if run_over or not ctx.live:
+                    drawer.draw_run_plots([{k: body.get(k) for k in RUN_PLOT_FIELDS}
+                                           for body in (migration_body(ctx, r)
+                                                        for r in ctx.migrations)])
                     if run_over and fed == len(ctx.migrations):
                         return
         prefetch = asyncio.ensure_future(feed())

@@ -13,8 +13,11 @@ one answer line per request on its stdout, in order; it ends at the end of its s
 controller that dies leaves nothing). It imports matplotlib, warms it up and draws while the
 controller goes on: the controller never imports matplotlib, and a plot's drawing (tenths of
 a second of CPU under the GIL in a thread) never competes with the controller's event loop
-(its checks, its cleanup, its next migration): it runs on another core. Its cache of plots
-drawn ahead is :mod:`.html`'s own, in that process: the page it writes takes them.
+(its checks, its cleanup, its next migration): it runs on another core. Each plot is drawn
+in a child forked from the warm drawer (:class:`_Forks`, :data:`CHILDREN` at once), so the
+last migration's plot and the run's plots are drawn side by side, not one after the other,
+while the run ends. The plots drawn ahead are kept in :mod:`.html`'s cache, in the drawer:
+the page it writes takes them, once every child has given its plot.
 
 What can go wrong: the drawer cannot start, dies, or answers a request with an error. Then
 :meth:`PageDrawer.write_page` raises :class:`DrawerError`, and the caller draws the page
@@ -28,7 +31,10 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +199,123 @@ class PageDrawer:
             self._pending.clear()
 
 
+#: plots drawn at once, each in a child forked from the warm drawer (matplotlib imported,
+#: its fonts found): a migration's plot beside the run's, beside the next migration's
+CHILDREN = 2
+#: the children's niceness: a plot is never more urgent than the run's own work (its QEMUs,
+#: its controller), which it would otherwise slow down on a busy machine
+NICE = 10
+
+
+class _Forks:
+    """Plots drawn in children forked from the drawer, at most :data:`CHILDREN` at once,
+    while it goes on reading requests; each child's result kept in the drawer (for the page)
+    when it is collected, in the order the children began.
+
+    A child writes its result (JSON) to an unlinked temporary file, so it never waits for
+    the drawer; it dies with the drawer (``PR_SET_PDEATHSIG``). A fork that fails draws the
+    plot in the drawer itself; a child that fails leaves its plot to the page (a warning).
+    """
+
+    def __init__(self, kept: logging.Handler, page_log: logging.Logger) -> None:
+        import ctypes
+        self.kept, self.page_log = kept, page_log
+        self.running: list[tuple[int, Any, str, Any]] = []   # (pid, result file, key, keep)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._parent = os.getpid()
+
+    def start(self, key: str, job, keep, supersedes: bool = False) -> None:
+        """``keep(key, job())``, the job in a child; nothing if that key is being drawn.
+        ``supersedes``: the job replaces every other of the same ``keep`` being drawn (the
+        run's plots of fewer migrations): they are killed, what they drew is for nobody."""
+        if any(k == key for _pid, _out, k, _keep in self.running):
+            return
+        if supersedes:
+            for entry in [e for e in self.running if e[3] == keep]:
+                self._kill(entry)
+        while len(self.running) >= CHILDREN:
+            self._collect(self.running[0])
+        out = tempfile.TemporaryFile()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            out.close()
+            self.page_log.info("report: a plot drawn in the drawer itself (fork: %s)", exc)
+            keep(key, job())
+            return
+        if pid == 0:
+            self._child(out, job)       # never returns
+        self.running.append((pid, out, key, keep))
+
+    def collect_done(self) -> None:
+        """Keep what the children that ended drew (never waits)."""
+        for entry in list(self.running):
+            pid, status = os.waitpid(entry[0], os.WNOHANG)
+            if pid:
+                self._collect(entry, status)
+
+    def collect_all(self) -> None:
+        """Wait for every child, keep what they drew."""
+        while self.running:
+            self._collect(self.running[0])
+
+    def stop(self) -> None:
+        """Kill the children left (their plots are for nobody now) and reap them."""
+        while self.running:
+            self._kill(self.running[0])
+
+    def _kill(self, entry) -> None:
+        self.running.remove(entry)
+        pid, out, _key, _keep = entry
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        out.close()
+
+    def _collect(self, entry, status: int | None = None) -> None:
+        self.running.remove(entry)
+        pid, out, key, keep = entry
+        if status is None:
+            _pid, status = os.waitpid(pid, 0)
+        with out:
+            out.seek(0)
+            data = out.read()
+        try:
+            result = json.loads(data)
+        except ValueError:
+            result = {"error": f"its child (pid {pid}) ended with no result "
+                               f"(wait status {status})"}
+        self.kept.lines.extend((level, text) for level, text in result.get("log", ()))
+        if "error" in result:
+            self.page_log.warning("report: a plot not drawn ahead: %s", result["error"])
+        else:
+            keep(key, result["value"])
+
+    def _child(self, out, job) -> None:
+        """In the child: the job's result written, then out at once (no atexit: the
+        drawer's own run at its end; no buffered output of the drawer's written twice)."""
+        code = 1
+        try:
+            self._libc.prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG
+            if os.getppid() != self._parent:            # the drawer died meanwhile
+                os._exit(code)
+            os.nice(NICE)
+            self.kept.lines = []
+            try:
+                result = {"value": job()}
+                code = 0
+            except BaseException as exc:  # noqa: BLE001 - the result says it
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            result["log"] = self.kept.lines
+            out.write(json.dumps(result).encode())
+            out.flush()
+        finally:
+            os._exit(code)
+
+
 def _serve(requests, answers) -> None:
-    """The drawer process: each request done in turn, its answer written and flushed."""
+    """The drawer process: each request done in turn, its answer written and flushed; the
+    plots drawn ahead in children (:class:`_Forks`), the page once they are all in."""
     from . import html
 
     class Kept(logging.Handler):
@@ -212,31 +333,39 @@ def _serve(requests, answers) -> None:
     page_log.addHandler(kept)
     page_log.setLevel(logging.INFO)
     page_log.propagate = False
-    for line in requests:
-        answer: dict[str, Any] = {"ok": True}
-        try:
-            request = json.loads(line)
-            answer["id"] = request.get("id")
-            op = request.get("op")
-            if op == "warm_up":
-                html.prefetch()
-            elif op == "draw":
-                html.draw_ahead(request["records"])
-            elif op == "run_plots":
-                html.draw_run_plots_ahead(request["records"])
-            elif op == "page":
-                answer["path"] = str(html.write_html(Path(request["dir"])))
-            else:
-                raise ValueError(f"no such request: {op!r}")
-        except Exception as exc:  # noqa: BLE001 - the answer says it
-            answer.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        answer["log"], kept.lines = kept.lines, []
-        answers.write(json.dumps(answer) + "\n")
-        answers.flush()
+    forks = _Forks(kept, page_log)
+    try:
+        for line in requests:
+            answer: dict[str, Any] = {"ok": True}
+            try:
+                forks.collect_done()
+                request = json.loads(line)
+                answer["id"] = request.get("id")
+                op = request.get("op")
+                if op == "warm_up":
+                    html.prefetch()
+                elif op == "draw":
+                    for key, job in html.migration_plot_jobs(request["records"]):
+                        forks.start(key, job, html.keep_migration_plot)
+                elif op == "run_plots":
+                    job = html.run_plots_job(request["records"])
+                    if job is not None:
+                        forks.start(*job, html.keep_run_plots, supersedes=True)
+                elif op == "page":
+                    forks.collect_all()
+                    answer["path"] = str(html.write_html(Path(request["dir"])))
+                else:
+                    raise ValueError(f"no such request: {op!r}")
+            except Exception as exc:  # noqa: BLE001 - the answer says it
+                answer.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            answer["log"], kept.lines = kept.lines, []
+            answers.write(json.dumps(answer) + "\n")
+            answers.flush()
+    finally:
+        forks.stop()
 
 
 def main() -> int:
-    import signal
     # Ctrl-C reaches the terminal's whole process group: the run it belongs to decides what
     # happens (it rolls back, then asks for the page); this process ends with its stdin
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -250,7 +379,6 @@ if __name__ == "__main__":
     # (matplotlib's temporary config dir), not the tear-down of matplotlib's modules one by
     # one (0.2 s that the controller would wait for at its very end)
     import atexit
-    import os
     code = main()
     try:
         atexit._run_exitfuncs()

@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ConfigError
 from . import plots
@@ -152,9 +153,24 @@ def draw_run_plots_ahead(records: list[dict]) -> None:
     (in the run's order, as :func:`draw_ahead` takes them) when no more migrations are to
     come, before the page: the page takes them if its records draw the same, and draws
     them itself otherwise. Same rules as :func:`draw_ahead`; never raises."""
+    job = run_plots_job(records)
+    if job is not None:
+        keep_run_plots(job[0], job[1]())
+
+
+def run_plots_job(records: list[dict]) -> tuple[str, Callable[[], dict]] | None:
+    """The run's plots of these records as a job, unless they were drawn ahead already:
+    (key, draw); ``keep_run_plots(key, draw())`` keeps them for the page. ``draw`` never
+    raises; it may run in another process (:mod:`.drawer` forks one)."""
     key = _run_plots_key(records)
-    if not _run_plots or _run_plots[0][0] != key:
-        _run_plots[:] = [(key, _draw_run_plots(records))]
+    if _run_plots and _run_plots[0][0] == key:
+        return None
+    return key, functools.partial(_draw_run_plots, records)
+
+
+def keep_run_plots(key: str, drawn: dict[str, str | None]) -> None:
+    """Keep the run's plots drawn from the records of ``key`` (:func:`run_plots_job`)."""
+    _run_plots[:] = [(key, drawn)]
 
 
 def _run_plots_for(migs: list[dict]) -> tuple[dict[str, str | None], bool]:
@@ -171,10 +187,25 @@ def draw_ahead(records: list[dict]) -> None:
     page then draws only what changed since (about 70 ms per migration under TCG, seconds
     for a long run's, after its last migration). Call from one thread at a time, never while
     a page is drawn (matplotlib is not thread-safe). Never raises (see :func:`_guarded`)."""
+    for key, draw in migration_plot_jobs(records):
+        keep_migration_plot(key, draw())
+
+
+def migration_plot_jobs(records: list[dict]) -> list[tuple[str, Callable[[], str | None]]]:
+    """The plots of these records not drawn ahead yet, one job each: (key, draw);
+    ``keep_migration_plot(key, draw())`` keeps one for the page. ``draw`` never raises; it
+    may run in another process (:mod:`.drawer` forks one)."""
+    jobs = {}
     for m in records:
         key = _plot_key(m)
-        if key not in _drawn:
-            _drawn[key] = _guarded(plots.migration_plot, m, _anchor(m))
+        if key not in _drawn and key not in jobs:
+            jobs[key] = functools.partial(_guarded, plots.migration_plot, m, _anchor(m))
+    return list(jobs.items())
+
+
+def keep_migration_plot(key: str, svg: str | None) -> None:
+    """Keep a migration's plot drawn from the record of ``key`` (:func:`migration_plot_jobs`)."""
+    _drawn[key] = svg
 
 
 def _anchor(m: dict) -> str:
@@ -228,5 +259,6 @@ def write_html(run_dir: Path) -> Path:
     return path
 
 
-__all__ = ["REPORT", "draw_ahead", "draw_run_plots_ahead", "load_run", "render_html",
+__all__ = ["REPORT", "draw_ahead", "draw_run_plots_ahead", "keep_migration_plot",
+           "keep_run_plots", "load_run", "migration_plot_jobs", "render_html", "run_plots_job",
            "template", "write_html"]
