@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -333,12 +334,16 @@ class SyncServer:
     :param host: address to bind; required in spirit (default loopback only).
     :param port: port to bind; 0 picks a free one (see :attr:`url`).
     :param token: shared secret every client must present.
+    :param sock: a socket bound and listening already (``host`` and ``port`` are then its
+        own): served from :meth:`start` on, and closed by :meth:`stop`. Clients that connect
+        before are answered then.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str,
-                 options: ServerOptions | None = None):
+                 options: ServerOptions | None = None, sock: socket.socket | None = None):
         self.host, self.port = host, port
         self.app = make_app(token, options)
+        self._sock = sock
         self._runner: web.AppRunner | None = None
 
     @property
@@ -366,7 +371,8 @@ class SyncServer:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=4096)
+        site = (web.TCPSite(runner, self.host, self.port, backlog=4096) if self._sock is None
+                else web.SockSite(runner, self._sock))
         try:
             await site.start()
         except BaseException:

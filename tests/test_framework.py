@@ -124,6 +124,23 @@ async def test_ring_over_all_three_hosts(inventory, tmp_path, no_leaks):
                                                     ("hostC", "hostA")]
 
 
+async def test_a_sync_address_in_use_is_refused_before_any_host_is_touched(inventory,
+                                                                          tmp_path, no_leaks):
+    """The sync server's socket is bound before anything else of the run (its aiohttp is
+    imported later, in a thread, while the hosts connect): a port in use is one clear
+    line, exit 2, and no host was asked anything."""
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "ping_pong",
+                                         "-p", "sync.bind=127.0.0.1", "-p", f"sync.port={port}")
+    assert rc == 2, out + err
+    assert f"migrate-run: error: the sync server cannot bind 127.0.0.1:{port}: Address " \
+           "already in use" in err.splitlines(), err
+    (run_dir,) = tmp_path.iterdir()
+    assert "Opening SSH connection" not in (run_dir / "run.log").read_text()
+
+
 async def test_cancel_then_migrate(inventory, tmp_path, no_leaks):
     rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostB,hostC",
                                      "cancel_then_migrate")

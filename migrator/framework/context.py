@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import importlib
 import logging
 import os
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
-
-from syncserver.server import SyncServer
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..config import Config, Inventory
 from ..errors import ConfigError
@@ -20,6 +19,9 @@ from .gates import HostGates
 from .journal import RunJournal
 from .loopwatch import LoopStallWatch
 from .slots import SlotQueue
+
+if TYPE_CHECKING:
+    from syncserver.server import SyncServer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,11 @@ class RunContext:
         #: draws the same as bars: :mod:`migrator.report.live`)
         self.progress_lines = True
         self.token = secrets.token_urlsafe(32)
+        #: the run's sync server once it serves (:meth:`start_server`, :meth:`server_started`)
         self.server: SyncServer | None = None
+        self._sync_url: str | None = None
+        self._serving: asyncio.Future | None = None
+        self._control: Callable | None = None
         self.migrations: list[MigrationRecord] = []
         self.instances: list[InstanceRecord] = []
         #: parallel VM tasks' results (:class:`~.tasks.TaskResult`), in the order added
@@ -186,19 +192,68 @@ class RunContext:
 
     @property
     def sync_url(self) -> str:
-        assert self.server is not None, "the sync server is not started"
-        return self.server.url
+        assert self._sync_url is not None, "the sync server is not started"
+        return self._sync_url
+
+    @property
+    def server_bound(self) -> bool:
+        """:meth:`start_server` was called (and :meth:`stop_server` not since)."""
+        return self._serving is not None
 
     async def start_server(self, bind: str) -> None:
         """Start the run's sync server on ``bind`` (a port the system picks unless
-        ``sync.port`` says). :raise ConfigError: the address cannot be bound."""
-        server = SyncServer(bind, self.config.sync.port, token=self.token)
+        ``sync.port`` says): bound and listening when this returns (:attr:`sync_url` is
+        known), served once aiohttp is imported, which a thread does meanwhile (0.3 s on a
+        slow machine, while the hosts connect and the participants start: they connect
+        to the bound socket and are answered then). :meth:`server_started` waits for that.
+
+        :raise ConfigError: the address cannot be bound.
+        """
+        port = self.config.sync.port
         try:
-            await server.start()
+            sock = socket.create_server((bind, port), family=socket.AF_INET6 if ":" in bind
+                                        else socket.AF_INET, backlog=4096)
         except OSError as exc:
-            raise ConfigError(f"the sync server cannot bind {bind}:{self.config.sync.port}: "
-                              f"{exc.strerror or exc}") from exc
+            # (create_server's strerror names the address again: the errno's words only)
+            raise ConfigError(f"the sync server cannot bind {bind}:{port}: "
+                              f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
+        sock.setblocking(False)
+        host = f"[{bind}]" if ":" in bind else bind
+        self._sync_url = f"http://{host}:{sock.getsockname()[1]}"
+        self._serving = asyncio.ensure_future(self._serve(sock, bind))
+
+    async def _serve(self, sock: socket.socket, bind: str) -> None:
+        try:
+            # (the loop's thread imports nothing of aiohttp meanwhile: the controller's
+            # clients import it after this, see server_started)
+            module = await asyncio.to_thread(importlib.import_module, "syncserver.server")
+            server = module.SyncServer(bind, sock.getsockname()[1], token=self.token, sock=sock)
+            await server.start()
+        except BaseException:
+            sock.close()
+            raise
+        if self._control is not None:
+            server.set_control(self._control)
         self.server = server
+
+    async def server_started(self) -> SyncServer:
+        """The run's sync server, once it serves.
+
+        :raise RuntimeError: it was never started (:meth:`start_server`).
+        :raise ImportError: (and what else starting it raised) it could not be started.
+        """
+        if self._serving is None:
+            raise RuntimeError("the sync server is not started")
+        await asyncio.shield(self._serving)
+        assert self.server is not None
+        return self.server
+
+    def set_control(self, handler: Callable) -> None:
+        """Serve ``/v1/control/<name>`` with ``handler`` (:mod:`.control`), from the moment
+        the server serves."""
+        self._control = handler
+        if self.server is not None:
+            self.server.set_control(handler)
 
     async def start_control(self, cancel_run: Callable[[], Any] | None = None,
                             bind: str = "127.0.0.1") -> None:
@@ -210,14 +265,20 @@ class RunContext:
         :raise ConfigError: the address cannot be bound.
         """
         from .control import publish
-        if self.server is None:
+        if not self.server_bound:
             await self.start_server(bind)
         await publish(self, cancel_run)
 
     async def stop_server(self) -> None:
-        if self.server is not None:
-            await self.server.stop()
-            self.server = None
+        """Stop the sync server (or its start, if it does not serve yet). Never raises."""
+        serving, self._serving = self._serving, None
+        if serving is not None and not serving.done():
+            serving.cancel()
+        if serving is not None:
+            await asyncio.gather(serving, return_exceptions=True)
+        server, self.server = self.server, None
+        if server is not None:
+            await server.stop()
 
     @property
     def verdict(self) -> bool:

@@ -119,7 +119,7 @@ async def publish(ctx, cancel_run: Callable[[], Any] | None = None) -> None:
             ctx.say(f"cancel {target} asked from outside: {reason}")
             return cancel_in(ctx, target, reason, cancel_run)
         return 404, {"type": "NotFound", "message": f"no control call {name!r}"}
-    ctx.server.set_control(handler)
+    ctx.set_control(handler)
     if ctx.journal is not None:
         path = ctx.journal.entry.dir / CONTROL_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

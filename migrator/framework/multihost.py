@@ -342,7 +342,7 @@ class MultihostMigration(BlockingInWorkers):
 
     async def _run_watched(self) -> InstanceRecord:
         ctx = self.context
-        own_server = ctx.server is None
+        own_server = not ctx.server_bound
         rec = self.record
         rec.started = time.time()
         t0 = time.monotonic()
@@ -441,7 +441,7 @@ class MultihostMigration(BlockingInWorkers):
                     first.address, (first.ssh or self.inventory.ssh).port)
                 await ctx.start_server(bind)
             self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
-                                  f"{ctx.run_id}.{self.name}", cfg)
+                                  f"{ctx.run_id}.{self.name}", cfg, ctx.server_started)
             await self.sync.start()
 
         # the hosts' checks and claims, and their sync participants, at once: neither needs

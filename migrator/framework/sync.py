@@ -26,9 +26,8 @@ import asyncio
 import itertools
 import json
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
-from syncserver.client import SyncClient
 from syncserver.protocol import SyncError, error_from_json
 from syncserver.zipapp import build_bytes
 
@@ -36,6 +35,9 @@ from ..aio import wait_for
 from ..config import Config
 from ..errors import BarrierError, HostError
 from ..hosts import Installable, RemoteProcess, SSHHost, quote
+
+if TYPE_CHECKING:
+    from syncserver.client import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,11 @@ class HostsSync:
     """The sync side of one scenario instance: participants on ``hosts``, barriers among them."""
 
     def __init__(self, hosts: Sequence[SSHHost], url: str, token: str, sync_run: str,
-                 config: Config):
+                 config: Config, server_started: Callable[[], Awaitable] | None = None):
         self.hosts = list(hosts)
+        #: awaited before the controller connects (the server at ``url`` may be bound and
+        #: not serve yet: :meth:`.RunContext.start_server`); the participants start meanwhile
+        self._server_started = server_started
         self.url, self.sync_run, self.config = url, sync_run, config
         self._token = token
         self._participants: dict[str, RemoteProcess] = {}
@@ -74,17 +79,22 @@ class HostsSync:
         :raise HostError: a host could not be reached or its participant did not join
             (e.g. the host cannot reach the sync server's address).
         """
-        timeouts = self.config.timeouts
-        self._controller = SyncClient(self.url, token=self._token, member=CONTROLLER,
-                                      run_id=self.sync_run,
-                                      heartbeat_s=self.config.sync.heartbeat_s,
-                                      connect_timeout_s=timeouts.ssh_connect_s)
-        await self._controller.connect()
         pyz = Installable.get(build_bytes(), name="migrate-sync.pyz")
         token = Installable.get(self._token.encode(), name="sync-token", mode=0o600)
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._connect_controller())
             for host in self.hosts:
                 tg.create_task(self._start_participant(host, pyz, token))
+
+    async def _connect_controller(self) -> None:
+        if self._server_started is not None:
+            await self._server_started()
+        from syncserver.client import SyncClient      # aiohttp: imported by then
+        self._controller = SyncClient(self.url, token=self._token, member=CONTROLLER,
+                                      run_id=self.sync_run,
+                                      heartbeat_s=self.config.sync.heartbeat_s,
+                                      connect_timeout_s=self.config.timeouts.ssh_connect_s)
+        await self._controller.connect()
 
     async def _start_participant(self, host: SSHHost, pyz: Installable,
                                  token: Installable) -> None:

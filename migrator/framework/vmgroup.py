@@ -52,12 +52,11 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from syncserver.client import SyncClient
 from syncserver.protocol import SyncError
 from syncserver.zipapp import build_bytes
 
@@ -69,6 +68,9 @@ from ..hosts import Installable, SSHHost, quote
 from .context import InstanceRecord, RunContext
 from .failures import describe, first_of
 from .tasks import CommandResult, ParallelVMTasks, TaskResult
+
+if TYPE_CHECKING:
+    from syncserver.client import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -501,6 +503,8 @@ class VMGroupRun:
     # -- members --------------------------------------------------------------------------------
 
     async def _client(self, member: str, persistent: bool = True) -> SyncClient:
+        await self.context.server_started()
+        from syncserver.client import SyncClient      # aiohttp: imported by then
         client = SyncClient(self.context.sync_url, token=self.context.token, member=member,
                             run_id=self._sync_run, persistent=persistent,
                             heartbeat_s=self.config.sync.heartbeat_s,
