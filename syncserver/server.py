@@ -372,7 +372,7 @@ class SyncServer:
                                shutdown_timeout=1.0)
         await runner.setup()
         site = (web.TCPSite(runner, self.host, self.port, backlog=4096) if self._sock is None
-                else web.SockSite(runner, self._sock))
+                else web.SockSite(runner, self._sock, backlog=4096))
         try:
             await site.start()
         except BaseException:

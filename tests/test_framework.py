@@ -126,19 +126,24 @@ async def test_ring_over_all_three_hosts(inventory, tmp_path, no_leaks):
 
 async def test_a_sync_address_in_use_is_refused_before_any_host_is_touched(inventory,
                                                                           tmp_path, no_leaks):
-    """The sync server's socket is bound before anything else of the run (its aiohttp is
-    imported later, in a thread, while the hosts connect): a port in use is one clear
-    line, exit 2, and no host was asked anything."""
+    """The sync server's socket is bound before anything else of the run, even the
+    recovery of dead runs on its hosts (its aiohttp is imported later, in a thread, while
+    the hosts connect): a port in use, or an address that does not resolve, is one clear
+    line, exit 2, and nothing was started (no results directory: the run never began)."""
     import socket
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "ping_pong",
                                          "-p", "sync.bind=127.0.0.1", "-p", f"sync.port={port}")
     assert rc == 2, out + err
-    assert f"migrate-run: error: the sync server cannot bind 127.0.0.1:{port}: Address " \
-           "already in use" in err.splitlines(), err
-    (run_dir,) = tmp_path.iterdir()
-    assert "Opening SSH connection" not in (run_dir / "run.log").read_text()
+    assert err.splitlines() == [f"migrate-run: error: the sync server cannot bind "
+                                f"127.0.0.1:{port}: Address already in use"], err
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "ping_pong",
+                                     "-p", "sync.bind=no-such-host.invalid")
+    assert rc == 2, out + err
+    assert err.splitlines() == ["migrate-run: error: the sync server cannot bind "
+                                "no-such-host.invalid:0: Name or service not known"], err
+    assert not list(tmp_path.iterdir())
 
 
 async def test_cancel_then_migrate(inventory, tmp_path, no_leaks):

@@ -986,3 +986,33 @@ async def test_control_calls_need_the_token_and_reach_the_handler(server):
         async with s.post(f"{url}/cancel", headers=auth, data="[1]") as r:
             assert r.status == 400
     assert seen == [("status", {}), ("cancel", {"target": "m-1"})]
+
+
+async def test_a_runs_server_is_bound_at_once_served_later_and_stopped_whole(tmp_path):
+    """RunContext.start_server: the port is bound when it returns (a client that connects
+    then is answered once the server serves); a server stopped before it served says so to
+    whoever waits for it, and leaves its port free; a running one is stopped whole."""
+    import socket
+    from migrator.config import Config, Inventory
+    from migrator.framework.context import RunContext
+    ctx = RunContext(Config(), Inventory(hosts={"hostA": {"address": "192.0.2.1"}}))
+    await ctx.start_server("127.0.0.1")
+    port = int(ctx.sync_url.rsplit(":", 1)[1])
+    client = SyncClient(ctx.sync_url, token=ctx.token, member="a", run_id="r")
+    await client.connect()              # (may have reached the backlog before the server)
+    await client.close()
+    assert (await ctx.server_started()) is ctx.server
+    await ctx.stop_server()
+    socket.create_server(("127.0.0.1", port)).close()         # free again
+
+    ctx = RunContext(Config(), Inventory(hosts={"hostA": {"address": "192.0.2.1"}}))
+    await ctx.start_server("127.0.0.1")
+    port = int(ctx.sync_url.rsplit(":", 1)[1])
+    waiting = asyncio.ensure_future(ctx.server_started())
+    await asyncio.sleep(0)              # (one turn of the loop: it waits for the start)
+    assert not waiting.done()
+    await ctx.stop_server()             # before it served: its start is cancelled
+    with pytest.raises(RuntimeError, match="stopped before it served"):
+        await waiting
+    assert ctx.server is None and not ctx.server_bound
+    socket.create_server(("127.0.0.1", port)).close()

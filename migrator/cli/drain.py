@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..aio import shielded
 from ..errors import ConfigError, MigratorError
 from .common import (Parser, add_setup_options, fail, load_setup, overrides,
                      setup_logging, stamp)
@@ -88,11 +89,11 @@ async def _main(config, inventory, args, targets) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     ctx.say(f"run {ctx.run_id}: drain {plan.host}; results in {out_dir}")
     try:
-        await ctx.start_control(main_task.cancel)
         try:
+            await ctx.start_control(main_task.cancel)
             report = await drain(ctx, plan)
         finally:
-            await ctx.stop_server()
+            await shielded(ctx.stop_server())
     except asyncio.CancelledError:
         print(f"migrate-run drain: interrupted; every migration in flight was rolled back "
               f"(or, past its postcopy switchover, finished); see {out_dir}", file=sys.stderr)

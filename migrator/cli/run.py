@@ -185,6 +185,22 @@ async def _run(plan: dict, args) -> int:
 async def _run_started(plan: dict, args) -> int:
     from ..aio import shielded
     from ..framework.context import local_address_towards
+    ctx, instances = plan["ctx"], plan["instances"]
+    # the sync server's socket bound before anything (a port in use: one line, nothing
+    # started, no host asked anything, not even to recover a dead run); served once its
+    # aiohttp is imported, in a thread, meanwhile (RunContext.start_server)
+    first = ctx.inventory.host(instances[0].hosts[0].name)
+    bind = ctx.config.sync.bind or local_address_towards(
+        first.address, (first.ssh or ctx.inventory.ssh).port)
+    await ctx.start_server(bind)
+    try:
+        return await _run_bound(plan, args)
+    finally:
+        await shielded(ctx.stop_server())      # (stopped already once the instances ended)
+
+
+async def _run_bound(plan: dict, args) -> int:
+    from ..aio import shielded
     from ..report import summary_table, write_page, write_results
     from ..report.drawer import DrawerError, PageDrawer
     from ..report.plots import RUN_PLOT_FIELDS
@@ -219,10 +235,6 @@ async def _run_started(plan: dict, args) -> int:
     prefetch, run_over = None, False
     drawer = PageDrawer(ctx.config.timeouts.process_exit_s, ctx.config.timeouts.report_page_s)
     try:
-        first = ctx.inventory.host(instances[0].hosts[0].name)
-        bind = ctx.config.sync.bind or local_address_towards(
-            first.address, (first.ssh or ctx.inventory.ssh).port)
-        await ctx.start_server(bind)
         await ctx.start_control(main_task.cancel)   # migrate-run status / cancel
         # report.html drawn by a process of its own (report.drawer: matplotlib off the
         # controller, on another core), started while the first guest boots (the
@@ -262,7 +274,7 @@ async def _run_started(plan: dict, args) -> int:
                 outcomes = await asyncio.gather(*(run() for run in plan["runs"]),
                                                 return_exceptions=True)
         finally:
-            await ctx.stop_server()
+            await shielded(ctx.stop_server())
         for inst, outcome in zip(instances, outcomes):
             if isinstance(outcome, BaseException) and args.verbose:
                 traceback.print_exception(outcome)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..config import Config, Inventory
-from ..errors import ConfigError
+from ..errors import ConfigError, MigratorError
 from .gates import HostGates
 from .journal import RunJournal
 from .loopwatch import LoopStallWatch
@@ -214,23 +214,38 @@ class RunContext:
             sock = socket.create_server((bind, port), family=socket.AF_INET6 if ":" in bind
                                         else socket.AF_INET, backlog=4096)
         except OSError as exc:
-            # (create_server's strerror names the address again: the errno's words only)
-            raise ConfigError(f"the sync server cannot bind {bind}:{port}: "
-                              f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
+            # (create_server's strerror names the address again: the words only; a name
+            # that does not resolve has a negative errno, which os.strerror does not know)
+            why = (os.strerror(exc.errno) if exc.errno and exc.errno > 0
+                   else str(exc.strerror or exc).split(" (while attempting", 1)[0])
+            raise ConfigError(f"the sync server cannot bind {bind}:{port}: {why}") from exc
         sock.setblocking(False)
         host = f"[{bind}]" if ":" in bind else bind
         self._sync_url = f"http://{host}:{sock.getsockname()[1]}"
         self._serving = asyncio.ensure_future(self._serve(sock, bind))
 
     async def _serve(self, sock: socket.socket, bind: str) -> None:
+        """Import the server (in a thread: the loop's thread imports nothing of aiohttp
+        meanwhile, the controller's clients import it after :meth:`server_started`) and
+        serve ``sock``. A cancellation lands during the import, or after the server's start
+        (which is then stopped): never in the middle of it.
+
+        :raise MigratorError: the server could not start (why, and where it was to serve).
+        """
+        from ..aio import shielded
+        server = None
         try:
-            # (the loop's thread imports nothing of aiohttp meanwhile: the controller's
-            # clients import it after this, see server_started)
             module = await asyncio.to_thread(importlib.import_module, "syncserver.server")
-            server = module.SyncServer(bind, sock.getsockname()[1], token=self.token, sock=sock)
-            await server.start()
-        except BaseException:
+            server = module.SyncServer(bind, sock.getsockname()[1], token=self.token,
+                                       sock=sock)
+            await shielded(server.start())
+        except BaseException as exc:
+            if server is not None:
+                await shielded(server.stop())       # (started, then cancelled; else no-op)
             sock.close()
+            if isinstance(exc, Exception):
+                raise MigratorError(f"the sync server did not start on {self._sync_url}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
             raise
         if self._control is not None:
             server.set_control(self._control)
@@ -239,12 +254,17 @@ class RunContext:
     async def server_started(self) -> SyncServer:
         """The run's sync server, once it serves.
 
-        :raise RuntimeError: it was never started (:meth:`start_server`).
-        :raise ImportError: (and what else starting it raised) it could not be started.
+        :raise RuntimeError: it was not started (:meth:`start_server`), or stopped before
+            it served.
+        :raise MigratorError: it could not be started.
         """
-        if self._serving is None:
+        serving = self._serving
+        if serving is None:
             raise RuntimeError("the sync server is not started")
-        await asyncio.shield(self._serving)
+        await asyncio.wait([serving])       # (this caller's cancellation is raised here)
+        if serving.cancelled():
+            raise RuntimeError("the sync server was stopped before it served")
+        serving.result()
         assert self.server is not None
         return self.server
 
@@ -272,10 +292,13 @@ class RunContext:
     async def stop_server(self) -> None:
         """Stop the sync server (or its start, if it does not serve yet). Never raises."""
         serving, self._serving = self._serving, None
+        self._sync_url = None
         if serving is not None and not serving.done():
             serving.cancel()
         if serving is not None:
-            await asyncio.gather(serving, return_exceptions=True)
+            await asyncio.wait([serving])
+            if not serving.cancelled() and serving.exception() is not None:
+                log.warning("%s", serving.exception())     # (said here if nobody waited)
         server, self.server = self.server, None
         if server is not None:
             await server.stop()

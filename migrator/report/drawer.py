@@ -5,7 +5,7 @@
     async with PageDrawer(stop_s) as drawer:
         await drawer.start()                    # when the first guest boots
         drawer.draw(records)                    # migrations that ended: their plots
-        drawer.draw_run_plots(records)          # all of them, once no more are to come
+        drawer.draw_run_plots(records)          # all of them, when none is in flight
         await drawer.write_page(out_dir)        # the page, taking what was drawn ahead
 
 The drawer is ``python -m migrator.report.drawer``: one JSON request per line on its stdin,
