@@ -112,6 +112,12 @@ ERRORS = {cls.type: cls for cls in (SyncError, BarrierTimeout, BarrierAborted, M
                                     ProtocolError, AuthError, SyncConnectionError)}
 
 
+def server_url(host: str, port: int) -> str:
+    """The URL clients use for a server listening on ``host``:``port`` (an IPv6 address in
+    brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def error_from_json(data: dict) -> SyncError:
     """The exception an error answer describes (unknown types become ``SyncError``)."""
     data = dict(data)

@@ -29,8 +29,8 @@ from typing import Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from ._aio import cancel_and_wait
-from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH, ProtocolError, SyncError, check_name, encode,
-                       parse_request)
+from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH, ProtocolError, SyncError,
+                       check_name, encode, parse_request, server_url)
 from .gcpolicy import IdleFullCollections
 from .registry import Connection, Instance, Registry
 
@@ -350,8 +350,7 @@ class SyncServer:
     def url(self) -> str:
         if self._runner is None:
             raise RuntimeError("the sync server is not started")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return server_url(self.host, self.port)
 
     @property
     def registry(self) -> Registry:

@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+from syncserver.protocol import server_url
+
 from ..config import Config, Inventory
 from ..errors import ConfigError, MigratorError
 from .gates import HostGates
@@ -220,8 +222,7 @@ class RunContext:
                    else str(exc.strerror or exc).split(" (while attempting", 1)[0])
             raise ConfigError(f"the sync server cannot bind {bind}:{port}: {why}") from exc
         sock.setblocking(False)
-        host = f"[{bind}]" if ":" in bind else bind
-        self._sync_url = f"http://{host}:{sock.getsockname()[1]}"
+        self._sync_url = server_url(bind, sock.getsockname()[1])
         self._serving = asyncio.ensure_future(self._serve(sock, bind))
 
     async def _serve(self, sock: socket.socket, bind: str) -> None:
