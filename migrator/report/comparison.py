@@ -20,6 +20,7 @@ from pathlib import Path
 from ..plan.sweep import Sweep, SweepRun, label
 from . import plots
 from .html import template
+from .svgplot import Chart
 from .table import text_table
 
 #: (key, title, unit, where from: "migration" figures or "run" figures)
@@ -70,26 +71,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(text_table(head, body)) + "\n(median, min–max over every repetition)"
 
 
-@plots.styled
 def figure_plot(rows: list[dict], key: str, title: str, unit: str) -> str | None:
     """Median per setting with min–max bars."""
     have = [r for r in rows if r[key]]
     if not have:
         return None
-    fig, (ax,) = plots.figure(min(12.0, max(4.5, 0.9 * len(have) + 2)), 2.6)
+    chart = Chart(min(12.0, max(4.5, 0.9 * len(have) + 2)), 2.6)
+    ax = chart.panels[0]
     xs = list(range(len(have)))
-    med = [r[key]["median"] for r in have]
-    ax.errorbar(xs, med, yerr=[[m - r[key]["min"] for m, r in zip(med, have)],
-                               [r[key]["max"] - m for m, r in zip(med, have)]],
-                fmt="o", color=plots.COLORS["remaining"], ecolor="0.45", capsize=4, ms=5)
-    ax.set_xticks(xs, [r["label"] for r in have], rotation=20 if len(have) > 4 else 0,
-                  ha="right" if len(have) > 4 else "center", fontsize=8)
-    ax.set_xlim(-0.6, len(have) - 0.4)
-    ax.set_ylim(0, max(r[key]["max"] for r in have) * 1.12 or 1)
-    ax.set_ylabel(unit, fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return plots.svg(fig, title)
+    ax.errorbars(xs, [r[key]["median"] for r in have], [r[key]["min"] for r in have],
+                 [r[key]["max"] for r in have], plots.COLORS["remaining"])
+    chart.categories = [r["label"] for r in have]
+    chart.rotation = 20 if len(have) > 4 else 0
+    chart.xlim = (-0.6, len(have) - 0.4)
+    ax.ylim = (0, max(r[key]["max"] for r in have) * 1.12 or 1)
+    ax.ylabel = unit
+    ax.title = title
+    return chart.svg(title)
 
 
 def write_comparison(out_dir: Path, sweep: Sweep, runs: list[SweepRun]) -> Path:

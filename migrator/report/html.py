@@ -7,7 +7,7 @@
 Made from the files of the run's directory only (``run.json``, ``migrations/*.json``,
 ``tasks.json``), so an old run's report can be made again (``migrate-run report RUN_DIR``).
 It opens offline: no script, no stylesheet or font from elsewhere; the plots are inline
-SVG drawn by matplotlib (:mod:`.plots`), the page by a Jinja2 template
+SVG (:mod:`.plots`), the page by a Jinja2 template
 (``templates/report.html.j2``, autoescaped).
 
 What it shows: the verdict, hosts, times and warnings; the instances; the summary table
