@@ -130,10 +130,6 @@ class Timeouts(_Strict):
     code freezes every migration, barrier and progress line in flight. The loop's own work
     takes milliseconds; a loaded two-core machine stays well under a second."""
 
-    report_page_s: float = Field(300.0, gt=0)
-    """report.html, drawn by the run's drawer process: how long the run waits for the page
-    before drawing it itself. The drawer draws each migration's plots as it ends, so the
-    page of a long run takes seconds; this bounds a drawer that stopped answering."""
 
     worker_cancel_s: float = Field(10.0, gt=0)
     """A ``def`` callback or hook (run in a worker thread) that is cancelled: how long its

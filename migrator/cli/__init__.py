@@ -26,9 +26,9 @@ def run_command() -> None:
         # the interpreter's usual exit, which lets it end rather than cut its connection
         sys.exit(code)
     try:
-        atexit._run_exitfuncs()     # what libraries registered (matplotlib's temporary
-        sys.stdout.flush()          # config dir; logging's shutdown, which flushes its
-        sys.stderr.flush()          # handlers), not the teardown
+        atexit._run_exitfuncs()     # what libraries registered (logging's shutdown,
+        sys.stdout.flush()          # which flushes its handlers), not the teardown
+        sys.stderr.flush()
     finally:
         os._exit(code)
 

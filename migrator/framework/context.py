@@ -108,17 +108,8 @@ class RunContext:
         #: run claims its run directory there (:func:`.hostprep.claim_run_dirs`)
         self.versions: dict[str, dict] = {}
         #: set when a VM of the run has started and its guest boots: the controller waits
-        #: (seconds under TCG), and ``migrate-run`` does work of its own then (it warms up
-        #: its report's libraries)
+        #: (seconds under TCG), and ``migrate-run`` readies its report's template then
         self.guest_booting = asyncio.Event()
-        #: set when a migration's record is added (:meth:`add_migration`): ``migrate-run``
-        #: draws its plot ahead, while the run goes on; set too when the migrations are over
-        self.migration_recorded = asyncio.Event()
-        #: set when every instance of the run has ended its scenario (:meth:`scenario_ended`):
-        #: no migration is to come, only checks and cleanup; ``migrate-run`` then draws the
-        #: run's plots ahead. Never set for kinds of runs that do not say so.
-        self.migrations_over = asyncio.Event()
-        self._scenarios_ended: list[Any] = []
         self._watch: LoopStallWatch | None = None
         self._watchers = 0
         self._code_files: set[str] = set()
@@ -126,16 +117,6 @@ class RunContext:
     def add_migration(self, record: MigrationRecord) -> None:
         """A migration ended: its record joins the run's."""
         self.migrations.append(record)
-        self.migration_recorded.set()
-
-    def scenario_ended(self, instance: Any) -> None:
-        """``instance`` (its record, one of :attr:`instances`) starts no more migrations.
-        When every instance of the run has said so, :attr:`migrations_over` is set."""
-        if not any(r is instance for r in self._scenarios_ended):
-            self._scenarios_ended.append(instance)
-        if all(any(r is i for r in self._scenarios_ended) for i in self.instances):
-            self.migrations_over.set()
-            self.migration_recorded.set()
 
     def warn(self, text: str) -> None:
         """A warning of the run: said, logged, and kept for the report."""

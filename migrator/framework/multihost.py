@@ -351,12 +351,9 @@ class MultihostMigration(BlockingInWorkers):
             ctx.open_journal([h.name for h in self.hosts])
         try:
             await self._prepare(own_server)
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    self._tg = tg
-                    tg.create_task(self._scenario(), name=f"scenario {self.name}")
-            finally:
-                ctx.scenario_ended(rec)     # every migration of it has ended and is recorded
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._scenario(), name=f"scenario {self.name}")
             await self.barrier("all_done")
             rec.status = "passed"
             return rec
@@ -372,7 +369,6 @@ class MultihostMigration(BlockingInWorkers):
             raise leaf
         finally:
             self._tg = None
-            ctx.scenario_ended(rec)         # (also when it never began: _prepare failed)
             try:
                 # a second Ctrl-C / SIGTERM while cleaning up must not orphan the cleanup
                 rec.cleanup_problems = await shielded(self._cleanup(own_server))

@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError
 from . import plots
@@ -104,12 +103,10 @@ def xbzrle_text(x: dict) -> str:
 
 
 def prefetch() -> None:
-    """Import what drawing the page takes and warm it up (matplotlib, its font lookup,
-    Jinja2, the page's compiled template): about 0.3 s that ``migrate-run`` spends in a
-    thread while its guests boot, rather than after its last migration. Never raises: the
-    page is drawn all the same, only later."""
+    """Import what drawing the page takes and compile its template (Jinja2: about 0.1 s),
+    which ``migrate-run`` does in a thread while its first guest boots rather than after its
+    last migration. Never raises: the page is drawn all the same, only later."""
     try:
-        plots.warm_up()
         template("report.html.j2")
     except Exception:  # noqa: BLE001 - best effort, see above
         log.debug("report: prefetch failed", exc_info=True)
@@ -126,112 +123,21 @@ def template(name: str):
     return env.get_template(name)
 
 
-#: migration plots drawn ahead (:func:`draw_ahead`), by what they were drawn from
-_drawn: dict[str, str | None] = {}
-
-
-def _plot_key(m: dict) -> str:
-    return json.dumps({k: m.get(k) for k in plots.PLOT_FIELDS}, sort_keys=True, default=str)
-
-
-#: the run's plots drawn ahead (:func:`draw_run_plots_ahead`): (key, {name: svg or None})
-_run_plots: list[tuple[str, dict[str, str | None]]] = []
-
-
-def _run_plots_key(records: list[dict]) -> str:
-    return json.dumps([{k: m.get(k) for k in plots.RUN_PLOT_FIELDS} for m in records],
-                      sort_keys=True, default=str)
-
-
-def _draw_run_plots(records: list[dict]) -> dict[str, str | None]:
-    return {"downtime": _guarded(plots.downtime_plot, records),
-            "time": _guarded(plots.total_time_plot, records)}
-
-
-def draw_run_plots_ahead(records: list[dict]) -> None:
-    """Draw the run's plots (downtime, time per migration) from every migration record
-    (in the run's order, as :func:`draw_ahead` takes them) when no more migrations are to
-    come, before the page: the page takes them if its records draw the same, and draws
-    them itself otherwise. Same rules as :func:`draw_ahead`; never raises."""
-    job = run_plots_job(records)
-    if job is not None:
-        keep_run_plots(job[0], job[1]())
-
-
-def run_plots_job(records: list[dict]) -> tuple[str, Callable[[], dict]] | None:
-    """The run's plots of these records as a job, unless they were drawn ahead already:
-    (key, draw); ``keep_run_plots(key, draw())`` keeps them for the page. ``draw`` never
-    raises; it may run in another process (:mod:`.drawer` forks one)."""
-    key = _run_plots_key(records)
-    if _run_plots and _run_plots[0][0] == key:
-        return None
-    return key, functools.partial(_draw_run_plots, records)
-
-
-def keep_run_plots(key: str, drawn: dict[str, str | None]) -> None:
-    """Keep the run's plots drawn from the records of ``key`` (:func:`run_plots_job`)."""
-    _run_plots[:] = [(key, drawn)]
-
-
-def _run_plots_for(migs: list[dict]) -> tuple[dict[str, str | None], bool]:
-    """The run's plots for ``migs``, and whether they were drawn ahead (from the same
-    figures) rather than now."""
-    if _run_plots and _run_plots[0][0] == _run_plots_key(migs):
-        return _run_plots[0][1], True
-    return _draw_run_plots(migs), False
-
-
-def draw_ahead(records: list[dict]) -> None:
-    """Draw the plots of migrations that ended (their records as
-    :func:`migrator.report.results.migration_body` makes them), before the page: a run's
-    page then draws only what changed since (about 70 ms per migration under TCG, seconds
-    for a long run's, after its last migration). Call from one thread at a time, never while
-    a page is drawn (matplotlib is not thread-safe). Never raises (see :func:`_guarded`)."""
-    for key, draw in migration_plot_jobs(records):
-        keep_migration_plot(key, draw())
-
-
-def migration_plot_jobs(records: list[dict]) -> list[tuple[str, Callable[[], str | None]]]:
-    """The plots of these records not drawn ahead yet, one job each: (key, draw);
-    ``keep_migration_plot(key, draw())`` keeps one for the page. ``draw`` never raises; it
-    may run in another process (:mod:`.drawer` forks one)."""
-    jobs = {}
-    for m in records:
-        key = _plot_key(m)
-        if key not in _drawn and key not in jobs:
-            jobs[key] = functools.partial(_guarded, plots.migration_plot, m, _anchor(m))
-    return list(jobs.items())
-
-
-def keep_migration_plot(key: str, svg: str | None) -> None:
-    """Keep a migration's plot drawn from the record of ``key`` (:func:`migration_plot_jobs`)."""
-    _drawn[key] = svg
-
-
 def _anchor(m: dict) -> str:
     return f"mig-{m['mig_id']}-{m['vm']}"
 
 
 def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
-    """The page, as a string."""
+    """The page, as a string (its plots drawn now: about a millisecond each)."""
     rows = [_row(m) for m in migs]
-    sections = []
-    ahead = 0
-    for m, row in zip(migs, rows):
-        key = _plot_key(m)
-        if key in _drawn:
-            svg, ahead = _drawn.pop(key), ahead + 1
-        else:
-            svg = _guarded(plots.migration_plot, m, row["anchor"])
-        sections.append({**row, "plot": svg, "samples": len(m.get("progress") or ())})
-    run_plots, run_ahead = _run_plots_for(migs)
-    log.info("report: %d of %d migration plots drawn ahead; the run's plots %s", ahead,
-             len(migs), "drawn ahead" if run_ahead else "drawn now")
+    sections = [{**row, "plot": _guarded(plots.migration_plot, m, row["anchor"]),
+                 "samples": len(m.get("progress") or ())} for m, row in zip(migs, rows)]
     return template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
         instance_failures=[i for i in run.get("instances", []) if i.get("status") != "passed"],
-        downtime_plot=run_plots["downtime"], time_plot=run_plots["time"],
+        downtime_plot=_guarded(plots.downtime_plot, migs),
+        time_plot=_guarded(plots.total_time_plot, migs),
         blackout=any(m.get("blackout_ms") is not None for m in migs))
 
 
@@ -250,15 +156,9 @@ def write_html(run_dir: Path) -> Path:
     run, migs, tasks = load_run(run_dir)
     path = run_dir / REPORT
     tmp = path.with_suffix(".html.tmp")
-    try:
-        tmp.write_text(render_html(run, migs, tasks), encoding="utf-8")
-    finally:
-        _drawn.clear()          # drawn ahead and not taken: records that changed since
-        _run_plots.clear()
+    tmp.write_text(render_html(run, migs, tasks), encoding="utf-8")
     tmp.replace(path)
     return path
 
 
-__all__ = ["REPORT", "draw_ahead", "draw_run_plots_ahead", "keep_migration_plot",
-           "keep_run_plots", "load_run", "migration_plot_jobs", "render_html", "run_plots_job",
-           "template", "write_html"]
+__all__ = ["REPORT", "load_run", "prefetch", "render_html", "template", "write_html"]

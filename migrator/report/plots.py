@@ -39,16 +39,6 @@ def policy_marks(mig: dict) -> list[tuple[float, str]]:
             if d.get("action") != "downtime" and d.get("t") is not None]
 
 
-#: the record's fields :func:`migration_plot` draws from (a plot drawn ahead is the page's
-#: while these are unchanged: :func:`migrator.report.html.draw_ahead`)
-PLOT_FIELDS = ("mig_id", "vm", "src", "dst", "progress", "dirtier", "phases", "decisions")
-
-#: the fields of each record :func:`downtime_plot` and :func:`total_time_plot` draw from
-#: (the run's plots drawn ahead are the page's while these, in the run's order, are
-#: unchanged: :func:`migrator.report.html.draw_run_plots_ahead`)
-RUN_PLOT_FIELDS = ("mig_id", "vm", "downtime_ms", "blackout_ms", "run_s", "total_time_ms")
-
-
 def migration_plot(mig: dict, gid: str = "mig") -> str | None:
     """Remaining bytes (RAM, and the disk while it is copied), throughput, and the guest's
     dirty rate (QEMU's estimate; the guest dirtier's own rate per host, where it runs; the
@@ -151,5 +141,5 @@ def total_time_plot(migs: list[dict]) -> str | None:
     return chart.svg("time per migration")
 
 
-__all__ = ["COLORS", "PLOT_FIELDS", "RUN_PLOT_FIELDS", "downtime_plot", "migration_plot",
+__all__ = ["COLORS", "downtime_plot", "migration_plot",
            "phase_marks", "policy_marks", "total_time_plot"]

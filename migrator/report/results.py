@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from .table import text_table
 
-if TYPE_CHECKING:       # the page's drawer process imports this module: not the framework
+if TYPE_CHECKING:       # `migrate-run report` imports this module: not the framework
     from ..framework.context import RunContext
-    from .drawer import PageDrawer
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +94,13 @@ def write_results(ctx: RunContext, out_dir: Path, meta: dict[str, Any]) -> Path:
     return out_dir
 
 
-async def write_page(ctx: RunContext, out_dir: Path,
-                     drawer: "PageDrawer | None" = None) -> Path | None:
-    """``report.html`` from the records :func:`write_results` wrote: by ``drawer`` (the
-    run's drawer process, with the plots it drew ahead) when it runs, else (or when it
-    fails: logged) drawn here in a thread (a long run's plots take seconds; the event loop
-    goes on serving, e.g. metrics). A page that cannot be made is a warning (the records
-    are written), never the run's failure."""
+async def write_page(ctx: RunContext, out_dir: Path) -> Path | None:
+    """``report.html`` from the records :func:`write_results` wrote, drawn in a thread (a
+    long run's page takes a while; the event loop goes on serving, e.g. metrics). A page
+    that cannot be made is a warning (the records are written), never the run's failure."""
     import asyncio
 
     from ..aio import shielded
-    from .drawer import DrawerError
-    if drawer is not None and drawer.started:
-        try:
-            return await shielded(drawer.write_page(out_dir))
-        except (DrawerError, TimeoutError) as exc:
-            log.warning("report.html drawn in the controller: %s",
-                        exc if isinstance(exc, DrawerError) else
-                        f"the report's drawer gave no page within {drawer.page_s:g} s")
     from .html import write_html
     try:
         return await shielded(asyncio.to_thread(write_html, out_dir))

@@ -91,14 +91,15 @@ def _finite(values, what: str) -> list[float]:
 
 
 def _text(x: float, y: float, text: str, size: float = FONT, anchor: str = "middle",
-          color: str = INK, rotate: float = 0, baseline: str = "") -> str:
+          color: str = INK, rotate: float = 0, baseline: str = "", cls: str = "") -> str:
     """One ``<text>``; ``text`` may hold line breaks (each line a ``<tspan>``, the lines
     stacked in the text's own direction); ``baseline`` "central" or "hanging" (default:
-    the alphabetic baseline at ``y``)."""
+    the alphabetic baseline at ``y``); ``cls`` its class (what it is: tick, label, mark,
+    legend, note, title)."""
     lines = text.split("\n")
     where = (f' transform="translate({_num(x)} {_num(y)}) rotate({_num(rotate)})"' if rotate
              else f' x="{_num(x)}" y="{_num(y)}"')
-    attrs = (f'{where} font-size="{_num(size)}" fill="{color}"'
+    attrs = ((f' class="{cls}"' if cls else "") + f'{where} font-size="{_num(size)}" fill="{color}"'
              + (f' text-anchor="{anchor}"' if anchor != "start" else "")
              + (f' dominant-baseline="{baseline}"' if baseline else ""))
     if len(lines) == 1:
@@ -333,14 +334,17 @@ class Chart:
                 out.append(f'<path d="M{_num(sx(x))} {_num(ptop)}V{_num(pbot)}" '
                            f'stroke="#8c8c8c" stroke-width="0.8" stroke-dasharray="3.7 1.6"/>')
             if row == 0:
-                out += [_text(sx(x) - 2, ptop + 2, name, SMALL, "end", MUTED, rotate=-90)
+                out += [_text(sx(x) - 2, ptop + 2, name, SMALL, "end", MUTED, rotate=-90,
+                                  cls="mark")
                         for x, name in self.marks]
             if p.title:
-                out.append(_text(left + plot_w / 2, ptop - FONT * 0.6, p.title, FONT + 1))
+                out.append(_text(left + plot_w / 2, ptop - FONT * 0.6, p.title, FONT + 1,
+                                 cls="title"))
             if p.legend and p.legend_entries():
                 out.append(self._legend(p, left, plot_w, ptop))
         if self.xlabel:
-            out.append(_text(left + plot_w / 2, self.height - PAD - FONT * 0.25, self.xlabel))
+            out.append(_text(left + plot_w / 2, self.height - PAD - FONT * 0.25, self.xlabel,
+                             cls="label"))
         out.append("</svg>")
         return "".join(out)
 
@@ -358,14 +362,15 @@ class Chart:
                                  f'stroke="{GRID}" stroke-width="0.6"/>')
                 parts.append(f'<path d="M{_num(left - TICK)} {_num(y)}H{_num(left)}" '
                              f'stroke="{INK}" stroke-width="0.8"/>')
-                parts.append(_text(left - TICK - 2, y, text, anchor="end", baseline="central"))
+                parts.append(_text(left - TICK - 2, y, text, anchor="end", baseline="central",
+                                   cls="tick"))
         parts.append(f'<path d="M{_num(left)} {_num(ptop)}V{_num(pbot)}H{_num(left + plot_w)}"'
                      f' fill="none" stroke="{INK}" stroke-width="0.8"/>')
         if p.ylabel:
             widest = max((text_width(t, FONT) for _v, t in ticks), default=0)
             lines = len(p.ylabel.split("\n"))
             x = left - TICK - 4 - widest - (lines - 1) * FONT * 1.2 - FONT * 0.3
-            parts.append(_text(x, (ptop + pbot) / 2, p.ylabel, rotate=-90))
+            parts.append(_text(x, (ptop + pbot) / 2, p.ylabel, rotate=-90, cls="label"))
         return "".join(parts)
 
     @staticmethod
@@ -378,11 +383,12 @@ class Chart:
             if ptop - 0.5 <= y <= pbot + 0.5:
                 parts.append(f'<path d="M{_num(x)} {_num(y)}h{_num(TICK)}" stroke="{INK}" '
                              f'stroke-width="0.8"/>')
-                parts.append(_text(x + TICK + 2, y, text, anchor="start", baseline="central"))
+                parts.append(_text(x + TICK + 2, y, text, anchor="start", baseline="central",
+                                   cls="tick"))
                 widest = max(widest, text_width(text, FONT))
         if p.ylabel:
             parts.append(_text(x + TICK + 4 + widest + FONT * 1.1, (ptop + pbot) / 2,
-                               p.ylabel, rotate=-90))
+                               p.ylabel, rotate=-90, cls="label"))
         return "".join(parts)
 
     def _x_axis(self, xticks, sx, pbot: float) -> str:
@@ -391,11 +397,13 @@ class Chart:
             x = sx(v)
             parts.append(f'<path d="M{_num(x)} {_num(pbot)}v{_num(TICK)}" stroke="{INK}" '
                          f'stroke-width="0.8"/>')
+            if not text:
+                continue
             if self.rotation:
                 parts.append(_text(x + FONT * 0.3, pbot + TICK + 3, text, anchor="end",
-                                   rotate=-self.rotation, baseline="hanging"))
+                                   rotate=-self.rotation, baseline="hanging", cls="tick"))
             else:
-                parts.append(_text(x, pbot + TICK + 2, text, baseline="hanging"))
+                parts.append(_text(x, pbot + TICK + 2, text, baseline="hanging", cls="tick"))
         return "".join(parts)
 
     @staticmethod
@@ -433,7 +441,8 @@ class Chart:
                 parts.append(f'<circle cx="{_num(cx)}" cy="{_num(sy(m))}" r="2.5" '
                              f'fill="{it.color}"/>')
             return f"<g{gid}>" + "".join(parts) + "</g>"
-        return _text(sx(it.xs[0]), sy(it.ys[0]), it.text, SMALL, "start", it.color)
+        return _text(sx(it.xs[0]), sy(it.ys[0]), it.text, SMALL, "start", it.color,
+                     cls="note")
 
     @staticmethod
     def _legend_size(p: Panel) -> tuple[float, float]:
@@ -460,7 +469,7 @@ class Chart:
                              f'height="7" fill="{it.color}"/>')
             else:
                 parts.append(_marker(it.marker, x + 7, y, it.size, it.color))
-            parts.append(_text(x + 20, y, it.label or "", SMALL, "start", INK,
+            parts.append(_text(x + 20, y, it.label or "", SMALL, "start", INK, cls="legend",
                                baseline="central"))
         return "".join(parts)
 
