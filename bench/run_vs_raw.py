@@ -80,9 +80,11 @@ def migrate_run(inv: Path, out: Path, hosts: list[str], scenario: Path) -> dict:
 
 
 def raw_run(inv: Path) -> dict:
+    cpu0 = busy_seconds()
     wall, out = timed([sys.executable, str(Path(__file__).parent / "_raw_one.py"), str(inv),
                        "hostA", "hostB"])
-    return {"wall": wall, "boot": float(BOOTED.search(out).group(1))}
+    return {"wall": wall, "boot": float(BOOTED.search(out).group(1)),
+            "cpu": busy_seconds() - cpu0}
 
 
 def main() -> int:
@@ -147,6 +149,13 @@ def main() -> int:
         q1, _q2, q3 = statistics.quantiles(rest, n=4)
         line += f" (paired: median {med(rest):+.2f} s, quartiles {q1:+.2f} to {q3:+.2f} s)"
     print(line)
+    # on a lab whose hosts share the controller's cores, what each side makes the machine do
+    # (its own process, the hosts' sshd, shells and QEMUs, the guest) is what its wall
+    # time is made of; the difference is what migrate-run does beyond the raw script
+    cpu_o, cpu_r = med(x["cpu"] for x in ours), med(x["cpu"] for x in raw)
+    print(f"busy CPU-seconds of the whole machine during each side (medians): migrate-run "
+          f"{cpu_o:.2f}, raw {cpu_r:.2f}: {cpu_o - cpu_r:+.2f} CPU-s "
+          f"({(cpu_o - cpu_r) / os.cpu_count():+.2f} s of wall on {os.cpu_count()} cores)")
     print(f"\nconcurrent pairs ({a.runs} runs each)")
     print(f"{'case':<34}{'wall s':>8}{'migrations':>11}{'migration span s':>18}")
     for label, rows in (("1 pair  (hostA,hostB)", one), ("4 pairs (hostA..hostH)", four)):
