@@ -74,6 +74,27 @@ FAST_DIRTIER = ("vms.vm1.append=console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.d
                 "lab.rate=512")
 
 
+def crashed_after_the_check(run_json: dict, hop: dict, mig: str) -> bool:
+    """Whether 7.2's lost writes were the guest kernel's, and it crashed only after the
+    dirtier had checked its own pages on the destination (all there): the hop completed and
+    passed its checks, and the next check on hostB failed, naming the kernel's own report
+    (an oops, a BUG, a panic) read off the console. Seen here once in 41 hops out of 7.2 at
+    the config's 64 MB/s (29 lost writes; the other 28 showed in the dirtier's check: stale
+    pages, a guest that had rebooted before it, or one that never reported again)."""
+    (inst,) = run_json["instances"]
+    if inst["status"] != "failed" or "the guest's kernel reported a failure" not in (
+            inst["error"] or ""):
+        return False
+    check = hop["dirtier_check"]
+    assert check["checked"] and check["new_stale_pages"] == 0 and not check["restarted"], check
+    assert hop["status"] == "completed" and hop["dst"] == "hostB", hop
+    assert hop["qemu"]["src"]["version"].startswith("7.2."), hop["qemu"]
+    assert re.search(rf"vm1 on hostB: .*the guest's kernel reported a failure.*; in check_\w+ "
+                     rf"of migration {mig} \(vm1 hostA->hostB\)", inst["error"]), inst["error"]
+    assert run_json["verdict"] == "failed"
+    return True
+
+
 @pytest.mark.timeout(LOSS_SAMPLES * 300 + 60)       # each run is bounded by run()'s 300 s
 async def test_old_to_new_the_dirtier_flags_what_qemu_72_lost(cross_lab, tmp_path):
     lost = []
@@ -107,6 +128,10 @@ async def test_old_to_new_the_dirtier_flags_what_qemu_72_lost(cross_lab, tmp_pat
         assert back is None or (back["qemu.src"].startswith("10.")
                                 and back["qemu.dst"].startswith("7.2.")), cases
         check = hop["dirtier_check"]
+        if crashed_after_the_check(run_json, hop, "pair1-1"):
+            assert rc == 1, out
+            lost.append(run_json["instances"][0]["error"])
+            break
         if not (check["new_stale_pages"] > 0 or check["restarted"] or not check["checked"]):
             # 7.2 lost nothing this time, and the dirtier checked every page to say so:
             # the hop passes, and so does the run
@@ -148,6 +173,9 @@ async def test_new_to_old_and_back_each_verdict_is_what_the_dirtier_saw(cross_la
     # lost: pages stale, a dirtier that started over, or none that reported again
     lost = check["new_stale_pages"] > 0 or check["restarted"] or not check["checked"]
     assert back["qemu"]["src"]["version"].startswith("7.2.")
+    if not lost and crashed_after_the_check(run_json, back, "pair1-2"):
+        assert rc == 1, out
+        return
     assert back["status"] == ("failed" if lost else "completed"), back
     assert (rc, run_json["verdict"]) == ((1, "failed") if lost else (0, "passed")), out
 

@@ -113,6 +113,41 @@ async def test_a_background_job_has_started_when_the_next_command_runs(lab, conf
     assert "RACES 0" in result.output, result.output
 
 
+async def test_a_guest_kernel_that_crashed_fails_the_next_check_naming_it(lab, inventory,
+                                                                        config):
+    """The lab guest's kernel made to panic (sysrq 'c'; panic=-1 reboots it at once): the
+    shell answers again after the reboot, but the next check (VM.answers, what a migration's
+    checks run) fails naming the kernel's own report, read off the serial console on the
+    way; the check after that passes (each report is said once). Autotest's
+    verify_kernel_crash looked for the same lines."""
+    from migrator.errors import GuestError
+    from migrator.hypervisor.qemu import QemuVM, VMSpec
+    spec = VMSpec(name=f"crash{os.getpid()}", mem_mib=128, kernel=str(inventory.guest.kernel),
+                  initrd=str(inventory.guest.initrd),
+                  append=inventory.guest.append + " lab.tick=0", accel=inventory.accel)
+    assert "panic=-1" in spec.append                   # a panic reboots it, as in any run
+    async with SSHHost.from_inventory("hostA", inventory, config) as host:
+        vm = QemuVM(spec, host, str(inventory.run_dir), config)
+        await vm.start()
+        try:
+            session = await vm.wait_for_login()
+            await vm.answers()                          # a healthy guest passes
+            assert session.kernel_faults == []
+            await session.sendline("echo c > /proc/sysrq-trigger")
+            # the new boot's init says LAB-READY, then its shell prompts
+            await session.read_until(r"LAB-READY", config.timeouts.guest_boot_s)
+            await session.wait_for_shell(config.timeouts.guest_boot_s)
+            with pytest.raises(GuestError, match=r"crash\d+ on hostA: the guest's kernel "
+                               r"reported a failure on its console: \[.*'Kernel panic - not "
+                               r"syncing: sysrq triggered crash"):
+                await vm.answers()
+            await vm.answers()                          # said once; the guest runs again
+            assert any(f.startswith("Kernel panic") for f in session.kernel_faults)
+        finally:
+            await vm.stop()
+    await _no_guest_left(inventory, "hostA")
+
+
 async def test_failing_console_command_reports_status(lab, config):
     result = await boot_and_run(lab, "hostA", "ls /nonexistent", 128, config)
     assert result.exit_status != 0

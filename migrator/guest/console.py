@@ -26,6 +26,13 @@ DEFAULT_PROMPT = re.compile(r"(^|\n)[^\n]*[#$] ")
 _counter = itertools.count(1)
 
 
+#: the first line of a guest kernel's report of its own failure (after printk's timestamp,
+#: where it prints one): what Autotest's ``verify_kernel_crash`` looked for on the console
+KERNEL_FAULT = re.compile(r"^(?:\[\s*\d+\.\d+\]\s*)?((?:Kernel panic - not syncing:|Oops:|BUG:|"
+                          r"general protection fault\b|kernel BUG at\b).*)$")
+#: the kernel's reports kept per session (a panic's is a few lines, a storm's thousands)
+KERNEL_FAULTS_KEPT = 8
+
 #: what a getty prints when it wants a user name, and ``login`` for the password
 LOGIN_PROMPT = re.compile(r"(^|\n)[^\n]*login: $")
 PASSWORD_PROMPT = re.compile(r"(^|\n)[^\n]*[Pp]assword: $")
@@ -100,6 +107,11 @@ class SerialConsole(BlockingInWorkers):
         self.buffer = ""
         """What was read and not yet consumed by a ``read_until``."""
         self.transcript: list[str] = []
+        #: the guest kernel's reports of its own failure seen on this console (their first
+        #: lines, at most :data:`KERNEL_FAULTS_KEPT`): an oops, a BUG, a panic
+        self.kernel_faults: list[str] = []
+        self._unsaid_faults: list[str] = []     # ... not yet said by an error or a check
+        self._partial_line = ""                 # the end of what was read, not a line yet
         #: (pattern of a request line, its answerer): lines the guest prints to ask the
         #: controller something (:mod:`.multinode`) are cut from what is read and answered
         #: (the answerer returns the bytes to type back, or None for a line not meant for it)
@@ -194,11 +206,32 @@ class SerialConsole(BlockingInWorkers):
             if self._next_reader is not None:
                 self._take_next_reader()        # the source's console read to its end
                 return
-            raise GuestError(self.host, self.vm, f"serial console {'lost' if lost else 'closed'}"
-                             " (guest gone?)")
+            raise GuestError(self.host, self.vm, self._with_faults(
+                f"serial console {'lost' if lost else 'closed'} (guest gone?)"))
         text = _CSI.sub(b"", data).decode("utf-8", errors="replace")
         self.buffer += text
         self.transcript.append(text)
+        self._scan_for_faults(text)
+
+    def _scan_for_faults(self, text: str) -> None:
+        """Keep the kernel's failure reports among the complete lines read so far."""
+        *lines, self._partial_line = (self._partial_line + text).split("\n")
+        for line in lines:
+            match = KERNEL_FAULT.match(line.strip())
+            if match is not None and len(self.kernel_faults) < KERNEL_FAULTS_KEPT:
+                self.kernel_faults.append(match.group(1)[:200])
+                self._unsaid_faults.append(match.group(1)[:200])
+
+    def take_kernel_faults(self) -> list[str]:
+        """The guest kernel's failure reports seen since the last call (or the last error
+        that named them), which this call says: each is said once."""
+        faults, self._unsaid_faults = self._unsaid_faults, []
+        return faults
+
+    def _with_faults(self, message: str) -> str:
+        faults = self.take_kernel_faults()
+        return message + (f"; the guest's kernel reported a failure: {faults!r}" if faults
+                          else "")
 
     async def read_until(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
         """Read until ``pattern`` matches; consume up to the end of the match.
@@ -221,9 +254,9 @@ class SerialConsole(BlockingInWorkers):
                     await self._read_more()
         except TimeoutError:
             tail = self.buffer.strip().splitlines()[-3:]
-            raise ConsoleTimeout(self.host, self.vm, f"no {regex.pattern!r} on the serial "
-                                 f"console within {timeout:g} s; last output: {tail!r}") \
-                from None
+            raise ConsoleTimeout(self.host, self.vm, self._with_faults(
+                f"no {regex.pattern!r} on the serial console within {timeout:g} s; last "
+                f"output: {tail!r}")) from None
         self.buffer = self.buffer[match.end():]
         return match
 

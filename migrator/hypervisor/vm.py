@@ -31,6 +31,7 @@ from typing import Iterator
 
 from ..blocking import BlockingInWorkers
 from ..config import MAC_PATTERN, check_interface_address
+from ..errors import GuestError
 from ..hosts.ssh import SSHHost, quote
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,6 @@ class GuestVM(BlockingInWorkers):
         :raise GuestError: the VM has no address, or no answer within ``timeout`` (default
             ``timeouts.guest_boot_s``): naming VM, host, MAC and address.
         """
-        from ..errors import GuestError
         if self.address is None:
             raise GuestError(self.host.name, self.name, "has no address (network: bridge "
                              "with an ip)")
@@ -307,12 +307,21 @@ class GuestVM(BlockingInWorkers):
         session and its shell) that is one exchange; without one, :meth:`wait_for_login`
         comes first.
 
+        The guest's kernel must not have reported a failure of its own on the console since
+        the last check (an oops, a BUG, a panic: a guest whose memory a migration damaged
+        may crash a moment after it arrived, and answer again once it has rebooted).
+
         :raise GuestError: no answer within ``guest_cmd_s`` (a login first: within
-            ``login_timeout``, default ``guest_boot_s``), or the console closed.
+            ``login_timeout``, default ``guest_boot_s``), or the console closed; or the
+            guest's kernel reported a failure (its first lines named).
         :raise ConsoleCommandError: the shell ran it and failed.
         """
         session = self._open_session() or await self.wait_for_login(login_timeout)
         await session.cmd("true")
+        faults = session.take_kernel_faults()
+        if faults:
+            raise GuestError(self.host.name, self.name, "the guest's kernel reported a failure "
+                             f"on its console: {faults!r}")
 
     async def migrate(self, dst, vm_ports=None):
         """Migrate this VM to ``dst``, as one step of the framework's ``migrate()`` call that
