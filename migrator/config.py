@@ -145,6 +145,10 @@ class Timeouts(_Strict):
                     raise ValueError(f"timeouts.{key} is now migration.policy.{where} (the "
                                      "convergence policy decides when a migration has "
                                      "taken too long)")
+            if "report_page_s" in data:
+                raise ValueError("timeouts.report_page_s is gone: report.html is drawn by "
+                                 "migrate-run itself at the run's end (no drawer process "
+                                 "to wait for); remove the key")
         return data
 
 

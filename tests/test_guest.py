@@ -148,6 +148,31 @@ async def test_a_guest_kernel_that_crashed_fails_the_next_check_naming_it(lab, i
     await _no_guest_left(inventory, "hostA")
 
 
+def test_the_kernels_reports_are_found_wherever_the_console_prints_them():
+    """The console's scan of what it reads (no guest needed: the lines a kernel prints): a
+    report split across reads, printed over an idle shell's prompt, with printk's caller
+    field; ordinary output is not one; an error naming reports does not say them (its
+    caller may catch it), a check does, once; past the cap, a new report is still said."""
+    from migrator.guest.console import KERNEL_FAULTS_KEPT, SerialConsole
+    console = SerialConsole(None, None, host="hostB", vm="vm1")
+    for chunk in ("[   10.552146] kernel tried to execute NX-protected page\n[   10.55",
+                  "8443] Oops: 0011 [#1] PREEMPT SMP NOPTI\n/ # [   45.1] BUG: scheduling ",
+                  "while atomic\n[    1.2][    T1] general protection fault, probably\n",
+                  "echo BUG: not one; DEBUG: x\nOops\nBUGS\n"):
+        console._scan_for_faults(chunk)
+    said = ["Oops: 0011 [#1] PREEMPT SMP NOPTI", "BUG: scheduling while atomic",
+            "general protection fault, probably"]
+    assert console.kernel_faults == said
+    assert "the guest's kernel reported a failure: " + repr(said) in console._with_faults("x")
+    assert console.take_kernel_faults() == said and console.take_kernel_faults() == []
+    for i in range(KERNEL_FAULTS_KEPT + 3):
+        console._scan_for_faults(f"BUG: soft lockup {i}\n")
+    console.take_kernel_faults()
+    console._scan_for_faults("Kernel panic - not syncing: Fatal exception\n")
+    assert console.take_kernel_faults() == ["Kernel panic - not syncing: Fatal exception"]
+    assert len(console.kernel_faults) == KERNEL_FAULTS_KEPT
+
+
 async def test_failing_console_command_reports_status(lab, config):
     result = await boot_and_run(lab, "hostA", "ls /nonexistent", 128, config)
     assert result.exit_status != 0

@@ -117,6 +117,9 @@ def test_in_postcopy_only_the_completion_limit_applies_and_it_gives_up():
     ("migration.policy.actions=[slow-down,abort]", "unknown action 'slow-down'"),
     ("migration.policy.progress_timeout_s=0", "greater than 0"),
     ("timeouts.migration_stall_s=5", "is now migration.policy.stall_s"),
+    # (not the policy's: a removed key named with why, as the moved ones are)
+    ("timeouts.report_page_s=60", "timeouts.report_page_s is gone: report.html is drawn by "
+                                  "migrate-run itself"),
 ])
 def test_a_bad_policy_is_one_line_and_exit_2_before_anything_starts(override, message):
     r = subprocess.run([str(Path(sys.executable).parent / "migrate-run"), "-m", "hostA,hostB",

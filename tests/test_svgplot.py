@@ -62,14 +62,19 @@ def _records() -> tuple[list[dict], dict, list[dict], list[dict]]:
                       "dirty_rate_pps": 3000 * (1 + math.cos(i / 5)),
                       "throttle_pcent": min(99, i * 3), "disk_total_bytes": 2 ** 30,
                       "disk_transferred_bytes": min(2 ** 30, i * 2 ** 25)} for i in range(n)]
+    # stale pages found at the end (after the switchover, as they are): the note at the
+    # plot's right edge
     m["dirtier"] = [{"t": i * 0.5, "host": h, "rate_mibs": 10 + i,
-                     "stale_pages": 12 if i == 5 else 0}
-                    for i in range(18) for h in ("hostA", "hostB")]
+                     "stale_pages": 1234 if i == 19 else 0}
+                    for i in range(20) for h in ("hostA", "hostB")]
     m["decisions"] = [{"t": 3.0, "action": "auto-converge"}, {"t": 6.0, "action": "postcopy"}]
     many = [dict(migs[0], mig_id=f"pair{i}-{i}", downtime_ms=100 + i, blackout_ms=200 + i,
                  run_s=1 + i / 50, total_time_ms=800) for i in range(60)]
     rows = [{"label": f"bandwidth_mibs={b}", "t": {"median": b * 2, "min": b, "max": b * 3}}
             for b in (24, 128, 256, 512, 1024)]
+    # long names, turned: they reach left of their tick, past the axis
+    rows += [{"label": f"multifd_channels=4 bandwidth_mibs={b}",
+              "t": {"median": b * 2, "min": b, "max": b * 3}} for b in (100, 200, 300, 400)]
     return migs, m, many, rows
 
 
@@ -124,7 +129,14 @@ async def test_every_plot_laid_out_inside_itself_in_a_browser(tmp_path):
     svgs = [plots.migration_plot(migs[0], "real"), plots.migration_plot(full, "full"),
             plots.downtime_plot(migs), plots.total_time_plot(migs),
             plots.downtime_plot(many[:7]), plots.downtime_plot(many),
-            plots.total_time_plot(many), comparison.figure_plot(rows, "t", "total time", "ms")]
+            plots.total_time_plot(many), comparison.figure_plot(rows[:5], "t", "total time", "ms"),
+            comparison.figure_plot(rows[5:], "t", "long names", "ms"),
+            # no right-hand axis: the note at the right end has only the plot's margin
+            plots.migration_plot(dict(migs[0], dirtier=[
+                {"t": migs[0]["progress"][-1]["t"], "host": "hostB", "rate_mibs": 8.0,
+                 "stale_pages": 123456}]), "late"),
+            plots.downtime_plot([dict(m, mig_id=f"a-rather-long-name-{i}") for m in many[:3]
+                                 for i in range(1)] + many[3:5])]
     assert all(svgs)
     page = tmp_path / "plots.html"
     page.write_text("<!doctype html><html><body>" + "".join(f"<div>{s}</div>" for s in svgs)
@@ -146,7 +158,7 @@ async def test_every_plot_laid_out_inside_itself_in_a_browser(tmp_path):
     assert {"MIGRATING", "COMPLETED", "seconds since migrate"} <= set(real["texts"])
     samples = {s["id"]: s["points"] for s in everything["series"]}
     assert samples["full-remaining"] == samples["full-disk"] == samples["full-throttle"] == 40
-    assert {"auto-converge", "postcopy", "throttle %", "12 stale pages", "disk remaining",
+    assert {"auto-converge", "postcopy", "throttle %", "1234 stale pages", "disk remaining",
             "guest's dirtier on hostA", "guest's dirtier on hostB"} <= set(everything["texts"])
     assert "downtime (QEMU)" in seen[5]["texts"] and "pair59-59 vm1" not in seen[5]["texts"]
     assert "pair6-6 vm1" in seen[4]["texts"]            # named while they fit

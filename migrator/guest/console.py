@@ -26,11 +26,14 @@ DEFAULT_PROMPT = re.compile(r"(^|\n)[^\n]*[#$] ")
 _counter = itertools.count(1)
 
 
-#: the first line of a guest kernel's report of its own failure (after printk's timestamp,
-#: where it prints one): what Autotest's ``verify_kernel_crash`` looked for on the console
-KERNEL_FAULT = re.compile(r"^(?:\[\s*\d+\.\d+\]\s*)?((?:Kernel panic - not syncing:|Oops:|BUG:|"
-                          r"general protection fault\b|kernel BUG at\b).*)$")
-#: the kernel's reports kept per session (a panic's is a few lines, a storm's thousands)
+#: the first line of a guest kernel's report of its own failure, at a line's start or right
+#: after a shell prompt (the kernel writes over an idle shell's line), after printk's
+#: timestamp and caller fields where it prints them: what Autotest's ``verify_kernel_crash``
+#: looked for on the console
+KERNEL_FAULT = re.compile(r"(?:^|[#$] )(?:\[[^\]]*\]\s*)*((?:Kernel panic - not syncing:|Oops:|"
+                          r"BUG:|general protection fault\b|kernel BUG at\b).*)$")
+#: the kernel's reports kept (a panic's is a few lines, a storm's thousands): the first ones
+#: of the session, and the first ones not yet said by a check
 KERNEL_FAULTS_KEPT = 8
 
 #: what a getty prints when it wants a user name, and ``login`` for the password
@@ -187,6 +190,7 @@ class SerialConsole(BlockingInWorkers):
         reader, old_writer = self._next_reader
         self._next_reader = None
         self.reader = reader
+        self._partial_line = ""             # the source's console ended there
         old_writer.close()
 
     async def _read_more(self) -> None:
@@ -217,19 +221,28 @@ class SerialConsole(BlockingInWorkers):
         """Keep the kernel's failure reports among the complete lines read so far."""
         *lines, self._partial_line = (self._partial_line + text).split("\n")
         for line in lines:
-            match = KERNEL_FAULT.match(line.strip())
-            if match is not None and len(self.kernel_faults) < KERNEL_FAULTS_KEPT:
-                self.kernel_faults.append(match.group(1)[:200])
-                self._unsaid_faults.append(match.group(1)[:200])
+            match = KERNEL_FAULT.search(line.strip())
+            if match is None:
+                continue
+            fault = match.group(1)[:200]
+            if len(self.kernel_faults) < KERNEL_FAULTS_KEPT:
+                self.kernel_faults.append(fault)
+            if len(self._unsaid_faults) < KERNEL_FAULTS_KEPT:
+                self._unsaid_faults.append(fault)
 
     def take_kernel_faults(self) -> list[str]:
-        """The guest kernel's failure reports seen since the last call (or the last error
-        that named them), which this call says: each is said once."""
+        """The guest kernel's failure reports seen since the last call: a check says them
+        (each once). An error named them too, but may have been caught by its caller."""
         faults, self._unsaid_faults = self._unsaid_faults, []
         return faults
 
+    def forget_partial_line(self) -> None:
+        """The console changed (another one of the guest, after a migration): the old one's
+        unfinished last line is not the start of the new one's."""
+        self._partial_line = ""
+
     def _with_faults(self, message: str) -> str:
-        faults = self.take_kernel_faults()
+        faults = self._unsaid_faults
         return message + (f"; the guest's kernel reported a failure: {faults!r}" if faults
                           else "")
 

@@ -54,6 +54,7 @@ class GuestSession(SerialConsole):
         self.writer.close()
         self.reader, self.writer, self.host = reader, writer, host
         self.buffer = ""
+        self.forget_partial_line()
 
 
 __all__ = ["GuestSession", "ConsoleCommandError"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..plan.sweep import Sweep, SweepRun, label
 from . import plots
-from .html import template
+from .html import guarded, template
 from .svgplot import Chart
 from .table import text_table
 
@@ -93,7 +93,7 @@ def figure_plot(rows: list[dict], key: str, title: str, unit: str) -> str | None
 def write_comparison(out_dir: Path, sweep: Sweep, runs: list[SweepRun]) -> Path:
     """``out_dir/comparison.html``: the table and a plot per figure."""
     rows = summarize(sweep, runs)
-    figures = [(key, title, unit, figure_plot(rows, key, title, unit))
+    figures = [(key, title, unit, guarded(figure_plot, rows, key, title, unit))
                for key, title, unit, _w in FIGURES]
     shown = [f for f in FIGURES if any(r[f[0]] for r in rows)]
     html = template("comparison.html.j2").render(

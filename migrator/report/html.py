@@ -130,18 +130,18 @@ def _anchor(m: dict) -> str:
 def render_html(run: dict, migs: list[dict], tasks: list[dict]) -> str:
     """The page, as a string (its plots drawn now: about a millisecond each)."""
     rows = [_row(m) for m in migs]
-    sections = [{**row, "plot": _guarded(plots.migration_plot, m, row["anchor"]),
+    sections = [{**row, "plot": guarded(plots.migration_plot, m, row["anchor"]),
                  "samples": len(m.get("progress") or ())} for m, row in zip(migs, rows)]
     return template("report.html.j2").render(
         run=run, rows=rows, sections=sections, tasks=tasks,
         failures=[r for r in rows if r["status"] != "completed"],
         instance_failures=[i for i in run.get("instances", []) if i.get("status") != "passed"],
-        downtime_plot=_guarded(plots.downtime_plot, migs),
-        time_plot=_guarded(plots.total_time_plot, migs),
+        downtime_plot=guarded(plots.downtime_plot, migs),
+        time_plot=guarded(plots.total_time_plot, migs),
         blackout=any(m.get("blackout_ms") is not None for m in migs))
 
 
-def _guarded(draw, *args) -> str | None:
+def guarded(draw, *args) -> str | None:
     """A plot, or None (logged) when its records cannot be drawn: one bad record never
     costs the page."""
     try:
@@ -161,4 +161,4 @@ def write_html(run_dir: Path) -> Path:
     return path
 
 
-__all__ = ["REPORT", "load_run", "prefetch", "render_html", "template", "write_html"]
+__all__ = ["REPORT", "guarded", "load_run", "prefetch", "render_html", "template", "write_html"]

@@ -5,7 +5,7 @@ Each function takes the records as ``results/<run>/`` holds them (dicts) and ret
 ``<svg>`` element as a string, or None when there is nothing to draw.
 
 :raise ValueError: a record holds a figure that is not a finite number (the page leaves
-    that plot out and says so: :func:`migrator.report.html._guarded`).
+    that plot out and says so: :func:`migrator.report.html.guarded`).
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ TICK = 3.5              # tick length, pt
 FONT = 8.0              # tick labels and axis labels
 SMALL = 7.0             # legends, notes, mark names
 PAD = 4.0               # around the chart
-GAP = 6.0               # between stacked panels
+GAP = FONT * 1.25        # between stacked panels: a tick label at the edge of each fits
 INK, MUTED, GRID = "#262626", "#595959", "#e6e6e6"
+TURN = 30.0             # degrees: category labels too wide to stand level
 
 # DejaVu Sans advance widths, in ems (the glyphs a report's labels use; others 0.62)
 _ADVANCE = {**dict.fromkeys("0123456789", 0.636), **dict.fromkeys(" .,:;!|'", 0.318),
@@ -224,7 +225,8 @@ class Chart:
         self.xlim: tuple[float, float] | None = None
         #: category names under the x axis, at 0, 1, 2 ... (instead of numbered ticks)
         self.categories: list[str] | None = None
-        #: the categories' labels turned by this many degrees (anchored at their end)
+        #: the categories' labels turned by this many degrees (anchored at their end); 0:
+        #: level, unless one is wider than its share of the axis (then :data:`TURN`)
         self.rotation = 0.0
         self.marks: list[tuple[float, str]] = []
 
@@ -253,9 +255,13 @@ class Chart:
         :raise ValueError: a value is not a finite number.
         """
         x0, x1 = self._x_range()
+        rotation = self.rotation
         if self.categories is not None:
             xticks = [(float(i), name) for i, name in enumerate(self.categories)
                       if x0 - 1e-9 <= i <= x1 + 1e-9]
+            share = (self.width - 2 * PAD - 60) / max(1.0, x1 - x0)     # pt per category
+            if not rotation and any(text_width(t, FONT) > 0.9 * share for _v, t in xticks):
+                rotation = TURN
         else:
             vals = nice_ticks(x0, x1)
             step = vals[1] - vals[0] if len(vals) > 1 else 1.0
@@ -287,10 +293,13 @@ class Chart:
         if outside:
             right = max(right, PAD + 8 + max(self._legend_size(p)[0] for p in outside))
         right = max(right, PAD + text_width(xticks[-1][1], FONT) / 2 if xticks
-                    and not self.rotation else PAD)
+                    and not rotation else PAD)
+        if rotation:                    # turned labels end at their tick: they reach left
+            reach = max((text_width(t, FONT) for _v, t in xticks), default=0)
+            left = max(left, PAD + reach * math.cos(math.radians(rotation)))
         top = PAD + max((FONT * 1.6 if p.title else 0) for p in self.panels[:1])
-        if self.rotation:
-            angle = math.radians(self.rotation)
+        if rotation:
+            angle = math.radians(rotation)
             under = max((text_width(t, FONT) for _v, t in xticks), default=0) * math.sin(angle)
             under += FONT * math.cos(angle)
         else:
@@ -320,8 +329,8 @@ class Chart:
             last = row == rows - 1
             out.append(self._axes(p, ticks, sy, left, plot_w, ptop, pbot))
             if last:
-                out.append(self._x_axis(xticks, sx, pbot))
-            out += [self._item(it, sx, sy) for it in p.items]
+                out.append(self._x_axis(xticks, sx, pbot, rotation))
+            out += [self._item(it, sx, sy, left + plot_w / 2) for it in p.items]
             if p.right is not None and rticks is not None:
                 (rlo, rhi), rt = rticks
 
@@ -329,7 +338,8 @@ class Chart:
                     return ptop + (rhi - y) / (rhi - rlo) * panel_h
 
                 out.append(self._right_axis(p.right, rt, rsy, left + plot_w, ptop, pbot))
-                out += [self._item(it, sx, rsy) for it in p.right.items]
+                out += [self._item(it, sx, rsy, left + plot_w / 2)
+                        for it in p.right.items]
             for x, _name in self.marks:
                 out.append(f'<path d="M{_num(sx(x))} {_num(ptop)}V{_num(pbot)}" '
                            f'stroke="#8c8c8c" stroke-width="0.8" stroke-dasharray="3.7 1.6"/>')
@@ -391,7 +401,7 @@ class Chart:
                                p.ylabel, rotate=-90, cls="label"))
         return "".join(parts)
 
-    def _x_axis(self, xticks, sx, pbot: float) -> str:
+    def _x_axis(self, xticks, sx, pbot: float, rotation: float) -> str:
         parts = []
         for v, text in xticks:
             x = sx(v)
@@ -399,15 +409,15 @@ class Chart:
                          f'stroke-width="0.8"/>')
             if not text:
                 continue
-            if self.rotation:
+            if rotation:
                 parts.append(_text(x + FONT * 0.3, pbot + TICK + 3, text, anchor="end",
-                                   rotate=-self.rotation, baseline="hanging", cls="tick"))
+                                   rotate=-rotation, baseline="hanging", cls="tick"))
             else:
                 parts.append(_text(x, pbot + TICK + 2, text, baseline="hanging", cls="tick"))
         return "".join(parts)
 
     @staticmethod
-    def _item(it: _Item, sx, sy) -> str:
+    def _item(it: _Item, sx, sy, middle: float) -> str:
         gid = f' id="{escape(it.gid)}"' if it.gid else ""
         if it.kind == "line":
             pts = [(sx(x), sy(y)) for x, y in zip(it.xs, it.ys)]
@@ -441,8 +451,9 @@ class Chart:
                 parts.append(f'<circle cx="{_num(cx)}" cy="{_num(sy(m))}" r="2.5" '
                              f'fill="{it.color}"/>')
             return f"<g{gid}>" + "".join(parts) + "</g>"
-        return _text(sx(it.xs[0]), sy(it.ys[0]), it.text, SMALL, "start", it.color,
-                     cls="note")
+        x = sx(it.xs[0])              # written away from the nearer side's edge
+        return _text(x - 3 if x > middle else x + 3, sy(it.ys[0]) - 3, it.text, SMALL,
+                     "end" if x > middle else "start", it.color, cls="note")
 
     @staticmethod
     def _legend_size(p: Panel) -> tuple[float, float]:
