@@ -130,7 +130,6 @@ class Timeouts(_Strict):
     code freezes every migration, barrier and progress line in flight. The loop's own work
     takes milliseconds; a loaded two-core machine stays well under a second."""
 
-
     worker_cancel_s: float = Field(10.0, gt=0)
     """A ``def`` callback or hook (run in a worker thread) that is cancelled: how long its
     thread is given to return. Its calls into migrator raise CancelledError at once; code

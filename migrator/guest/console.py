@@ -113,7 +113,7 @@ class SerialConsole(BlockingInWorkers):
         #: the guest kernel's reports of its own failure seen on this console (their first
         #: lines, at most :data:`KERNEL_FAULTS_KEPT`): an oops, a BUG, a panic
         self.kernel_faults: list[str] = []
-        self._unsaid_faults: list[str] = []     # ... not yet said by an error or a check
+        self._unsaid_faults: list[str] = []     # ... not yet said by a check
         self._partial_line = ""                 # the end of what was read, not a line yet
         #: (pattern of a request line, its answerer): lines the guest prints to ask the
         #: controller something (:mod:`.multinode`) are cut from what is read and answered
@@ -190,7 +190,7 @@ class SerialConsole(BlockingInWorkers):
         reader, old_writer = self._next_reader
         self._next_reader = None
         self.reader = reader
-        self._partial_line = ""             # the source's console ended there
+        self.forget_partial_line()          # the source's console ended there
         old_writer.close()
 
     async def _read_more(self) -> None:

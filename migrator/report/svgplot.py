@@ -78,6 +78,13 @@ def tick_label(value: float, step: float) -> str:
     return "0" if float(text) == 0 else text
 
 
+def labelled_ticks(lo: float, hi: float, most: int = 6) -> list[tuple[float, str]]:
+    """:func:`nice_ticks` from ``lo`` to ``hi``, each with its :func:`tick_label`."""
+    values = nice_ticks(lo, hi, most)
+    step = values[1] - values[0] if len(values) > 1 else 1.0
+    return [(v, tick_label(v, step)) for v in values]
+
+
 def _num(v: float) -> str:
     """A coordinate to 0.1 pt."""
     text = f"{v:.1f}"
@@ -263,21 +270,15 @@ class Chart:
             if not rotation and any(text_width(t, FONT) > 0.9 * share for _v, t in xticks):
                 rotation = TURN
         else:
-            vals = nice_ticks(x0, x1)
-            step = vals[1] - vals[0] if len(vals) > 1 else 1.0
-            xticks = [(v, tick_label(v, step)) for v in vals]
+            xticks = labelled_ticks(x0, x1)
         yticks = []
         for p in self.panels:
             lo, hi = p.y_range()
-            vals = nice_ticks(lo, hi, most=4)
-            step = vals[1] - vals[0] if len(vals) > 1 else 1.0
             right = None
             if p.right is not None:
                 rlo, rhi = p.right.y_range()
-                rvals = nice_ticks(rlo, rhi, most=4)
-                rstep = rvals[1] - rvals[0] if len(rvals) > 1 else 1.0
-                right = ((rlo, rhi), [(v, tick_label(v, rstep)) for v in rvals])
-            yticks.append(((lo, hi), [(v, tick_label(v, step)) for v in vals], right))
+                right = ((rlo, rhi), labelled_ticks(rlo, rhi, most=4))
+            yticks.append(((lo, hi), labelled_ticks(lo, hi, most=4), right))
 
         # margins: what each side's labels take
         def label_block(text: str) -> float:
