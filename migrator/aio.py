@@ -37,6 +37,20 @@ async def shielded(aw: Awaitable[T]) -> T:
     return result
 
 
+async def first_set(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set (at once if one is); the waits it made are
+    ended before it returns or raises."""
+    if any(e.is_set() for e in events):
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
 async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
     """``aw``, or :class:`TimeoutError` after ``timeout`` seconds (None: no limit): what
     ``asyncio.wait_for`` is from Python 3.12 on, a ``timeout`` block.

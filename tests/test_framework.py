@@ -66,6 +66,12 @@ async def test_ping_pong_round_trips_with_a_surviving_workload(inventory, tmp_pa
              if "run: qemu-system-x86_64 --version && qemu-system-x86_64 -machine help" in line]
     first_hop = next(line[:23] for line in log.splitlines() if "-> PREPARING_DEST" in line)
     assert len(asked) == 2 and asked[0] < first_hop, (asked, first_hop)
+    # the sync (the server's aiohttp imported and served, the participants started) began
+    # once the guest booted: none of it on the path to the guest's start
+    lines = log.splitlines()
+    started = next(i for i, line in enumerate(lines) if "[vm=vm1 host=hostA] starting" in line)
+    for sync_step in ("sync server listening on", "migrate-sync.pyz member"):
+        assert started < next(i for i, line in enumerate(lines) if sync_step in line), sync_step
     assert [(m["src"], m["dst"], m["status"]) for m in migs] == [
         ("hostA", "hostB", "completed"), ("hostB", "hostA", "completed")] * 2
     for m in migs:
@@ -127,9 +133,10 @@ async def test_ring_over_all_three_hosts(inventory, tmp_path, no_leaks):
 async def test_a_sync_address_in_use_is_refused_before_any_host_is_touched(inventory,
                                                                           tmp_path, no_leaks):
     """The sync server's socket is bound before anything else of the run, even the
-    recovery of dead runs on its hosts (its aiohttp is imported later, in a thread, while
-    the hosts connect): a port in use, or an address that does not resolve, is one clear
-    line, exit 2, and nothing was started (no results directory: the run never began)."""
+    recovery of dead runs on its hosts (its aiohttp is imported later, in a thread, once
+    the first guest boots): a port in use, or an address that does not resolve, is one
+    clear line, exit 2, and nothing was started (no results directory: the run never
+    began)."""
     import socket
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -144,6 +151,26 @@ async def test_a_sync_address_in_use_is_refused_before_any_host_is_touched(inven
     assert err.splitlines() == ["migrate-run: error: the sync server cannot bind "
                                 "no-such-host.invalid:0: Name or service not known"], err
     assert not list(tmp_path.iterdir())
+
+
+async def test_a_sync_the_hosts_cannot_reach_fails_the_run_and_stops_its_guest(
+        inventory, tmp_path, no_leaks):
+    """The sync starts beside the scenario, once its first guest boots: a sync server the
+    hosts cannot reach (bound on the controller's loopback) fails the run naming the host
+    and the address, after the guest started; the scenario is cancelled (its guest's
+    boot, or a migration, rolled back) and nothing is left on the hosts."""
+    rc, out, err = await migrate_run(inventory, tmp_path, "-m", "hostA,hostB", "ping_pong",
+                                     "-p", "sync.bind=127.0.0.1")
+    assert rc == 1, out + err
+    run, _migs, _junit = the_run(tmp_path)
+    inst = run["instances"][0]
+    assert inst["status"] == "failed", inst
+    assert re.search(r"host[AB]: its sync participant did not join the sync server at "
+                     r"http://127\.0\.0\.1:\d+", inst["error"]), inst
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "vm" and r.get("state") == "started" for r in records), \
+        records                                     # the guest had started first
 
 
 async def test_cancel_then_migrate(inventory, tmp_path, no_leaks):
@@ -335,6 +362,9 @@ class _MeetWhileHostBDies(MultihostMigration):
     """hostB hangs (its sshd frozen) while hostA waits at a barrier, then its sshd dies."""
 
     async def migration_scenario(self):
+        # every participant up first (the sync starts when a guest boots or something
+        # needs it: a barrier), before hostB's sshd freezes
+        await self.barrier("up")
         registry = self.context.server.registry
 
         async def kill_hostB_sshd():

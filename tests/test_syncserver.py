@@ -1016,3 +1016,39 @@ async def test_a_runs_server_is_bound_at_once_served_later_and_stopped_whole(tmp
         await waiting
     assert ctx.server is None and not ctx.server_bound
     socket.create_server(("127.0.0.1", port)).close()
+
+
+async def test_a_runs_server_served_later_serves_when_its_event_comes_or_a_client_knocks():
+    """RunContext.start_server(serve_from=...): bound at once, served (its aiohttp
+    imported) once the event is set (migrate-run: the first guest boots) with nobody
+    asking; or at once when a client connects (migrate-run status), which is answered;
+    never served if neither came before it was stopped."""
+    import socket
+    from migrator.config import Config, Inventory
+    from migrator.framework.context import RunContext
+    inv = Inventory(hosts={"hostA": {"address": "192.0.2.1"}})
+    booting = asyncio.Event()
+    ctx = RunContext(Config(), inv)
+    await ctx.start_server("127.0.0.1", serve_from=booting)
+    assert ctx.server_bound and ctx.server is None
+    booting.set()
+    await asyncio.wait([ctx._serving])          # (nobody waits for it: the event serves it)
+    assert ctx.server is not None
+    await ctx.stop_server()
+
+    ctx = RunContext(Config(), inv)
+    await ctx.start_server("127.0.0.1", serve_from=asyncio.Event())     # never set
+    client = SyncClient(ctx.sync_url, token=ctx.token, member="a", run_id="r")
+    async with asyncio.timeout(60):         # (unserved, its handshake would wait for ever)
+        await client.connect()              # answered: its knock served the server
+    await client.close()
+    assert ctx.server is not None
+    await ctx.stop_server()
+
+    ctx = RunContext(Config(), inv)
+    await ctx.start_server("127.0.0.1", serve_from=asyncio.Event())
+    port = int(ctx.sync_url.rsplit(":", 1)[1])
+    serving = ctx._serving
+    await ctx.stop_server()                     # never asked: stopped unserved, port free
+    assert serving.cancelled() and ctx.server is None and not ctx.server_bound
+    socket.create_server(("127.0.0.1", port)).close()

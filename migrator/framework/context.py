@@ -86,6 +86,9 @@ class RunContext:
         self.server: SyncServer | None = None
         self._sync_url: str | None = None
         self._serving: asyncio.Future | None = None
+        self._sock: socket.socket | None = None
+        #: something waits for the sync server (:meth:`server_started`): serve it now
+        self._server_wanted = asyncio.Event()
         self._control: Callable | None = None
         self.migrations: list[MigrationRecord] = []
         self.instances: list[InstanceRecord] = []
@@ -183,12 +186,19 @@ class RunContext:
         """:meth:`start_server` was called (and :meth:`stop_server` not since)."""
         return self._serving is not None
 
-    async def start_server(self, bind: str) -> None:
-        """Start the run's sync server on ``bind`` (a port the system picks unless
+    async def start_server(self, bind: str, serve_from: asyncio.Event | None = None) -> None:
+        """Bind the run's sync server on ``bind`` (a port the system picks unless
         ``sync.port`` says): bound and listening when this returns (:attr:`sync_url` is
-        known), served once aiohttp is imported, which a thread does meanwhile (0.3 s on a
-        slow machine, while the hosts connect and the participants start: they connect
-        to the bound socket and are answered then). :meth:`server_started` waits for that.
+        known). It serves once aiohttp is imported, which a thread does (0.3-0.5 CPU-s on
+        a slow machine) from the moment ``serve_from`` is set (None: at once), or earlier
+        when something waits for it (:meth:`server_started`) or a client connects
+        (``migrate-run status``; it waits in the socket's backlog meanwhile).
+
+        ``migrate-run`` passes :attr:`guest_booting`: the import, in the event loop's
+        process, takes the interpreter's lock from the loop in 5 ms slices, and the path
+        to the first guest's start (the controller's own start-up, SSH, the hosts'
+        preparation: many short wake-ups of the loop) was 0.2-0.3 s slower beside it;
+        while a guest boots, the loop mostly waits.
 
         :raise ConfigError: the address cannot be bound.
         """
@@ -204,19 +214,32 @@ class RunContext:
             raise ConfigError(f"the sync server cannot bind {bind}:{port}: {why}") from exc
         sock.setblocking(False)
         self._sync_url = server_url(bind, sock.getsockname()[1])
-        self._serving = asyncio.ensure_future(self._serve(sock, bind))
+        self._sock = sock
+        self._serving = asyncio.ensure_future(self._serve(sock, bind, serve_from))
 
-    async def _serve(self, sock: socket.socket, bind: str) -> None:
-        """Import the server (in a thread: the loop's thread imports nothing of aiohttp
-        meanwhile, the controller's clients import it after :meth:`server_started`) and
-        serve ``sock``. A cancellation lands during the import, or after the server's start
+    async def _serve(self, sock: socket.socket, bind: str,
+                     serve_from: asyncio.Event | None) -> None:
+        """Once ``serve_from`` is set, someone waits (:meth:`server_started`) or a client
+        connects, import the server (in a thread: the loop's thread imports nothing of
+        aiohttp meanwhile, the controller's clients import it after
+        :meth:`server_started`) and serve ``sock``.
+        A cancellation lands before or during the import, or after the server's start
         (which is then stopped): never in the middle of it.
 
         :raise MigratorError: the server could not start (why, and where it was to serve).
         """
-        from ..aio import shielded
+        from ..aio import first_set, shielded
         server = None
         try:
+            if serve_from is not None:
+                # (a connection waiting in the backlog makes the socket readable)
+                knocked = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                loop.add_reader(sock.fileno(), knocked.set)
+                try:
+                    await first_set(serve_from, self._server_wanted, knocked)
+                finally:
+                    loop.remove_reader(sock.fileno())
             module = await asyncio.to_thread(importlib.import_module, "syncserver.server")
             server = module.SyncServer(bind, sock.getsockname()[1], token=self.token,
                                        sock=sock)
@@ -243,6 +266,7 @@ class RunContext:
         serving = self._serving
         if serving is None:
             raise RuntimeError("the sync server is not started")
+        self._server_wanted.set()
         await asyncio.wait([serving])       # (this caller's cancellation is raised here)
         if serving.cancelled():
             raise RuntimeError("the sync server was stopped before it served")
@@ -275,6 +299,7 @@ class RunContext:
         """Stop the sync server (or its start, if it does not serve yet). Never raises."""
         serving, self._serving = self._serving, None
         self._sync_url = None
+        self._server_wanted.clear()
         if serving is not None and not serving.done():
             serving.cancel()
         if serving is not None:
@@ -284,6 +309,9 @@ class RunContext:
         server, self.server = self.server, None
         if server is not None:
             await server.stop()
+        sock, self._sock = self._sock, None
+        if sock is not None:        # (a start cancelled before its first step never ran)
+            sock.close()
 
     @property
     def verdict(self) -> bool:

@@ -62,21 +62,36 @@ async def claim_run_dirs(ctx: RunContext, hosts: Sequence[SSHHost], instance: st
     path = owner_file(root, ctx.run_id)
 
     async def claim(h: SSHHost) -> None:
-        # the host's versions in the same round trip, the two slow probes side by side
-        # (a line each, in any order; what a failing probe says: "")
-        qemu = h.qemu or DEFAULT_QEMU
-        r = await h.run(f"mkdir -p {quote(root)} && cat > {quote(path)} && "
-                        f"{{ echo \"qemu $({quote(qemu)} --version 2>/dev/null | head -1)\" & "
-                        "echo \"libvirt $(libvirtd --version 2>/dev/null | head -1)\" & "
-                        "echo \"kernel $(uname -r)\"; wait; }",
-                        stdin=owner, check=True, timeout=config.timeouts.host_cleanup_s)
-        ctx.versions.setdefault(h.name, host_versions(r.stdout, qemu))
+        await h.run(f"mkdir -p {quote(root)} && cat > {quote(path)}", stdin=owner,
+                    check=True, timeout=config.timeouts.host_cleanup_s)
     await asyncio.gather(*(claim(h) for h in hosts))
 
 
+async def probe_versions(ctx: RunContext, hosts: Sequence[SSHHost]) -> None:
+    """Each host's kernel, QEMU and libvirt versions into ``ctx.versions`` (the report's),
+    the two slow probes (0.1-0.2 s each: a QEMU and a libvirtd started to say their
+    version) side by side, a line each. Nothing waits for them but the report: run it
+    beside what a VM's start needs. Never raises: a host that does not answer within
+    ``host_cleanup_s`` has no versions (said in the log), a probe that fails says ""."""
+    async def probe(h: SSHHost) -> None:
+        qemu = h.qemu or DEFAULT_QEMU
+        try:
+            r = await h.run(
+                f"{{ echo \"qemu $({quote(qemu)} --version 2>/dev/null | head -1)\" & "
+                "echo \"libvirt $(libvirtd --version 2>/dev/null | head -1)\" & "
+                "echo \"kernel $(uname -r)\"; wait; }",
+                timeout=ctx.config.timeouts.host_cleanup_s)
+        except MigratorError as exc:
+            log.warning("[host=%s] versions not probed: %s", h.name, exc)
+            return
+        ctx.versions.setdefault(h.name, host_versions(r.stdout, qemu))
+    await asyncio.gather(*(probe(h) for h in hosts if h.name not in ctx.versions))
+
+
 def host_versions(probe: str, qemu: str) -> dict:
-    """A host's versions from the claim's probe: kernel, QEMU (binary and ``--version``'s
-    version), libvirt (``libvirtd --version``'s); None where a probe said nothing."""
+    """A host's versions from :func:`probe_versions`' lines: kernel, QEMU (binary and
+    ``--version``'s version), libvirt (``libvirtd --version``'s); None where a probe said
+    nothing."""
     said = dict(line.partition(" ")[::2] for line in probe.splitlines() if " " in line)
     version = emulator_version(said.get("qemu", ""))
     libvirt = said.get("libvirt", "").strip().rpartition(" ")[2]

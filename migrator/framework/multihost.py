@@ -9,11 +9,14 @@
 
     await TestPingPong(["hostA", "hostB"], config=config, inventory=inventory).run()
 
-``run()`` prepares (hosts connected, shared storage proven shared, disk overlays made, sync
-participants started on every host, all hosts at the "disks_prepared" barrier), runs
-``migration_scenario()``, meets at "all_done", and always cleans up: VMs stopped, overlays
-removed (unless ``report.keep_disks``), participants ended, run directories removed, SSH
-closed; also when the scenario fails and when the task is cancelled (Ctrl-C).
+``run()`` prepares what a VM's start needs (hosts connected, run directories claimed, shared
+storage proven shared, disk overlays made), runs ``migration_scenario()``, meets at
+"all_done", and always cleans up: VMs stopped, overlays removed (unless
+``report.keep_disks``), participants ended, run directories removed, SSH closed; also when
+the scenario fails and when the task is cancelled (Ctrl-C). The sync (participants started
+on every host, all hosts at the "disks_prepared" barrier) starts beside the scenario when
+its first guest boots, or when something needs it first; every barrier and exchange waits
+for it, and its failure fails the instance.
 
 One ``migrate()`` call (a :class:`MigrationHandle`, awaitable) goes::
 
@@ -52,7 +55,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from ..aio import shielded
+from ..aio import first_set, shielded
 from ..blocking import BlockingInWorkers, is_async, on_loop, run_in_worker
 from ..config import Config, Inventory, load_inventory
 from ..errors import ConfigError, MigrationError, ScenarioError
@@ -141,6 +144,12 @@ class MultihostMigration(BlockingInWorkers):
         self.env = env or instance_env(context, name)
         self.env.migrate_hook = self._migrate_vm
         self.sync: HostsSync | None = None
+        #: the sync's start (:meth:`_start_sync`), while the instance runs
+        self._syncing: asyncio.Task | None = None
+        #: something needs the sync (:meth:`_synced`) or the scenario ended: start it
+        self._sync_wanted = asyncio.Event()
+        #: the hosts' versions probe, started with the hosts' preparation
+        self._versions: asyncio.Future | None = None
         self.record = InstanceRecord(name, names)
         self._handles: list[MigrationHandle] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -281,9 +290,10 @@ class MultihostMigration(BlockingInWorkers):
         :raise BarrierError: naming the hosts that were missing or lost.
         """
         members = [self.host(h) for h in (hosts or self.hosts)]
+        sync = await self._synced()
         self.context.record("barrier", instance=self.name, name=name,
                             hosts=[h.name for h in members])
-        await self.sync.barrier(name, members, timeout)
+        await sync.barrier(name, members, timeout)
 
     @must_await
     async def exchange(self, name: str, data: Mapping[str | SSHHost, Any],
@@ -305,9 +315,10 @@ class MultihostMigration(BlockingInWorkers):
         if strangers:
             raise ConfigError(f"exchange {name!r}: data for {', '.join(strangers)}, which "
                               f"is not among its hosts {[m.name for m in members]}")
+        sync = await self._synced()
         self.context.record("exchange", instance=self.name, name=name,
                             hosts=[h.name for h in members])
-        return await self.sync.exchange(name, members, pieces, timeout)
+        return await sync.exchange(name, members, pieces, timeout)
 
     # -- run -----------------------------------------------------------------------------------
 
@@ -350,9 +361,15 @@ class MultihostMigration(BlockingInWorkers):
         if self._own_context and ctx.journal is None:
             ctx.open_journal([h.name for h in self.hosts])
         try:
-            await self._prepare(own_server)
+            await self._prepare_hosts(own_server)
+            # the sync (its server served, participants, all hosts at "disks_prepared")
+            # starts beside the scenario once its first guest boots (seconds, the
+            # controller waiting): its ~0.5 CPU-s on a slow machine are off the path to
+            # the guest's start. Whatever needs it waits for it (:meth:`_synced`); its
+            # failure fails the instance, the scenario cancelled.
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                self._syncing = tg.create_task(self._start_sync(), name=f"sync {self.name}")
                 tg.create_task(self._scenario(), name=f"scenario {self.name}")
             await self.barrier("all_done")
             rec.status = "passed"
@@ -394,6 +411,7 @@ class MultihostMigration(BlockingInWorkers):
         self._scenario_task = asyncio.current_task()
         try:
             await self._call(self.migration_scenario, None, "migration_scenario")
+            self._sync_wanted.set()         # (the instance's end meets at "all_done")
         finally:
             unawaited = self._unawaited()
         if unawaited:
@@ -409,45 +427,83 @@ class MultihostMigration(BlockingInWorkers):
         if unseen:          # the root cause first, not a sibling it cancelled
             raise next((h for h in unseen if not h.collateral), unseen[0]).error
 
-    async def _prepare(self, own_server: bool) -> None:
+    async def _prepare_hosts(self, own_server: bool) -> None:
+        """What a VM's start needs: the sync server's address bound (when the instance
+        runs its own: a port in use fails before any host is asked anything), every host
+        connected, its guest bridge there, its run directory claimed, the storage what
+        ``migration.storage`` says, the address range claimed, the overlays made. The
+        hosts' versions (the report's) are probed meanwhile, waited for at cleanup.
+
+        :raise ConfigError: the sync server cannot bind; a bridge, the storage or a pool
+            is not what the config says.
+        :raise HostError: a host cannot be reached.
+        :raise CommandError: a run directory or an overlay cannot be made.
+        """
         ctx, cfg = self.context, self.config
-        timeouts = cfg.timeouts
+        if own_server:
+            first = self.inventory.host(self.hosts[0].name)
+            bind = cfg.sync.bind or local_address_towards(
+                first.address, (first.ssh or self.inventory.ssh).port)
+            await ctx.start_server(bind, serve_from=ctx.guest_booting)
         async with asyncio.TaskGroup() as tg:               # connect: errors name the host
             for h in self.hosts:
                 tg.create_task(h.connect())
-
-        async def hosts_checked() -> None:
-            await hostprep.check_guest_bridges(ctx, self.hosts)
-            await hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir)
-            await hostprep.check_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
-                                         bool(self.env.images()))
-            self._claim = await pools.claim_range(ctx, self.name, self.hosts[0])
-            self.env.use_range(self._claim.range if self._claim else None)
-            if self.env.images():
-                # on shared storage, all at once; on each host's own, each where its VM starts
-                ctx.record("resource", kind="overlays", host=self.hosts[0].name,
-                           path=self.env.disk_dir, local=self.env.local_disks)
-                if not self.env.local_disks:
-                    await prepare_overlays(self.hosts[0], self.env, timeouts.disk_prepare_s)
-
-        async def sync_started() -> None:
-            if own_server:
-                first = self.inventory.host(self.hosts[0].name)
-                bind = cfg.sync.bind or local_address_towards(
-                    first.address, (first.ssh or self.inventory.ssh).port)
-                await ctx.start_server(bind)
-            self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
-                                  f"{ctx.run_id}.{self.name}", cfg, ctx.server_started)
-            await self.sync.start()
-
-        # the hosts' checks and claims, and their sync participants, at once: neither needs
-        # the other (each is undone by _cleanup, whichever got how far)
+        self._versions = asyncio.ensure_future(hostprep.probe_versions(ctx, self.hosts))
+        # the checks and the claim need nothing of each other (each undone by _cleanup)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(hosts_checked())
-            tg.create_task(sync_started())
-        await self.barrier("disks_prepared", timeout=timeouts.disk_prepare_s)
+            tg.create_task(hostprep.check_guest_bridges(ctx, self.hosts))
+            tg.create_task(hostprep.claim_run_dirs(ctx, self.hosts, self.name, self.run_dir))
+            tg.create_task(hostprep.check_storage(ctx, self.hosts, f"{ctx.run_id}.{self.name}",
+                                                  bool(self.env.images())))
+        self._claim = await pools.claim_range(ctx, self.name, self.hosts[0])
+        self.env.use_range(self._claim.range if self._claim else None)
+        if self.env.images():
+            # on shared storage, all at once; on each host's own, each where its VM starts
+            ctx.record("resource", kind="overlays", host=self.hosts[0].name,
+                       path=self.env.disk_dir, local=self.env.local_disks)
+            if not self.env.local_disks:
+                await prepare_overlays(self.hosts[0], self.env, cfg.timeouts.disk_prepare_s)
         ctx.say(f"[{self.name}] hosts {', '.join(h.name for h in self.hosts)} ready "
                 f"(sync {ctx.sync_url}, run dir {self.run_dir})")
+
+    async def _start_sync(self) -> None:
+        """A sync participant on every host, the controller's client, and all of them at
+        barrier "disks_prepared" (:meth:`_synced` waits for this).
+
+        :raise HostError: a participant did not join (e.g. its host cannot reach the sync
+            server's address).
+        :raise BarrierError: a host did not arrive at "disks_prepared".
+        :raise MigratorError: the sync server could not start.
+        """
+        ctx = self.context
+        # begun when a guest of the run boots (the controller waits seconds then) or when
+        # something needs it first: a barrier, an exchange, the scenario's end
+        await first_set(ctx.guest_booting, self._sync_wanted)
+        self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
+                              f"{ctx.run_id}.{self.name}", self.config, ctx.server_started)
+        await self.sync.start()
+        members = self.hosts
+        self.context.record("barrier", instance=self.name, name="disks_prepared",
+                            hosts=[h.name for h in members])
+        await self.sync.barrier("disks_prepared", members, self.config.timeouts.disk_prepare_s)
+
+    async def _synced(self) -> HostsSync:
+        """The instance's sync, once :meth:`_start_sync` is done.
+
+        :raise: what :meth:`_start_sync` raised (the instance fails with it meanwhile);
+            this caller's own cancellation.
+        """
+        syncing = self._syncing
+        if syncing is None:
+            raise RuntimeError(f"[{self.name}] barriers and exchanges are for the scenario "
+                               "and its callbacks, while the instance runs")
+        self._sync_wanted.set()
+        await asyncio.wait([syncing])       # (a cancellation of this caller is not the sync's)
+        if syncing.cancelled():
+            raise asyncio.CancelledError(f"[{self.name}] the sync was cancelled")
+        syncing.result()
+        assert self.sync is not None
+        return self.sync
 
     async def _cleanup(self, own_server: bool) -> list[str]:
         """Undo everything; return the problems met (never raises)."""
@@ -461,9 +517,14 @@ class MultihostMigration(BlockingInWorkers):
             if self.sync is not None:
                 await self.sync.stop()
 
+        async def versions_probed() -> None:
+            if self._versions is not None:      # (bounded, never raises: long done, mostly)
+                await asyncio.wait([self._versions])
+
         # the participants end while the VMs stop (neither needs the other; both never
         # raise); the hosts are tidied after both (their tmp dirs hold the participants)
-        problems, _ = await asyncio.gather(vms_stopped(), sync_stopped())
+        problems, _, _ = await asyncio.gather(vms_stopped(), sync_stopped(),
+                                              versions_probed())
         problems += await hostprep.tidy_hosts(
             self.context, self.hosts, self.run_dir,
             self.env.disk_dir if self.env.images() else None)

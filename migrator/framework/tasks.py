@@ -664,6 +664,9 @@ class ParallelVMTasks(BlockingInWorkers):
         up = [h for h in self.hosts if h.name not in self._host_errors]
         if not up:
             return
+        # the hosts' versions (the report's) probed beside the checks and claims (it never
+        # raises, bounded): awaited with them
+        versions = asyncio.ensure_future(hostprep.probe_versions(ctx, up))
         try:
             await hostprep.check_guest_bridges(
                 ctx, up, [t.spec["decl"] for t in self._tasks if t.spec.get("decl")])
@@ -676,6 +679,8 @@ class ParallelVMTasks(BlockingInWorkers):
         except MigratorError as exc:
             for h in up:
                 self._host_errors.setdefault(h.name, describe(exc))
+        finally:
+            await shielded(asyncio.wait([versions]))
 
     async def _cleanup(self) -> list[str]:
         problems = await hostprep.stop_vms(self.env, self.config)
