@@ -58,8 +58,9 @@ CONTROLLER_EXPECTED: dict[str, dict[str, tuple]] = {
                             "precopy": ("RECOVERED", "source", "intact"),
                             "postcopy": ("RECOVERED", "destination", "intact")},
     # hostB's participant dies at a barrier: the barrier fails naming hostB, the run fails
-    # (exit 1) and cleans up. At disks_prepared nothing was migrated yet (no migration
-    # record); at the later two the migration itself had completed (CLEANED)
+    # (exit 1) and cleans up. At disks_prepared (met while the first guest boots) nothing
+    # was migrated yet (no migration record); at the later two the migration itself had
+    # completed (CLEANED)
     "participant-killed": {"disks_prepared": ("no migration", *RUN_ENDS),
                            "migration_finished": ("CLEANED", *RUN_ENDS),
                            "all_done": ("CLEANED", *RUN_ENDS)},

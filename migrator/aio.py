@@ -76,4 +76,4 @@ async def cancel_and_wait(task: "asyncio.Task[T]") -> "T | None":
     return await implementation(task)
 
 
-__all__ = ["cancel_and_wait", "shielded", "wait_for"]
+__all__ = ["cancel_and_wait", "first_set", "shielded", "wait_for"]

@@ -35,13 +35,13 @@ class CrossVersion(MultihostMigration):
         settle = int(self.params.scenario.get("settle_passes", 30))
         workload = SurvivingWorkload(16, 2026)
 
-        def first_hop(vm) -> None:
+        def first_hop(vm, versions: dict) -> None:
             if not runs_dirtier(vm.spec.append) or not self.params.checks.dirtier:
                 raise ScenarioError(
                     "cross_version checks every hop with the lab's dirtier: boot vm1 with it "
                     "(vms.vm1.append: '... lab.out=ttyS1 lab.dirty=8 lab.rate=64', "
                     "checks.dirtier on; configs/cross_version.yaml)")
-            versions = [self.context.versions.get(h.name, {}).get("qemu", {}).get("version")
+            versions = [versions[h.name].get("qemu", {}).get("version")
                         for h in self.hosts[:2]]
             self.context.say(f"[{self.name}] QEMU {versions[0]} on {self.hosts[0].name} <-> "
                              f"QEMU {versions[1]} on {self.hosts[1].name}, machine "
@@ -50,7 +50,7 @@ class CrossVersion(MultihostMigration):
         async def worker(mig_data):
             vm = self.env.get_vm("vm1")
             if workload.pid is None:
-                first_hop(vm)
+                first_hop(vm, await self.host_versions())
             # each hop starts with the dirtier well into its work (settle_passes more
             # passes): a warm guest, as a real one is
             async with asyncio.timeout(self.params.timeouts.guest_boot_s):

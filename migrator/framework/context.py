@@ -107,11 +107,12 @@ class RunContext:
         self.journal: RunJournal | None = None
         #: what went wrong without failing the run (a blocked event loop), for the report
         self.warnings: list[str] = []
-        #: host -> its kernel, QEMU (binary, version) and libvirt versions, probed when the
-        #: run claims its run directory there (:func:`.hostprep.claim_run_dirs`)
+        #: host -> its kernel, QEMU (binary, version) and libvirt versions, probed beside
+        #: the hosts' preparation (:func:`.hostprep.probe_versions`)
         self.versions: dict[str, dict] = {}
         #: set when a VM of the run has started and its guest boots: the controller waits
-        #: (seconds under TCG), and ``migrate-run`` readies its report's template then
+        #: (seconds under TCG), and uses the time: the instances start their sync, the
+        #: sync server is served (``migrate-run``), the report's template readied
         self.guest_booting = asyncio.Event()
         self._watch: LoopStallWatch | None = None
         self._watchers = 0

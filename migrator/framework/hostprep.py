@@ -81,7 +81,7 @@ async def probe_versions(ctx: RunContext, hosts: Sequence[SSHHost]) -> None:
                 "echo \"libvirt $(libvirtd --version 2>/dev/null | head -1)\" & "
                 "echo \"kernel $(uname -r)\"; wait; }",
                 timeout=ctx.config.timeouts.host_cleanup_s)
-        except MigratorError as exc:
+        except Exception as exc:        # (a report without them, not a failed run)
             log.warning("[host=%s] versions not probed: %s", h.name, exc)
             return
         ctx.versions.setdefault(h.name, host_versions(r.stdout, qemu))

@@ -15,8 +15,10 @@ storage proven shared, disk overlays made), runs ``migration_scenario()``, meets
 ``report.keep_disks``), participants ended, run directories removed, SSH closed; also when
 the scenario fails and when the task is cancelled (Ctrl-C). The sync (participants started
 on every host, all hosts at the "disks_prepared" barrier) starts beside the scenario when
-its first guest boots, or when something needs it first; every barrier and exchange waits
-for it, and its failure fails the instance.
+the run's first guest boots, or when something needs it first (a barrier, an exchange, the
+scenario's end); every barrier and exchange waits for it, and its failure fails the
+instance. A scenario that cuts a host off before either (a fault injected at once) meets
+at a barrier first, so that the participants are up.
 
 One ``migrate()`` call (a :class:`MigrationHandle`, awaitable) goes::
 
@@ -320,6 +322,15 @@ class MultihostMigration(BlockingInWorkers):
                             hosts=[h.name for h in members])
         return await sync.exchange(name, members, pieces, timeout)
 
+    async def host_versions(self) -> dict[str, dict]:
+        """Each host's kernel, QEMU (binary, version) and libvirt versions, as the run's
+        report has them, once probed (the probe runs beside the hosts' preparation):
+        ``{host: {"kernel": ..., "qemu": {"binary": ..., "version": ...}, "libvirt": ...}}``,
+        ``{}`` for a host that did not answer it."""
+        if self._versions is not None:
+            await asyncio.wait([self._versions])    # (not cancelled with this caller)
+        return {h.name: self.context.versions.get(h.name, {}) for h in self.hosts}
+
     # -- run -----------------------------------------------------------------------------------
 
     def run(self) -> Awaitable[InstanceRecord] | None:
@@ -481,7 +492,10 @@ class MultihostMigration(BlockingInWorkers):
         await first_set(ctx.guest_booting, self._sync_wanted)
         self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
                               f"{ctx.run_id}.{self.name}", self.config, ctx.server_started)
-        await self.sync.start()
+        try:
+            await self.sync.start()
+        except BaseExceptionGroup as group:     # (its TaskGroup's): the error itself, as
+            raise first_of(group) from None     # the barrier callers waiting for it expect
         members = self.hosts
         self.context.record("barrier", instance=self.name, name="disks_prepared",
                             hosts=[h.name for h in members])
@@ -519,6 +533,8 @@ class MultihostMigration(BlockingInWorkers):
 
         async def versions_probed() -> None:
             if self._versions is not None:      # (bounded, never raises: long done, mostly)
+                if self.record.status == "interrupted":
+                    self._versions.cancel()     # (Ctrl-C: not waited for a slow host)
                 await asyncio.wait([self._versions])
 
         # the participants end while the VMs stop (neither needs the other; both never
