@@ -40,9 +40,15 @@ async def shielded(aw: Awaitable[T]) -> T:
 async def first_set(*events: asyncio.Event) -> None:
     """Return once any of ``events`` is set (at once if one is); the waits it made are
     ended before it returns or raises."""
-    if any(e.is_set() for e in events):
-        return
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    if not any(e.is_set() for e in events):
+        await first_done(*(e.wait() for e in events))
+
+
+async def first_done(*aws: Awaitable) -> None:
+    """Return once any of ``aws`` is done; the others are cancelled and ended (owned here)
+    before it returns or raises (a cancellation of the caller meanwhile still
+    propagates)."""
+    waits = [asyncio.ensure_future(aw) for aw in aws]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -76,4 +82,4 @@ async def cancel_and_wait(task: "asyncio.Task[T]") -> "T | None":
     return await implementation(task)
 
 
-__all__ = ["cancel_and_wait", "first_set", "shielded", "wait_for"]
+__all__ = ["cancel_and_wait", "first_done", "first_set", "shielded", "wait_for"]

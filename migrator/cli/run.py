@@ -184,16 +184,13 @@ async def _run(plan: dict, args) -> int:
 
 async def _run_started(plan: dict, args) -> int:
     from ..aio import shielded
-    from ..framework.context import local_address_towards
     ctx, instances = plan["ctx"], plan["instances"]
     # the sync server's socket bound before anything (a port in use: one line, nothing
     # started, no host asked anything, not even to recover a dead run); served once its
     # aiohttp is imported, in a thread, from when the first guest boots or something
     # waits for it, whichever comes first (RunContext.start_server)
-    first = ctx.inventory.host(instances[0].hosts[0].name)
-    bind = ctx.config.sync.bind or local_address_towards(
-        first.address, (first.ssh or ctx.inventory.ssh).port)
-    await ctx.start_server(bind, serve_from=ctx.guest_booting)
+    await ctx.start_server(ctx.sync_bind(instances[0].hosts[0].name),
+                           serve_from=ctx.guest_booting)
     try:
         return await _run_bound(plan, args)
     finally:

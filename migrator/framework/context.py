@@ -187,6 +187,13 @@ class RunContext:
         """:meth:`start_server` was called (and :meth:`stop_server` not since)."""
         return self._serving is not None
 
+    def sync_bind(self, towards: str) -> str:
+        """Where the run's sync server binds: ``sync.bind``, else the controller's own
+        address on the route to host ``towards`` (its SSH port's)."""
+        host = self.inventory.host(towards)
+        return self.config.sync.bind or local_address_towards(
+            host.address, (host.ssh or self.inventory.ssh).port)
+
     async def start_server(self, bind: str, serve_from: asyncio.Event | None = None) -> None:
         """Bind the run's sync server on ``bind`` (a port the system picks unless
         ``sync.port`` says): bound and listening when this returns (:attr:`sync_url` is

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..aio import first_done
 from ..blocking import BlockingInWorkers, on_loop
 from ..errors import ScenarioError
 from ..migration import BaseMigration, MigrationParams, MigrationResult, Phase
@@ -114,17 +115,8 @@ class MigrationData(BlockingInWorkers):
             await self._wait_any(pending)
 
     async def _wait_any(self, pending: list[str]) -> None:
-        waits = [asyncio.ensure_future(self._changed.wait())]
-        waits += [asyncio.ensure_future(self.migrations[n].wait_changed())
-                  for n in pending if n in self.migrations]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            # the waits are owned here: gone before returning (a cancellation of the
-            # caller meanwhile still propagates)
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_done(self._changed.wait(), *(self.migrations[n].wait_changed()
+                                                 for n in pending if n in self.migrations))
 
     async def wait_phase(self, phase: Phase, vm: str | None = None,
                          transferred: int = 0) -> None:

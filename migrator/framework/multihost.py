@@ -64,7 +64,7 @@ from ..errors import ConfigError, MigrationError, ScenarioError
 from ..hosts import SSHHost, quote
 from ..migration import MigrationParams
 from . import hostprep, pools
-from .context import InstanceRecord, RunContext, local_address_towards
+from .context import InstanceRecord, RunContext
 from .data import MigrationData
 from .env import Env, instance_env, instance_run_dir, prepare_overlays
 from .failures import describe, first_error, first_of
@@ -291,8 +291,12 @@ class MultihostMigration(BlockingInWorkers):
 
         :raise BarrierError: naming the hosts that were missing or lost.
         """
-        members = [self.host(h) for h in (hosts or self.hosts)]
-        sync = await self._synced()
+        members = [self.host(h) for h in (hosts or self.hosts)]    # (unknown: at once)
+        await self._meet(await self._synced(), name, members, timeout)
+
+    async def _meet(self, sync: HostsSync, name: str, members: list[SSHHost],
+                    timeout: float | None) -> None:
+        """Barrier ``name`` of ``members`` on ``sync``, recorded in the journal."""
         self.context.record("barrier", instance=self.name, name=name,
                             hosts=[h.name for h in members])
         await sync.barrier(name, members, timeout)
@@ -452,10 +456,8 @@ class MultihostMigration(BlockingInWorkers):
         """
         ctx, cfg = self.context, self.config
         if own_server:
-            first = self.inventory.host(self.hosts[0].name)
-            bind = cfg.sync.bind or local_address_towards(
-                first.address, (first.ssh or self.inventory.ssh).port)
-            await ctx.start_server(bind, serve_from=ctx.guest_booting)
+            await ctx.start_server(ctx.sync_bind(self.hosts[0].name),
+                                   serve_from=ctx.guest_booting)
         async with asyncio.TaskGroup() as tg:               # connect: errors name the host
             for h in self.hosts:
                 tg.create_task(h.connect())
@@ -496,10 +498,8 @@ class MultihostMigration(BlockingInWorkers):
             await self.sync.start()
         except BaseExceptionGroup as group:     # (its TaskGroup's): the error itself, as
             raise first_of(group) from None     # the barrier callers waiting for it expect
-        members = self.hosts
-        self.context.record("barrier", instance=self.name, name="disks_prepared",
-                            hosts=[h.name for h in members])
-        await self.sync.barrier("disks_prepared", members, self.config.timeouts.disk_prepare_s)
+        await self._meet(self.sync, "disks_prepared", self.hosts,
+                         self.config.timeouts.disk_prepare_s)
 
     async def _synced(self) -> HostsSync:
         """The instance's sync, once :meth:`_start_sync` is done.
