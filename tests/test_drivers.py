@@ -351,6 +351,7 @@ async def test_source_killed_midway_is_reported_lost_and_nothing_is_left(vm, hos
 
 
 @pytest.mark.parametrize("guest_args", ["lab.dirty=32"])
+@pytest.mark.parametrize("vm", DRIVERS_P2P_IN_MATRIX, indirect=True)
 async def test_postcopy_switch_keeps_memory_intact(vm, hosts, inventory):
     """Postcopy from the first poll on, while the guest keeps 32 MiB dirty (capped at 32 MiB/s
     so precopy cannot converge first and the switch really happens): the dirtier on the
