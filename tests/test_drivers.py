@@ -87,8 +87,9 @@ async def vm(request, lab, hosts, inventory, config, guest_args, vm_mac, vm_net)
     await the_vm.start()
     yield the_vm
     left = await leftovers(lab, hosts, inventory)
-    for h in hosts.values():
-        await make_vm(driver, spec, h, str(inventory.run_dir), config).stop()
+    async with asyncio.TaskGroup() as tg:      # side by side: libvirt's takes 0.36 s a host
+        for h in hosts.values():
+            tg.create_task(make_vm(driver, spec, h, str(inventory.run_dir), config).stop())
     await the_vm.disconnect()   # a test that failed before stopping it: not the next one's leak
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.passed:

@@ -12,6 +12,7 @@ put back after it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -41,8 +42,9 @@ async def vm(lab, hosts, inventory, config, request):
     await session.cmd("memsum write 16 19")
     yield the_vm
     left = await leftovers(lab, hosts, inventory)
-    for h in hosts.values():
-        await make_vm(driver, spec, h, str(inventory.run_dir), config).stop()
+    async with asyncio.TaskGroup() as tg:      # side by side: libvirt's takes 0.36 s a host
+        for h in hosts.values():
+            tg.create_task(make_vm(driver, spec, h, str(inventory.run_dir), config).stop())
     await the_vm.disconnect()
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.passed:
