@@ -414,6 +414,27 @@ async def test_a_host_whose_sshd_dies_during_a_barrier_is_named_at_once(inventor
     assert report.ok and report.runs == [run.context.run_id], report.table()
 
 
+class _OneBarrier(MultihostMigration):
+    async def migration_scenario(self):
+        await self.barrier("up")
+
+
+async def test_barriers_and_exchanges_are_for_the_running_instance(inventory, config,
+                                                                   no_leaks):
+    """Before ``run()`` and after it returned there is no sync to meet on: a barrier or an
+    exchange is refused with one clear line (after the run, it once reached the stopped
+    sync and failed with a KeyError from inside it)."""
+    run = _OneBarrier(["hostA", "hostB"], config=config, inventory=inventory)
+    refused = r"\[.*\] barriers and exchanges are for the scenario .* while the instance runs"
+    with pytest.raises(RuntimeError, match=refused):
+        await run.barrier("early")
+    assert (await run.run()).status == "passed"
+    with pytest.raises(RuntimeError, match=refused):
+        await run.barrier("late")
+    with pytest.raises(RuntimeError, match=refused):
+        await run.exchange("late", {"hostA": 1})
+
+
 async def test_two_runs_at_once_on_one_controller_are_isolated(inventory, tmp_path, no_leaks):
     one, two = tmp_path / "one", tmp_path / "two"
     (rc1, out1, err1), (rc2, out2, err2) = await asyncio.gather(

@@ -290,6 +290,7 @@ class MultihostMigration(BlockingInWorkers):
         """All ``hosts`` (default: every host of the instance) meet at barrier ``name``.
 
         :raise BarrierError: naming the hosts that were missing or lost.
+        :raise RuntimeError: outside the instance's run (before ``run()``, after it returned).
         """
         members = [self.host(h) for h in (hosts or self.hosts)]    # (unknown: at once)
         await self._meet(await self._synced(), name, members, timeout)
@@ -314,6 +315,7 @@ class MultihostMigration(BlockingInWorkers):
             order of ``hosts``.
         :raise ConfigError: ``data`` names a host that is not a member.
         :raise BarrierError: naming the hosts that were missing or lost.
+        :raise RuntimeError: outside the instance's run (before ``run()``, after it returned).
         """
         members = [self.host(h) for h in (hosts or self.hosts)]
         pieces = {self.host(h).name: value for h, value in data.items()}
@@ -405,6 +407,7 @@ class MultihostMigration(BlockingInWorkers):
                 # a second Ctrl-C / SIGTERM while cleaning up must not orphan the cleanup
                 rec.cleanup_problems = await shielded(self._cleanup(own_server))
             finally:
+                self._syncing = None            # barriers after run(): refused by _synced
                 rec.duration_s = time.monotonic() - t0
                 if self._own_context:
                     ctx.close_journal(rec.cleanup_problems)
