@@ -23,6 +23,7 @@ matrix: setup                ## the fault matrices' every case (make test runs t
 
 bench: setup                 ## benchmarks (tables on stdout)
 	$(PY) bench/lab_updown.py
+	$(PY) bench/guest_boot.py
 	$(PY) bench/ssh_fanout.py
 	$(PY) bench/sync_barrier.py
 	$(PY) bench/migration_vs_raw.py

@@ -50,12 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from migrator.aio import shielded, wait_for  # noqa: E402
-from migrator.config import Config  # noqa: E402
+from migrator.config import GUEST_KERNEL_APPEND, Config  # noqa: E402
 from migrator.lab import Lab  # noqa: E402
 
 NAME, SUBNET, DIR = "mwatch", "10.77.237.0/24", Path("/srv/migrator-bench/mwatch")
 BIN = Path(sys.executable).parent
-APPEND = "console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.dirty=8 lab.rate=8"
+APPEND = f"{GUEST_KERNEL_APPEND} lab.out=ttyS1 lab.dirty=8 lab.rate=8"
 COMMON = ["-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
           "-p", f"vms.vm1.append={APPEND}", "-p", "migration.bandwidth_mibs=64"]
 

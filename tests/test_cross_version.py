@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator.config import Inventory
+from migrator.config import GUEST_KERNEL_APPEND, Inventory
 from migrator.lab import Lab, qemus
 
 from .conftest import BIN, assert_lab_gone, cli, lab_dir
@@ -70,8 +70,7 @@ LOSS_SAMPLES = 4
 #: 5 of 18 hops at this commit and 9 of 18 at the previous session's (the difference is
 #: within chance), which made a 4-hop sample miss a loss in about a run in four; at 512 MB/s
 #: in 16 of 16 (11 with stale pages found, 5 where the dirtier never reported again)
-FAST_DIRTIER = ("vms.vm1.append=console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.dirty=8 "
-                "lab.rate=512")
+FAST_DIRTIER = f"vms.vm1.append={GUEST_KERNEL_APPEND} lab.out=ttyS1 lab.dirty=8 lab.rate=512"
 
 
 def crashed_after_the_check(run_json: dict, hop: dict, mig: str) -> bool:

@@ -15,6 +15,8 @@ import pytest
 
 import aiohttp
 
+from migrator.config import GUEST_KERNEL_APPEND
+
 from .conftest import BIN, metric_samples
 from .test_framework import the_run
 
@@ -158,8 +160,8 @@ async def test_live_view_in_a_terminal_and_metrics_while_migrations_run(
             "-m", "hostA,hostB", "ping_pong", "-p", "scenario.rounds=1",
             "-p", "migration.bandwidth_mibs=24", "--metrics", "127.0.0.1:0",
             # the lab's dirtier in the guest: 8 MiB at 8 MiB/s, its lines on ttyS1
-            "-p", "vms.vm1.append=console=ttyS0 quiet panic=-1 lab.out=ttyS1 lab.dirty=8 "
-                  "lab.rate=8", env=env) as proc:
+            "-p", f"vms.vm1.append={GUEST_KERNEL_APPEND} lab.out=ttyS1 lab.dirty=8 lab.rate=8",
+            env=env) as proc:
         # a bar while vm1 migrates hostA -> hostB, with the run's line and the header over it
         # (its figures from the first progress sample on: the frame drawn when the phase
         # changed may come before it, with "-" for each)

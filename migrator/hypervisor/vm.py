@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 from ..blocking import BlockingInWorkers
-from ..config import MAC_PATTERN, check_interface_address
+from ..config import GUEST_KERNEL_APPEND, MAC_PATTERN, check_interface_address
 from ..errors import GuestError
 from ..hosts.ssh import SSHHost, quote
 
@@ -61,7 +61,7 @@ class VMSpec:
     vcpus: int = 1
     kernel: str | None = None
     initrd: str | None = None
-    append: str = "console=ttyS0 quiet panic=-1"
+    append: str = GUEST_KERNEL_APPEND
     accel: str = "tcg"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     qemu: str | None = None

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..config import GUEST_KERNEL_APPEND
 from ..errors import LabError
 from .system import run
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", "/var/cache/migrator"))
 BUSYBOX = Path("/bin/busybox")
 BUILDER_VERSION = "5"
-KERNEL_APPEND = "console=ttyS0 quiet panic=-1"
+KERNEL_APPEND = GUEST_KERNEL_APPEND
 #: kernel modules the guest loads at boot (with their dependencies): Debian builds virtio as
 #: modules; a disk on shared storage is a virtio-blk device, a NIC (VMSpec.mac) virtio-net
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")

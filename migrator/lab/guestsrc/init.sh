@@ -42,8 +42,12 @@ for arg in $(cat /proc/cmdline); do
   esac
 done
 hostname "$NAME"
-# the kernel's virtio drivers are modules: load them (dependencies first) for disks
-while read -r mod; do insmod "/lib/modules/$mod" 2>/dev/null; done < /lib/modules/load.order
+# the kernel's virtio drivers are modules: load them (dependencies first) for disks and NICs,
+# when the VM has a virtio device (PCI vendor 0x1af4); a VM without one boots 0.3 s sooner
+# under TCG (nine insmods)
+if grep -qs 0x1af4 /sys/bus/pci/devices/*/vendor; then
+  while read -r mod; do insmod "/lib/modules/$mod" 2>/dev/null; done < /lib/modules/load.order
+fi
 [ -e "$OUT" ] || OUT=/dev/console
 if [ -n "$IP" ]; then
   ip link set lo up
