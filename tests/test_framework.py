@@ -2,6 +2,7 @@
 sync server, participants on every host). VM-heavy: one test at a time."""
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -19,10 +20,11 @@ from .chromium import Chromium
 from .conftest import BIN, cli, gather_owned
 from migrator import BarrierError, MultihostMigration
 from migrator.config import Config, load_any_inventory
-from migrator.errors import ConfigError
+from migrator.errors import ConfigError, HostError
 from migrator.framework import RunContext, group_hosts
 from migrator.lab import network
 from migrator.lab.system import processes_in_netns
+from migrator.migration import Phase
 
 HOSTS = ["hostA", "hostB", "hostC", "hostD"]
 
@@ -358,6 +360,12 @@ async def test_vm_from_a_qcow2_overlay_on_shared_storage(inventory, lab, tmp_pat
         base.unlink()
 
 
+def _sshds(host: str) -> list[int]:
+    netns = network.netns_path(f"mtest-{host}")
+    return [p.pid for p in processes_in_netns(netns)
+            if Path(f"/proc/{p.pid}/comm").read_text().strip() == "sshd"]
+
+
 class _MeetWhileHostBDies(MultihostMigration):
     """hostB hangs (its sshd frozen) while hostA waits at a barrier, then its sshd dies."""
 
@@ -368,9 +376,7 @@ class _MeetWhileHostBDies(MultihostMigration):
         registry = self.context.server.registry
 
         async def kill_hostB_sshd():
-            netns = network.netns_path("mtest-hostB")
-            sshds = [p.pid for p in processes_in_netns(netns)
-                     if Path(f"/proc/{p.pid}/comm").read_text().strip() == "sshd"]
+            sshds = _sshds("hostB")
             for pid in sshds:
                 os.kill(pid, signal.SIGSTOP)
             while not any("hostA" in inst.waiters for run in registry.runs.values()
@@ -411,6 +417,55 @@ async def test_a_host_whose_sshd_dies_during_a_barrier_is_named_at_once(inventor
     # with leftovers, so it stayed in the index, and recovery now removes them
     from migrator.framework.recover import recover
     report = await recover(config, run.context.run_id)
+    assert report.ok and report.runs == [run.context.run_id], report.table()
+
+
+class _SyncLostMidMigration(MultihostMigration):
+    """hostC's sshd frozen before the sync starts (its participant cannot be installed
+    there), killed once vm1's migration hostA -> hostB is under way: the sync fails while
+    the migration runs."""
+
+    async def migration_scenario(self):
+        self.sshds = _sshds("hostC")
+        for pid in self.sshds:
+            os.kill(pid, signal.SIGSTOP)
+        self.handle = self.migrate(["vm1"], "hostA", "hostB",
+                                   params_append={"bandwidth_mibs": 1})
+        await self.handle.mig_data.wait_phase(Phase.MIGRATING)
+        for pid in self.sshds:
+            os.kill(pid, signal.SIGKILL)
+        await self.handle
+
+
+async def test_a_sync_lost_mid_migration_is_why_the_migration_was_cancelled(
+        inventory, lab, config, no_leaks):
+    """The sync failing while a migration runs cancels the scenario (the instance's
+    TaskGroup, without a reason): the migration rolls back, and its record and the call's
+    error say it was the sync that failed, naming the host, rather than only that the run
+    was interrupted."""
+    run = _SyncLostMidMigration(["hostA", "hostB", "hostC"], config=config,
+                                inventory=inventory)
+    try:
+        with pytest.raises(HostError, match="hostC"):
+            await run.run()
+        assert run.record.status == "failed" and "hostC" in run.record.error, run.record
+        mig = run.handle.mig_data.migrations["vm1"]
+        assert mig.result.status == "cancelled" and mig.phase is Phase.ROLLED_BACK, mig.result
+        assert re.search(r"^vm1 hostA->hostB \[MIGRATING\]: interrupted: the sync failed: "
+                         r"Host\w*Error: hostC: .*; VM running on hostA; migration cancelled",
+                         mig.result.error), mig.result.error
+        assert re.search(r"cancelled \(the sync failed: Host\w*Error: hostC: ",
+                         str(run.handle.error)), run.handle.error
+    finally:
+        for pid in getattr(run, "sshds", ()):       # (killed, or still frozen on a failure)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        restart = await cli("host", "--name", "mtest", "--dir", str(lab.dir), "hostC",
+                            "sshd-start")
+        # what hostC kept (the run's owner file) is recovery's to remove, also after a failure
+        from migrator.framework.recover import recover
+        report = await recover(config, run.context.run_id) if restart.returncode == 0 else None
+    assert restart.returncode == 0, f"hostC's sshd did not restart: {restart.stderr.strip()}"
     assert report.ok and report.runs == [run.context.run_id], report.table()
 
 

@@ -155,6 +155,8 @@ class MultihostMigration(BlockingInWorkers):
         self.record = InstanceRecord(name, names)
         self._handles: list[MigrationHandle] = []
         self._tg: asyncio.TaskGroup | None = None
+        #: why the scenario is being cancelled, when the instance knows (its sync failed)
+        self._interrupt_reason: str | None = None
         self._count = 0
         #: coroutines of calls that must be awaited, with where they were made (only those
         #: of the scenario's own task: see :func:`.handle.must_await`)
@@ -498,11 +500,27 @@ class MultihostMigration(BlockingInWorkers):
         self.sync = HostsSync(self.hosts, ctx.sync_url, ctx.token,
                               f"{ctx.run_id}.{self.name}", self.config, ctx.server_started)
         try:
-            await self.sync.start()
-        except BaseExceptionGroup as group:     # (its TaskGroup's): the error itself, as
-            raise first_of(group) from None     # the barrier callers waiting for it expect
-        await self._meet(self.sync, "disks_prepared", self.hosts,
-                         self.config.timeouts.disk_prepare_s)
+            try:
+                await self.sync.start()
+            except BaseExceptionGroup as group:     # (its TaskGroup's): the error itself, as
+                raise first_of(group) from None     # the barrier callers waiting for it expect
+            await self._meet(self.sync, "disks_prepared", self.hosts,
+                             self.config.timeouts.disk_prepare_s)
+        except Exception as exc:
+            self._interrupting(f"the sync failed: {describe(exc)}")
+            raise
+
+    def _interrupting(self, reason: str) -> None:
+        """Say why the scenario is about to be cancelled: the instance's TaskGroup cancels it
+        without a reason when the sync fails. The calls in flight then end "cancelled
+        (REASON)" and their migrations' records "interrupted: REASON" rather than only that
+        the run was interrupted. Called before the failure leaves the sync's task, so before
+        the cancellation."""
+        self._interrupt_reason = reason
+        for handle in self._handles:
+            if not handle.done():
+                for mig in handle.mig_data.migrations.values():
+                    mig.interrupt_reason = reason
 
     async def _synced(self) -> HostsSync:
         """The instance's sync, once :meth:`_start_sync` is done.
@@ -595,7 +613,8 @@ class MultihostMigration(BlockingInWorkers):
                                    max(vm.spec.mem_mib for vm in md.vms)))
             self.context.say(f"[{md.mig_id}] done")
         except asyncio.CancelledError as exc:
-            why = exc.args[0] if exc.args else "the run was interrupted"
+            why = exc.args[0] if exc.args else (self._interrupt_reason
+                                                 or "the run was interrupted")
             handle.error = ScenarioError(f"{md}: cancelled ({why})")
             raise
         except Exception as exc:  # noqa: BLE001 - kept for the awaiting scenario

@@ -269,6 +269,9 @@ class BaseMigration(BlockingInWorkers):
         self.observers: list[Callable[["BaseMigration", Phase], None]] = []
         self._cancel_requested: str | None = None
         self._interrupted = False           # the caller's task was cancelled
+        #: why the caller's task is being cancelled, when its owner knows and says so before
+        #: (the framework: its sync failed); else the record says only that it was
+        self.interrupt_reason: str | None = None
         self._t_migrate: float | None = None
         self._policy: PolicyTracker | None = None
         self._throttle_catching_up = False  # the first released step is not the policy's
@@ -372,7 +375,8 @@ class BaseMigration(BlockingInWorkers):
         except asyncio.CancelledError:
             failed_in = self.phase
             self._interrupted = True
-            why = "interrupted: the controller's task was cancelled"
+            why = "interrupted: " + (self.interrupt_reason
+                                     or "the controller's task was cancelled")
             outcome = await shielded(self._guarded_rollback(why))
             self.result.status = "cancelled"
             self.result.error = str(MigrationError(
