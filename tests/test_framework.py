@@ -361,9 +361,14 @@ async def test_vm_from_a_qcow2_overlay_on_shared_storage(inventory, lab, tmp_pat
 
 
 def _sshds(host: str) -> list[int]:
+    """The PIDs of ``host``'s sshd processes: its listener and its sessions."""
     netns = network.netns_path(f"mtest-{host}")
-    return [p.pid for p in processes_in_netns(netns)
-            if Path(f"/proc/{p.pid}/comm").read_text().strip() == "sshd"]
+    pids = []
+    for p in processes_in_netns(netns):
+        with contextlib.suppress(FileNotFoundError):        # (ended meanwhile)
+            if Path(f"/proc/{p.pid}/comm").read_text().strip() in ("sshd", "sshd-session"):
+                pids.append(p.pid)
+    return pids
 
 
 class _MeetWhileHostBDies(MultihostMigration):
@@ -442,8 +447,12 @@ async def test_a_sync_lost_mid_migration_is_why_the_migration_was_cancelled(
     """The sync failing while a migration runs cancels the scenario (the instance's
     TaskGroup, without a reason): the migration rolls back, and its record and the call's
     error say it was the sync that failed, naming the host, rather than only that the run
-    was interrupted."""
-    run = _SyncLostMidMigration(["hostA", "hostB", "hostC"], config=config,
+    was interrupted. SSH's timeout (and so its keepalive: ssh_connect_s / 3, 3 times) is long
+    enough that frozen hostC is not found dead before the migration is under way, on any
+    machine: its death is the SIGKILL, once the migration is MIGRATING."""
+    slow_ssh = config.model_copy(update={"timeouts": config.timeouts.model_copy(
+        update={"ssh_connect_s": 300.0})})
+    run = _SyncLostMidMigration(["hostA", "hostB", "hostC"], config=slow_ssh,
                                 inventory=inventory)
     try:
         with pytest.raises(HostError, match="hostC"):

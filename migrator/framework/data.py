@@ -40,6 +40,8 @@ class MigrationData(BlockingInWorkers):
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: the call has ended (a VM without a migration by then never gets one)
     _ended: bool = field(default=False, repr=False)
+    #: why the call is being cancelled, when its instance knows (see :meth:`_interrupting`)
+    _interrupt_reason: str | None = field(default=None, repr=False)
 
     @property
     def vm_ports(self) -> dict[str, int]:
