@@ -75,8 +75,16 @@ class MigrationData(BlockingInWorkers):
 
     def _track(self, mig: BaseMigration) -> None:
         self.migrations[mig.src_vm.name] = mig
+        mig.interrupt_reason = self._interrupt_reason
         mig.observers.append(self._on_phase)
         self._pulse()
+
+    def _interrupting(self, reason: str) -> None:
+        """The call is about to be cancelled for ``reason`` (its instance's sync failed): its
+        migrations, and one made from now on, say so when the cancellation reaches them."""
+        self._interrupt_reason = reason
+        for mig in self.migrations.values():
+            mig.interrupt_reason = reason
 
     def _on_phase(self, mig: BaseMigration, phase: Phase) -> None:
         self._pulse()

@@ -513,14 +513,13 @@ class MultihostMigration(BlockingInWorkers):
     def _interrupting(self, reason: str) -> None:
         """Say why the scenario is about to be cancelled: the instance's TaskGroup cancels it
         without a reason when the sync fails. The calls in flight then end "cancelled
-        (REASON)" and their migrations' records "interrupted: REASON" rather than only that
-        the run was interrupted. Called before the failure leaves the sync's task, so before
+        (REASON)" and their migrations' records "interrupted: REASON" (also one made before
+        the cancellation reaches its call) rather than only that the run was interrupted. Called before the failure leaves the sync's task, so before
         the cancellation."""
         self._interrupt_reason = reason
         for handle in self._handles:
             if not handle.done():
-                for mig in handle.mig_data.migrations.values():
-                    mig.interrupt_reason = reason
+                handle.mig_data._interrupting(reason)
 
     async def _synced(self) -> HostsSync:
         """The instance's sync, once :meth:`_start_sync` is done.

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .image import CACHE_DIR, KERNEL_APPEND, GuestImage
+from ..config import GUEST_KERNEL_APPEND
+from .image import CACHE_DIR, GuestImage
 
 READY_MARKER = b"LAB-READY"
 PROBE_CACHE = CACHE_DIR / "accel-probe.json"
@@ -48,7 +49,7 @@ async def probe_kvm(image: GuestImage, timeout_s: float) -> tuple[bool, str]:
         "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1",
         "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", f"{KERNEL_APPEND} lab.tick=0", "-serial", "stdio",
+        "-append", f"{GUEST_KERNEL_APPEND} lab.tick=0", "-serial", "stdio",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
     seen = b""

@@ -42,7 +42,6 @@ from .system import run
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", "/var/cache/migrator"))
 BUSYBOX = Path("/bin/busybox")
 BUILDER_VERSION = "5"
-KERNEL_APPEND = GUEST_KERNEL_APPEND
 #: kernel modules the guest loads at boot (with their dependencies): Debian builds virtio as
 #: modules; a disk on shared storage is a virtio-blk device, a NIC (VMSpec.mac) virtio-net
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
@@ -291,7 +290,7 @@ async def ensure_image(refresh: bool = False, rebuild: bool = False) -> GuestIma
         os.link(src_path, tmp_link)  # same cache filesystem: no copy
         os.replace(tmp_link, out / name)
     known = {"key": key, "kernel_package": pkg, "kernel_version": version,
-             "busybox": str(BUSYBOX), "append": KERNEL_APPEND,
+             "busybox": str(BUSYBOX), "append": GUEST_KERNEL_APPEND,
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _atomic_write(manifest, json.dumps(known, indent=2).encode())
     _atomic_write(latest, json.dumps(known).encode())

@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import (DEFAULT_LAB_NAME, INVENTORY_FILE, LAB_BASE_DIR, Config, DhcpServer,
-                      GuestImage as
+from ..config import (DEFAULT_LAB_NAME, GUEST_KERNEL_APPEND, INVENTORY_FILE, LAB_BASE_DIR,
+                      Config, DhcpServer, GuestImage as
                       InvGuestImage, GuestNetwork, HostEntry, Inventory, LabInfo, SSHSettings,
                       default_guest_subnet, validate_subnet)
 from ..errors import ConfigError, LabError
 from ..hosts.parallel import parallel
 from . import dhcp, hostproc, network, pki
 from .accel import choose_accel
-from .image import KERNEL_APPEND, ensure_image
+from .image import ensure_image
 from .state import HostState, LabPhase, LabState, ProcRef
 from .system import is_alive, processes_in_netns, run, stop_processes, tcp_port_open
 
@@ -508,7 +508,7 @@ class Lab:
             local_dir=self.local_dir,
             guest=InvGuestImage(kernel=self.shared_dir / "images" / "vmlinux",
                                 initrd=self.shared_dir / "images" / "initrd.img",
-                                append=KERNEL_APPEND),
+                                append=GUEST_KERNEL_APPEND),
             accel=plan.accel,
             drivers=["qemu", "libvirt"] if plan.libvirt else ["qemu"],
             lab=LabInfo(name=self.name, dir=self.dir, subnet=plan.subnet, bridge=plan.bridge,
