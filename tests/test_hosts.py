@@ -88,6 +88,42 @@ async def test_timeout_kills_the_remote_process_group(host):
     assert check.stdout.strip() == ""
 
 
+async def test_a_cancelled_command_is_ended_on_the_host(host, inventory):
+    """A run whose caller is cancelled (a Ctrl-C, a failing sibling in a task group) has its
+    command's process group killed on the host before the cancellation goes on: nothing it
+    started keeps acting for a caller that stopped. More at once than the host's channel
+    slots: each is ended through its own slot (none waits for another's), those queued for a
+    slot never start. And one cancelled while its channel opens: the command, started or
+    not, does not run on."""
+    tmp = await host.get_tmp_dir()
+    slots = host.config.limits.ssh_channels_per_host
+    runs = [asyncio.ensure_future(host.run(
+        f"sleep 300{i % 10} & echo $! > {tmp}/bg{i}; echo $$ > {tmp}/fg{i}; sleep 400{i % 10}"))
+        for i in range(slots + 3)]
+    async with SSHHost.from_inventory("hostA", inventory) as watcher:  # (the slots are full)
+        await watcher.run(f"until [ $(ls {tmp} | grep -c ^fg) -ge {slots} ]; do sleep 0.05; "
+                          "done", timeout=60, check=True)
+        for r in runs:
+            r.cancel()
+        await asyncio.wait(runs)
+        assert all(r.cancelled() for r in runs)
+        files = (await watcher.run(f"ls {tmp}", check=True)).stdout.split()
+        assert sorted(files) == sorted([f"bg{i}" for i in range(slots)] +
+                                       [f"fg{i}" for i in range(slots)])  # queued: never ran
+        check = await watcher.run(f"for p in $(cat {tmp}/bg* {tmp}/fg*); do "
+                                  f"if {alive_test('$p')}; then echo alive $p; fi; done")
+        assert check.stdout == "", check.stdout
+        # cancelled at once: while its channel opens, before the shell said its group
+        opening = asyncio.ensure_future(host.run(f"echo $$ > {tmp}/early; exec sleep 5009"))
+        await asyncio.sleep(0)
+        opening.cancel()
+        await asyncio.wait([opening])
+        assert opening.cancelled()
+        left = await watcher.run(f"cat {tmp}/early 2>/dev/null; pgrep -x -f 'sleep 5009'")
+        assert left.exit_status == 1 and left.stdout.count("\n") <= 1, left.stdout
+    assert (await host.run("echo slots free", timeout=30)).stdout == "slots free\n"
+
+
 async def test_check_true_raises_with_the_whole_result(host):
     with pytest.raises(CommandError) as info:
         await host.run("echo partial; echo 'no such thing' >&2; exit 4", check=True)

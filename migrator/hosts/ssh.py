@@ -32,7 +32,7 @@ from typing import Iterable, Mapping
 
 import asyncssh
 
-from ..aio import wait_for
+from ..aio import shielded, wait_for
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config, Inventory, load_inventory
 from ..errors import (CommandError, HostAuthError, HostConnectError, HostError, HostKeyError)
@@ -220,22 +220,39 @@ class SSHHost(BlockingInWorkers):
 
     # -- commands ------------------------------------------------------------------------------
 
-    async def _start(self, wrapped: str, stdin: bytes,
+    async def _start(self, wrapped: str, stdin: bytes, command: str, *, in_slot: bool,
+                     end_on_cancel: bool = True,
                      keep_stdin: bool = False) -> asyncssh.SSHClientProcess:
-        """Open a session channel running ``wrapped``; reconnect once if the connection died."""
+        """Open a session channel running ``wrapped``; reconnect once if the connection died.
+
+        Once its exec request is sent the command may run on the host whether its caller
+        waits or not: a cancellation then waits for the channel (``host_cleanup_s`` at most)
+        and ends the command (:meth:`_end_cancelled`) before it is delivered, unless
+        ``end_on_cancel`` is false (the kill commands themselves). ``in_slot``: the caller
+        holds one of the ``ssh_channels_per_host`` slots (:meth:`run`).
+        """
         for attempt in (1, 2):
             conn = await self.connect()
+            creating = asyncio.ensure_future(
+                conn.create_process(wrapped, input=stdin or None, encoding=None))
             try:
-                proc = await conn.create_process(wrapped, input=stdin or None, encoding=None)
-                if not stdin and not keep_stdin:  # asyncssh sends EOF only after non-empty input
-                    proc.stdin.write_eof()
-                return proc
+                proc = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                if end_on_cancel:
+                    await shielded(self._end_creating(creating, command, in_slot))
+                else:
+                    creating.cancel()
+                raise
             except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
                     BrokenPipeError, ConnectionResetError) as exc:
                 if attempt == 2:
                     raise HostConnectError(self.name, f"cannot open a channel: {exc}") from exc
                 log.info("[host=%s] connection lost (%s); reconnecting", self.name, exc)
                 self._conn = None
+                continue
+            if not stdin and not keep_stdin:  # asyncssh sends EOF only after non-empty input
+                proc.stdin.write_eof()
+            return proc
         raise AssertionError("unreachable")
 
     async def run(self, command: str, timeout: float | None = None, check: bool = False,
@@ -245,6 +262,9 @@ class SSHHost(BlockingInWorkers):
 
         The command is one string for the remote login shell; quote values built from
         variables with :func:`quote` / :func:`join`. ``env`` values are quoted for you.
+        A cancelled run ends its command on the host (its process group killed, within
+        ``host_cleanup_s``) before the cancellation goes on: nothing it started keeps acting
+        for a caller that stopped (background processes that left its group excepted).
 
         :param timeout: seconds before the command's whole process group on the host is
             killed (SIGKILL); the result then has ``timed_out=True`` and ``aborted=9`` and
@@ -255,37 +275,61 @@ class SSHHost(BlockingInWorkers):
         :raise CommandError: with ``check=True``, on a non-zero exit, a signal or a timeout.
         :raise HostError: when the host cannot be reached or the connection drops mid-way.
         """
-        wrapped = _wrap(command, env)
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         log.debug("[host=%s] run: %s", self.name, command)
-        t0 = time.monotonic()
-        timed_out = False
         async with self._channels:
-            proc = await self._start(wrapped, data)
-            try:
-                done = await proc.wait(check=False, timeout=timeout)
-                out, err = done.stdout or b"", done.stderr or b""
-                status = done.exit_status if done.exit_status is not None else -1
-                aborted = _signal_number(done.exit_signal[0]) if done.exit_signal else 0
-            except asyncssh.TimeoutError as exc:
-                out, err = exc.stdout or b"", exc.stderr or b""
-                status, aborted, timed_out = -1, int(signal.SIGKILL), True
-            except (asyncssh.Error, OSError) as exc:
-                raise HostError(self.name, f"connection lost while running {command!r}: "
-                                f"{exc}") from exc
-            finally:
-                proc.close()
-        match = _PGID_MARK.match(err)
-        if match:
-            err = err[match.end():]
-        if timed_out:
-            await self._kill_group(int(match.group(1)) if match else None, command)
-        result = CmdResult(command, status, _decode(out, encoding), _decode(err, encoding),
-                           time.monotonic() - t0, aborted, timed_out, self.name)
-        log.debug("[host=%s] done in %.3f s: status %s", self.name, result.duration, status)
+            result = await self._run_in_slot(command, _wrap(command, env), data, timeout,
+                                             encoding)
+        log.debug("[host=%s] done in %.3f s: status %s", self.name, result.duration,
+                  result.exit_status)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
+
+    async def _run_in_slot(self, command: str, wrapped: str, data: bytes,
+                           timeout: float | None, encoding: str | None,
+                           end_on_cancel: bool = True) -> CmdResult:
+        """:meth:`run`'s work, in a channel slot its caller holds. A timed-out or cancelled
+        command's group is killed through that same slot, its own channel closed first: runs
+        cancelled together never wait for each other's slots."""
+        t0 = time.monotonic()
+        proc = await self._start(wrapped, data, command, in_slot=True,
+                                 end_on_cancel=end_on_cancel)
+        pgid: int | None = None
+        try:
+            # the shell's first line names its process group: known before anything else,
+            # so that a cancelled command can be ended on the host
+            mark = await wait_for(proc.stderr.readline(), timeout)
+            pgid = _pgid(mark)
+            left = None if timeout is None else max(0.0, t0 + timeout - time.monotonic())
+            # (not proc.wait(timeout=): the asyncio.wait_for under it can drop a cancellation
+            # that lands as the command ends; see migrator.aio.wait_for)
+            out, err = await wait_for(proc.communicate(), left)
+        except TimeoutError:
+            out, err = proc.collect_output()
+            if pgid is None:                # (the deadline came before the shell's first line)
+                pgid = _pgid(err)
+                err = _PGID_MARK.sub(b"", err, count=1)
+            await self._end(proc, pgid, command, "timed-out", in_slot=True)
+            return CmdResult(command, -1, _decode(out, encoding), _decode(err, encoding),
+                             time.monotonic() - t0, int(signal.SIGKILL), True, self.name)
+        except (asyncssh.Error, OSError) as exc:
+            proc.close()
+            raise HostError(self.name, f"connection lost while running {command!r}: "
+                            f"{exc}") from exc
+        except asyncio.CancelledError:
+            if end_on_cancel:
+                await shielded(self._end_cancelled(proc, pgid, command, in_slot=True))
+            else:
+                proc.close()
+            raise
+        proc.close()
+        if pgid is None:
+            err = mark + err
+        status = proc.exit_status if proc.exit_status is not None else -1
+        aborted = _signal_number(proc.exit_signal[0]) if proc.exit_signal else 0
+        return CmdResult(command, status, _decode(out, encoding), _decode(err, encoding),
+                         time.monotonic() - t0, aborted, False, self.name)
 
     async def spawn(self, command: str, env: Mapping[str, str] | None = None) -> "RemoteProcess":
         """Start a long-running ``command`` whose standard input stays open.
@@ -293,34 +337,80 @@ class SSHHost(BlockingInWorkers):
         The process lives until it exits, :meth:`RemoteProcess.stop` closes its stdin (a
         well-behaved process leaves then) and, after ``host_cleanup_s``, kills its group, or
         the connection dies. Its channel does not count against ``ssh_channels_per_host``:
-        keep such processes few (OpenSSH allows 10 sessions per connection).
+        keep such processes few (OpenSSH allows 10 sessions per connection). A spawn
+        cancelled before it returned ends the process (its group killed).
 
         :raise HostError: when the host cannot be reached.
         """
         log.debug("[host=%s] spawn: %s", self.name, command)
-        proc = await self._start(_wrap(command, env), b"", keep_stdin=True)
+        proc = await self._start(_wrap(command, env), b"", command, in_slot=False,
+                                 keep_stdin=True)
         try:
-            async with asyncio.timeout(self.config.timeouts.ssh_connect_s):
-                mark = await proc.stderr.readline()
+            mark = await wait_for(proc.stderr.readline(), self.config.timeouts.ssh_connect_s)
         except (TimeoutError, asyncssh.Error, OSError) as exc:
             proc.close()
             raise HostError(self.name, f"{command!r} did not start: {exc}") from exc
-        match = _PGID_MARK.match(mark)
-        if not match:
+        except asyncio.CancelledError:
+            await shielded(self._end_cancelled(proc, None, command, in_slot=False))
+            raise
+        pgid = _pgid(mark)
+        if pgid is None:
             proc.close()
             raise HostError(self.name, f"{command!r} did not start (said {mark!r})")
-        return RemoteProcess(self, command, proc, int(match.group(1)))
+        return RemoteProcess(self, command, proc, pgid)
 
-    async def _kill_group(self, pgid: int | None, command: str) -> None:
-        if pgid is None:
-            log.warning("[host=%s] timed-out command %r never reported its process group; it "
-                        "may still run", self.name, command)
-            return
+    # -- ending commands (never raise, bounded by host_cleanup_s) --------------------------------
+
+    async def _end_creating(self, creating: "asyncio.Future[asyncssh.SSHClientProcess]",
+                            command: str, in_slot: bool) -> None:
+        """A channel whose opener was cancelled: waited for, then its command ended."""
         try:
-            await self.run(f"kill -KILL -- -{pgid} 2>/dev/null; true",
-                           timeout=self.config.timeouts.host_cleanup_s)
-        except HostError as exc:
-            log.warning("[host=%s] could not kill process group %d: %s", self.name, pgid, exc)
+            proc = await wait_for(creating, self.config.timeouts.host_cleanup_s)
+        except Exception as exc:            # (nothing started, or nothing to reach it by)
+            log.debug("[host=%s] cancelled %r: its channel did not open (%s)", self.name,
+                      command, exc or type(exc).__name__)
+            return
+        await self._end_cancelled(proc, None, command, in_slot)
+
+    async def _end_cancelled(self, proc: asyncssh.SSHClientProcess, pgid: int | None,
+                             command: str, in_slot: bool) -> None:
+        """A command whose caller was cancelled: its process group read if not yet known,
+        its channel closed, the group killed."""
+        if pgid is None:
+            try:
+                pgid = _pgid(await wait_for(proc.stderr.readline(),
+                                            self.config.timeouts.host_cleanup_s))
+            except (TimeoutError, asyncssh.Error, OSError):
+                pass
+        await self._end(proc, pgid, command, "cancelled", in_slot)
+
+    async def _end(self, proc: asyncssh.SSHClientProcess, pgid: int | None, command: str,
+                   why: str, in_slot: bool) -> None:
+        proc.close()
+        await self._kill_group(pgid, command, why, in_slot)
+
+    async def _kill_group(self, pgid: int | None, command: str, why: str = "timed-out",
+                          in_slot: bool = False) -> None:
+        """Kill a command's process group on the host: through the caller's channel slot
+        when it holds one (``in_slot``), else in a slot of its own."""
+        if pgid is None:
+            log.warning("[host=%s] %s command %r never reported its process group; it "
+                        "may still run", self.name, why, command)
+            return
+        kill = f"kill -KILL -- -{pgid} 2>/dev/null; true"
+        limit = self.config.timeouts.host_cleanup_s
+        try:                # (bounded as a whole: a host that stopped answering opens no channel)
+            if in_slot:
+                await wait_for(self._run_in_slot(kill, _wrap(kill, None), b"", limit, "utf-8",
+                                                 end_on_cancel=False), limit)
+            else:
+                async with self._channels:
+                    await wait_for(self._run_in_slot(kill, _wrap(kill, None), b"", limit,
+                                                     "utf-8", end_on_cancel=False), limit)
+        except (HostError, TimeoutError) as exc:
+            log.warning("[host=%s] could not kill the process group %d of %s command %r: %s",
+                        self.name, pgid, why, command, exc or "no answer within "
+                        "host_cleanup_s")
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -607,6 +697,12 @@ def _wrap(command: str, env: Mapping[str, str] | None) -> str:
             raise ValueError(f"bad environment variable name {key!r}")
         exports += f"export {key}={quote(value)}; "
     return f"printf 'MIGRATOR-PGID=%s\\n' \"$$\" >&2; {exports}eval {quote(command)}"
+
+
+def _pgid(mark: bytes) -> int | None:
+    """The process group in the wrapper's first line (see :func:`_wrap`), or None."""
+    match = _PGID_MARK.match(mark)
+    return int(match.group(1)) if match else None
 
 
 def _decode(data: bytes, encoding: str | None) -> str | bytes:
