@@ -4,6 +4,7 @@ is SIGKILLed; the kernel's release of its lock is what proves it dead."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import BIN
-from migrator.framework.journal import (RunJournal, RunLocked, find_run, list_runs,
-                                        read_journal)
+from migrator.framework.journal import (RunJournal, RunLocked, _still_named, find_run,
+                                        list_runs, read_journal)
 from migrator.errors import ConfigError
 
 HOLDER = textwrap.dedent('''
@@ -82,6 +83,73 @@ def test_a_journal_torn_in_the_middle_is_refused_by_name(tmp_path):
     path.write_text('{"event": "run"}\n{"event": \n{"event": "end"}\n')
     with pytest.raises(ConfigError, match="line 2 is not JSON"):
         read_journal(path)
+
+
+def test_a_torn_last_record_is_cut_before_a_recovery_appends(tmp_path):
+    """The controller died writing a record: each recovery appends after the last whole one
+    (the torn one, whose step never began, dropped), however many times it runs. Appended
+    to the torn line, the first recovery's record was lost and the second's left the torn
+    line in the middle: every later read refused the journal."""
+    proc = holder(tmp_path, "run-7")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    entry = find_run(tmp_path, "run-7")
+    for n in (1, 2):
+        lock = entry.lock("recover").acquire()
+        try:
+            journal = RunJournal.reopen(entry, lock)
+            journal.record("recovered", n=n)
+            journal.close()
+        finally:
+            lock.release()
+    events = read_journal(entry.journal_path)
+    assert [(e["event"], e.get("n")) for e in events] == [
+        ("run", None), ("vm", None), ("recovered", 1), ("recovered", 2)]
+
+
+def test_a_lock_is_never_made_again_for_an_entry_being_removed(tmp_path):
+    """An entry is removed with its lock held (lock file first, then the directory): a
+    recovery arriving meanwhile finds the run gone. It made the lock file again, which
+    kept the entry's directory (with no run.json) for every later recover to stumble on;
+    and one that had opened the lock before the removal got the flock of a file no longer
+    in the index."""
+    journal = RunJournal.create("run-8", tmp_path, None, {"hosts": {}})
+    journal.detach()
+    entry = find_run(tmp_path, "run-8")
+    held = os.open(entry.dir / "lock", os.O_RDWR)     # opened before the removal
+    try:
+        (entry.dir / "lock").unlink()                  # the removal's first step
+        with pytest.raises(FileNotFoundError):
+            entry.lock("recover").acquire()
+        assert not (entry.dir / "lock").exists()
+        assert not _still_named(held, entry.dir / "lock")
+        (entry.dir / "lock").write_text("")            # another file by that name
+        assert not _still_named(held, entry.dir / "lock")
+    finally:
+        os.close(held)
+
+
+async def test_a_run_killed_as_it_ended_is_recovered_by_its_end_records_leftovers(tmp_path):
+    """The controller wrote its end record naming what it left, and died before the index
+    entry said so: recover goes to the hosts for them (here: one that cannot be reached,
+    said, the run kept for later) instead of taking the run for one that ended clean and
+    dropping it with its leftovers."""
+    from migrator.config import Config, Inventory
+    inv = Inventory.model_validate({"hosts": {"hostA": {"address": "192.0.2.1"}},
+                                    "guest": {"kernel": "/images/vmlinux",
+                                              "initrd": "/images/initrd.img"}})
+    journal = RunJournal.create("run-9", tmp_path, None, {
+        "hosts": {"hostA": "192.0.2.1"}, "driver": "qemu", "run_root": str(inv.run_dir),
+        "inventory": inv.model_dump(mode="json"), "config": Config().model_dump(mode="json")})
+    journal.record("vm", vm="vm1", host="hostA", state="starting")
+    journal.record("end", status="failed", leftovers=["hostA: vm1 not stopped"])
+    journal.detach()                                # killed before entry.update(leftovers=)
+    p = await asyncio.create_subprocess_exec(
+        str(BIN / "migrate-run"), "recover", "-p", f"journal.state_dir={tmp_path}", "run-9",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = (b.decode() for b in await p.communicate())
+    assert p.returncode == 1 and "vm1: hostA unreachable" in out, out + err
+    assert [e.run_id for e in list_runs(tmp_path)] == ["run-9"]
 
 
 async def test_recover_cli_lists_runs_and_refuses_bad_input_in_one_line(tmp_path):

@@ -104,6 +104,9 @@ class RunLock:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             raise RunLocked(self.path.parent.name, self.holder() or "a live process") from None
+        if not create and not _still_named(fd, self.path):
+            os.close(fd)        # the holder removed the entry, then let go: the run is gone
+            raise FileNotFoundError(self.path)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"role": self.role, **controller_identity()}).encode())
         self._fd = fd
@@ -139,15 +142,22 @@ class RunLock:
 
 
 def _open_existing(path: Path) -> int:
-    """Open the lock of an existing entry; never (re)creates an entry a run or a recovery
-    just removed. :raise FileNotFoundError: the entry is gone."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    if not path.parent.is_dir():        # removed between the check and the open
-        os.close(fd)
-        raise FileNotFoundError(path)
-    return fd
+    """Open the lock of an existing entry (made with it); never (re)creates one: a lock
+    file made in an entry being removed would leave that entry behind without its run.
+    :raise FileNotFoundError: the entry is gone, or going."""
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file ``fd`` is open on. An entry is removed with its
+    lock held, then the lock released: one who opened the lock before the removal gets the
+    flock then, on a file no longer in the index."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 @dataclass
@@ -204,6 +214,25 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _drop_torn_record(path: Path) -> None:
+    """Cut ``path`` after its last newline, durably (nothing to do when it ends with one).
+    :raise OSError: it cannot be read or written."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        log.warning("journal %s: its last record was torn (%d bytes): removed before "
+                    "appending", path, size - keep)
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def index_dir(state_dir: str | os.PathLike) -> Path:
     return Path(state_dir).expanduser() / INDEX
 
@@ -254,8 +283,13 @@ class RunJournal:
         """The journal of a dead run, for the process that took its lock (``recover``):
         :meth:`record` appends to it, :meth:`detach` releases the lock.
 
+        A record torn by the controller's death (a last line without its newline: never
+        complete, so its step never began) is removed first; appended to, it would hide the
+        next record and then stand in the middle of the journal, which no reader accepts.
+
         :raise OSError: the journal cannot be opened for appending.
         """
+        _drop_torn_record(entry.journal_path)
         return cls(entry, lock, entry.journal_path)
 
     @classmethod

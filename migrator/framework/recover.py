@@ -838,7 +838,8 @@ async def _recover_entry(entry: RunEntry, lock: RunLock, config: Config, stop: b
         events = entry.events()
         if not events or events[0].get("event") != "run":
             raise ConfigError(f"journal {entry.journal_path} has no head record")
-        if events[-1].get("event") == "end" and not entry.info.get("leftovers"):
+        if events[-1].get("event") == "end" and not (entry.info.get("leftovers")
+                                                     or events[-1].get("leftovers")):
             entry.remove()                   # it ended cleanly: only its entry was left
             return
         rec = _RunRecovery(entry, events, config, stop)
