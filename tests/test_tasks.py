@@ -10,6 +10,7 @@ started in parallel, commands with expects, a migration), and the library API's 
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -282,11 +283,14 @@ async def test_the_example_task_list_starts_8_vms_in_parallel_on_4_hosts(invento
 
 async def test_outcomes_a_mismatch_fail_fast_and_a_refused_migration(inventory, no_leaks,
                                                                      tmp_path):
-    config = Config.load(None, {"journal.state_dir": str(tmp_path / "state")})
+    # (vm1's migration at 1 MiB/s: 128 MiB cannot move before fail_fast stops it)
+    config = Config.load(None, {"journal.state_dir": str(tmp_path / "state"),
+                                "migration.bandwidth_mibs": "1"})
     ctx = RunContext(config, inventory)
     async with ParallelVMTasks(["hostA", "hostB"], context=ctx) as t:
         for dut in (0, 1):
             t.add("start", {"name": "vm0", "dut_id": dut})
+        t.add("start", {"name": "vm1", "host": "hostA"})
         bad = t.add("cmd", {"name": "vm0", "host": "hostA", "commands": ["echo one", "true"],
                             "expects": ["^two$", ""], "timeouts": [10, 10]})
         after = t.add("cmd", {"name": "vm0", "host": "hostA", **CMD})
@@ -298,14 +302,15 @@ async def test_outcomes_a_mismatch_fail_fast_and_a_refused_migration(inventory, 
             ["mismatch", "skipped"]
         assert bad.error == ("hostA/vm0 cmd #1 'echo one': /^two$/ not in its output (exit 0, "
                              "last line 'one')")
-        assert after.status == "skipped" and "#3 cmd hostA/vm0 failed" in after.error
+        assert after.status == "skipped" and "#4 cmd hostA/vm0 failed" in after.error
         # a second vm0 on hostB is refused before anything moves
         with pytest.raises(ConfigError, match="hostB runs a VM named vm0"):
             t.add("migration", {"name": "vm0", "host": "hostA", "to": "hostB"})
-        # fail_fast: hostA's failure stops hostB's long command (interrupted in the guest),
-        # and what comes after it is skipped
+        # fail_fast: hostA's failure stops hostB's long command (interrupted in the guest)
+        # and vm1's migration (rolled back, saying why), and what comes after is skipped
         t.fail_fast = True
-        fails = t.add("cmd", {"name": "vm0", "host": "hostA", "commands": ["exit 3"],
+        moving = t.add("migration", {"name": "vm1", "host": "hostA", "to": "hostB"})
+        fails = t.add("cmd", {"name": "vm0", "host": "hostA", "commands": ["sleep 3; exit 3"],
                               "expects": [""], "timeouts": [10]})
         long = t.add("cmd", {"name": "vm0", "host": "hostB",
                              "commands": ["sleep 1; echo ready; sleep 60"], "expects": [""],
@@ -313,7 +318,12 @@ async def test_outcomes_a_mismatch_fail_fast_and_a_refused_migration(inventory, 
         later = t.add("cmd", {"name": "vm0", "host": "hostB", **CMD})
         await t.run()
         assert fails.status == "failed" and "exit status 3" in fails.error
-        assert long.status == "cancelled" and "fail_fast: #6 cmd hostA/vm0" in long.error
+        assert long.status == "cancelled" and "fail_fast: #8 cmd hostA/vm0" in long.error
+        assert moving.status == "cancelled" and "fail_fast: #8" in moving.error, moving.error
+        (rec,) = [m for m in ctx.migrations if m.vm == "vm1"]
+        assert rec.status == "cancelled" and re.search(
+            r"^vm1 hostA->hostB \[\w+\]: interrupted: fail_fast: #8 cmd hostA/vm0 did not "
+            r"pass first; VM running on hostA", rec.error), rec.error
         assert later.status == "skipped" and "fail_fast" in later.error
         # the guest's console is free again: its sleep was interrupted
         r = await t.guest("hostB", "vm0").run("ps | grep -v grep | grep -c 'sleep 60' || true",

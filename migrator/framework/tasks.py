@@ -376,6 +376,9 @@ class ParallelVMTasks(BlockingInWorkers):
         self._guests: dict[str, GuestHost] = {}
         self._migrating: dict[str, asyncio.Lock] = {}
         self._migrations = itertools.count(1)
+        #: task index -> the MigrationData of its migration in flight (told why when
+        #: fail_fast stops it)
+        self._moving: dict[int, MigrationData] = {}
 
     def __repr__(self) -> str:
         return f"<ParallelVMTasks {self.name} {[h.name for h in self.hosts]}>"
@@ -748,6 +751,9 @@ class ParallelVMTasks(BlockingInWorkers):
         finally:
             abort.cancel()
             if not work.done():
+                if self._stop_reason and task.index in self._moving:
+                    # its migration's record says why, not only that it was interrupted
+                    self._moving[task.index]._interrupting(self._stop_reason)
                 work.cancel()
                 await asyncio.wait({work})
             task.duration_s = time.monotonic() - t0
@@ -853,6 +859,7 @@ class ParallelVMTasks(BlockingInWorkers):
         md = MigrationData([vm.name], src, dst, mig_id, task.spec["params"])
         md.vms = [vm]
         entry = self.inventory.host(dst.name)
+        self._moving[task.index] = md
         try:
             result = await hostprep.migrate_one(self.context, self.name, md, vm,
                                                 entry.migration_address or entry.address, key,
@@ -862,6 +869,7 @@ class ParallelVMTasks(BlockingInWorkers):
                 if h != vm.host.name:
                     self.env.unplace(h, vm.name, key)
             md._end()
+            del self._moving[task.index]
         task.output = (f"{key} {src.name}->{dst.name}: {result.status} in "
                        f"{(result.total_time_ms or 0) / 1000:.1f} s")
         task.status = "passed"
