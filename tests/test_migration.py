@@ -354,6 +354,42 @@ async def test_postcopy_link_lost_is_recovered_on_a_new_port(make_vm, hosts, inv
     await m.dst_vm.stop()
 
 
+async def test_postcopy_asked_for_on_a_dead_link_never_began_and_is_rolled_back(
+        make_vm, hosts, inventory, config):
+    """The switch to postcopy is a request QEMU's migration thread acts on at its next pass:
+    with the link already dead (dropped by nftables during precopy) the thread is stuck in a
+    write and never switches, its status stays 'active'. The stall that follows finds the
+    source holding the whole VM: the migration is cancelled and rolled back, the guest runs
+    on hostA with its memory intact. It was reported SPLIT, the destination kept and the
+    source left paused mid-migration, though the destination never ran the guest."""
+    vm = await make_vm(extra="lab.dirty=32")
+    session = await vm.wait_for_login()
+    await session.cmd("memsum write 16 4")
+    # (asked for at 3 s, the link cut at the first sample; a stall seen after 5 s: so in
+    # POSTCOPY, whatever the machine's speed)
+    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                  MigrationParams(bandwidth_mibs=16, postcopy_after_s=3.0,
+                                  policy={"stall_s": 5.0}), config)
+    async with running(m.run()) as task:
+        async for record in m.progress():
+            if record.status == "active":
+                break
+        table = await drop_tcp_port(hosts["hostB"], m.result.port)
+        try:
+            with pytest.raises(MigrationError) as info:
+                await task
+        finally:
+            await hosts["hostB"].run(f"nft delete table inet {table}", check=True)
+    assert Phase.POSTCOPY in [p for p, *_ in m.history], m.history      # it was asked for
+    assert m.phase is Phase.ROLLED_BACK, (m.phase, info.value.outcome)
+    assert "VM running on hostA" in info.value.outcome, info.value.outcome
+    assert m.result.postcopy_switched is not True
+    assert vm.host.name == "hostA" and await vm.is_alive() and await vm.status() == "running"
+    assert not await m.dst_vm.is_alive()
+    assert "ok=1" in await session.cmd("memsum verify")
+    await vm.stop()
+
+
 async def test_postcopy_recovery_while_the_destination_main_thread_waits_for_a_page(
         make_vm, hosts, inventory, config):
     """The rare failure of the test above, made certain: once the link is cut, the

@@ -252,6 +252,78 @@ async def test_a_failure_after_completion_ends_landed_and_says_where_the_vm_is(
     assert await settled(lambda: [p for p in lab_processes(lab) if spec.name in p], 15) == []
 
 
+@pytest.mark.parametrize("driver", ["qemu", "libvirt"])
+async def test_a_stop_as_a_precopy_with_postcopy_allowed_completes_ends_landed(
+        lab, inventory, config, driver, host_a):
+    """Postcopy allowed (by time) but not needed: the precopy completes first. The
+    controller's task is cancelled the moment the phase is COMPLETED (a Ctrl-C or a limit
+    landing in the checks after it): the destination runs the whole VM, so the migration
+    ends LANDED and the object follows it. Because postcopy was allowed it was reported
+    SPLIT ('the guest's memory is split'), the source left and the object on it."""
+    cfg = config.model_copy(update={"driver": driver})
+    async with SSHHost.from_inventory("hostB", inventory, cfg) as host_b:
+        spec = VMSpec(name=f"stopc{driver[0]}", kernel=str(inventory.guest.kernel),
+                      initrd=str(inventory.guest.initrd), append=inventory.guest.append)
+        vm = make_vm(driver, spec, host_a, str(inventory.run_dir), cfg)
+        await vm.start()
+        await vm.wait_for_login()
+        mig = make_migration(vm, host_b, inventory.hosts["hostB"].address,
+                             MigrationParams(postcopy_after_s=600), cfg)
+        task = asyncio.ensure_future(mig.run())
+        mig.observers.append(lambda m, phase: phase is Phase.COMPLETED and task.cancel())
+        await asyncio.wait([task])
+        assert task.cancelled() and Phase.POSTCOPY not in [p for p, *_ in mig.history]
+        assert mig.phase is Phase.LANDED, (mig.phase, mig.result.error)
+        assert vm.host.name == "hostB" and await vm.is_alive()
+        session = await vm.wait_for_login()
+        assert (await session.cmd("echo alive")).strip() == "alive"
+        await vm.stop()
+    assert await settled(lambda: [p for p in lab_processes(lab) if spec.name in p], 15) == []
+
+
+async def test_a_stop_landing_as_qemu_completes_the_migration_ends_landed(
+        lab, inventory, config, host_a):
+    """The controller's task cancelled at QEMU's own completion event, before the driver saw
+    it (phase MIGRATING): the rollback asks QEMU first, finds the migration completed and
+    the destination running the guest, and settles it LANDED. It resumed the source
+    (postmigrate -> running) and killed the destination, which had run the guest already:
+    both ran for a moment, and the guest went back in time."""
+    from qemu.qmp.events import EventListener
+    async with SSHHost.from_inventory("hostB", inventory, config) as host_b:
+        spec = VMSpec(name="stopatc", kernel=str(inventory.guest.kernel),
+                      initrd=str(inventory.guest.initrd), append=inventory.guest.append)
+        vm = make_vm("qemu", spec, host_a, str(inventory.run_dir), config)
+        await vm.start()
+        await vm.wait_for_login()
+        mig = make_migration(vm, host_b, inventory.hosts["hostB"].address,
+                             MigrationParams(), config)
+        tasks: list[asyncio.Task] = []
+
+        class AtCompletion(EventListener):
+            def accept(self, event) -> bool:
+                if event["event"] == "MIGRATION" and \
+                        event["data"].get("status") == "completed" and not tasks[0].done():
+                    tasks[0].cancel()
+                return False
+        src = await vm.qmp()                # (the migration's own client: QMP takes one)
+        listener = AtCompletion(("MIGRATION",))
+        src.register_listener(listener)
+        task = asyncio.ensure_future(mig.run())
+        tasks.append(task)
+        try:
+            await asyncio.wait([task])
+        finally:
+            if listener in src._listeners:
+                src.remove_listener(listener)
+        assert task.cancelled()
+        assert mig.phase is Phase.LANDED, (mig.phase, mig.result.error, mig.history)
+        assert vm.host.name == "hostB" and await vm.is_alive()
+        session = await vm.wait_for_login()
+        assert (await session.cmd("echo alive")).strip() == "alive"
+        await vm.stop()
+    assert await settled(lambda: [p for p in lab_processes(lab) if spec.name in p], 15) == []
+
+
 async def test_a_connection_pool_shares_one_connection_per_host_and_closes_them(
         inventory, config, hosts):
     """Inside shared_connections() VMs on one host share one connection; a VM's close lets

@@ -124,7 +124,8 @@ class SerialConsole(BlockingInWorkers):
         self._move: asyncio.Event | None = None
         #: (reader, writer, host) of the destination's console, connected ahead
         self._ahead: tuple | None = None
-        #: after the switchover: the destination's reader, taken when the source's ends
+        #: after the switchover: (the destination's reader, taken when the source's ends;
+        #: the source's writer and host)
         self._next_reader = None
 
     # -- following the VM through a migration ------------------------------------------------
@@ -174,9 +175,21 @@ class SerialConsole(BlockingInWorkers):
             return False
         reader, writer, host = self._ahead
         self._ahead = None
-        old_writer, self.writer, self.host = self.writer, writer, host
-        self._next_reader = (reader, old_writer)
+        old_writer, old_host = self.writer, self.host
+        self.writer, self.host = writer, host
+        self._next_reader = (reader, old_writer, old_host)
         return True
+
+    def switch_back(self) -> None:
+        """The switchover did not happen after all (a switch to postcopy asked for, never
+        made: the source keeps the VM): type on the source's console again, forget the
+        destination's. Nothing to do when no switch was made."""
+        if self._next_reader is None:
+            return
+        _reader, src_writer, src_host = self._next_reader
+        self._next_reader = None
+        dst_writer, self.writer, self.host = self.writer, src_writer, src_host
+        dst_writer.close()
 
     def _end_move(self) -> None:
         """Close what following a migration holds besides the current console: a destination
@@ -187,7 +200,7 @@ class SerialConsole(BlockingInWorkers):
             self._next_reader = None
 
     def _take_next_reader(self) -> None:
-        reader, old_writer = self._next_reader
+        reader, old_writer, _host = self._next_reader
         self._next_reader = None
         self.reader = reader
         self.forget_partial_line()          # the source's console ended there

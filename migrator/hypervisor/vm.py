@@ -388,6 +388,12 @@ class GuestVM(BlockingInWorkers):
         if self._session is not None:
             self._session.switch_ahead()
 
+    def console_switchback(self) -> None:
+        """The switchover was not made after all (the source keeps the VM): an open session
+        types on the source's console again."""
+        if self._session is not None:
+            self._session.switch_back()
+
     def _close_session(self) -> None:
         """Close the console session but keep it, so :meth:`adopt` can re-attach it. While
         the VM migrates, the session stays open: it follows the VM (the source's console

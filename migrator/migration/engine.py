@@ -629,8 +629,10 @@ class BaseMigration(BlockingInWorkers):
         other lacks), or None when that is not the case."""
         if self.phase is Phase.POSTCOPY and await self._finish_postcopy():
             return None         # it completed: the caller settles it as landed
-        if self.phase is Phase.POSTCOPY or (self.phase is Phase.COMPLETED
-                                            and self.params.may_postcopy):
+        if self.phase is Phase.POSTCOPY and await self._postcopy_never_began():
+            self.src_vm.console_switchback()
+            return None         # the source holds the whole VM: the caller rolls back
+        if self.phase is Phase.POSTCOPY:
             for vm, role in ((self.src_vm, "source"), (self.dst_vm, "destination")):
                 if await self._gone(vm):
                     return await self._lost(
@@ -650,6 +652,13 @@ class BaseMigration(BlockingInWorkers):
         """The migration is being stopped on purpose (``cancel()``, or the caller's task
         cancelled), not because something broke."""
         return self._cancel_requested is not None or self._interrupted
+
+    async def _postcopy_never_began(self) -> bool:
+        """Phase POSTCOPY (the switch asked for), but the hypervisor never left precopy: its
+        migration is stopped here, and True when that is certain, so that the source, which
+        holds the whole VM, takes it back. False when it switched, or nobody can say.
+        Never raises."""
+        return False
 
     async def _finish_postcopy(self) -> bool:
         """A failure or stop after the postcopy switchover, which cannot be undone: finish the
@@ -689,11 +698,23 @@ class BaseMigration(BlockingInWorkers):
             self._set_phase(Phase.LANDED)
             return (f"the migration completed but {why}: the VM runs on {self.dst_host.name} "
                     f"and the VM object now refers to it; {notes}; nothing was rolled back")
-        if self.phase is Phase.COMPLETED and self._source_can_resume(src_state):
+        if self._switched_to_postcopy():
+            # complete on the destination, stale on the source: never the source again
+            if await self._gone(self.dst_vm):
+                return await self._lost(
+                    f"the migration completed after the postcopy switchover but {why}, and "
+                    f"its destination QEMU on {self.dst_host.name} is gone (the source's "
+                    "memory is stale)")
+        elif self.phase is Phase.COMPLETED and self._source_can_resume(src_state):
             return None
         self._set_phase(Phase.UNRESOLVED)
         return (f"the migration completed but {why}, and the VM runs on neither side as far "
                 f"as could be seen ({where}): both sides were kept as they are")
+
+    def _switched_to_postcopy(self) -> bool:
+        """Whether the switch to postcopy was asked for (phase POSTCOPY, ever): from then on
+        the destination may have run the guest, and the source's memory is stale."""
+        return any(phase is Phase.POSTCOPY for phase, *_ in self.history)
 
     async def _states(self) -> tuple[str, str]:
         """(source state, destination state) as each side's hypervisor reports them."""
@@ -1211,14 +1232,50 @@ class Migration(BaseMigration):
     # -- failure ------------------------------------------------------------------------------------
 
     async def _states(self) -> tuple[str, str]:
-        async with asyncio.timeout(self.config.timeouts.migration_cancel_s):
+        """As the base class says; a destination still 'inmigrate' while the source says the
+        migration completed is loading the last of the state and about to run the guest by
+        itself: waited for (``migration_cancel_s`` for all), so that a source is never
+        resumed beside it."""
+        timeouts = self.config.timeouts
+        async with asyncio.timeout(timeouts.migration_cancel_s):
             states = []
             for vm in (self.src_vm, self.dst_vm):
                 states.append(await vm.status() if await vm.is_alive() else "absent")
+            while states[1] == "inmigrate" and states[0] == "postmigrate" \
+                    and (await (await self.src_vm.qmp()).execute("query-migrate")).get(
+                        "status") == "completed":
+                await asyncio.sleep(timeouts.progress_interval_s)
+                states[1] = await self.dst_vm.status()
             return states[0], states[1]
 
     def _source_can_resume(self, src_state: str) -> bool:
         return src_state in ("postmigrate", "finish-migrate", "paused", "running")
+
+    async def _postcopy_never_began(self) -> bool:
+        """QEMU takes ``migrate-start-postcopy`` as a request its migration thread acts on at
+        its next pass: one stuck in a write to a dead link never switches, and its status
+        stays ``active``. Such a migration is cancelled here (then True: the destination
+        never ran the guest); ``device`` and later are the switch under way or done."""
+        timeouts = self.config.timeouts
+        try:
+            async with asyncio.timeout(timeouts.migration_cancel_s):
+                src = await self.src_vm.qmp()
+                if (await src.execute("query-migrate")).get("status") not in ("setup",
+                                                                               "active"):
+                    return False
+                await src.execute("migrate_cancel")
+                while (status := (await src.execute("query-migrate")).get("status")) \
+                        in ACTIVE and not status.startswith("postcopy"):
+                    await asyncio.sleep(timeouts.progress_interval_s)
+        except (Exception, TimeoutError) as exc:  # noqa: BLE001 - unknown: not rolled back
+            log.info("[vm=%s] did the postcopy begin? unknown (%s)", self.src_vm.name, exc)
+            return False
+        if status in ("cancelled", "failed"):
+            log.warning("[vm=%s] the switch to postcopy was asked for but never made (QEMU "
+                        "stayed in precopy): migration %s, the source takes the VM back",
+                        self.src_vm.name, status)
+            return True
+        return False
 
     async def _finish_postcopy(self) -> bool:
         """Stopped on purpose after the switchover: let a healthy postcopy complete (it moves
@@ -1268,6 +1325,38 @@ class Migration(BaseMigration):
         except Exception as exc:  # noqa: BLE001 - reported
             return f"SOURCE QEMU NOT STOPPED on {self.src_vm.host.name} ({exc})"
 
+    async def _stopped_where(self, why: str) -> str:
+        """Before a rollback from MIGRATING, where QEMU's migration really is: one still
+        running is cancelled here, and one QEMU completed or switched to postcopy meanwhile
+        (the stop came as it did) moves the phase on (COMPLETED, POSTCOPY), so that the
+        rollback settles it as such rather than resuming a source whose guest the
+        destination already runs. Returns ``why``, saying so when that happened. Never
+        raises: a source that does not answer is left to the rollback, which says so."""
+        timeouts = self.config.timeouts
+        try:
+            async with asyncio.timeout(timeouts.migration_cancel_s):
+                src = await self.src_vm.qmp()
+                status = (await src.execute("query-migrate")).get("status")
+                if status in ACTIVE and not str(status).startswith("postcopy"):
+                    await src.execute("migrate_cancel")
+                    while (status := (await src.execute("query-migrate")).get("status")) \
+                            in ACTIVE and not str(status).startswith("postcopy"):
+                        await asyncio.sleep(timeouts.progress_interval_s)
+        except (Exception, TimeoutError) as exc:  # noqa: BLE001 - the rollback tries again
+            log.info("[vm=%s] where the migration stopped: unknown (%s)", self.src_vm.name, exc)
+            return why
+        if status == "completed":
+            log.warning("[vm=%s] QEMU completed the migration before it could be stopped",
+                        self.src_vm.name)
+            self._set_phase(Phase.COMPLETED)
+            return f"{why} (QEMU completed the migration before it could be stopped)"
+        if str(status).startswith("postcopy"):
+            log.warning("[vm=%s] QEMU switched to postcopy before the migration could be "
+                        "stopped (%s)", self.src_vm.name, status)
+            self._set_phase(Phase.POSTCOPY)
+            return f"{why} (QEMU had switched to postcopy: {status})"
+        return why
+
     async def _rollback(self, why: str) -> str:
         """Keep the VM on the source, remove the destination; return what was done.
 
@@ -1275,6 +1364,8 @@ class Migration(BaseMigration):
         is reported in the outcome, and the remaining steps still run. After completion the
         sides are asked first (:meth:`_settle_after_completion`).
         """
+        if self.phase is Phase.MIGRATING:
+            why = await self._stopped_where(why)
         settled = await self._settle_after_completion(why)
         if settled is not None:
             return settled

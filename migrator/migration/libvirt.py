@@ -762,6 +762,8 @@ class LibvirtMigration(BaseMigration):
             # the switch is asked for, not known done: a source libvirt resumed never handed
             # the guest over (QEMU had not switched yet, or the destination never started it)
             resumed = await self._ask(self.src_vm) == "running"
+            if resumed:
+                self.src_vm.console_switchback()
         settled = None if resumed else await self._settle_after_completion(why)
         if settled is not None:
             return settled
