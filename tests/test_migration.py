@@ -390,6 +390,41 @@ async def test_postcopy_asked_for_on_a_dead_link_never_began_and_is_rolled_back(
     await vm.stop()
 
 
+async def test_a_rollback_that_cannot_see_the_source_run_does_not_say_rolled_back(
+        make_vm, hosts, inventory, config):
+    """The source QEMU frozen (SIGSTOP) mid-migration, then the caller's task cancelled: the
+    rollback cannot ask the source whether it runs. The destination, which never ran the
+    guest, is removed; the migration ends UNRESOLVED, saying the VM is not confirmed
+    running on hostA. It ended ROLLED_BACK, 'VM running on hostA', though nobody had seen it
+    run. Thawed, the source takes the guest on."""
+    quick = config.model_copy(update={"timeouts": config.timeouts.model_copy(
+        update={"migration_cancel_s": 3.0})})
+    vm = await make_vm(extra="lab.dirty=32")
+    session = await vm.wait_for_login()
+    m = Migration(vm, hosts["hostB"], inventory.hosts["hostB"].address,
+                  MigrationParams(bandwidth_mibs=4), quick)
+    pid = (await hosts["hostA"].run(f"cat {vm.paths.pidfile}", check=True)).stdout.strip()
+    try:
+        async with running(m.run()) as task:
+            async for record in m.progress():
+                if record.status == "active":
+                    break
+            await hosts["hostA"].run(f"kill -STOP {pid}", check=True)
+            task.cancel()
+            await asyncio.wait([task])
+        assert m.phase is Phase.UNRESOLVED, (m.phase, m.result.error)
+        assert "VM NOT CONFIRMED RUNNING on hostA" in m.result.error, m.result.error
+        assert "destination removed from hostB" in m.result.error, m.result.error
+        assert not await m.dst_vm.is_alive()
+    finally:
+        await hosts["hostA"].run(f"kill -CONT {pid}", check=True)
+    async with asyncio.timeout(60):
+        while await vm.status() != "running":
+            await asyncio.sleep(0.2)
+    assert (await session.cmd("echo alive")).strip() == "alive"
+    await vm.stop()
+
+
 async def test_postcopy_recovery_while_the_destination_main_thread_waits_for_a_page(
         make_vm, hosts, inventory, config):
     """The rare failure of the test above, made certain: once the link is cut, the

@@ -758,6 +758,7 @@ class Migration(BaseMigration):
         self._mirror: storage.NbdMirror | None = None
         self._nbd_port: int | None = None
         self._switched_over = False     # pre-switchover seen and continued
+        self._cancelled_in_qemu = False  # the migration cancelled before the rollback began
         self._tids: dict[int, tuple | None] = {}  # each QEMU's vCPU thread ids (.cpu)
 
     async def _run_phases(self) -> None:
@@ -1342,6 +1343,7 @@ class Migration(BaseMigration):
                     while (status := (await src.execute("query-migrate")).get("status")) \
                             in ACTIVE and not str(status).startswith("postcopy"):
                         await asyncio.sleep(timeouts.progress_interval_s)
+                    self._cancelled_in_qemu = status == "cancelled"
         except (Exception, TimeoutError) as exc:  # noqa: BLE001 - the rollback tries again
             log.info("[vm=%s] where the migration stopped: unknown (%s)", self.src_vm.name, exc)
             return why
@@ -1374,8 +1376,9 @@ class Migration(BaseMigration):
             return lost
         self._set_phase(Phase.ROLLING_BACK)
         self.result.status = "cancelled" if self._cancel_requested else "failed"
-        notes = []
+        notes = ["migration cancelled"] if self._cancelled_in_qemu else []
         timeouts = self.config.timeouts
+        source_runs = False
         try:
             async with asyncio.timeout(timeouts.migration_cancel_s):
                 src = await self.src_vm.qmp()
@@ -1392,8 +1395,21 @@ class Migration(BaseMigration):
                 status = (await src.execute("query-status"))["status"]
                 if status != "running":
                     notes.append(f"SOURCE NOT RUNNING ({status!r})")
+                source_runs = status == "running"
         except (Exception, TimeoutError) as exc:  # noqa: BLE001 - reported, rollback goes on
             notes.append(f"could not check the source ({type(exc).__name__}: {exc})")
+        dst_state = None
+        if not source_runs:
+            dst_state = await self._destination_state()
+            if dst_state in (None, "running"):
+                # nobody saw the source take the VM back, and the destination may run it
+                self._set_phase(Phase.UNRESOLVED)
+                outcome = (f"the source on {self.src_vm.host.name} could not be confirmed "
+                           f"running and the destination on {self.dst_host.name} "
+                           f"{'runs the VM' if dst_state else 'cannot be asked'}: both sides "
+                           "were kept as they are; " + ", ".join(notes))
+                log.error("[vm=%s] not rolled back (%s): %s", self.src_vm.name, why, outcome)
+                return outcome
         if self._mirror is not None:        # before the export it writes to goes away
             notes += await self._mirror.abort(timeouts.migration_cancel_s,
                                               timeouts.progress_interval_s)
@@ -1403,8 +1419,25 @@ class Migration(BaseMigration):
             notes += await self._remove_destination_disk()
         except Exception as exc:  # noqa: BLE001 - reported
             notes.append(f"DESTINATION NOT REMOVED ({exc})")
+        if not source_runs:         # the destination never ran it, the source not seen to
+            self._set_phase(Phase.UNRESOLVED)
+            outcome = (f"VM NOT CONFIRMED RUNNING on {self.src_vm.host.name} (its QEMU holds "
+                       f"it; the destination never ran it: {dst_state!r}); " + ", ".join(notes))
+            log.error("[vm=%s] rolled back, the source unconfirmed (%s): %s",
+                      self.src_vm.name, why, outcome)
+            return outcome
         self._set_phase(Phase.ROLLED_BACK)
         outcome = f"VM running on {self.src_vm.host.name}; " + ", ".join(notes)
         log.warning("[vm=%s] rolled back (%s): %s", self.src_vm.name, why, outcome)
         return outcome
+
+    async def _destination_state(self) -> str | None:
+        """The destination QEMU's run state ('absent' when it is gone), None when it cannot
+        say (within ``migration_cancel_s``)."""
+        try:
+            async with asyncio.timeout(self.config.timeouts.migration_cancel_s):
+                return await self.dst_vm.status() if await self.dst_vm.is_alive() else "absent"
+        except (Exception, TimeoutError) as exc:  # noqa: BLE001 - unknown
+            log.info("[vm=%s] the destination's state: unknown (%s)", self.src_vm.name, exc)
+            return None
 
