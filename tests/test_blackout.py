@@ -135,10 +135,10 @@ def test_queued_probes_answered_in_a_burst_after_a_pause_still_show_the_pause():
     assert report.lost == report.lost_in_blackout == 16 and report.recovered
 
 
-def ping_output(replies: list[int], sent: int) -> str:
+def ping_output(replies: list[int], sent: int, rtt_ms: float = 0.412) -> str:
     """What busybox ``ping -i`` prints, stopped with SIGINT."""
     lines = ["PING 10.78.0.5 (10.78.0.5): 56 data bytes"]
-    lines += [f"64 bytes from 10.78.0.5: seq={q} ttl=64 time=0.412 ms" for q in replies]
+    lines += [f"64 bytes from 10.78.0.5: seq={q} ttl=64 time={rtt_ms:.3f} ms" for q in replies]
     lines += ["", "--- 10.78.0.5 ping statistics ---",
               f"{sent} packets transmitted, {len(replies)} packets received, "
               f"{100 * (sent - len(replies)) // sent}% packet loss"]
@@ -156,3 +156,10 @@ def test_a_peer_guest_s_pings_give_the_longest_loss_at_their_resolution():
     gone = summarize_pings(ping_output(list(range(5)), 30), "x", 10)
     assert (gone.blackout_ms, gone.recovered) == (260.0, False)
     assert summarize_pings(ping_output([], 7), "x", 10).received == 0
+    # pings still in flight are those sent within a round trip of the stop: 4 at 10 ms when
+    # the replies take 45 ms (a loaded TCG peer), not when they take 0.4 ms
+    late = ping_output([*range(0, 10), *range(12, 21)], sent=25, rtt_ms=45.0)
+    r = summarize_pings(late, "x", 10)
+    assert (r.blackout_ms, r.lost_in_blackout, r.recovered) == (30.0, 2, True)
+    quick = summarize_pings(ping_output([*range(0, 10), *range(12, 21)], sent=25), "x", 10)
+    assert (quick.lost_in_blackout, quick.recovered) == (4, False)
