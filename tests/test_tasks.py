@@ -9,7 +9,9 @@ started in parallel, commands with expects, a migration), and the library API's 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -26,9 +28,11 @@ from migrator.framework.tasklist import load_task_list
 from migrator.framework.tasks import TaskResult, TaskResults, virt_settings
 from migrator.hypervisor.libvirt import domain_xml
 from migrator.hypervisor.qemu import qemu_argv
+from migrator.hosts import SSHHost
 from migrator.hypervisor.vm import vm_paths
 from migrator.lab import processes
 
+from .conftest import running
 from .controller import Controller, recover_cli
 from .test_framework import migrate_run
 
@@ -330,6 +334,63 @@ async def test_outcomes_a_mismatch_fail_fast_and_a_refused_migration(inventory, 
                                               timeout=10)
         assert r.stdout.strip() == "0", r
     assert ctx.instances[0].status == "failed" and "tasks did not pass" in ctx.instances[0].error
+
+
+async def test_an_interrupted_preparation_does_not_wait_for_a_slow_versions_probe(
+        inventory, tmp_path, no_leaks):
+    """The hosts' versions (the report's) are probed beside the preparation, bounded by
+    host_cleanup_s. A run interrupted meanwhile stops that probe (its command killed on the
+    host) instead of waiting out a slow host: here hostA's QEMU takes for ever to say its
+    version and host_cleanup_s is 300 s. It waited for it, shielded."""
+    mark = inventory.shared_dir / f"slow-qemu-{os.getpid()}.called"
+    slow = inventory.shared_dir / f"slow-qemu-{os.getpid()}"
+    slow.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then : > {mark}; exec sleep 600; "
+                    "fi\nexec qemu-system-x86_64 \"$@\"\n")
+    slow.chmod(0o755)
+    data = inventory.model_dump(mode="json")
+    data["hosts"]["hostA"]["qemu"] = str(slow)
+    config = Config.load(None, {"journal.state_dir": str(tmp_path / "state"),
+                                "timeouts.host_cleanup_s": "300"})
+    try:
+        t = ParallelVMTasks(["hostA", "hostB"],
+                            context=RunContext(config, Inventory.model_validate(data)))
+        t.add("start", {"name": "vm0", "host": "hostB"})
+        async with running(t.run()) as task:
+            async with asyncio.timeout(60):
+                while not mark.exists():            # the probe is asking hostA's QEMU
+                    await asyncio.sleep(0.05)
+            task.cancel()
+            async with asyncio.timeout(60):         # (not host_cleanup_s)
+                await asyncio.wait([task])
+        assert task.cancelled()
+        await t.close()
+        async with SSHHost.from_inventory("hostA", inventory) as h:
+            left = await h.run("pgrep -x -f 'sleep 600'")
+        assert left.stdout == "", left.stdout          # the probe's command ended with it
+    finally:
+        slow.unlink()
+        mark.unlink(missing_ok=True)
+
+
+async def test_a_run_interrupted_mid_command_leaves_no_command_running(inventory, tmp_path,
+                                                                        no_leaks):
+    """Ctrl-C (the run's task cancelled) while a guest command runs: the task and its
+    command both say cancelled. The command stayed 'running' in the results (and so in
+    tasks.json), a status that is no outcome."""
+    config = Config.load(None, {"journal.state_dir": str(tmp_path / "state")})
+    async with ParallelVMTasks(["hostA"], context=RunContext(config, inventory)) as t:
+        t.add("start", {"name": "vm0", "host": "hostA"})
+        long = t.add("cmd", {"name": "vm0", "host": "hostA", "commands": ["sleep 60"],
+                             "expects": [""], "timeouts": [90]})
+        async with running(t.run()) as task:
+            async with asyncio.timeout(120):
+                while long.commands[0].status != "running":
+                    await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.wait([task])
+        assert task.cancelled()
+        assert long.status == "cancelled" and "run interrupted" in long.error, long
+        assert long.commands[0].status == "cancelled", long.commands[0]
 
 
 CRASH_LIST = """

@@ -55,7 +55,7 @@ from typing import Any, Iterator, Sequence
 
 import pydantic
 
-from ..aio import shielded
+from ..aio import cancel_and_wait, shielded
 from ..blocking import BlockingInWorkers
 from ..config import Config, Inventory, VMSettings, load_inventory
 from ..errors import ConfigError, HostError, MigratorError, ScenarioError
@@ -682,8 +682,15 @@ class ParallelVMTasks(BlockingInWorkers):
         except MigratorError as exc:
             for h in up:
                 self._host_errors.setdefault(h.name, describe(exc))
+        except BaseException:
+            versions.cancel()           # interrupted: a slow host's probe is not waited for
+            raise
         finally:
-            await shielded(asyncio.wait([versions]))
+            try:
+                await asyncio.wait([versions])      # (bounded, never raises)
+            finally:
+                if not versions.done():             # interrupted while waiting for it
+                    await cancel_and_wait(versions)
 
     async def _cleanup(self) -> list[str]:
         problems = await hostprep.stop_vms(self.env, self.config)
@@ -761,6 +768,7 @@ class ParallelVMTasks(BlockingInWorkers):
                 task.status = "cancelled"
                 task.error = (f"{task.host}/{task.vm} {task.action}: cancelled "
                               f"({self._stop_reason or 'run interrupted'})")
+            if work.cancelled():        # (run() itself cancelled: its command too)
                 for c in task.commands:
                     if c.status == "running":
                         c.status, c.error = "cancelled", task.error

@@ -55,7 +55,7 @@ from typing import AsyncIterator, Callable
 
 from qemu.qmp import ExecuteError, QMPError
 
-from ..aio import shielded, wait_for
+from ..aio import cancel_and_wait, shielded, wait_for
 from ..blocking import BlockingInWorkers, on_loop
 from ..config import Config
 from ..errors import HostError, MigrationError, MigratorError
@@ -477,10 +477,8 @@ class BaseMigration(BlockingInWorkers):
                 wait.result()
             finally:
                 self.result.queued_s = round(time.monotonic() - t0, 3)
-                if not wait.done():
-                    wait.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await wait
+                if not wait.done():     # (the caller's own cancellation never swallowed)
+                    await cancel_and_wait(wait)
         except MigratorError as exc:
             if isinstance(exc, MigrationError):
                 raise

@@ -31,7 +31,7 @@ from functools import partial
 
 import libvirt
 
-from ..aio import wait_for
+from ..aio import shielded, wait_for
 from ..errors import HostError
 from ..hosts import quote
 from ..hypervisor.libvirt import LibvirtError, LibvirtVM
@@ -194,7 +194,7 @@ class LibvirtMigration(BaseMigration):
                        cpu.spent(None, await cpu.read_side(self.dst_vm), since_launch=True),
                        "launch")
         finally:
-            await self._unwatch()
+            await shielded(self._unwatch())     # (a second Ctrl-C leaves none registered)
         await src.host.run(f"rm -rf {quote(src.paths.dir)}", check=True)   # source's run dir
         await self._follow_to_destination()
         self._set_phase(Phase.CLEANED)
