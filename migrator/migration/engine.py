@@ -1262,10 +1262,7 @@ class Migration(BaseMigration):
                 if (await src.execute("query-migrate")).get("status") not in ("setup",
                                                                                "active"):
                     return False
-                await src.execute("migrate_cancel")
-                while (status := (await src.execute("query-migrate")).get("status")) \
-                        in ACTIVE and not status.startswith("postcopy"):
-                    await asyncio.sleep(timeouts.progress_interval_s)
+                status = await self._cancel_precopy(src)
         except (Exception, TimeoutError) as exc:  # noqa: BLE001 - unknown: not rolled back
             log.info("[vm=%s] did the postcopy begin? unknown (%s)", self.src_vm.name, exc)
             return False
@@ -1324,6 +1321,16 @@ class Migration(BaseMigration):
         except Exception as exc:  # noqa: BLE001 - reported
             return f"SOURCE QEMU NOT STOPPED on {self.src_vm.host.name} ({exc})"
 
+    async def _cancel_precopy(self, src) -> str:
+        """``migrate_cancel``, then QEMU's migration status once it has left precopy:
+        ``cancelled`` or ``failed``, or ``completed`` / ``postcopy-*`` when QEMU got there
+        first. Unbounded: the caller bounds it."""
+        await src.execute("migrate_cancel")
+        while (status := str((await src.execute("query-migrate")).get("status"))) in ACTIVE \
+                and not status.startswith("postcopy"):
+            await asyncio.sleep(self.config.timeouts.progress_interval_s)
+        return status
+
     async def _stopped_where(self, why: str) -> str:
         """Before a rollback from MIGRATING, where QEMU's migration really is: one still
         running is cancelled here, and one QEMU completed or switched to postcopy meanwhile
@@ -1337,10 +1344,7 @@ class Migration(BaseMigration):
                 src = await self.src_vm.qmp()
                 status = (await src.execute("query-migrate")).get("status")
                 if status in ACTIVE and not str(status).startswith("postcopy"):
-                    await src.execute("migrate_cancel")
-                    while (status := (await src.execute("query-migrate")).get("status")) \
-                            in ACTIVE and not str(status).startswith("postcopy"):
-                        await asyncio.sleep(timeouts.progress_interval_s)
+                    status = await self._cancel_precopy(src)
                     self._cancelled_in_qemu = status == "cancelled"
         except (Exception, TimeoutError) as exc:  # noqa: BLE001 - the rollback tries again
             log.info("[vm=%s] where the migration stopped: unknown (%s)", self.src_vm.name, exc)
